@@ -1,0 +1,44 @@
+"""umlcore: Uncertainty-informed Mutual Learning (UML) for joint classification + segmentation.
+
+A flat public API: the network and its config, the evidential maths and losses, model bundles.
+"""
+
+from .bundle import ModelBundle, ModelCard, InputSpec, Normalization, Segment, load_bundle, save_bundle
+from .catalogue import list_models, resolve_model
+from .config import UMLConfig
+from .errors import BundleError, CancelledError, UMLError, UMLInputError
+from .evidential import Opinion, alpha_from_logits, opinion, probability, uncertainty
+from .losses import LossWeights, evidential_classification_loss, evidential_segmentation_loss, kl_annealing, uml_loss
+from .network import UMLNet, UMLOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "UMLConfig",
+    "UMLNet",
+    "UMLOutput",
+    "Opinion",
+    "opinion",
+    "uncertainty",
+    "probability",
+    "alpha_from_logits",
+    "LossWeights",
+    "uml_loss",
+    "kl_annealing",
+    "evidential_classification_loss",
+    "evidential_segmentation_loss",
+    "ModelCard",
+    "InputSpec",
+    "Normalization",
+    "Segment",
+    "ModelBundle",
+    "save_bundle",
+    "load_bundle",
+    "list_models",
+    "resolve_model",
+    "UMLError",
+    "UMLInputError",
+    "BundleError",
+    "CancelledError",
+    "__version__",
+]

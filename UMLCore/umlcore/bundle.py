@@ -1,0 +1,298 @@
+"""Model bundles (DESIGN section 6): ``model.safetensors`` (weights only) + ``model.json`` (the model card).
+
+A bundle is a folder or a ``.zip`` of one. Loading verifies the schema version, the required fields, the
+SHA-256 of the weights and that the weights fit the declared architecture; anything else is refused
+with a :class:`~umlcore.errors.BundleError` naming the problem and the fix. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import UMLConfig
+from .errors import BundleError
+from .network import UMLNet
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "WEIGHTS_FILE",
+    "CARD_FILE",
+    "Segment",
+    "Normalization",
+    "InputSpec",
+    "ModelCard",
+    "ModelBundle",
+    "save_bundle",
+    "load_bundle",
+    "read_card",
+    "sha256_file",
+]
+
+SCHEMA_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segmentation label (background, 0, is implicit).
+
+    ``terminology`` holds DICOM-coded ``category`` / ``type`` (and optional ``region``) entries, each
+    ``{"scheme": "SCT", "code": "...", "meaning": "..."}``.
+    """
+
+    label: int
+    name: str
+    color: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    terminology: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel intensity normalisation: clip to percentiles then scale to [0, 1] (``percentile``),
+    zero mean / unit variance (``zscore``) or ``none``."""
+
+    mode: Literal["percentile", "zscore", "none"] = "percentile"
+    lower: float = 0.5
+    upper: float = 99.5
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the network expects per slice.
+
+    Args:
+        channels: Meaning of each network input channel, e.g. ``["pre", "early", "late"]``.
+        min_channels: Fewest input volumes accepted; missing channels are filled per ``missing_channels``.
+        missing_channels: ``replicate``: a single volume fills every channel (the network was trained so).
+        slicing_axis: Patient axis the 2D network slices along.
+        target_spacing: In-plane spacing (mm) to resample to, or ``None`` to keep the input's.
+        normalization: :class:`Normalization`.
+    """
+
+    channels: tuple[str, ...] = ("pre", "early", "late")
+    min_channels: int = 1
+    missing_channels: Literal["replicate"] = "replicate"
+    slicing_axis: Literal["axial", "coronal", "sagittal"] = "axial"
+    target_spacing: Optional[tuple[float, float]] = None
+    normalization: Normalization = Normalization()
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The content of ``model.json`` (everything but the weights).
+
+    ``positive_class`` is the class whose probability is reported as "the" probability;
+    ``review_uncertainty``: a case whose fused uncertainty exceeds it gets the verdict "review".
+    """
+
+    id: str
+    version: str
+    name: str
+    task: str
+    classes: tuple[str, ...]
+    segments: tuple[Segment, ...]
+    input: InputSpec
+    architecture: UMLConfig
+    description: str = ""
+    positive_class: int = 1
+    review_uncertainty: float = 0.3
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    license: str = "Apache-2.0"
+    citation: str = (
+        "Ren K, Zou K, Liu X, Chen Y, Yuan X, Shen X, Wang M, Fu H. Uncertainty-informed Mutual Learning for Joint "
+        "Medical Image Classification and Segmentation. MICCAI 2023."
+    )
+
+    def __post_init__(self) -> None:
+        arch = self.architecture
+        if len(self.classes) != arch.num_classes:
+            raise BundleError(f"model card lists {len(self.classes)} classes but the architecture has {arch.num_classes}")
+        if len(self.segments) != arch.num_seg_labels - 1:
+            raise BundleError(
+                f"model card lists {len(self.segments)} segments but the architecture has {arch.num_seg_labels - 1} "
+                "(num_seg_labels minus background)"
+            )
+        if len(self.input.channels) != arch.in_channels:
+            raise BundleError(f"input spec names {len(self.input.channels)} channels but the architecture takes {arch.in_channels}")
+
+    def to_dict(self, sha256: str) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["architecture"] = self.architecture.to_dict()
+        return {"schema_version": SCHEMA_VERSION, **d, "weights": {"file": WEIGHTS_FILE, "sha256": sha256}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "model.json") -> "ModelCard":
+        if not isinstance(d, dict):
+            raise BundleError(f"{source} must hold a JSON object")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(
+                f"{source} has schema_version {version!r}; this umlcore reads schema_version {SCHEMA_VERSION}: "
+                "re-export the bundle with training/export.py or update UML"
+            )
+        required = ["id", "version", "name", "task", "classes", "segments", "input", "architecture", "weights"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise BundleError(f"{source} is missing required field(s) {missing}: re-export the bundle with training/export.py")
+        try:
+            inp = dict(d["input"])
+            norm = Normalization(**inp.pop("normalization", {}))
+            if inp.get("target_spacing") is not None:
+                inp["target_spacing"] = tuple(float(v) for v in inp["target_spacing"])
+            if "channels" in inp:
+                inp["channels"] = tuple(inp["channels"])
+            spec = InputSpec(normalization=norm, **inp)
+            segments = tuple(
+                Segment(label=int(s["label"]), name=str(s["name"]), color=tuple(s.get("color", (1, 0, 0))),
+                        terminology=dict(s.get("terminology", {})))
+                for s in d["segments"]
+            )
+            known = {f.name for f in dataclasses.fields(cls)}
+            extra = {k: v for k, v in d.items() if k in known and k not in ("segments", "input", "architecture", "classes")}
+            return cls(
+                classes=tuple(str(c) for c in d["classes"]),
+                segments=segments,
+                input=spec,
+                architecture=UMLConfig.from_dict(d["architecture"]),
+                **extra,
+            )
+        except BundleError:
+            raise
+        except (TypeError, ValueError, KeyError) as exc:
+            raise BundleError(f"{source} is not a valid model card ({exc}): re-export the bundle with training/export.py") from None
+
+
+@dataclass
+class ModelBundle:
+    """A loaded, verified bundle: the card, the network in eval mode, where it came from, and its hash."""
+
+    card: ModelCard
+    model: UMLNet
+    path: Path
+    sha256: str
+
+
+def sha256_file(path: os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_bundle(model: UMLNet, card: ModelCard, directory: os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` into ``directory`` atomically.
+
+    The files are written into a temporary sibling folder which then replaces ``directory``, so a
+    failure never leaves a half-written bundle.
+    """
+    directory = Path(directory)
+    if model.config != card.architecture:
+        raise BundleError("the model's config differs from card.architecture: build the card from model.config")
+    if directory.exists() and not overwrite:
+        raise BundleError(f"{directory} already exists: choose another folder or pass overwrite=True")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "model_id": card.id})
+        digest = sha256_file(tmp / WEIGHTS_FILE)
+        (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(digest), indent=2) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _bundle_dir(path: Path, stack: list) -> Path:
+    """A folder holding the bundle files; a zip is extracted into a temporary folder kept in ``stack``."""
+    if not path.exists():
+        raise BundleError(f"model {path} does not exist: give a bundle folder or .zip, or a model id from `uml models`")
+    if path.is_dir():
+        return path
+    if zipfile.is_zipfile(path):
+        tmp = tempfile.TemporaryDirectory(prefix="uml-bundle-")
+        stack.append(tmp)
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if Path(n).name in (CARD_FILE, WEIGHTS_FILE)]
+            for n in names:
+                if Path(n).is_absolute() or ".." in Path(n).parts:
+                    raise BundleError(f"{path} contains an unsafe path {n!r}: rebuild the zip from the bundle folder")
+                (Path(tmp.name) / Path(n).name).write_bytes(zf.read(n))
+        return Path(tmp.name)
+    if path.name == CARD_FILE:
+        return path.parent
+    raise BundleError(f"{path} is not a model bundle: give a folder (or .zip) with {CARD_FILE} and {WEIGHTS_FILE}")
+
+
+def read_card(path: os.PathLike) -> tuple[ModelCard, str]:
+    """Read and validate the card of a bundle without loading the weights; returns ``(card, declared_sha256)``."""
+    stack: list = []
+    directory = _bundle_dir(Path(path), stack)
+    card_path = directory / CARD_FILE
+    if not card_path.is_file():
+        raise BundleError(f"{path} has no {CARD_FILE}: a bundle needs {CARD_FILE} and {WEIGHTS_FILE}")
+    try:
+        data = json.loads(card_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{card_path} is not valid JSON ({exc}): re-export the bundle") from None
+    card = ModelCard.from_dict(data, source=str(card_path))
+    declared = data["weights"].get("sha256") if isinstance(data["weights"], dict) else None
+    if not isinstance(declared, str) or len(declared) != 64:
+        raise BundleError(f"{card_path} lacks weights.sha256: re-export the bundle with training/export.py")
+    return card, declared
+
+
+def load_bundle(path: os.PathLike, device: str | torch.device = "cpu") -> ModelBundle:
+    """Load and verify a bundle (folder, ``.zip``, or the path of its ``model.json``).
+
+    Raises:
+        BundleError: missing files, unknown schema version, missing fields, hash mismatch, or weights
+            that do not fit the architecture.
+    """
+    path = Path(path)
+    stack: list = []
+    try:
+        directory = _bundle_dir(path, stack)
+        card, declared = read_card(directory)
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise BundleError(f"{path} has no {WEIGHTS_FILE}: a bundle needs {CARD_FILE} and {WEIGHTS_FILE}")
+        digest = sha256_file(weights)
+        if digest != declared:
+            raise BundleError(
+                f"{weights} does not match the sha256 in {CARD_FILE} (file was changed or corrupted): "
+                "restore the original bundle or re-export it"
+            )
+        try:
+            state = load_file(str(weights))
+        except Exception as exc:  # safetensors raises its own error types
+            raise BundleError(f"{weights} is not a readable safetensors file ({exc}): re-export the bundle") from None
+        model = UMLNet(card.architecture)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise BundleError(f"weights in {path} do not fit the declared architecture ({first}): re-export the bundle") from None
+        model.eval().to(device)
+        return ModelBundle(card=card, model=model, path=path, sha256=digest)
+    finally:
+        for tmp in stack:
+            tmp.cleanup()
