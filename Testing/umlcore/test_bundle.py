@@ -1,0 +1,106 @@
+import json
+
+import pytest
+import torch
+
+from umlcore.bundle import CARD_FILE, WEIGHTS_FILE, InputSpec, ModelCard, Segment, load_bundle, read_card, save_bundle
+from umlcore.config import UMLConfig
+from umlcore.errors import BundleError
+from umlcore.network import UMLNet
+
+
+def make_card(cfg):
+    return ModelCard(
+        id="test-model", version="0.0.1", name="Test", task="test",
+        classes=("negative", "positive"),
+        segments=(Segment(1, "Lesion", (1.0, 0.5, 0.0), {"type": {"scheme": "SCT", "code": "52988006", "meaning": "Lesion"}}),),
+        input=InputSpec(), architecture=cfg,
+    )
+
+
+@pytest.fixture
+def bundle_dir(tmp_path):
+    torch.manual_seed(0)
+    net = UMLNet(UMLConfig())
+    return save_bundle(net, make_card(net.config), tmp_path / "bundle"), net
+
+
+def test_round_trip_gives_bit_identical_outputs(bundle_dir):
+    path, net = bundle_dir
+    loaded = load_bundle(path)
+    x = torch.randn(2, 3, 32, 32)
+    net.eval()
+    with torch.no_grad():
+        a, b = net(x), loaded.model(x)
+    assert torch.equal(a.seg_alpha, b.seg_alpha) and torch.equal(a.cls_alpha, b.cls_alpha)
+    assert loaded.card == make_card(net.config)
+
+
+def test_zip_bundle_loads(bundle_dir, tmp_path):
+    import shutil
+
+    path, _ = bundle_dir
+    archive = shutil.make_archive(str(tmp_path / "zipped"), "zip", path)
+    assert load_bundle(archive).card.id == "test-model"
+
+
+def test_tampered_weights_are_refused(bundle_dir):
+    path, _ = bundle_dir
+    w = path / WEIGHTS_FILE
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="does not match the sha256"):
+        load_bundle(path)
+
+
+def test_unknown_schema_version_is_refused(bundle_dir):
+    path, _ = bundle_dir
+    card = json.loads((path / CARD_FILE).read_text())
+    card["schema_version"] = 99
+    (path / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="schema_version 99"):
+        load_bundle(path)
+
+
+@pytest.mark.parametrize("field", ["id", "architecture", "weights", "segments"])
+def test_missing_fields_are_refused(bundle_dir, field):
+    path, _ = bundle_dir
+    card = json.loads((path / CARD_FILE).read_text())
+    del card[field]
+    (path / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(BundleError, match=f"missing required field\\(s\\) \\['{field}'\\]"):
+        read_card(path)
+
+
+def test_weights_of_another_architecture_are_refused(bundle_dir):
+    path, _ = bundle_dir
+    card = json.loads((path / CARD_FILE).read_text())
+    card["architecture"]["cls_head_width"] = 32
+    (path / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="do not fit the declared architecture"):
+        load_bundle(path)
+
+
+def test_missing_and_non_bundle_paths(tmp_path):
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "nope")
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"123")
+    with pytest.raises(BundleError, match="is not a model bundle"):
+        load_bundle(f)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="has no model.json"):
+        load_bundle(tmp_path / "empty")
+
+
+def test_save_refuses_to_overwrite(bundle_dir):
+    path, net = bundle_dir
+    with pytest.raises(BundleError, match="already exists"):
+        save_bundle(net, make_card(net.config), path)
+
+
+def test_card_must_match_architecture():
+    with pytest.raises(BundleError, match="lists 3 classes"):
+        ModelCard(id="x", version="1", name="x", task="x", classes=("a", "b", "c"), segments=(Segment(1, "L"),),
+                  input=InputSpec(), architecture=UMLConfig())

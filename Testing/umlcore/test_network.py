@@ -1,0 +1,67 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from umlcore.config import UMLConfig
+from umlcore.losses import uml_loss
+from umlcore.network import UMLNet, UMLOutput
+
+
+@pytest.mark.parametrize("preset", ["small", "paper"])
+def test_output_shapes(preset):
+    cfg = UMLConfig.preset(preset, num_classes=3, num_seg_labels=4)
+    net = UMLNet(cfg).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 32, 48))
+    assert isinstance(out, UMLOutput)
+    assert out.seg_alpha.shape == (2, 4, 32, 48)
+    assert out.mutual_alpha.shape == (2, 4, 32, 48)
+    assert [tuple(t.shape) for t in out.deep_logits] == [(2, 4, 16, 24), (2, 4, 8, 12), (2, 4, 4, 6)]
+    assert out.cls_alpha.shape == (2, 3)
+    assert torch.all(out.seg_alpha >= 1) and torch.all(out.cls_alpha >= 1)
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (24, 40), (64, 16)])
+def test_any_multiple_of_eight_works(hw):
+    net = UMLNet(UMLConfig()).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, *hw)).seg_alpha.shape[-2:] == hw
+
+
+def test_bad_input_shapes_are_refused():
+    net = UMLNet(UMLConfig())
+    with pytest.raises(ValueError, match="multiples of 8"):
+        net(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="expects 3 input channels, got 1"):
+        net(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"expects \(B, C, H, W\)"):
+        net(torch.randn(3, 32, 32))
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    net = UMLNet(UMLConfig()).train()
+    x = torch.randn(2, 3, 32, 32)
+    out = net(x)
+    seg = torch.zeros(2, 32, 32, dtype=torch.long)
+    seg[:, 8:20, 8:20] = 1
+    loss = uml_loss(out, torch.tensor([0, 1]), seg, kl_weight=0.5)["total"]
+    loss.backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert not missing, missing
+
+
+def test_forward_features_then_head_equals_forward():
+    net = UMLNet(UMLConfig()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        a = net(x)
+        b = net.forward_head(net.forward_features(x))
+    assert torch.equal(a.seg_alpha, b.seg_alpha) and torch.equal(a.cls_alpha, b.cls_alpha)
+
+
+def test_small_preset_costs_at_most_3_gflop_per_256_slice():
+    net = UMLNet(UMLConfig.preset("small")).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.randn(1, 3, 256, 256))
+    assert counter.get_total_flops() <= 3e9
