@@ -10,6 +10,7 @@ from .errors import BundleError, CancelledError, UMLError, UMLInputError
 from .evidential import Opinion, alpha_from_logits, opinion, probability, uncertainty
 from .losses import LossWeights, evidential_classification_loss, evidential_segmentation_loss, kl_annealing, uml_loss
 from .network import UMLNet, UMLOutput
+from . import metrics
 from .synthetic import SyntheticCase, case_label, generate_case
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "UMLInputError",
     "BundleError",
     "CancelledError",
+    "metrics",
     "SyntheticCase",
     "generate_case",
     "case_label",
