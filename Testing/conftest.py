@@ -1,0 +1,121 @@
+"""Shared test fixtures: tiny freshly initialised model bundles and small synthetic volumes.
+
+Generic on purpose so every part's tests can reuse them:
+
+- ``card_factory``: ``make_card(config, **overrides)`` builds a valid :class:`ModelCard` for a config.
+- ``bundle_factory(**options) -> Path``: save a freshly initialised bundle (seeded, ``small`` preset by default).
+- ``tiny_bundle_dir`` / ``tiny_bundle``: a session-wide 3-channel ``small`` bundle (path / loaded bundle).
+  Do not modify them in place; make your own with ``bundle_factory`` when a test tampers with a bundle.
+- ``make_volume(**options) -> sitk.Image``: a deterministic 3D volume with a bright blob, oblique by default.
+- ``oblique_direction``: the default rotated (det +1) direction matrix, row-major.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from umlcore.bundle import InputSpec, ModelCard, Segment, load_bundle, save_bundle
+from umlcore.config import UMLConfig
+from umlcore.network import UMLNet
+
+
+def rotation_matrix(degrees_z: float = 25.0, degrees_x: float = 15.0, degrees_y: float = 10.0) -> np.ndarray:
+    """Rz @ Rx @ Ry (a proper rotation, det +1)."""
+    z, x, y = np.deg2rad([degrees_z, degrees_x, degrees_y])
+    rz = np.array([[np.cos(z), -np.sin(z), 0], [np.sin(z), np.cos(z), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(x), -np.sin(x)], [0, np.sin(x), np.cos(x)]])
+    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+    return rz @ rx @ ry
+
+
+OBLIQUE_DIRECTION: tuple[float, ...] = tuple(float(v) for v in rotation_matrix().ravel())
+
+
+def make_card(config: UMLConfig, **overrides: Any) -> ModelCard:
+    """A valid model card for ``config`` (channel names follow ``config.in_channels``)."""
+    channels = ("pre", "early", "late") if config.in_channels == 3 else tuple(f"channel{i}" for i in range(config.in_channels))
+    segments = tuple(
+        Segment(label, f"Lesion {label}" if label > 1 else "Lesion", (1.0, 0.5 / label, 0.0),
+                {"type": {"scheme": "SCT", "code": "52988006", "meaning": "Lesion"}})
+        for label in range(1, config.num_seg_labels)
+    )
+    fields: dict[str, Any] = dict(
+        id="test-model", version="0.0.1", name="Test model", task="test",
+        classes=tuple(f"class{i}" for i in range(config.num_classes)) if config.num_classes != 2 else ("no pCR", "pCR"),
+        segments=segments, input=InputSpec(channels=channels), architecture=config,
+    )
+    fields.update(overrides)
+    return ModelCard(**fields)
+
+
+@pytest.fixture(scope="session")
+def bundle_factory(tmp_path_factory):
+    """``make(preset="small", seed=0, config_overrides=None, **card_overrides) -> Path`` of a new bundle folder."""
+    counter = itertools.count()
+
+    def make(preset: str = "small", seed: int = 0, config_overrides: dict | None = None, **card_overrides: Any) -> Path:
+        config = UMLConfig.preset(preset, **(config_overrides or {}))
+        torch.manual_seed(seed)
+        net = UMLNet(config)
+        card = make_card(config, **card_overrides)
+        return save_bundle(net, card, tmp_path_factory.mktemp("bundles") / f"bundle{next(counter)}")
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(bundle_factory) -> Path:
+    """A 3-channel ``small`` bundle folder shared by the session (treat as read-only)."""
+    return bundle_factory()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_bundle_dir):
+    """The loaded :class:`ModelBundle` of ``tiny_bundle_dir`` (treat as read-only)."""
+    return load_bundle(tiny_bundle_dir)
+
+
+@pytest.fixture(scope="session")
+def oblique_direction() -> tuple[float, ...]:
+    return OBLIQUE_DIRECTION
+
+
+def _volume(
+    size: tuple[int, int, int] = (32, 32, 6),
+    spacing: tuple[float, float, float] = (0.7, 0.9, 2.5),
+    origin: tuple[float, float, float] = (-12.5, 30.25, 7.0),
+    direction: tuple[float, ...] = OBLIQUE_DIRECTION,
+    dtype: type = np.float32,
+    seed: int = 0,
+    scale: float = 100.0,
+) -> sitk.Image:
+    """Smooth noise plus a bright ellipsoidal blob, deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = size
+    z, y, x = np.meshgrid(np.linspace(-1, 1, nz), np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
+    blob = np.exp(-((x - 0.2) ** 2 / 0.1 + (y + 0.1) ** 2 / 0.05 + z ** 2 / 0.5))
+    array = scale * (0.3 + blob + 0.1 * rng.standard_normal((nz, ny, nx)))
+    image = sitk.GetImageFromArray(array.astype(dtype))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    return image
+
+
+@pytest.fixture(scope="session")
+def make_volume():
+    """``make(size=(32, 32, 6), spacing=(0.7, 0.9, 2.5), origin=..., direction=oblique, dtype=np.float32, seed=0)``."""
+    return _volume
+
+
+@pytest.fixture(scope="session")
+def card_factory():
+    """``make_card(config, **overrides) -> ModelCard`` as a fixture."""
+    return make_card

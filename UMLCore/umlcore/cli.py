@@ -1,0 +1,438 @@
+"""The ``uml`` command line (also ``python -m umlcore``); documented in ``docs/cli.md``.
+
+Commands:
+
+- ``uml predict INPUT [INPUT ...] -o OUTDIR [--model ID|PATH] [--device auto|cpu|cuda] [--batch-size N]
+  [--format nii.gz|nrrd] [--progress bar|json|none] [--overwrite]``
+- ``uml info MODEL [--json]``
+- ``uml models [--json]``
+
+Exit codes: 0 success; 2 bad input or usage (one line on stderr starting with ``uml: error: ``); 1 internal
+error (one line plus a hint; the traceback only with ``--debug``); 130 when interrupted (Ctrl-C, SIGTERM).
+
+``predict`` validates everything (inputs readable and acceptable to the model, model loads, outputs absent
+unless ``--overwrite``, OUTDIR creatable) before writing anything, writes every case into a temporary folder
+inside OUTDIR and moves the case folders into place only when all cases succeeded; on failure nothing new
+is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence, TextIO
+
+import SimpleITK as sitk
+
+from .bundle import ModelBundle, load_bundle
+from .catalogue import list_models, resolve_model, shipped_models_dir, user_models_dir
+from .errors import BundleError, CancelledError, UMLError, UMLInputError
+from .io import read_case, strip_image_extension, write_image_atomic
+from .predictor import Predictor
+
+__all__ = ["main", "build_parser", "OUTPUT_FILES", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_INTERRUPTED"]
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+ProgressMode = Literal["bar", "json", "none"]
+OutputFormat = Literal["nii.gz", "nrrd"]
+
+#: Files written per case (``{fmt}`` is ``nii.gz`` or ``nrrd``).
+OUTPUT_FILES = {"segmentation": "segmentation.{fmt}", "uncertainty": "uncertainty.{fmt}", "summary": "summary.json"}
+
+# Share of the whole run: reading/validating all inputs first, then the cases; per case the prediction,
+# then writing its files.
+_READ_SHARE = 0.05
+_PREDICT_SHARE = 0.9
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``uml: error: ...``) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"uml: error: {_one_line(message)} (see `{self.prog} --help`)\n")
+        sys.stderr.flush()
+        self.exit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch size must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"batch size must be a positive integer (1 or more), got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``uml`` argument parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the traceback of internal errors")
+    parser = _Parser(prog="uml", description="UML: uncertainty-aware joint classification + segmentation (evidential deep learning).")
+    parser.add_argument("--debug", action="store_true", default=False, help="print the traceback of internal errors")
+    sub = parser.add_subparsers(dest="command", metavar="{predict,info,models}", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("predict", parents=[common], help="segment cases and write labelmap, uncertainty and summary",
+                       description="Segment each case; write OUTDIR/<case>/segmentation.<fmt>, uncertainty.<fmt> and summary.json.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="one case: an image file, a DICOM series folder, or the phases of one case joined with commas "
+                        "(pre.nii.gz,early.nii.gz,late.nii.gz)")
+    p.add_argument("-o", "--output", dest="outdir", required=True, metavar="OUTDIR", help="output folder (created if needed)")
+    p.add_argument("--model", default=None, metavar="ID|PATH", help="model id (see `uml models`) or bundle folder/.zip; default: the shipped model")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if available, else CPU (default)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per forward pass (default 8)")
+    p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="image format of the outputs (default nii.gz)")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default=None,
+                   help="bar: text bar on stderr (default on a terminal); json: one JSON object per line on stdout; none (default otherwise)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing OUTDIR/<case> folders")
+    p.set_defaults(func=_cmd_predict)
+
+    i = sub.add_parser("info", parents=[common], help="print a model bundle's card", description="Print a model bundle's card (verifies the bundle).")
+    i.add_argument("model", metavar="MODEL", help="model id or bundle folder/.zip")
+    i.add_argument("--json", action="store_true", help="print the card as JSON")
+    i.set_defaults(func=_cmd_info)
+
+    m = sub.add_parser("models", parents=[common], help="list the model bundles found (shipped first)",
+                       description="List the model bundles found: shipped ones first, then ~/.uml/models.")
+    m.add_argument("--json", action="store_true", help="print the list as JSON")
+    m.set_defaults(func=_cmd_models)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------- progress
+
+
+@dataclass
+class _Progress:
+    """Reports run-wide progress: JSON lines on stdout, a text bar on stderr, or nothing."""
+
+    mode: ProgressMode
+    out: TextIO
+    err: TextIO
+    fraction: float = 0.0
+    _bar_open: bool = field(default=False, repr=False)
+
+    def emit(self, stage: str, case: Optional[str], fraction: float, message: str) -> None:
+        self.fraction = min(1.0, max(self.fraction, float(fraction)))
+        if self.mode == "json":
+            line = {"stage": stage, "case": case, "fraction": round(self.fraction, 6), "message": message}
+            self.out.write(json.dumps(line) + "\n")
+            self.out.flush()
+        elif self.mode == "bar":
+            width = 30
+            filled = int(round(width * self.fraction))
+            label = f"{case}: " if case else ""
+            text = f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * self.fraction:5.1f}% {stage:<11} {label}{message}"
+            self.err.write(text[:150].ljust(150) if stage != "done" else text + "\n")
+            self.err.flush()
+            self._bar_open = stage != "done"
+
+    def error(self, case: Optional[str], message: str) -> None:
+        if self.mode == "json":
+            self.emit("error", case, self.fraction, message)
+        elif self._bar_open:
+            self.err.write("\n")
+            self._bar_open = False
+
+
+# --------------------------------------------------------------------------------------------- predict
+
+
+@dataclass
+class _Case:
+    id: str
+    paths: list[str]
+    volumes: Optional[list] = None
+
+
+def _parse_cases(inputs: Sequence[str]) -> list[_Case]:
+    cases: list[_Case] = []
+    for text in inputs:
+        parts = [p.strip() for p in text.split(",")]
+        if any(not p for p in parts):
+            raise UMLInputError(f"input {text!r} has an empty item: join the phases of one case with single commas, e.g. pre.nii.gz,early.nii.gz")
+        name = Path(parts[0]).name
+        case_id = strip_image_extension(name)
+        if case_id in ("", ".", "..") or case_id.startswith("."):
+            raise UMLInputError(f"cannot name a case after {parts[0]!r}: rename the input so its name does not start with a dot")
+        cases.append(_Case(case_id, parts))
+    seen: dict[str, str] = {}
+    for c in cases:
+        if c.id in seen:
+            raise UMLInputError(f"inputs {seen[c.id]!r} and {','.join(c.paths)!r} both give the case name {c.id!r}: rename one or run them separately")
+        seen[c.id] = ",".join(c.paths)
+    return cases
+
+
+def _check_outdir(outdir: Path) -> None:
+    """Refuse an OUTDIR that cannot be created or written, without creating anything."""
+    if outdir.exists():
+        if not outdir.is_dir():
+            raise UMLInputError(f"output folder {outdir} is a file, not a folder: choose another -o")
+        if not os.access(outdir, os.W_OK | os.X_OK):
+            raise UMLInputError(f"output folder {outdir} is not writable: choose another -o or fix its permissions")
+        return
+    ancestor = outdir.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UMLInputError(f"cannot create output folder {outdir}: {ancestor} is a file, not a folder: choose another -o")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UMLInputError(f"cannot create output folder {outdir}: {ancestor} is not writable: choose another -o")
+
+
+def _load_model(spec: Optional[str]) -> ModelBundle:
+    if spec is None:
+        try:
+            path = resolve_model(None)
+        except BundleError:
+            raise UMLInputError(
+                f"no model given and no shipped model found in {shipped_models_dir()}: pass --model with a bundle folder, "
+                ".zip or id (see `uml models`)"
+            ) from None
+    else:
+        path = resolve_model(spec)
+    return load_bundle(path)
+
+
+def _makedirs(path: Path) -> list[Path]:
+    """Create ``path`` and missing parents; return the folders created, deepest first."""
+    created: list[Path] = []
+    p = path.absolute()
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    for d in reversed(created):
+        d.mkdir()
+    return created
+
+
+def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict) -> int:
+    fmt: OutputFormat = args.format
+    cases = _parse_cases(args.inputs)
+    outdir = Path(args.outdir)
+    _check_outdir(outdir)
+    for case in cases:
+        target = outdir / case.id
+        if (target.exists() or target.is_symlink()) and not args.overwrite:
+            raise UMLInputError(f"output {target} already exists: pass --overwrite to replace it, or choose another -o")
+    bundle = _load_model(args.model)
+    predictor = Predictor(bundle, device=args.device, batch_size=args.batch_size)
+
+    # Read and check every case before writing anything.
+    for n, case in enumerate(cases):
+        state["case"] = case.id
+        progress.emit("read", case.id, _READ_SHARE * n / len(cases), f"reading and checking {', '.join(case.paths)}")
+        volumes = read_case(case.paths)
+        predictor.channel_volumes(volumes)
+        case.volumes = volumes if len(cases) == 1 else None
+    progress.emit("read", None, _READ_SHARE, f"{len(cases)} case(s) checked")
+
+    created = _makedirs(outdir) if not outdir.exists() else []
+    staging: Optional[Path] = None
+    committed: list[tuple[Path, Optional[Path], Path]] = []
+    try:
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=".uml-tmp-", dir=outdir))
+        except OSError as exc:
+            raise UMLInputError(f"output folder {outdir} is not writable ({exc.strerror}): choose another -o") from None
+        share = (1.0 - _READ_SHARE) / len(cases)
+        for n, case in enumerate(cases):
+            state["case"] = case.id
+            base = _READ_SHARE + n * share
+            t0 = time.perf_counter()
+            volumes = case.volumes if case.volumes is not None else read_case(case.paths)
+            case.volumes = None
+            read_s = time.perf_counter() - t0
+
+            def on_progress(stage: str, fraction: float, message: str, _base: float = base, _id: str = case.id) -> None:
+                progress.emit(stage, _id, _base + share * _PREDICT_SHARE * fraction, message)
+
+            prediction = predictor.predict(volumes, progress=on_progress, case_id=case.id)
+            progress.emit("write", case.id, base + share * _PREDICT_SHARE, "writing the outputs")
+            summary = prediction.summary
+            summary["timings_s"]["read"] = read_s
+            summary["timings_s"]["total"] += read_s
+            four_d = len(case.paths) == 1 and len(volumes) > 1
+            for entry in summary["inputs"]:
+                entry["path"] = case.paths[0] if four_d else case.paths[entry["volume"]]
+            names = {k: v.format(fmt=fmt) for k, v in OUTPUT_FILES.items()}
+            summary["outputs"] = dict(names)
+            folder = staging / case.id
+            folder.mkdir()
+            write_image_atomic(prediction.labelmap, folder / names["segmentation"])
+            write_image_atomic(prediction.uncertainty, folder / names["uncertainty"])
+            (folder / names["summary"]).write_text(json.dumps(summary, indent=2) + "\n")
+            del prediction, volumes
+        # Every case succeeded: move the case folders into place (old ones aside first, deleted at the end).
+        for case in cases:
+            target = outdir / case.id
+            old: Optional[Path] = None
+            if target.exists() or target.is_symlink():
+                old = staging / f".old-{case.id}"
+                os.replace(target, old)
+            committed.append((target, old, staging / case.id))
+            os.replace(staging / case.id, target)
+    except BaseException:
+        for target, old, new in reversed(committed):  # roll back a commit that failed half-way
+            try:
+                if not new.exists() and target.exists():
+                    shutil.rmtree(target)
+                if old is not None and old.exists():
+                    os.replace(old, target)
+            except OSError:
+                pass
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for d in created:  # deepest first; only folders this run created
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    state["case"] = None
+    progress.emit("done", None, 1.0, f"wrote {len(cases)} case(s) to {outdir}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- info / models
+
+
+def _card_text(bundle: ModelBundle) -> str:
+    card = bundle.card
+    spec = card.input
+    norm = spec.normalization
+    norm_text = f"{norm.mode} ({norm.lower}-{norm.upper} percentiles -> [0, 1])" if norm.mode == "percentile" else norm.mode
+    arch = card.architecture
+    lines = [
+        f"{card.name} ({card.id} {card.version})",
+        f"  task:          {card.task}",
+    ]
+    if card.description:
+        lines.append(f"  description:   {card.description}")
+    lines += [
+        f"  classes:       {', '.join(card.classes)} (positive: {card.classes[card.positive_class]})",
+        "  segments:      " + ", ".join(f"{s.label} {s.name}" for s in card.segments),
+        f"  input:         channels {', '.join(spec.channels)} (at least {spec.min_channels}; missing: {spec.missing_channels}), "
+        f"{spec.slicing_axis} slices",
+        f"  spacing:       {'native' if spec.target_spacing is None else ' x '.join(f'{v:g}' for v in spec.target_spacing) + ' mm in-plane'}",
+        f"  normalisation: {norm_text}",
+        f"  architecture:  in {arch.in_channels}, classes {arch.num_classes}, labels {arch.num_seg_labels}, "
+        f"widths {list(arch.cls_widths)}/{list(arch.seg_widths)}/{list(arch.mutual_widths)}",
+        f"  review if uncertainty > {card.review_uncertainty:g}",
+    ]
+    if card.metrics:
+        lines.append("  metrics:       " + ", ".join(f"{k} {v}" for k, v in card.metrics.items()))
+    if card.training:
+        lines.append("  training:      " + ", ".join(f"{k} {v}" for k, v in card.training.items()))
+    lines += [
+        f"  license:       {card.license}",
+        f"  citation:      {card.citation}",
+        f"  weights:       sha256 {bundle.sha256} (verified)",
+        f"  path:          {bundle.path}",
+    ]
+    return "\n".join(lines)
+
+
+def _cmd_info(args: argparse.Namespace, progress: _Progress, state: dict) -> int:
+    bundle = load_bundle(resolve_model(args.model))
+    if args.json:
+        print(json.dumps({**bundle.card.to_dict(bundle.sha256), "path": str(bundle.path)}, indent=2))
+    else:
+        print(_card_text(bundle))
+    return EXIT_OK
+
+
+def _cmd_models(args: argparse.Namespace, progress: _Progress, state: dict) -> int:
+    entries = list_models()
+    if args.json:
+        print(json.dumps([
+            {"id": e.id, "version": e.card.version if e.card else None, "path": str(e.path), "shipped": e.shipped, "error": e.error}
+            for e in entries
+        ], indent=2))
+        return EXIT_OK
+    if not entries:
+        print(f"no model bundles found (looked in {shipped_models_dir()} and {user_models_dir()})")
+        return EXIT_OK
+    for e in entries:
+        where = "shipped" if e.shipped else "user"
+        if e.card is None:
+            print(f"{e.id}\t-\t{e.path}\t{where}\tunusable: {_one_line(e.error)}")
+        else:
+            print(f"{e.id}\t{e.card.version}\t{e.path}\t{where}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``uml`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0)
+        return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
+    debug = bool(getattr(args, "debug", False))
+    mode: ProgressMode = getattr(args, "progress", None) or ("bar" if sys.stderr.isatty() else "none")
+    progress = _Progress(mode, sys.stdout, sys.stderr)
+    state: dict = {"case": None}
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warnings would break the one-line error contract
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return args.func(args, progress, state)
+    except UMLInputError as exc:
+        message = _one_line(exc)
+        progress.error(state["case"], message)
+        sys.stderr.write(f"uml: error: {message}\n")
+        return EXIT_USAGE
+    except (CancelledError, KeyboardInterrupt):
+        progress.error(state["case"], "cancelled")
+        sys.stderr.write("uml: cancelled: nothing was written\n")
+        return EXIT_INTERRUPTED
+    except UMLError as exc:
+        message = _one_line(exc)
+        progress.error(state["case"], message)
+        sys.stderr.write(f"uml: error: {message}\n")
+        return EXIT_INTERNAL
+    except Exception as exc:  # noqa: BLE001 - the command line turns every failure into an exit code
+        message = _one_line(f"{type(exc).__name__}: {exc}")
+        progress.error(state["case"], message)
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"uml: internal error: {message} (rerun with --debug for the traceback and report it)\n")
+        return EXIT_INTERNAL
+    finally:
+        sys.stderr.flush()
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

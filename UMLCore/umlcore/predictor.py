@@ -1,0 +1,388 @@
+"""From a volume to results (DESIGN section 5): the slice-wise UML predictor.
+
+Steps of :meth:`Predictor.predict`:
+
+1. Channels as the bundle's card declares: one volume per network channel, or a single volume replicated into
+   every channel (``missing_channels == "replicate"``); all volumes on one voxel grid.
+2. The index axis closest to the card's slicing axis (axial = patient S) becomes the slice axis (a pure axis
+   permutation, undone exactly afterwards); each channel is normalised over its whole volume as declared;
+   slices are resampled in-plane to ``target_spacing`` if the card asks, and zero-padded to a multiple of
+   ``config.pad_multiple``.
+3. Slices run through the network in batches under ``torch.inference_mode`` (autocast to bf16/fp16 only on
+   CUDA, never on CPU); the cancel check runs before every batch; on CUDA out-of-memory the batch is halved
+   down to 1 and then the run continues on the CPU.
+4. Padding, resampling and the permutation are undone, so every output lies on the input voxel grid exactly
+   (same size, spacing, origin, direction).
+5. Labelmap = argmax of the final ``seg_alpha``; uncertainty = ``K / S`` of it; foreground probability =
+   ``1 - p_background``; the case-level opinion fuses the per-slice classification Dirichlets with
+   :func:`umlcore.fusion.fuse_slice_opinions` (lesion voxels per slice from the labelmap). The summary dict
+   follows ``docs/summary-schema.md`` (``schema_version`` 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .bundle import ModelBundle
+from .errors import CancelledError, UMLError, UMLInputError
+from .fusion import FUSION_RULE, fuse_slice_opinions
+from .io import MIN_INPLANE_SIZE, check_same_grid, check_volume, geometry, split_4d
+from .preprocess import (
+    crop_to,
+    from_slices,
+    inplane_axes,
+    normalize,
+    pad_to_multiple,
+    resize_slices,
+    resized_shape,
+    slice_axis_index,
+    to_slices,
+)
+
+__all__ = [
+    "SUMMARY_SCHEMA_VERSION",
+    "DeviceName",
+    "ProgressCallback",
+    "CancelCheck",
+    "Prediction",
+    "Predictor",
+    "resolve_device",
+]
+
+SUMMARY_SCHEMA_VERSION = 1
+
+DeviceName = Literal["auto", "cpu", "cuda"]
+#: ``progress(stage, fraction, message)``: stage is ``preprocess`` | ``inference`` | ``postprocess``; the
+#: fraction (0..1) runs over the whole prediction and never decreases.
+ProgressCallback = Callable[[str, float, str], None]
+#: ``cancel() -> True`` stops the run with :class:`~umlcore.errors.CancelledError`.
+CancelCheck = Callable[[], bool]
+
+# Share of the whole prediction taken by each stage (for the progress fraction).
+_PRE_END, _INFER_END = 0.1, 0.9
+
+
+@dataclass
+class Prediction:
+    """Results of one case, all images on the input voxel grid.
+
+    Attributes:
+        labelmap: uint8 segmentation labels (0 = background, then the card's segment labels).
+        uncertainty: float32 voxel uncertainty ``u = K / S`` of the final segmentation Dirichlet, in [0, 1].
+        probability: float32 foreground probability ``1 - p_background`` in [0, 1].
+        summary: The case summary (``docs/summary-schema.md``).
+    """
+
+    labelmap: sitk.Image
+    uncertainty: sitk.Image
+    probability: Optional[sitk.Image]
+    summary: dict
+
+
+def resolve_device(device: DeviceName) -> torch.device:
+    """``auto`` -> CUDA if available else CPU; ``cuda`` without a GPU is refused with a fix."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UMLInputError(f"unknown device {device!r}: choose auto, cpu or cuda")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UMLInputError("device cuda was asked for but no CUDA GPU is available to PyTorch: use --device cpu or auto")
+    return torch.device(device)
+
+
+def _noop_progress(stage: str, fraction: float, message: str) -> None:
+    return None
+
+
+class Predictor:
+    """Runs a loaded model bundle on volumes, slice by slice.
+
+    Args:
+        bundle: A verified :class:`~umlcore.bundle.ModelBundle` (``load_bundle``). Its model is moved to the
+            chosen device (and to the CPU if CUDA runs out of memory).
+        device: ``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda``.
+        batch_size: Slices per forward pass (>= 1).
+
+    Raises:
+        UMLInputError: a bad device or batch size.
+    """
+
+    def __init__(self, bundle: ModelBundle, device: DeviceName = "auto", batch_size: int = 8) -> None:
+        if not isinstance(bundle, ModelBundle):
+            raise UMLInputError(f"Predictor needs a ModelBundle from umlcore.load_bundle, got {type(bundle).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise UMLInputError(f"batch size must be a positive integer, got {batch_size!r}: use e.g. 8 (1 for the least memory)")
+        if bundle.card.architecture.num_seg_labels > 256:
+            raise UMLInputError("the bundle has more than 256 segmentation labels, which a uint8 labelmap cannot hold")
+        self.bundle = bundle
+        self.card = bundle.card
+        self.batch_size = int(batch_size)
+        self._device = resolve_device(device)
+        self.bundle.model.eval().to(self._device)
+
+    @property
+    def device(self) -> str:
+        """The device now in use: ``"cpu"`` or ``"cuda"``."""
+        return self._device.type
+
+    # ------------------------------------------------------------------------------------------ inputs
+
+    def channel_volumes(self, volumes: Union[sitk.Image, Sequence[sitk.Image]]) -> tuple[list[sitk.Image], list[int]]:
+        """Validate ``volumes`` against the card and map them to the network's channels.
+
+        Args:
+            volumes: One 3D volume, one 4D image (split along t), or a list of 3D volumes on one grid.
+
+        Returns:
+            ``(channels, source)``: one 3D image per network channel and, per channel, the index of the
+            input volume it came from.
+
+        Raises:
+            UMLInputError: a wrong number of volumes, volumes off one grid, slices smaller than 8x8, or any
+                :func:`umlcore.io.check_volume` problem.
+        """
+        if isinstance(volumes, sitk.Image):
+            volumes = split_4d(volumes) if volumes.GetDimension() == 4 else [volumes]
+        volumes = list(volumes)
+        if not volumes or not all(isinstance(v, sitk.Image) for v in volumes):
+            raise UMLInputError("volumes must be a SimpleITK image or a non-empty list of them (read them with umlcore.io.read_case)")
+        spec = self.card.input
+        n_channels = len(spec.channels)
+        accepted = [n_channels]
+        if spec.missing_channels == "replicate" and spec.min_channels <= 1 and n_channels > 1:
+            accepted.insert(0, 1)
+        if len(volumes) not in accepted:
+            ways = " or ".join(
+                f"1 (replicated into all {n_channels} channels)" if a == 1 and n_channels > 1 else f"{a} ({', '.join(spec.channels)})"
+                for a in accepted
+            )
+            raise UMLInputError(
+                f"got {len(volumes)} volumes for one case but model {self.card.id!r} takes {ways}: "
+                "give that many phases (joined with commas on the command line)"
+            )
+        for i, v in enumerate(volumes):
+            check_volume(v, f"volume {i}")
+        check_same_grid(volumes)
+        axis = slice_axis_index(volumes[0].GetDirection(), spec.slicing_axis)
+        w_axis, h_axis = inplane_axes(axis)
+        size = volumes[0].GetSize()
+        if min(size[w_axis], size[h_axis]) < MIN_INPLANE_SIZE:
+            raise UMLInputError(
+                f"{spec.slicing_axis} slices of this volume are {size[w_axis]}x{size[h_axis]} voxels, smaller than "
+                f"{MIN_INPLANE_SIZE}x{MIN_INPLANE_SIZE}: give a volume with larger {spec.slicing_axis} slices"
+            )
+        source = [0] * n_channels if len(volumes) == 1 else list(range(n_channels))
+        return [volumes[s] for s in source], source
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    def _autocast(self):
+        if self._device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+
+    def _forward(self, batch: np.ndarray, net_hw: tuple[int, int]) -> tuple[np.ndarray, ...]:
+        """One batch ``(b, C, H, W)`` -> labels, uncertainty, foreground probability ``(b, H, W)``, cls alpha ``(b, Kc)``."""
+        multiple = self.card.architecture.pad_multiple
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self._device)
+            hw = tuple(x.shape[-2:])
+            x = pad_to_multiple(resize_slices(x, net_hw), multiple)
+            with self._autocast():
+                out = self.bundle.model(x)
+            alpha = resize_slices(crop_to(out.seg_alpha.float(), net_hw), hw)
+            alpha = alpha.clamp_min(1.0)  # bilinear resize keeps alpha >= 1 up to rounding
+            strength = alpha.sum(dim=1)
+            labels = alpha.argmax(dim=1).to(torch.uint8)
+            unc = (alpha.shape[1] / strength).clamp(0.0, 1.0)
+            fg = (1.0 - alpha[:, 0] / strength).clamp(0.0, 1.0)
+            cls_alpha = out.cls_alpha.float().clamp_min(1.0)
+            return (
+                labels.cpu().numpy(),
+                unc.cpu().numpy().astype(np.float32),
+                fg.cpu().numpy().astype(np.float32),
+                cls_alpha.cpu().numpy().astype(np.float64),
+            )
+
+    def _fall_back(self, batch_size: int, report: ProgressCallback, fraction: float) -> int:
+        """After an out-of-memory error: a halved batch, or batch 1 on the CPU once CUDA cannot go lower."""
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+        if batch_size > 1:
+            report("inference", fraction, f"out of memory: retrying with batch size {batch_size // 2}")
+            return batch_size // 2
+        if self._device.type == "cuda":
+            self._device = torch.device("cpu")
+            self.bundle.model.to(self._device)
+            report("inference", fraction, "CUDA out of memory even with batch size 1: continuing on the CPU")
+            return 1
+        raise UMLError("out of memory on the CPU even with batch size 1: close other programs or give a smaller volume")
+
+    # ------------------------------------------------------------------------------------------ predict
+
+    def predict(
+        self,
+        volumes: Union[sitk.Image, Sequence[sitk.Image]],
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelCheck] = None,
+        case_id: str = "case",
+    ) -> Prediction:
+        """Segment one case and give its case-level opinion.
+
+        Args:
+            volumes: One 3D volume (replicated into every channel if the card allows), one 4D image, or one
+                3D volume per channel, all on one voxel grid (``umlcore.io.read_case`` reads them).
+            progress: ``progress(stage, fraction, message)`` with a non-decreasing fraction in [0, 1].
+            cancel: Checked before preprocessing and before every batch; returning True raises
+                :class:`~umlcore.errors.CancelledError`.
+            case_id: Name of the case in the summary.
+
+        Returns:
+            :class:`Prediction` (images on the input grid; summary per ``docs/summary-schema.md``).
+
+        Raises:
+            UMLInputError: inputs the model cannot take (see :meth:`channel_volumes`).
+            CancelledError: ``cancel()`` returned True.
+        """
+        report = progress or _noop_progress
+        is_cancelled = cancel or (lambda: False)
+        t0 = time.perf_counter()
+        if is_cancelled():
+            raise CancelledError("cancelled before preprocessing")
+        card, spec = self.card, self.card.input
+        report("preprocess", 0.0, "checking and normalising the input volumes")
+        channels, source = self.channel_volumes(volumes)
+        ref = channels[0]
+        axis = slice_axis_index(ref.GetDirection(), spec.slicing_axis)
+        normalised: dict[int, np.ndarray] = {}
+        for s in source:
+            if s not in normalised:
+                array = sitk.GetArrayFromImage(channels[source.index(s)]).astype(np.float32, copy=False)
+                normalised[s] = to_slices(normalize(array, spec.normalization), axis)
+        stack = np.ascontiguousarray(np.stack([normalised[s] for s in source], axis=1))  # (S, C, H, W)
+        n_slices, _, height, width = stack.shape
+        net_hw = (height, width)
+        if spec.target_spacing is not None:
+            w_axis, h_axis = inplane_axes(axis)
+            spacing = ref.GetSpacing()
+            net_hw = resized_shape((height, width), (spacing[h_axis], spacing[w_axis]), (spec.target_spacing[1], spec.target_spacing[0]))
+            if min(net_hw) < MIN_INPLANE_SIZE:
+                raise UMLInputError(
+                    f"after resampling to {spec.target_spacing} mm the slices are {net_hw[1]}x{net_hw[0]} voxels, smaller than "
+                    f"{MIN_INPLANE_SIZE}x{MIN_INPLANE_SIZE}: give a volume that covers a larger field of view"
+                )
+        t1 = time.perf_counter()
+        report("preprocess", _PRE_END, f"{n_slices} {spec.slicing_axis} slices of {width}x{height} voxels")
+
+        labels = np.empty((n_slices, height, width), dtype=np.uint8)
+        unc = np.empty((n_slices, height, width), dtype=np.float32)
+        fg = np.empty((n_slices, height, width), dtype=np.float32)
+        cls_alpha = np.empty((n_slices, card.architecture.num_classes), dtype=np.float64)
+        done, batch_size = 0, self.batch_size
+        while done < n_slices:
+            fraction = _PRE_END + (_INFER_END - _PRE_END) * done / n_slices
+            if is_cancelled():
+                raise CancelledError(f"cancelled after {done} of {n_slices} slices")
+            end = min(done + batch_size, n_slices)
+            try:
+                out = self._forward(stack[done:end], net_hw)
+            except torch.OutOfMemoryError:
+                batch_size = self._fall_back(batch_size, report, fraction)
+                continue
+            labels[done:end], unc[done:end], fg[done:end], cls_alpha[done:end] = out
+            done = end
+            report("inference", _PRE_END + (_INFER_END - _PRE_END) * done / n_slices, f"slice {done} of {n_slices}")
+        t2 = time.perf_counter()
+
+        report("postprocess", _INFER_END, "building the outputs and the case summary")
+        images = []
+        for array in (labels, unc, fg):
+            image = sitk.GetImageFromArray(np.ascontiguousarray(from_slices(array, axis)))
+            image.CopyInformation(ref)
+            images.append(image)
+        summary = self._summary(case_id, ref, axis, source, labels, unc, cls_alpha)
+        t3 = time.perf_counter()
+        summary["timings_s"] = {
+            "read": 0.0,
+            "preprocess": t1 - t0,
+            "inference": t2 - t1,
+            "postprocess": t3 - t2,
+            "total": t3 - t0,
+        }
+        report("postprocess", 1.0, "done")
+        return Prediction(labelmap=images[0], uncertainty=images[1], probability=images[2], summary=summary)
+
+    def _summary(
+        self,
+        case_id: str,
+        ref: sitk.Image,
+        axis: int,
+        source: list[int],
+        labels: np.ndarray,
+        unc: np.ndarray,
+        cls_alpha: np.ndarray,
+    ) -> dict:
+        card = self.card
+        lesion = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
+        case_alpha = fuse_slice_opinions(cls_alpha, lesion)
+        strength = case_alpha.sum()
+        probs = case_alpha / strength
+        belief = (case_alpha - 1.0) / strength
+        case_u = float(len(case_alpha) / strength)
+        predicted = int(np.argmax(probs))
+        voxel_ml = float(np.prod(ref.GetSpacing())) / 1000.0
+        segments = []
+        for seg in card.segments:
+            mask = labels == seg.label
+            count = int(mask.sum())
+            segments.append({
+                "label": int(seg.label),
+                "name": seg.name,
+                "color": [float(c) for c in seg.color],
+                "voxel_count": count,
+                "volume_ml": count * voxel_ml,
+                "mean_uncertainty": float(unc[mask].mean(dtype=np.float64)) if count else None,
+            })
+        slice_strength = cls_alpha.sum(axis=1)
+        slices = [
+            {
+                "index": s,
+                "lesion_voxels": int(lesion[s]),
+                "probabilities": [float(v) for v in cls_alpha[s] / slice_strength[s]],
+                "uncertainty": float(cls_alpha.shape[1] / slice_strength[s]),
+            }
+            for s in range(labels.shape[0])
+        ]
+        return {
+            "schema_version": SUMMARY_SCHEMA_VERSION,
+            "case_id": case_id,
+            "inputs": [{"channel": name, "volume": s} for name, s in zip(card.input.channels, source)],
+            "model": {"id": card.id, "version": card.version, "sha256": self.bundle.sha256, "path": str(self.bundle.path)},
+            "geometry": geometry(ref),
+            "slicing": {"axis": card.input.slicing_axis, "index_axis": axis, "count": int(labels.shape[0])},
+            "device": self.device,
+            "timings_s": {},
+            "classification": {
+                "classes": list(card.classes),
+                "probabilities": [float(v) for v in probs],
+                "belief": [float(v) for v in belief],
+                "uncertainty": case_u,
+                "predicted_index": predicted,
+                "predicted_class": card.classes[predicted],
+                "positive_class": card.classes[card.positive_class],
+                "positive_probability": float(probs[card.positive_class]),
+                "verdict": "review" if case_u > card.review_uncertainty else "reliable",
+                "fusion": FUSION_RULE,
+            },
+            "segments": segments,
+            "slices": slices,
+            "outputs": {},
+        }
