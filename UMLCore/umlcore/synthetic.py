@@ -623,7 +623,7 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
         lesions=lesions, seed=int(seed),
         info=dict(view=view, fat_suppressed=bool(fat_sat), density=density, bpe=bpe, randomize=randomize,
                   noise_sigma=float(sigma), intensity_scale=float(scale), label_flipped=flip_label,
-                  axial_shape=tuple(shape)),
+                  axial_shape=tuple(shape), slice_spacing=float(sz), pixel_spacing=float(sxy)),
     )
 
 
