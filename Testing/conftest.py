@@ -8,6 +8,8 @@ Generic on purpose so every part's tests can reuse them:
   Do not modify them in place; make your own with ``bundle_factory`` when a test tampers with a bundle.
 - ``make_volume(**options) -> sitk.Image``: a deterministic 3D volume with a bright blob, oblique by default.
 - ``oblique_direction``: the default rotated (det +1) direction matrix, row-major.
+- ``dicom_writer(image, folder, series_uid=...) -> Path``: write a 3D image as an int16 MR DICOM series
+  (SimpleITK + GDCM, one file per slice, IPP/IOP from the image's geometry).
 """
 
 from __future__ import annotations
@@ -113,6 +115,41 @@ def _volume(
 def make_volume():
     """``make(size=(32, 32, 6), spacing=(0.7, 0.9, 2.5), origin=..., direction=oblique, dtype=np.float32, seed=0)``."""
     return _volume
+
+
+def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str = "1.2.826.0.1.3680043.2.1125.1.424242") -> Path:
+    """Write a 3D image as a DICOM series (int16, one file per slice) that SimpleITK reads back on the same grid."""
+
+    def ds(value: float) -> str:  # DICOM decimal strings hold at most 16 characters
+        return f"{value:.6f}".rstrip("0").rstrip(".")
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    img = sitk.Cast(sitk.Round(image), sitk.sitkInt16)
+    d = img.GetDirection()
+    iop = "\\".join(ds(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(img.GetDepth()):
+        piece = img[:, :, k]
+        tags = {
+            "0008|0060": "MR", "0008|0008": "DERIVED\\SECONDARY", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
+            "0020|000d": series_uid + ".0", "0020|000e": series_uid, "0020|0037": iop,
+            "0020|0032": "\\".join(ds(v) for v in img.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0013": str(k + 1), "0018|0050": ds(img.GetSpacing()[2]), "0008|0018": f"{series_uid}.{k + 1}",
+            "0010|0010": "TEST^UML", "0010|0020": "UML0001",
+        }
+        for tag, value in tags.items():
+            piece.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(piece)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dicom_writer():
+    """``write(image, folder, series_uid=...) -> folder``: see :func:`write_dicom_series`."""
+    return write_dicom_series
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,69 @@
+"""Lesion-weighted evidence pooling: known values and invariants."""
+
+import numpy as np
+import pytest
+
+from umlcore.fusion import FUSION_RULE, fuse_slice_opinions
+
+
+def test_known_values_lesion_weighted():
+    alpha = np.array([[3.0, 1.0], [1.0, 5.0]])  # evidence [2, 0] and [0, 4]
+    fused = fuse_slice_opinions(alpha, np.array([1, 3]))
+    # 1 + (1 * [2, 0] + 3 * [0, 4]) / 4 = [1.5, 4.0]
+    np.testing.assert_allclose(fused, [1.5, 4.0])
+
+
+def test_no_lesion_anywhere_gives_uniform_weights():
+    alpha = np.array([[3.0, 1.0], [1.0, 5.0], [2.0, 2.0]])  # evidence [2,0], [0,4], [1,1]
+    np.testing.assert_allclose(fuse_slice_opinions(alpha, np.zeros(3)), [2.0, 8.0 / 3.0])
+
+
+def test_slices_without_lesion_do_not_count_when_some_have_lesion():
+    alpha = np.array([[9.0, 1.0], [1.0, 4.0], [1.0, 2.0]])
+    fused = fuse_slice_opinions(alpha, np.array([0, 2, 6]))
+    # 1 + (2 * [0, 3] + 6 * [0, 1]) / 8 = [1, 2.5]
+    np.testing.assert_allclose(fused, [1.0, 2.5])
+
+
+def test_single_slice_and_identical_slices_keep_the_opinion():
+    a = np.array([[2.5, 7.0, 1.5]])
+    np.testing.assert_allclose(fuse_slice_opinions(a, np.array([4])), a[0])
+    many = np.repeat(a, 5, axis=0)
+    np.testing.assert_allclose(fuse_slice_opinions(many, np.array([0, 1, 2, 3, 4])), a[0])
+
+
+def test_weights_are_scale_invariant_and_opinion_is_consistent():
+    rng = np.random.default_rng(0)
+    alpha = 1.0 + rng.gamma(2.0, 2.0, size=(7, 3))
+    w = rng.integers(0, 50, size=7)
+    fused = fuse_slice_opinions(alpha, w)
+    np.testing.assert_allclose(fused, fuse_slice_opinions(alpha, 10 * w))
+    assert fused.shape == (3,) and fused.dtype == np.float64 and np.all(fused >= 1.0)
+    s = fused.sum()
+    belief, u = (fused - 1) / s, 3 / s
+    assert belief.sum() + u == pytest.approx(1.0)
+    # pooled evidence lies within the slices' range (a weighted mean)
+    e = alpha - 1
+    assert np.all(fused - 1 <= e.max(axis=0) + 1e-12) and np.all(fused - 1 >= e.min(axis=0) - 1e-12)
+
+
+def test_rule_name():
+    assert FUSION_RULE == "lesion-weighted evidence pooling"
+
+
+@pytest.mark.parametrize(
+    "alpha, weights, phrase",
+    [
+        (np.ones(3), np.ones(3), "shape \\(S, K\\)"),
+        (np.ones((3, 1)), np.ones(3), "K >= 2"),
+        (np.ones((0, 2)), np.ones(0), "S >= 1"),
+        (np.ones((3, 2)), np.ones(2), "one count per slice"),
+        (np.full((2, 2), 0.5), np.ones(2), ">= 1"),
+        (np.array([[1.0, np.nan], [1.0, 2.0]]), np.ones(2), "finite"),
+        (np.ones((2, 2)), np.array([1.0, -1.0]), "non-negative"),
+        (np.ones((2, 2)), np.array([1.0, np.inf]), "non-negative"),
+    ],
+)
+def test_bad_arguments_are_refused(alpha, weights, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        fuse_slice_opinions(alpha, weights)
