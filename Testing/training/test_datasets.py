@@ -431,3 +431,17 @@ def test_write_read_split_round_trip(tmp_path):
         read_split(path)
     with pytest.raises(DatasetLayoutError, match="not found"):
         read_split(tmp_path / "missing.json")
+
+
+def test_nibabel_fallback_matches_simpleitk(tmp_path):
+    from training.datasets.base import _read_volume_nibabel, read_volume
+
+    vol = np.random.default_rng(0).random((5, 7, 9)).astype(np.float32)
+    path = tmp_path / "v.nii.gz"
+    write_volume(path, vol, spacing=(0.5, 0.8, 2.5))
+    sitk_channels, sitk_spacing, _ = read_volume(path)
+    nib_channels, nib_spacing, geometry = _read_volume_nibabel(path, RuntimeError("refused"))
+    np.testing.assert_array_equal(nib_channels[0], sitk_channels[0])
+    np.testing.assert_array_equal(nib_channels[0], vol)
+    assert nib_spacing == pytest.approx(sitk_spacing) == pytest.approx((0.5, 0.8, 2.5))
+    assert geometry["reader"] == "nibabel"
