@@ -443,5 +443,6 @@ def test_nibabel_fallback_matches_simpleitk(tmp_path):
     nib_channels, nib_spacing, geometry = _read_volume_nibabel(path, RuntimeError("refused"))
     np.testing.assert_array_equal(nib_channels[0], sitk_channels[0])
     np.testing.assert_array_equal(nib_channels[0], vol)
-    assert nib_spacing == pytest.approx(sitk_spacing) == pytest.approx((0.5, 0.8, 2.5))
+    assert nib_spacing == pytest.approx(sitk_spacing)
+    assert nib_spacing == pytest.approx((0.5, 0.8, 2.5))
     assert geometry["reader"] == "nibabel"
