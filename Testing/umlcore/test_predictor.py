@@ -1,0 +1,343 @@
+"""umlcore.predictor and umlcore.preprocess: outputs on the input grid, channels, batching, progress, cancel."""
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from umlcore.bundle import InputSpec, Normalization, load_bundle
+from umlcore.errors import CancelledError, UMLError, UMLInputError
+from umlcore.fusion import fuse_slice_opinions
+from umlcore.io import read_case, write_image_atomic
+from umlcore.predictor import Prediction, Predictor
+from umlcore.preprocess import (
+    crop_to,
+    from_slices,
+    inplane_axes,
+    normalize,
+    pad_to_multiple,
+    resized_shape,
+    slice_axis_index,
+    to_slices,
+)
+
+SUMMARY_KEYS = {
+    "schema_version", "case_id", "inputs", "model", "geometry", "slicing", "device", "timings_s",
+    "classification", "segments", "slices", "outputs",
+}
+CLASSIFICATION_KEYS = {
+    "classes", "probabilities", "belief", "uncertainty", "predicted_index", "predicted_class", "positive_class",
+    "positive_probability", "verdict", "fusion",
+}
+
+
+def assert_on_grid(image, ref, atol=0.0):
+    assert image.GetSize() == ref.GetSize()
+    if atol == 0.0:
+        assert image.GetSpacing() == ref.GetSpacing()
+        assert image.GetOrigin() == ref.GetOrigin()
+        assert image.GetDirection() == ref.GetDirection()
+    else:
+        np.testing.assert_allclose(image.GetSpacing(), ref.GetSpacing(), rtol=0, atol=atol)
+        np.testing.assert_allclose(image.GetOrigin(), ref.GetOrigin(), rtol=0, atol=atol)
+        np.testing.assert_allclose(image.GetDirection(), ref.GetDirection(), rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_bundle):
+    return Predictor(tiny_bundle, device="cpu", batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def base_prediction(predictor, make_volume):
+    return predictor.predict(make_volume())
+
+
+# ------------------------------------------------------------------------------------------- preprocess
+
+
+def test_slice_axis_follows_the_direction_matrix(oblique_direction):
+    assert slice_axis_index((1, 0, 0, 0, 1, 0, 0, 0, 1), "axial") == 2
+    assert slice_axis_index((1, 0, 0, 0, 1, 0, 0, 0, 1), "coronal") == 1
+    assert slice_axis_index((1, 0, 0, 0, 1, 0, 0, 0, 1), "sagittal") == 0
+    assert slice_axis_index(oblique_direction, "axial") == 2
+    # a sagittal acquisition: index axis 0 runs along S (column 0 = (0, 0, 1))
+    assert slice_axis_index((0, 1, 0, 0, 0, 1, 1, 0, 0), "axial") == 0
+    assert slice_axis_index((0, 1, 0, 0, 0, -1, -1, 0, 0), "axial") == 0  # also when it runs towards I
+    with pytest.raises(ValueError, match="unknown slicing axis"):
+        slice_axis_index((1, 0, 0, 0, 1, 0, 0, 0, 1), "oblique")
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_to_slices_is_exactly_undone(axis):
+    a = np.arange(4 * 5 * 6).reshape(4, 5, 6)  # (z, y, x)
+    s = to_slices(a, axis)
+    assert s.shape[0] == a.shape[2 - axis]
+    np.testing.assert_array_equal(from_slices(s, axis), a)
+    assert inplane_axes(axis) == tuple(i for i in range(3) if i != axis)
+
+
+def test_normalisation_modes():
+    v = np.concatenate([np.linspace(0, 100, 999), [1e6]]).astype(np.float32)
+    p = normalize(v, Normalization("percentile", 0.5, 99.5))
+    assert p.dtype == np.float32 and p.min() == 0.0 and p.max() == 1.0
+    z = normalize(v, Normalization("zscore"))
+    assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-4
+    np.testing.assert_array_equal(normalize(v, Normalization("none")), v)
+    assert not normalize(np.ones(10), Normalization("percentile")).any()
+
+
+def test_pad_crop_and_resized_shape():
+    x = torch.randn(2, 3, 13, 20)
+    p = pad_to_multiple(x, 8)
+    assert p.shape[-2:] == (16, 24) and torch.equal(crop_to(p, (13, 20)), x) and not p[..., 13:, :].any()
+    assert pad_to_multiple(x[..., :8, :16], 8).shape[-2:] == (8, 16)
+    assert resized_shape((100, 50), (0.5, 2.0), (1.0, 1.0)) == (50, 100)
+
+
+# ------------------------------------------------------------------------------------------- predictor
+
+
+def test_outputs_types_ranges_and_grid(base_prediction, make_volume):
+    ref = make_volume()
+    pred = base_prediction
+    assert isinstance(pred, Prediction)
+    assert pred.labelmap.GetPixelID() == sitk.sitkUInt8
+    assert pred.uncertainty.GetPixelID() == sitk.sitkFloat32
+    assert pred.probability.GetPixelID() == sitk.sitkFloat32
+    for image in (pred.labelmap, pred.uncertainty, pred.probability):
+        assert_on_grid(image, ref)
+    u = sitk.GetArrayFromImage(pred.uncertainty)
+    p = sitk.GetArrayFromImage(pred.probability)
+    labels = sitk.GetArrayFromImage(pred.labelmap)
+    assert u.min() > 0 and u.max() <= 1 and p.min() >= 0 and p.max() <= 1
+    assert set(np.unique(labels)) <= {0, 1}
+    # two labels: label 1 exactly where the foreground probability wins
+    np.testing.assert_array_equal(labels == 1, p > 0.5)
+
+
+def test_summary_has_the_documented_fields(base_prediction, tiny_bundle, make_volume):
+    s = base_prediction.summary
+    assert set(s) == SUMMARY_KEYS
+    assert s["schema_version"] == 1 and s["case_id"] == "case" and s["device"] == "cpu" and s["outputs"] == {}
+    assert s["model"] == {"id": "test-model", "version": "0.0.1", "sha256": tiny_bundle.sha256, "path": str(tiny_bundle.path)}
+    assert s["geometry"] == {"size": [32, 32, 6], "spacing": [0.7, 0.9, 2.5], "origin": [-12.5, 30.25, 7.0],
+                             "direction": list(make_volume().GetDirection())}
+    assert s["inputs"] == [{"channel": c, "volume": 0} for c in ("pre", "early", "late")]
+    assert s["slicing"] == {"axis": "axial", "index_axis": 2, "count": 6}
+    assert set(s["timings_s"]) == {"read", "preprocess", "inference", "postprocess", "total"}
+    assert all(v >= 0 for v in s["timings_s"].values())
+    c = s["classification"]
+    assert set(c) == CLASSIFICATION_KEYS
+    assert c["classes"] == ["no pCR", "pCR"] and c["positive_class"] == "pCR" and c["fusion"] == "lesion-weighted evidence pooling"
+    assert sum(c["probabilities"]) == pytest.approx(1) and sum(c["belief"]) + c["uncertainty"] == pytest.approx(1)
+    assert c["predicted_class"] == c["classes"][c["predicted_index"]] == c["classes"][int(np.argmax(c["probabilities"]))]
+    assert c["positive_probability"] == c["probabilities"][1]
+    assert c["verdict"] == ("review" if c["uncertainty"] > tiny_bundle.card.review_uncertainty else "reliable")
+    labels = sitk.GetArrayFromImage(base_prediction.labelmap)
+    (seg,) = s["segments"]
+    assert set(seg) == {"label", "name", "color", "voxel_count", "volume_ml", "mean_uncertainty"}
+    assert seg["voxel_count"] == int((labels == 1).sum())
+    assert seg["volume_ml"] == pytest.approx(seg["voxel_count"] * 0.7 * 0.9 * 2.5 / 1000)
+    assert len(s["slices"]) == 6 and set(s["slices"][0]) == {"index", "lesion_voxels", "probabilities", "uncertainty"}
+    assert [sl["lesion_voxels"] for sl in s["slices"]] == [int((labels[k] > 0).sum()) for k in range(6)]
+    # the case opinion is the lesion-weighted pooling of the slice opinions (alpha_s = K p_s / u_s)
+    slice_alpha = np.array([np.array(sl["probabilities"]) * 2 / sl["uncertainty"] for sl in s["slices"]])
+    fused = fuse_slice_opinions(slice_alpha, np.array([sl["lesion_voxels"] for sl in s["slices"]]))
+    np.testing.assert_allclose(c["probabilities"], fused / fused.sum(), rtol=1e-9)
+    assert c["uncertainty"] == pytest.approx(2 / fused.sum())
+
+
+def test_segments_with_voxels_report_mean_uncertainty(tiny_bundle, make_volume):
+    # force every voxel to the lesion label by a bundle whose model always votes label 1
+    class Lesion(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            out = self.inner(x)
+            seg = out.seg_alpha.clone()
+            seg[:, 1] = seg[:, 0] + 1.0
+            return out._replace(seg_alpha=seg)
+
+    bundle = dataclasses.replace(tiny_bundle, model=Lesion(tiny_bundle.model))
+    pred = Predictor(bundle, device="cpu").predict(make_volume())
+    (seg,) = pred.summary["segments"]
+    assert seg["voxel_count"] == 32 * 32 * 6
+    assert seg["mean_uncertainty"] == pytest.approx(float(sitk.GetArrayFromImage(pred.uncertainty).mean()), rel=1e-5)
+    assert all(sl["lesion_voxels"] == 32 * 32 for sl in pred.summary["slices"])
+
+
+def test_one_volume_is_replicated_and_three_are_accepted(predictor, base_prediction, make_volume):
+    v = make_volume()
+    same = predictor.predict([v, v, v])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(same.uncertainty), sitk.GetArrayFromImage(base_prediction.uncertainty))
+    three = predictor.predict([make_volume(seed=s, scale=50.0 * (s + 1)) for s in range(3)], case_id="dce")
+    assert three.summary["inputs"] == [{"channel": c, "volume": i} for i, c in enumerate(("pre", "early", "late"))]
+    assert three.summary["case_id"] == "dce"
+    assert not np.array_equal(sitk.GetArrayFromImage(three.uncertainty), sitk.GetArrayFromImage(base_prediction.uncertainty))
+    # a 4D image gives the same as its volumes
+    vols = [make_volume(seed=s, scale=50.0 * (s + 1)) for s in range(3)]
+    four = predictor.predict(sitk.JoinSeries(vols))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(four.uncertainty), sitk.GetArrayFromImage(three.uncertainty))
+    assert_on_grid(four.labelmap, vols[0])
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_wrong_number_of_volumes_is_refused(predictor, make_volume, count):
+    with pytest.raises(UMLInputError, match=f"got {count} volumes .* takes 1 \\(replicated into all 3 channels\\) or 3 \\(pre, early, late\\)"):
+        predictor.predict([make_volume(seed=s) for s in range(count)])
+
+
+def test_other_bad_volumes_are_refused(predictor, make_volume):
+    with pytest.raises(UMLInputError, match="not on the same voxel grid"):
+        predictor.predict([make_volume(), make_volume(origin=(0, 0, 0)), make_volume()])
+    # 32 x 4 x 32: the axial slices are 32 x 4 voxels
+    with pytest.raises(UMLInputError, match="smaller than 8x8"):
+        predictor.predict(make_volume(size=(32, 4, 32), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    nan = sitk.GetArrayFromImage(make_volume())
+    nan[0, 0, 0] = np.nan
+    with pytest.raises(UMLInputError, match="NaN/Inf"):
+        predictor.predict(sitk.GetImageFromArray(nan))
+    with pytest.raises(UMLInputError, match="SimpleITK image"):
+        predictor.predict([np.zeros((6, 32, 32))])
+
+
+def test_progress_fraction_increases_and_stages_are_named(predictor, make_volume):
+    calls = []
+    predictor.predict(make_volume(size=(32, 24, 9)), progress=lambda *a: calls.append(a))
+    fractions = [f for _, f, _ in calls]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert all(b >= a for a, b in zip(fractions, fractions[1:]))
+    stages = [s for s, _, _ in calls]
+    assert stages[0] == "preprocess" and stages[-1] == "postprocess"
+    assert stages.count("inference") == 3  # 9 slices in batches of 4
+    assert all(isinstance(m, str) and m for _, _, m in calls)
+
+
+def test_cancel_raises_and_stops_between_batches(predictor, make_volume, tmp_path):
+    with pytest.raises(CancelledError):
+        predictor.predict(make_volume(), cancel=lambda: True)
+    checks = []
+    progress = []
+
+    def cancel():
+        checks.append(1)
+        return len(checks) > 2  # before preprocessing, first batch; then stop
+
+    with pytest.raises(CancelledError, match="after 4 of 9 slices"):
+        predictor.predict(make_volume(size=(32, 32, 9)), cancel=cancel, progress=lambda *a: progress.append(a))
+    assert [s for s, _, _ in progress].count("inference") == 1
+    assert list(tmp_path.iterdir()) == []  # the predictor writes nothing
+
+
+def test_batch_size_does_not_change_the_result(tiny_bundle, make_volume):
+    v = make_volume(size=(24, 32, 7))
+    results = [Predictor(tiny_bundle, device="cpu", batch_size=b).predict(v) for b in (1, 3, 8)]
+    ref = results[0]
+    for r in results[1:]:
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(r.labelmap), sitk.GetArrayFromImage(ref.labelmap))
+        np.testing.assert_allclose(sitk.GetArrayFromImage(r.uncertainty), sitk.GetArrayFromImage(ref.uncertainty), atol=1e-5)
+        np.testing.assert_allclose(r.summary["classification"]["probabilities"], ref.summary["classification"]["probabilities"], atol=1e-5)
+
+
+def test_slicing_axis_is_a_pure_permutation(predictor, make_volume):
+    v = make_volume(size=(32, 24, 5))
+    permuted = sitk.PermuteAxes(v, [2, 0, 1])  # same physical volume, S along index axis 0
+    assert np.allclose(permuted.TransformIndexToPhysicalPoint((1, 2, 3)), v.TransformIndexToPhysicalPoint((2, 3, 1)))
+    a = predictor.predict(v)
+    b = predictor.predict(permuted)
+    assert b.summary["slicing"]["index_axis"] == 0
+    assert_on_grid(b.labelmap, permuted)
+    back = sitk.PermuteAxes(b.uncertainty, [1, 2, 0])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(a.uncertainty))
+    assert b.summary["classification"] == a.summary["classification"]
+
+
+def test_inplane_resampling_returns_to_the_input_grid(bundle_factory, make_volume):
+    spec = InputSpec(target_spacing=(1.4, 1.8), normalization=Normalization("zscore"))
+    bundle = load_bundle(bundle_factory(input=spec))
+    v = make_volume(size=(40, 28, 5))
+    pred = Predictor(bundle, device="cpu").predict(v)
+    for image in (pred.labelmap, pred.uncertainty, pred.probability):
+        assert_on_grid(image, v)
+    u = sitk.GetArrayFromImage(pred.uncertainty)
+    assert u.min() > 0 and u.max() <= 1
+    # resampled to 20 x 14 voxels, run, resampled back: smooth, not the native-resolution result
+    native = Predictor(load_bundle(bundle_factory(input=InputSpec(normalization=Normalization("zscore"))))).predict(v)
+    assert not np.allclose(u, sitk.GetArrayFromImage(native.uncertainty))
+
+
+@pytest.mark.parametrize("fmt, atol", [("nii.gz", 1e-6), ("nrrd", 1e-12)])
+@pytest.mark.parametrize("source", ["nii.gz", "nrrd", "dicom"])
+def test_geometry_round_trip_through_files(tmp_path, predictor, make_volume, dicom_writer, source, fmt, atol):
+    """Oblique, anisotropic, off-origin input file -> predict -> written outputs on the grid read from the input."""
+    image = make_volume(size=(32, 24, 6), spacing=(0.7, 0.9, 2.5), origin=(-101.25, 37.5, -12.125))
+    if source == "dicom":
+        path = dicom_writer(image, tmp_path / "series")
+    else:
+        path = tmp_path / f"input.{source}"
+        sitk.WriteImage(image, str(path))
+    (read,) = read_case([path])
+    assert_on_grid(read, image, atol=1e-5)  # what the format keeps of the original geometry
+    pred = predictor.predict(read)
+    assert_on_grid(pred.labelmap, read)  # exactly, in memory
+    for name, out in (("segmentation", pred.labelmap), ("uncertainty", pred.uncertainty)):
+        written = sitk.ReadImage(str(write_image_atomic(out, tmp_path / f"{name}.{fmt}")))
+        assert_on_grid(written, read, atol=atol)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(out))
+
+
+def test_bad_construction_arguments(tiny_bundle):
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(UMLInputError, match="batch size must be a positive integer"):
+            Predictor(tiny_bundle, batch_size=bad)
+    with pytest.raises(UMLInputError, match="unknown device"):
+        Predictor(tiny_bundle, device="tpu")
+    with pytest.raises(UMLInputError, match="ModelBundle"):
+        Predictor(tiny_bundle.model)
+    if not torch.cuda.is_available():
+        with pytest.raises(UMLInputError, match="no CUDA GPU"):
+            Predictor(tiny_bundle, device="cuda")
+        assert Predictor(tiny_bundle, device="auto").device == "cpu"
+
+
+def test_no_autocast_on_cpu(predictor, make_volume, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("autocast must not be used on the CPU")
+
+    monkeypatch.setattr(torch, "autocast", refuse)
+    monkeypatch.setattr(torch.amp, "autocast", refuse)
+    assert isinstance(predictor._autocast(), contextlib.nullcontext)
+    predictor.predict(make_volume())
+
+
+class _OOMAbove(torch.nn.Module):
+    """Pretends to run out of memory on batches larger than ``limit``."""
+
+    def __init__(self, inner, limit):
+        super().__init__()
+        self.inner, self.limit, self.sizes = inner, limit, []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("fake out of memory")
+        return self.inner(x)
+
+
+def test_out_of_memory_halves_the_batch(tiny_bundle, base_prediction, make_volume):
+    model = _OOMAbove(tiny_bundle.model, limit=2)
+    bundle = dataclasses.replace(tiny_bundle, model=model)
+    messages = []
+    pred = Predictor(bundle, device="cpu", batch_size=8).predict(make_volume(), progress=lambda s, f, m: messages.append(m))
+    assert model.sizes == [6, 4, 2, 2, 2]  # batch 8 (6 slices) -> OOM, 4 -> OOM, then batches of 2
+    assert any("retrying with batch size 4" in m for m in messages)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(pred.uncertainty), sitk.GetArrayFromImage(base_prediction.uncertainty), atol=1e-5)
+    model_always = _OOMAbove(tiny_bundle.model, limit=0)
+    with pytest.raises(UMLError, match="out of memory on the CPU"):
+        Predictor(dataclasses.replace(tiny_bundle, model=model_always), device="cpu").predict(make_volume())
