@@ -68,7 +68,8 @@ _TISSUE = {
     "blood": (380.0, 2.0, 1.2),  # heart / aorta blood pool
     "myocardium": (470.0, 0.9, 0.7),
     "vertebra": (650.0, 0.20, 0.25),
-    "mediastinum": (800.0, 0.05, 0.08),
+    "mediastinum": (650.0, 0.15, 0.2),  # mixed fat / soft tissue / small vessels
+    "csf": (150.0, 0.0, 0.0),
     "vessel": (380.0, 0.0, 0.0),  # per vessel, see _vessels
 }
 _FAT_SAT = {"fat": 0.15, "rib": 0.35, "vertebra": 0.45, "mediastinum": 0.25}
@@ -202,6 +203,19 @@ def _blur_axis(a: np.ndarray, sigma: float, axis: int) -> np.ndarray:
     return out
 
 
+def _shift_axis(a: np.ndarray, shift: float, axis: int) -> np.ndarray:
+    """Translate ``a`` by ``shift`` voxels along ``axis`` (linear interpolation, edges replicated)."""
+    n = a.shape[axis]
+    src = np.clip(np.arange(n, dtype=np.float32) - np.float32(shift), 0, n - 1)
+    i0 = np.floor(src).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w = (src - i0).astype(np.float32)
+    shape = [1] * a.ndim
+    shape[axis] = n
+    w = w.reshape(shape)
+    return np.take(a, i0, axis=axis) * (1.0 - w) + np.take(a, i1, axis=axis) * w
+
+
 def _index_range(coords: np.ndarray, lo: float, hi: float) -> slice:
     """Slice of a regular coordinate vector covering [lo, hi] mm (may be empty)."""
     c0 = float(coords[0])
@@ -233,6 +247,39 @@ def _segment_soft(out: np.ndarray, zc: np.ndarray, yc: np.ndarray, xc: np.ndarra
     radius = r0 + (r1 - r0) * t
     view = out[sz, sy, sx]
     np.maximum(view, _ramp(radius - dist, width), out=view)
+
+
+def _paint(img: np.ndarray, frac: Any, values: Any) -> None:
+    """Partial-volume compositing ``img[c] += frac * (values[c] - img[c])`` on the bounding box of ``frac > 0``.
+
+    Args:
+        img: ``(3, Z, Y, X)`` phases, modified in place.
+        frac: Tissue fraction in [0, 1], broadcastable to ``(Z, Y, X)``.
+        values: Per phase, a scalar or an array broadcastable to ``(Z, Y, X)``.
+    """
+    frac = np.asarray(frac, np.float32)
+    frac = frac.reshape((1,) * (3 - frac.ndim) + frac.shape)
+    nonzero = frac > 0
+    box = []
+    for ax in range(3):
+        if frac.shape[ax] == 1:
+            box.append(slice(None))
+            continue
+        hit = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != ax)))
+        if hit.size == 0:
+            return
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+
+    def sub(a: Any) -> Any:
+        a = np.asarray(a, np.float32)
+        if a.ndim < 3:
+            return a
+        return a[tuple(box[ax] if a.shape[ax] > 1 else slice(None) for ax in range(3))]
+
+    f = sub(frac)
+    for c in range(3):
+        target = img[c][tuple(box)]
+        target += f * (sub(values[c]) - target)
 
 
 def _random_unit(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -303,7 +350,7 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
     kinetics = str(r_pheno.choice(KINETICS, p=_KINETICS_P))
     early_enh = float(r_pheno.uniform(*_EARLY_ENHANCEMENT))
     late_change = float(r_pheno.uniform(*_LATE_CHANGE[kinetics]))
-    diam_main = float(np.exp(r_pheno.uniform(math.log(5.0), math.log(30.0))))
+    diam_main = float(np.exp(r_pheno.uniform(math.log(4.0), math.log(30.0))))
     flip_label = bool(r_label.random() < label_noise)
 
     # ---- anatomy (patient frame, mm: x right->left, y anterior->posterior, z inferior->superior) ------
@@ -316,9 +363,9 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
         rb = r_anat.uniform(48.0, max(50.0, min(82.0, a_t - 12.0 - bx)))
         breasts.append(dict(
             x=side * bx, z=r_anat.uniform(-8.0, 8.0), rb=rb, rz=rb * r_anat.uniform(0.85, 1.15),
-            depth=r_anat.uniform(40.0, 120.0), gamma=r_anat.uniform(0.45, 0.85),
+            depth=r_anat.uniform(40.0, 110.0), gamma=r_anat.uniform(0.4, 0.75),
             shear_x=side * r_anat.uniform(-0.05, 0.25), shear_z=r_anat.uniform(-0.25, 0.1),
-            harm=r_anat.uniform(-0.07, 0.07, size=(3, 2)),
+            harm=r_anat.uniform(-0.07, 0.07, size=(3, 2)), nipple=r_anat.uniform(2.0, 7.0),
         ))
     # asymmetry is mild
     breasts[1]["depth"] = breasts[0]["depth"] * r_anat.uniform(0.85, 1.15)
@@ -328,6 +375,10 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
     wall_fat = r_anat.uniform(3.0, 9.0)
     muscle_mm = r_anat.uniform(6.0, 16.0)
     rib_mm = r_anat.uniform(7.0, 11.0)
+    back_fat = r_anat.uniform(5.0, 25.0)
+    back_muscle = r_anat.uniform(20.0, 45.0)
+    mediastinum_mm = r_anat.uniform(10.0, 20.0)
+    thorax_harm = np.stack([r_anat.uniform(0.0, 0.04, 3), r_anat.uniform(0.0, 2 * math.pi, 3)], axis=1)
     rib_period = r_anat.uniform(22.0, 30.0)
     rib_phase = r_anat.uniform(0.0, rib_period)
     rib_slope = r_anat.uniform(0.15, 0.45)
@@ -336,7 +387,7 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
     bpe = _choice(r_anat, _BPE)
     bpe_early = r_anat.uniform(*_BPE[bpe][1])
     bpe_late = bpe_early * r_anat.uniform(1.3, 1.6)
-    heart = dict(x=r_anat.uniform(5.0, 35.0), z=r_anat.uniform(-115.0, -55.0), rx=r_anat.uniform(55.0, 70.0),
+    heart = dict(x=r_anat.uniform(5.0, 35.0), z=r_anat.uniform(-70.0, -15.0), rx=r_anat.uniform(50.0, 65.0),
                  ry=r_anat.uniform(42.0, 55.0), rz=r_anat.uniform(50.0, 65.0))
 
     # ---- acquisition geometry -------------------------------------------------------------------------
@@ -382,15 +433,20 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
         u = xx - b["x"] - b["shear_x"] * t_pos
         v = (zz - b["z"] - b["shear_z"] * t_pos) * (b["rb"] / b["rz"])
         q = 1.0 - (u * u + v * v) / (b["rb"] ** 2)
-        phi = np.arctan2(zz - b["z"], xx - b["x"])  # (Z,1,X)
-        harm = 1.0 + sum(b["harm"][k, 0] * np.cos((k + 1) * phi) + b["harm"][k, 1] * np.sin((k + 1) * phi)
-                         for k in range(3))
-        tmax = b["depth"] * np.power(np.maximum(q, 0.0), b["gamma"]) * harm
+        u2, v2 = xx - b["x"], (zz - b["z"]) * (b["rb"] / b["rz"])  # unsheared, (Z,1,X)
+        phi = np.arctan2(v2, u2)
+        rho2 = np.minimum(np.sqrt(u2 * u2 + v2 * v2) / b["rb"], 1.0)
+        harm = 1.0 + rho2 * sum(b["harm"][k, 0] * np.cos((k + 1) * phi) + b["harm"][k, 1] * np.sin((k + 1) * phi)
+                                for k in range(3))
+        nipple = b["nipple"] * np.exp((q - 1.0) * (b["rb"] / 7.0) ** 2)  # exp(-(rho / 7 mm)^2)
+        tmax = b["depth"] * np.power(np.maximum(q, 0.0), b["gamma"]) * harm + nipple
         f_b = np.minimum(np.minimum(tmax - t, t + 8.0), q * (b["rb"] * 0.5))
         f_body = f_b if f_body is None else np.maximum(f_body, f_b)
     # thorax ellipse: approximate signed distance (> 0 inside), 2D
     ex, ey = xx / a_t, (yy - y_c) / b_t
-    r_e = np.sqrt(ex ** 2 + ey ** 2) + 1e-6
+    theta = np.arctan2(ey, ex)
+    wobble = 1.0 + sum(thorax_harm[k, 0] * np.cos((k + 2) * theta + thorax_harm[k, 1]) for k in range(3))
+    r_e = np.sqrt(ex ** 2 + ey ** 2) / wobble + 1e-6
     grad = np.sqrt((ex / a_t) ** 2 + (ey / b_t) ** 2) / r_e
     d_t = ((1.0 - r_e) / np.maximum(grad, 1e-6)).astype(np.float32)  # (1,Y,X)
     f_body = np.maximum(f_body, d_t).astype(np.float32)
@@ -399,15 +455,6 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
     d = f_body / np.maximum(gnorm, 0.3)  # ~ distance to the skin surface, mm, > 0 inside
     occ = _ramp(d, w_eff)
     inner = _ramp(d - skin_mm, w_eff)
-
-    def paint(img: np.ndarray, frac: np.ndarray, values: Any, where: Optional[tuple] = None) -> None:
-        """img[c] += frac * (value_c - img[c]) (values: (3,) or per-phase arrays)."""
-        for c in range(3):
-            target = img[c] if where is None else img[c][where]
-            val = values[c]
-            target += frac * (val - target)
-            if where is not None:
-                img[c][where] = target
 
     # ---- tissue values (nominal, then per-case contrast jitter) ---------------------------------------
     fat_sat = randomize == "full" and r_acq.random() < 0.35
@@ -423,58 +470,67 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
     for c in range(3):
         img[c] = inner * tv["fat"][c] + (occ - inner) * tv["skin"][c]
 
-    # thorax wall layers and contents
+    # thorax wall layers (thicker posteriorly: back fat and paraspinal muscles) and contents
     in_thorax = _ramp(d_t, w_eff)
+    post = ((1.0 + np.clip((yy - y_c) / (b_t * r_e), -1.0, 1.0)) / 2.0) ** 2  # 0 anterior .. 1 posterior, (1,Y,X)
+    fat_hi = wall_fat + post * back_fat
+    mus_hi = fat_hi + muscle_mm + post * back_muscle
+    rib_lo, rib_hi = mus_hi + 1.0, mus_hi + 1.0 + rib_mm
+    ones_z = np.ones((Z, 1, 1), np.float32)
     band = lambda lo, hi: _ramp(d_t - lo, w_eff) - _ramp(d_t - hi, w_eff)  # noqa: E731
-    m_lo = wall_fat
-    m_hi = wall_fat + muscle_mm
-    paint(img, band(m_lo, m_hi) * np.ones((Z, 1, 1), np.float32), tv["muscle"])
-    rib_on = np.clip((np.cos(2 * math.pi * (zz - rib_phase - rib_slope * np.abs(xx)) / rib_period) + 0.1)
-                                   * (rib_period / (2 * math.pi * w_eff)) + 0.5, 0.0, 1.0)
-    paint(img, band(m_hi + 1.0, m_hi + 1.0 + rib_mm) * rib_on, tv["rib"])
-    paint(img, band(m_hi + 1.0, m_hi + 1.0 + rib_mm) * (1.0 - rib_on), tv["muscle"])
-    interior = _ramp(d_t - (m_hi + 2.0 + rib_mm), w_eff) * np.ones((Z, 1, 1), np.float32)
-    paint(img, interior, tv["lung"])
-    # mediastinum (midline, anterior part of the interior) and heart
-    medi = interior * _ramp(28.0 - np.abs(xx), w_eff) * _ramp(y_c + 0.3 * b_t - yy, w_eff)
-    paint(img, medi, tv["mediastinum"])
-    hy = float(y_c - b_t) + m_hi + rib_mm + 4.0 + heart["ry"]
+    _paint(img, band(fat_hi, mus_hi) * ones_z, tv["muscle"])
+    arc = np.abs(np.arctan2(xx / a_t, (y_c - yy) / b_t)) * (0.5 * (a_t + b_t))  # mm from the anterior midline
+    rib_on = np.clip((np.cos(2 * math.pi * (zz - rib_phase - rib_slope * arc) / rib_period) - 0.25)
+                     * (rib_period / (2 * math.pi * w_eff)) + 0.5, 0.0, 1.0)
+    rib_on = np.maximum(rib_on, _ramp(14.0 - np.abs(xx), w_eff) * _ramp(y_c - yy, w_eff))  # sternum
+    rib_band = band(rib_lo, rib_hi)
+    _paint(img, rib_band * rib_on, tv["rib"])
+    _paint(img, rib_band * (1.0 - rib_on), tv["muscle"])
+    interior = _ramp(d_t - rib_hi - 1.0, w_eff)  # (1,Y,X)
+    # lungs either side of the mediastinum (a midline band, wider anteriorly where the heart lies)
+    _paint(img, interior * ones_z, tv["lung"])
+    medi_w = mediastinum_mm * (1.0 + 0.8 * np.clip((yy - y_c) / b_t, 0.0, 1.0))  # wider around the spine
+    _paint(img, (_ramp(medi_w - np.abs(xx), w_eff) * interior) * ones_z, tv["mediastinum"])
+    # heart (myocardium around the blood pool), anterior left mediastinum, seen in the inferior slices
+    hy = float(y_c - b_t) + wall_fat + muscle_mm + rib_mm + 2.0 + heart["ry"]
     hr = np.sqrt(((xx - heart["x"]) / heart["rx"]) ** 2 + ((yy - hy) / heart["ry"]) ** 2
                  + ((zz - heart["z"]) / heart["rz"]) ** 2)
-    heart_frac = _ramp((1.0 - hr) * heart["ry"], w_eff) * interior
-    paint(img, heart_frac, tv["myocardium"])
-    paint(img, _ramp((0.78 - hr) * heart["ry"], w_eff) * interior, tv["blood"])
-    # spine (vertebral body) and descending aorta
-    vy = y_c + b_t - 45.0
-    vert = _ramp(18.0 - np.sqrt(xx ** 2 + (yy - vy) ** 2), w_eff) * np.ones((Z, 1, 1), np.float32)
-    paint(img, vert * in_thorax, tv["vertebra"])
-    aorta = _ramp(11.0 - np.sqrt((xx - 22.0) ** 2 + (yy - (vy - 30.0)) ** 2), w_eff) * np.ones((Z, 1, 1), np.float32)
-    paint(img, aorta * in_thorax, tv["blood"])
+    _paint(img, _ramp((1.0 - hr) * heart["ry"], w_eff) * in_thorax, tv["myocardium"])
+    _paint(img, _ramp((0.8 - hr) * heart["ry"], w_eff) * in_thorax, tv["blood"])
+    # spine: vertebral body + spinal canal at the posterior of the interior; descending aorta beside it
+    vy = float(y_c + b_t) - (wall_fat + back_fat + muscle_mm + back_muscle) * 0.75 - 12.0
+    vert = _ramp(16.0 - np.sqrt(xx ** 2 + (yy - vy) ** 2), w_eff) * in_thorax
+    _paint(img, vert * ones_z, tv["vertebra"])
+    canal = _ramp(6.0 - np.sqrt(xx ** 2 + (yy - vy - 24.0) ** 2), w_eff) * in_thorax
+    _paint(img, canal * ones_z, tv["csf"])
+    aorta = _ramp(11.0 - np.sqrt((xx - 24.0) ** 2 + (yy - vy + 6.0) ** 2), w_eff) * in_thorax
+    _paint(img, aorta * ones_z, tv["blood"])
 
     # breast compartment: fibroglandular tissue (random smooth field, denser centrally)
     breast = _ramp(-d_t - retro_mm, w_eff) * _ramp(d - skin_mm - subcut_mm, w_eff)
-    tex = _smooth_noise(r_tex, shape, spacing_zyx, [(1.0, 9.0, 16.0, 9.0), (0.7, 2.5, 5.0, 2.5), (0.25, 1.0, 1.0, 1.0)])
+    tex = _smooth_noise(r_tex, shape, spacing_zyx, [(1.0, 8.0, 14.0, 8.0), (0.7, 2.5, 4.5, 2.5), (0.2, 1.0, 1.5, 1.0)])
     centre = np.zeros_like(d)
     for b in breasts:
         u = xx - b["x"] - b["shear_x"] * t_pos
         v = (zz - b["z"] - b["shear_z"] * t_pos) * (b["rb"] / b["rz"])
         centre = np.maximum(centre, 1.0 - np.sqrt(u * u + v * v) / b["rb"])
-    fgt_field = tex + 1.6 * centre
+    fgt_field = tex + 3.0 * centre
     sel = breast > 0.5
     if sel.any():
         thr = float(np.quantile(fgt_field[sel][:: max(1, int(sel.sum()) // 20000)], 1.0 - fgt_fraction))
     else:
         thr = float(fgt_field.max()) + 1.0
-    fgt = np.clip((fgt_field - thr) / 0.25 + 0.5, 0.0, 1.0) * breast
-    bpe_map = np.clip(1.0 + 0.6 * tex, 0.2, 2.5)
-    fgt_vals = (tv["fgt"][0], tv["fgt"][0] * (1 + bpe_early * bpe_map), tv["fgt"][0] * (1 + bpe_late * bpe_map))
-    paint(img, fgt, fgt_vals)
+    fgt = np.clip((fgt_field - thr) / 0.6 + 0.5, 0.0, 1.0) * breast
+    bpe_map = np.clip(1.0 + 0.35 * tex, 0.3, 2.0)
+    fgt_pre = tv["fgt"][0] * np.clip(1.0 + 0.08 * tex, 0.7, 1.3)
+    fgt_vals = (fgt_pre, fgt_pre * (1 + bpe_early * bpe_map), fgt_pre * (1 + bpe_late * bpe_map))
+    _paint(img, fgt, fgt_vals)
 
     # vessels: internal mammary (parasternal, along z) and branching breast vessels (random walks)
     vessels = np.zeros(shape, np.float32)
     for side in (-1.0, 1.0):
         vx = side * r_anat.uniform(22.0, 32.0)
-        vy_ = float(y_c - b_t * math.sqrt(1 - (vx / a_t) ** 2)) + m_hi + rib_mm + 3.0
+        vy_ = float(y_c - b_t * math.sqrt(1 - (vx / a_t) ** 2)) + wall_fat + muscle_mm + rib_mm + 4.0
         _segment_soft(vessels, zc, yc, xc, np.array([zc.min() - 5, vy_, vx]), np.array([zc.max() + 5, vy_, vx]),
                       1.8, 1.8, w_eff)
     n_vessels = int(r_anat.integers(4, 11))
@@ -501,7 +557,7 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
     v_e1 = r_anat.uniform(1.2, 2.8)
     v_e2 = (1 + v_e1) * r_anat.uniform(0.8, 1.05) - 1
     vpre = tv["vessel"][0]
-    paint(img, vessels, (vpre, vpre * (1 + v_e1), vpre * (1 + v_e2)))
+    _paint(img, vessels, (vpre, vpre * (1 + v_e1), vpre * (1 + v_e2)))
 
     # ---- lesions ---------------------------------------------------------------------------------------
     mask = np.zeros(shape, np.uint8)
@@ -543,6 +599,11 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
     # ---- acquisition: bias field, contrast, blur, Rician noise, offset ---------------------------------
     strength = {"none": 0.0, "light": 0.5, "full": 1.0}[randomize]
     scale = 1.0 if randomize == "none" else float(np.exp(r_acq.uniform(-1.0, 0.45) * strength))
+    # breast-coil sensitivity: signal falls off posterior of the chest wall (none: nominal profile)
+    coil_len = 60.0 if randomize == "none" else r_acq.uniform(35.0, 120.0)
+    coil_floor = 0.12 if randomize == "none" else r_acq.uniform(0.05, 0.35)
+    coil = coil_floor + (1.0 - coil_floor) * np.exp(-np.maximum(yc, 0.0) / coil_len)
+    img *= coil.astype(np.float32)[None, None, :, None]
     if strength:
         lz = (zc - zc.mean()) / 100.0
         ly = (yc - yc.min()) / 200.0
@@ -552,15 +613,14 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
                     + strength * r_acq.uniform(0.0, 0.15) * np.cos(math.pi * (lx[None, None, :] * r_acq.uniform(1, 3)
                                                                               + ly[None, :, None] * r_acq.uniform(1, 3))
                                                                    + r_acq.uniform(0, 2 * math.pi)))
-        bias = np.exp(log_bias).astype(np.float32)
-        bias /= float(bias.mean())
-        img *= bias[None] if bias.ndim == 3 else bias
+        img *= np.exp(log_bias).astype(np.float32)
     img *= scale
     ref = 1000.0 * scale
     if randomize == "full":
+        gamma0 = r_acq.uniform(0.85, 1.15)
         for c in range(3):
-            gamma = r_acq.uniform(0.85, 1.15)
-            phase_scale = 1.0 if c == 0 else r_acq.uniform(0.94, 1.06)
+            gamma = gamma0 * (1.0 if c == 0 else r_acq.uniform(0.97, 1.03))
+            phase_scale = 1.0 if c == 0 else r_acq.uniform(0.95, 1.05)
             img[c] = ref * np.power(np.maximum(img[c], 0.0) / ref, gamma) * phase_scale
         blur_xy, blur_z = r_acq.uniform(0.0, 0.8), r_acq.uniform(0.0, 0.6)
     elif randomize == "light":
@@ -572,7 +632,12 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
         a = _blur_axis(a, blur_xy, 2)
         img[c] = _blur_axis(a, blur_z, 0)
     noise_frac = {"none": 0.01, "light": r_acq.uniform(0.01, 0.03), "full": r_acq.uniform(0.008, 0.05)}[randomize]
-    sigma = noise_frac * ref
+    sigma = noise_frac * ref * (0.5 if fat_sat else 1.0)  # the receiver scales to the brightest tissue
+    if randomize == "full" and r_acq.random() < 0.5:
+        # patient motion between the pre-contrast and the post-contrast phases (sub-voxel to ~1.5 voxel)
+        dy, dx = r_acq.uniform(-1.5, 1.5), r_acq.uniform(-1.5, 1.5)
+        for c in (1, 2):
+            img[c] = _shift_axis(_shift_axis(img[c], dy, 1), dx, 2)
     for c in range(3):
         s = sigma * (1.0 if randomize == "none" else r_acq.uniform(0.9, 1.1))
         n1 = r_noise.standard_normal(shape, dtype=np.float32)
@@ -636,7 +701,7 @@ def _paint_lesion(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, c
     axes = np.array([1.0, rng.uniform(0.7, 1.0), rng.uniform(0.6, 1.0)])
     axes = axes / np.cbrt(axes.prod())
     rot = _random_rotation(rng)
-    spic_len = rng.uniform(0.6, 1.4) * radius + 2.0 if margin == "spiculated" else 0.0
+    spic_len = rng.uniform(0.8, 1.6) * radius + 3.0 if margin == "spiculated" else 0.0
     reach = radius * (1.5 if margin == "lobulated" else 1.2) * axes.max() + spic_len + 2 * w_eff
     sz_, sy_, sx_ = (_index_range(zc, c[0] - reach, c[0] + reach), _index_range(yc, c[1] - reach, c[1] + reach),
                      _index_range(xc, c[2] - reach, c[2] + reach))
@@ -663,13 +728,13 @@ def _paint_lesion(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, c
             f = f + rng.uniform(-0.12, 0.15) * cos ** 3
     soft = _ramp((f - r) * radius, w_eff).astype(np.float32)
     if margin == "spiculated":
-        for v in _random_unit(rng, int(rng.integers(7, 15))):
+        for v in _random_unit(rng, int(rng.integers(8, 17))):
             length = rng.uniform(0.5, 1.0) * spic_len
             world_v = rot @ (v * axes)
             world_v /= np.linalg.norm(world_v)
             p0 = world_v * radius * 0.6
             p1 = world_v * (radius * 0.9 + length)
-            _segment_soft(soft, lz, ly, lx, p0, p1, rng.uniform(0.8, 1.4) + 0.06 * radius, 0.25, w_eff)
+            _segment_soft(soft, lz, ly, lx, p0, p1, rng.uniform(1.2, 2.2) + 0.08 * radius, 0.3, w_eff)
     # internal enhancement: heterogeneous, sometimes rim-enhancing (darker centre)
     het = np.clip(1.0 + 0.22 * tex[sz_, sy_, sx_], 0.4, 1.6)
     if margin != "smooth" and rng.random() < 0.4:
