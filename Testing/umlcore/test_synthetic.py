@@ -133,6 +133,9 @@ def test_geometry_round_trip_through_sitk():
         # reoriented to LPS, the arrays are the canonical axial grid
         canon = sitk.GetArrayFromImage(sitk.DICOMOrient(case.mask_sitk(), "LPS"))
         assert canon.shape == (10, 40, 48)
+        phases_ax, mask_ax = case.axial_arrays()
+        assert np.array_equal(mask_ax, canon)
+        assert np.array_equal(phases_ax[1], sitk.GetArrayFromImage(sitk.DICOMOrient(images[1], "LPS")))
         # each lesion's physical centre lies in the mask at its recorded index
         mask_img = case.mask_sitk()
         for les in case.lesions:

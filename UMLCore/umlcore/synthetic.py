@@ -121,6 +121,27 @@ class SyntheticCase:
         index_axis = int(np.argmax(np.abs(d[2, :])))
         return 2 - index_axis
 
+    def axial_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Phases ``(3, Z, Y, X)`` and mask ``(Z, Y, X)`` reoriented to the axial LPS grid.
+
+        Undoes the axis permutation / flips of ``randomize="full"``: array axes become patient
+        inferior->superior, anterior->posterior, right->left (what ``sitk.DICOMOrient(image, "LPS")``
+        gives). Returns views where possible (no copy of the data is forced).
+        """
+        d = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        order, flips = [], []
+        for lps in (2, 1, 0):  # S, P, L
+            index_axis = int(np.argmax(np.abs(d[lps, :])))
+            order.append(2 - index_axis)
+            flips.append(d[lps, index_axis] < 0)
+        mask = np.transpose(self.mask, order)
+        phases = np.transpose(self.phases, (0, *(o + 1 for o in order)))
+        flip_axes = tuple(a for a in range(3) if flips[a])
+        if flip_axes:
+            mask = np.flip(mask, axis=flip_axes)
+            phases = np.flip(phases, axis=tuple(a + 1 for a in flip_axes))
+        return phases, mask
+
     def _image(self, array: np.ndarray):
         import SimpleITK as sitk
 
