@@ -1,0 +1,92 @@
+"""Helpers of the Slicer-side tests (imported by ``conftest.py`` once ``slicer`` is imported safely)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import slicer
+
+LOGICS = (
+    ("Colors", "vtkSlicerColorLogic"),
+    ("SubjectHierarchy", "vtkSlicerSubjectHierarchyModuleLogic"),
+    ("Segmentations", "vtkSlicerSegmentationsModuleLogic"),
+    ("Volumes", "vtkSlicerVolumesLogic"),
+    ("Terminologies", "vtkSlicerTerminologiesModuleLogic"),
+    ("Tables", "vtkSlicerTablesLogic"),
+)
+
+# A lesion segment coded as in DICOM (SCT): category "Morphologically altered structure", type "Neoplasm",
+# region "Breast".
+LESION_TERMINOLOGY = {
+    "category": {"scheme": "SCT", "code": "49755003", "meaning": "Morphologically Altered Structure"},
+    "type": {"scheme": "SCT", "code": "108369006", "meaning": "Neoplasm"},
+    "region": {"scheme": "SCT", "code": "76752008", "meaning": "Breast"},
+}
+LESION_COLOR = (0.85, 0.2, 0.25)
+
+# An oblique, anisotropic grid (a transposed or LPS/RAS-flipped output would not match it).
+IJK_TO_RAS = np.array([
+    [0.0, 0.75, 0.0, -12.5],
+    [-0.8, 0.0, 0.0, 30.25],
+    [0.0, 0.0, 2.5, -7.0],
+    [0.0, 0.0, 0.0, 1.0],
+])
+SHAPE_KJI = (6, 32, 40)
+
+
+class MRML:
+    """A scene with the module logics registered; ``count(cls)`` counts the nodes of a class."""
+
+    def __init__(self) -> None:
+        self.scene = slicer.vtkMRMLScene()
+        self.app = slicer.vtkSlicerApplicationLogic()
+        self.app.SetMRMLScene(self.scene)
+        self.logics = {}
+        for name, className in LOGICS:
+            logic = getattr(slicer, className)()
+            logic.SetMRMLApplicationLogic(self.app)
+            logic.SetMRMLScene(self.scene)
+            self.app.SetModuleLogic(name, logic)
+            self.logics[name] = logic
+
+    def count(self, className: str = "vtkMRMLNode") -> int:
+        return self.scene.GetNodesByClass(className).GetNumberOfItems()
+
+    def close(self) -> None:
+        for logic in self.logics.values():
+            logic.SetMRMLScene(None)
+        self.scene.Clear(1)
+
+
+def make_card(model_id: str = "uml-test-small", channels=("pre", "early", "late")):
+    """``(ModelCard, UMLConfig)`` of a small test model with one coded "Lesion" segment."""
+    from umlcore.bundle import InputSpec, ModelCard, Segment
+    from umlcore.config import UMLConfig
+
+    config = UMLConfig.preset("small", in_channels=len(channels))
+    card = ModelCard(
+        id=model_id,
+        version="0.0.1",
+        name="UML test model",
+        task="breast DCE-MRI: pCR classification + lesion segmentation (untrained, for tests)",
+        classes=("no pCR", "pCR"),
+        segments=(Segment(label=1, name="Lesion", color=LESION_COLOR, terminology=LESION_TERMINOLOGY),),
+        input=InputSpec(channels=tuple(channels)),
+        architecture=config,
+        review_uncertainty=0.3,
+    )
+    return card, config
+
+
+def phantom(seed: int = 0, shape=SHAPE_KJI, enhancement: float = 1.0) -> np.ndarray:
+    """A small int16 'breast' phantom with a bright blob (deterministic for a seed)."""
+    rng = np.random.default_rng(seed)
+    _, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    blob = ((j - shape[1] / 2) ** 2 + (i - shape[2] / 2) ** 2 < 40).astype(np.float32)
+    body = 200 + 20 * rng.standard_normal(shape)
+    return (body + enhancement * 600 * blob).astype(np.int16)
+
+
+def add_volume(name: str = "MRBreast", array=None, ijk_to_ras=IJK_TO_RAS, node_class: str = "vtkMRMLScalarVolumeNode"):
+    """A volume node in ``slicer.mrmlScene`` (default: the phantom on the oblique grid)."""
+    return slicer.util.addVolumeFromArray(phantom() if array is None else array, ijk_to_ras, name=name, nodeClassName=node_class)

@@ -1,0 +1,595 @@
+"""The Qt-free logic of the UML module: used by the widget, from Slicer's Python console and in batch.
+
+Example (Slicer's Python console, or ``Slicer --no-main-window --python-script run_uml.py``)::
+
+    from UMLSegmentationLib.logic import UMLSegmentationLogic
+
+    logic = UMLSegmentationLogic()
+    result = logic.process(slicer.util.getNode("MRBreast"), device="auto")
+    print(result.summary["classification"]["verdict"], result.segmentationNode.GetName())
+    csvPath = logic.processFolder("/data/cases", "/data/uml-results", pattern="*.nii.gz")
+
+Inference runs out of process: Slicer's own Python runs ``python -m umlcore predict ... --progress json`` in a
+temporary folder (removed afterwards, whatever happens); nodes are created or updated only after the engine
+succeeded and its outputs passed the checks, so an error or a cancel leaves the scene as it was.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Sequence, Union
+
+import numpy as np
+
+import slicer
+
+from .engine import (
+    Device,
+    EngineProcess,
+    ProgressEvent,
+    buildPredictCommand,
+    engineEnvironment,
+)
+from .errors import EngineError, InputError, RunCancelled, UMLSegmentationError
+from .inputs import InputPlan, ijkToRasArray, planInputs, volumeDimensions, writeInputs
+from .models import ModelEntry, ModelInfo, listModels, resolveModel
+from .outputs import (
+    EngineOutputs,
+    OutputNodes,
+    createMissingOutputs,
+    findCaseDirectory,
+    placeInStudy,
+    readCaseOutputs,
+    readEngineOutputs,
+    showOverlay,
+    updateSegmentation,
+    updateSummaryTable,
+    updateUncertaintyVolume,
+    writeSegmentationFile,
+    writeVolumeFile,
+)
+from .paths import defaultPythonExecutable, umlcorePythonPath
+from .summary import caseCsvRow, writeCasesCsv
+
+__all__ = [
+    "MODULE_NAME",
+    "ENGINE_PACKAGES",
+    "RESULTS_CSV",
+    "Display",
+    "OnError",
+    "ProgressCallback",
+    "UMLResult",
+    "PendingRun",
+    "UMLSegmentationLogic",
+    "OutputNodes",
+    "stripImageExtension",
+]
+
+MODULE_NAME = "UMLSegmentation"
+
+#: Python modules the engine imports (module name -> pip package); torch comes from the PyTorch extension.
+ENGINE_PACKAGES = {
+    "torch": "torch",
+    "numpy": "numpy",
+    "SimpleITK": "SimpleITK",
+    "safetensors": "safetensors",
+    "nibabel": "nibabel",
+    "scipy": "scipy",
+}
+
+#: The CSV written by :meth:`UMLSegmentationLogic.processFolder`.
+RESULTS_CSV = "uml_results.csv"
+
+Display = Literal["overlay", "none"]
+OnError = Literal["record", "raise"]
+ProgressCallback = Callable[[ProgressEvent], None]
+
+_IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+_log = logging.getLogger(__name__)
+
+
+def stripImageExtension(name: str) -> str:
+    """``"case01.nii.gz" -> "case01"`` (the engine's rule for case ids)."""
+    lower = name.lower()
+    for ext in _IMAGE_EXTENSIONS:
+        if lower.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+@dataclass
+class UMLResult:
+    """What :meth:`UMLSegmentationLogic.process` produced.
+
+    Attributes:
+        inputNode: The input volume.
+        segmentationNode: Segments named, coloured and coded as in the model card (+ optional "Review").
+        uncertaintyVolumeNode: Per-voxel uncertainty in 0..1 on the input grid.
+        tableNode: The case summary as ``Field`` / ``Value`` rows.
+        summary: The engine's ``summary.json`` (``outputs`` holds the output node IDs).
+        model: The model that ran.
+    """
+
+    inputNode: Any
+    segmentationNode: Any
+    uncertaintyVolumeNode: Any
+    tableNode: Any
+    summary: dict
+    model: ModelInfo
+
+
+@dataclass
+class PendingRun:
+    """An engine run started by :meth:`UMLSegmentationLogic.startRun`.
+
+    Poll it (:meth:`poll`, never blocks) until :attr:`finished`, then pass it to
+    :meth:`UMLSegmentationLogic.finishRun`; or :meth:`cancel` it. Either way its temporary folder is removed.
+    """
+
+    plan: InputPlan
+    model: ModelInfo
+    requestedOutputs: OutputNodes
+    reviewThreshold: Optional[float]
+    display: Display
+    temporaryDirectory: Path
+    engine: EngineProcess
+    startTime: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    closed: bool = False
+
+    @property
+    def caseName(self) -> str:
+        return self.plan.caseName
+
+    def poll(self) -> list[ProgressEvent]:
+        """Progress events received since the last call."""
+        return self.engine.poll()
+
+    @property
+    def finished(self) -> bool:
+        """True once the engine process has exited (successfully or not)."""
+        return self.engine.finished
+
+    def cancel(self) -> None:
+        """End the engine's process tree and remove the temporary folder; the scene is not touched."""
+        self.cancelled = True
+        try:
+            self.engine.kill()
+        finally:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        """Remove the temporary folder (idempotent)."""
+        if not self.closed:
+            shutil.rmtree(self.temporaryDirectory, ignore_errors=True)
+            self.closed = True
+
+
+class UMLSegmentationLogic:
+    """Run UML on volume nodes and folders of files.
+
+    Args:
+        scene: The MRML scene to work in (default: ``slicer.mrmlScene`` at the time of each call).
+        pythonExecutable: Interpreter that runs the engine (default: Slicer's own Python, or this one).
+        temporaryDirectory: Parent folder of the per-run temporary folders (default: the system's).
+        modelDirectories: Extra folders to look for model bundles in (besides the shipped ones and ``~/.uml/models``).
+    """
+
+    def __init__(
+        self,
+        scene=None,
+        pythonExecutable: Optional[str] = None,
+        temporaryDirectory: Optional[Union[str, Path]] = None,
+        modelDirectories: Sequence[Union[str, Path]] = (),
+    ) -> None:
+        self._scene = scene
+        self.pythonExecutable = pythonExecutable or defaultPythonExecutable()
+        self.temporaryDirectory = Path(temporaryDirectory) if temporaryDirectory is not None else None
+        self.modelDirectories = [Path(d) for d in modelDirectories]
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    @property
+    def scene(self):
+        return self._scene if self._scene is not None else slicer.mrmlScene
+
+    def getParameterNode(self):
+        """The module's singleton ``vtkMRMLScriptedModuleNode`` (created on first use; saved with the scene)."""
+        scene = self.scene
+        node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(MODULE_NAME)
+            node.SetAttribute("ModuleName", MODULE_NAME)
+            node.SetName(scene.GenerateUniqueName(MODULE_NAME))
+            node = scene.AddNode(node)
+        return node
+
+    def listModels(self) -> list[ModelEntry]:
+        """Shipped bundles first, then the user's and the extra folders' (unreadable ones with their error)."""
+        return listModels(self.modelDirectories)
+
+    def resolveModel(self, model: Union[None, str, Path, ModelInfo] = None) -> ModelInfo:
+        """A model from a bundle path, an id, a :class:`ModelInfo` or ``None`` (the default shipped model)."""
+        return resolveModel(model, self.modelDirectories)
+
+    @staticmethod
+    def missingPythonPackages() -> list[str]:
+        """pip names of the engine's packages that this Python cannot import (``torch`` included)."""
+        return [pip for module, pip in ENGINE_PACKAGES.items() if importlib.util.find_spec(module) is None]
+
+    def _checkPackages(self) -> None:
+        missing = self.missingPythonPackages()
+        if not missing:
+            return
+        fixes = []
+        if "torch" in missing:
+            fixes.append("install PyTorch with the PyTorch extension (module 'PyTorch Utils')")
+        others = [m for m in missing if m != "torch"]
+        if others:
+            fixes.append(f"run slicer.util.pip_install('{' '.join(others)}')")
+        raise InputError(
+            f"Python package(s) {', '.join(missing)} missing for the UML engine: {' and '.join(fixes)} "
+            "(the UML module offers to do this when you click Run UML)"
+        )
+
+    @staticmethod
+    def _checkOptions(device: str, batchSize: int, reviewThreshold: Optional[float], display: str) -> None:
+        if device not in ("auto", "cpu", "cuda"):
+            raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        if not isinstance(batchSize, int) or isinstance(batchSize, bool) or batchSize < 1:
+            raise InputError(f"batchSize must be a positive integer, got {batchSize!r}")
+        if reviewThreshold is not None and not (isinstance(reviewThreshold, (int, float)) and 0.0 < float(reviewThreshold) < 1.0):
+            raise InputError(f"reviewThreshold must be None (no Review segment) or a number between 0 and 1, got {reviewThreshold!r}")
+        if display not in ("overlay", "none"):
+            raise InputError(f"display must be 'overlay' or 'none', got {display!r}")
+
+    def _checkOutputs(self, plan: InputPlan, requested: OutputNodes) -> None:
+        sources = {id(s.node) for s in plan.sources}
+        checks = (
+            (requested.segmentation, "vtkMRMLSegmentationNode", "output segmentation"),
+            (requested.uncertainty, "vtkMRMLScalarVolumeNode", "output uncertainty volume"),
+            (requested.table, "vtkMRMLTableNode", "output table"),
+        )
+        for node, className, role in checks:
+            if node is None:
+                continue
+            if not node.IsA(className) or (className == "vtkMRMLScalarVolumeNode" and (node.IsA("vtkMRMLLabelMapVolumeNode") or node.IsA("vtkMRMLVectorVolumeNode"))):
+                raise InputError(f"the {role} '{node.GetName()}' is a {node.GetClassName()}: select a {className} or 'Create new'")
+            if id(node) in sources:
+                raise InputError(f"the {role} '{node.GetName()}' is one of the inputs: select another node or 'Create new'")
+            if node.GetScene() is not self.scene:
+                raise InputError(f"the {role} '{node.GetName()}' is not in this scene: select a node of the scene or 'Create new'")
+
+    def _makeTemporaryDirectory(self) -> Path:
+        parent = self.temporaryDirectory
+        if parent is not None:
+            parent.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="UML-", dir=None if parent is None else str(parent)))
+        if "," in str(path):
+            shutil.rmtree(path, ignore_errors=True)
+            raise InputError(f"the temporary folder {path} contains a comma, which the engine reads as a separator: choose another temporaryDirectory")
+        return path
+
+    # ------------------------------------------------------------------------------------------ one volume
+
+    def startRun(
+        self,
+        inputVolumeNode,
+        model: Union[None, str, Path, ModelInfo] = None,
+        device: Device = "auto",
+        *,
+        phaseNodes: Sequence = (),
+        outputs: Optional[OutputNodes] = None,
+        batchSize: int = 8,
+        reviewThreshold: Optional[float] = None,
+        display: Display = "overlay",
+    ) -> PendingRun:
+        """Check everything, write the inputs to a temporary folder and start the engine; returns at once.
+
+        Same arguments as :meth:`process`. Nothing is added to the scene.
+
+        Raises:
+            InputError: bad input node(s), model, option or missing Python packages.
+            EngineError: the engine could not be started.
+        """
+        info = self.resolveModel(model)
+        plan = planInputs(inputVolumeNode, phaseNodes, info)
+        self._checkOptions(device, batchSize, reviewThreshold, display)
+        requested = outputs if outputs is not None else OutputNodes()
+        self._checkOutputs(plan, requested)
+        self._checkPackages()
+        enginePath = umlcorePythonPath()
+        tmp = self._makeTemporaryDirectory()
+        try:
+            inputDir = tmp / "inputs"
+            inputDir.mkdir()
+            files = writeInputs(plan, inputDir)
+            command = buildPredictCommand(self.pythonExecutable, [files], tmp / "outputs", info.path, device, batchSize, "nrrd")
+            _log.info("UML: running %s", " ".join(command))
+            engine = EngineProcess(command, engineEnvironment(enginePath), tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return PendingRun(plan, info, requested, None if reviewThreshold is None else float(reviewThreshold), display, tmp, engine)
+
+    def finishRun(self, run: PendingRun) -> UMLResult:
+        """Wait for the engine, check its outputs, then create or update the output nodes.
+
+        Raises:
+            InputError: the engine refused the input or the model (its message), or the input left the scene.
+            EngineError: the engine failed or broke its output contract.
+            RunCancelled: the run was cancelled.
+        """
+        try:
+            if run.cancelled or run.closed:
+                raise RunCancelled()
+            run.engine.wait()
+            failure = run.engine.failure()
+            if failure is not None:
+                _log.error("UML engine failed:\n%s", getattr(failure, "details", ""))
+                raise failure
+            reference = run.plan.referenceNode
+            scene = self.scene
+            if reference.GetScene() is not scene or not scene.IsNodePresent(reference):
+                raise InputError(f"the input volume '{reference.GetName()}' was removed from the scene during the run: run again")
+            outputs = readEngineOutputs(run.temporaryDirectory / "outputs", run.model, "nrrd", volumeDimensions(reference), ijkToRasArray(reference))
+            for node in run.requestedOutputs.nodes():
+                if not scene.IsNodePresent(node):
+                    raise InputError(f"the output node '{node.GetName()}' was removed during the run: select another and run again")
+            return self._importResults(run, outputs)
+        finally:
+            run.cleanup()
+
+    def _importResults(self, run: PendingRun, outputs: EngineOutputs) -> UMLResult:
+        scene = self.scene
+        reference = run.plan.referenceNode
+        reviewMask = None if run.reviewThreshold is None else outputs.uncertainty > run.reviewThreshold
+        scene.StartState(scene.BatchProcessState)
+        try:
+            nodes = createMissingOutputs(scene, reference, run.requestedOutputs)
+            updateSegmentation(nodes.segmentation, reference, outputs.labels, run.model, reviewMask)
+            updateUncertaintyVolume(nodes.uncertainty, reference, outputs.uncertainty)
+            summary = dict(outputs.summary)
+            summary["inputs"] = self._describeInputs(summary.get("inputs"), run.plan)
+            summary["outputs"] = {
+                "segmentation_node": nodes.segmentation.GetID(),
+                "uncertainty_node": nodes.uncertainty.GetID(),
+                "table_node": nodes.table.GetID(),
+            }
+            updateSummaryTable(nodes.table, summary)
+            placeInStudy(scene, reference, nodes.nodes())
+            if run.display == "overlay":
+                showOverlay(scene, reference, nodes.uncertainty)
+        finally:
+            scene.EndState(scene.BatchProcessState)
+        return UMLResult(reference, nodes.segmentation, nodes.uncertainty, nodes.table, summary, run.model)
+
+    @staticmethod
+    def _describeInputs(entries: Any, plan: InputPlan) -> Any:
+        """Replace the engine's temporary input paths by the nodes they came from."""
+        if not isinstance(entries, list):
+            return entries
+        described = []
+        for entry in entries:
+            entry = dict(entry) if isinstance(entry, dict) else entry
+            if isinstance(entry, dict) and isinstance(entry.get("volume"), int) and 0 <= entry["volume"] < len(plan.sources):
+                source = plan.sources[entry["volume"]]
+                entry.pop("path", None)
+                entry["node_name"] = source.node.GetName()
+                entry["node_id"] = source.node.GetID()
+                if source.component is not None:
+                    entry["frame"] = source.component
+            described.append(entry)
+        return described
+
+    def process(
+        self,
+        inputVolumeNode,
+        model: Union[None, str, Path, ModelInfo] = None,
+        device: Device = "auto",
+        progressCallback: Optional[ProgressCallback] = None,
+        *,
+        phaseNodes: Sequence = (),
+        outputs: Optional[OutputNodes] = None,
+        batchSize: int = 8,
+        reviewThreshold: Optional[float] = None,
+        display: Display = "overlay",
+    ) -> UMLResult:
+        """Run UML on a volume node and put the results into the scene (blocking).
+
+        Args:
+            inputVolumeNode: Scalar volume (grayscale; or RGB for a colour model; or multi-frame with one frame
+                per model channel). Outputs land on its grid, beside it in the subject hierarchy.
+            model: Bundle folder / ``.zip`` / ``model.json`` path, model id, :class:`ModelInfo`, or ``None`` for
+                the default shipped model.
+            device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+            progressCallback: Called with each :class:`ProgressEvent`; raise :class:`RunCancelled` (or any
+                exception) from it to cancel: the engine is killed, temporary files removed, the scene untouched.
+            phaseNodes: Further phase volumes in the model's channel order (e.g. early, late).
+            outputs: Output nodes to reuse; unset ones are the previous run's for this input, or new.
+            batchSize: Slices per forward pass.
+            reviewThreshold: Add a "Review (uncertain)" segment of voxels with uncertainty above it; ``None``: no.
+            display: ``"overlay"`` shows the uncertainty over the input in the slice views; ``"none"`` leaves views.
+
+        Returns:
+            A :class:`UMLResult`.
+
+        Raises:
+            InputError: bad input, model or option (nothing is created).
+            EngineError: the engine failed (nothing is created).
+            RunCancelled: cancelled from the callback (nothing is created).
+        """
+        run = self.startRun(
+            inputVolumeNode, model, device, phaseNodes=phaseNodes, outputs=outputs, batchSize=batchSize,
+            reviewThreshold=reviewThreshold, display=display,
+        )
+        emit = progressCallback or (lambda event: None)
+        try:
+            emit(ProgressEvent("prepare", run.caseName, 0.0, f"started the UML engine with model {run.model.id}"))
+            while not run.finished:
+                for event in run.poll():
+                    emit(event)
+                time.sleep(0.05)
+            for event in run.poll():
+                emit(event)
+            emit(ProgressEvent("import", run.caseName, 1.0, "loading the results into the scene"))
+            result = self.finishRun(run)
+        except BaseException:
+            run.cancel()
+            raise
+        emit(ProgressEvent("finished", run.caseName, 1.0, f"done in {time.monotonic() - run.startTime:.1f} s"))
+        return result
+
+    # ------------------------------------------------------------------------------------------ folders
+
+    def processFolder(
+        self,
+        inputDir: Union[str, Path],
+        outputDir: Union[str, Path],
+        model: Union[None, str, Path, ModelInfo] = None,
+        pattern: str = "*.nii.gz",
+        *,
+        device: Device = "auto",
+        batchSize: int = 8,
+        reviewThreshold: Optional[float] = None,
+        progressCallback: Optional[ProgressCallback] = None,
+        onError: OnError = "record",
+        casesPerRun: int = 16,
+    ) -> Path:
+        """Run UML on every file (or DICOM folder) of ``inputDir`` matching ``pattern``; no scene is touched.
+
+        Writes per case ``<case>.seg.nrrd`` (segments named, coloured and coded as in the model card),
+        ``<case>_uncertainty.nrrd`` and ``<case>_summary.json`` into ``outputDir`` (existing files of the
+        same cases are replaced), and one CSV for all cases, :data:`RESULTS_CSV`.
+
+        Args:
+            inputDir: Folder with one image per case (a 4D file holds the phases of its case).
+            outputDir: Created if needed.
+            model: As in :meth:`process`.
+            pattern: Glob pattern of the inputs inside ``inputDir``.
+            device: As in :meth:`process`.
+            batchSize: As in :meth:`process`.
+            reviewThreshold: As in :meth:`process` (the Review segment goes into the ``.seg.nrrd``).
+            progressCallback: As in :meth:`process`; ``fraction`` is over all cases.
+            onError: ``"record"``: a failing case gets status ``error`` and its message in the CSV, the others
+                go on; ``"raise"``: the first failure raises.
+            casesPerRun: Cases per engine process (one process loads the model once).
+
+        Returns:
+            The CSV path.
+
+        Raises:
+            InputError: no such folder, no matching file, clashing case names, bad options.
+        """
+        inputDir, outputDir = Path(inputDir), Path(outputDir)
+        if not inputDir.is_dir():
+            raise InputError(f"input folder {inputDir} does not exist: give the folder that holds the cases")
+        if onError not in ("record", "raise"):
+            raise InputError(f"onError must be 'record' or 'raise', got {onError!r}")
+        if not isinstance(casesPerRun, int) or casesPerRun < 1:
+            raise InputError(f"casesPerRun must be a positive integer, got {casesPerRun!r}")
+        outResolved = outputDir.resolve()
+        files = sorted(
+            p for p in inputDir.glob(pattern)
+            if not p.name.startswith(".") and p.resolve() != outResolved and (p.is_file() or p.is_dir())
+        )
+        if not files:
+            raise InputError(f"no input matches {pattern!r} in {inputDir}: check the folder and the pattern (e.g. '*.nrrd')")
+        caseIds = [stripImageExtension(p.name) for p in files]
+        clashes = sorted({c for c in caseIds if caseIds.count(c) > 1})
+        if clashes:
+            raise InputError(f"several inputs give the case name(s) {clashes}: rename them or use a narrower pattern")
+        info = self.resolveModel(model)
+        self._checkOptions(device, batchSize, reviewThreshold, "none")
+        self._checkPackages()
+        enginePath = umlcorePythonPath()
+        outputDir.mkdir(parents=True, exist_ok=True)
+        emit = progressCallback or (lambda event: None)
+        rows: dict[str, dict[str, str]] = {}
+        total = len(files)
+
+        def runCases(batch: Sequence[Path], done: int) -> None:
+            tmp = self._makeTemporaryDirectory()
+            engine: Optional[EngineProcess] = None
+            try:
+                command = buildPredictCommand(self.pythonExecutable, [[p] for p in batch], tmp / "outputs", info.path, device, batchSize, "nrrd")
+                engine = EngineProcess(command, engineEnvironment(enginePath), tmp)
+                while not engine.finished:
+                    for event in engine.poll():
+                        emit(ProgressEvent(event.stage, event.case, (done + event.fraction * len(batch)) / total, event.message))
+                    time.sleep(0.05)
+                for event in engine.poll():
+                    emit(ProgressEvent(event.stage, event.case, (done + event.fraction * len(batch)) / total, event.message))
+                failure = engine.failure()
+                if failure is not None:
+                    raise failure
+                for path in batch:
+                    caseId = stripImageExtension(path.name)
+                    outputs = readCaseOutputs(tmp / "outputs" / caseId, info, "nrrd")
+                    files_ = self._exportCase(outputs, info, outputDir, reviewThreshold)
+                    rows[caseId] = caseCsvRow(outputs.summary, caseId, str(path), files_)
+            except BaseException:
+                if engine is not None:
+                    engine.kill()
+                raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+        done = 0
+        for start in range(0, total, casesPerRun):
+            batch = files[start:start + casesPerRun]
+            try:
+                runCases(batch, done)
+            except UMLSegmentationError as exc:
+                if onError == "raise" or isinstance(exc, RunCancelled):
+                    raise
+                if len(batch) == 1:
+                    caseId = stripImageExtension(batch[0].name)
+                    rows[caseId] = caseCsvRow(None, caseId, str(batch[0]), {}, str(exc))
+                    _log.warning("UML: case %s failed: %s", caseId, exc)
+                else:  # find the failing case(s): run one by one
+                    for i, path in enumerate(batch):
+                        caseId = stripImageExtension(path.name)
+                        try:
+                            runCases([path], done + i)
+                        except UMLSegmentationError as single:
+                            if isinstance(single, RunCancelled):
+                                raise
+                            rows[caseId] = caseCsvRow(None, caseId, str(path), {}, str(single))
+                            _log.warning("UML: case %s failed: %s", caseId, single)
+            done += len(batch)
+            emit(ProgressEvent("case", "", done / total, f"{done}/{total} case(s) processed"))
+        csvPath = writeCasesCsv([rows[c] for c in caseIds if c in rows], outputDir / RESULTS_CSV)
+        emit(ProgressEvent("finished", "", 1.0, f"wrote {csvPath}"))
+        return csvPath
+
+    def _exportCase(self, outputs: EngineOutputs, model: ModelInfo, outputDir: Path, reviewThreshold: Optional[float]) -> dict[str, str]:
+        """Write one case's ``.seg.nrrd``, uncertainty ``.nrrd`` and summary JSON (built in a private scene)."""
+        case = outputs.caseId
+        scene = slicer.vtkMRMLScene()
+        reference = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", case)
+        reference.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(outputs.ijkToRas))
+        slicer.util.updateVolumeFromArray(reference, outputs.labels)
+        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", case)
+        reviewMask = None if reviewThreshold is None else outputs.uncertainty > float(reviewThreshold)
+        updateSegmentation(segmentation, reference, outputs.labels, model, reviewMask)
+        uncertainty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{case}_uncertainty")
+        updateUncertaintyVolume(uncertainty, reference, outputs.uncertainty)
+        names = {"segmentation": f"{case}.seg.nrrd", "uncertainty": f"{case}_uncertainty.nrrd", "summary": f"{case}_summary.json"}
+        writeSegmentationFile(segmentation, outputDir / names["segmentation"])
+        writeVolumeFile(uncertainty, outputDir / names["uncertainty"])
+        summary = dict(outputs.summary)
+        summary["outputs"] = dict(names)
+        tmp = outputDir / (names["summary"] + ".part")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(outputDir / names["summary"])
+        scene.Clear(1)
+        return {k: str(outputDir / v) for k, v in names.items()}

@@ -1,0 +1,320 @@
+"""Model bundles as the module sees them: what to show in the GUI and what the engine needs.
+
+``readModelInfo`` reads a bundle's ``model.json`` with the standard library only, so the module can list
+models before PyTorch is installed (importing ``umlcore`` imports torch). It checks what the module relies
+on (schema version, required fields, segment labels, channel names) and leaves the authoritative check of
+the weights to umlcore: ``validateModel`` runs ``umlcore.bundle.load_bundle`` (hash, schema, weights fit the
+architecture), and the engine repeats it before every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+from .errors import InputError
+from .paths import shippedModelDirectories, userModelDirectory
+
+__all__ = [
+    "CARD_FILE",
+    "WEIGHTS_FILE",
+    "SCHEMA_VERSION",
+    "DEFAULT_MODEL_ID",
+    "COLOUR_CHANNEL_SETS",
+    "SegmentInfo",
+    "ModelInfo",
+    "ModelEntry",
+    "readModelInfo",
+    "validateModel",
+    "listModels",
+    "resolveModel",
+]
+
+CARD_FILE = "model.json"
+WEIGHTS_FILE = "model.safetensors"
+SCHEMA_VERSION = 1
+DEFAULT_MODEL_ID = "uml-breast-dce-small"
+
+#: Channel lists (lower case) that mean "one RGB(A) colour image", not grayscale phases.
+COLOUR_CHANNEL_SETS = (("r", "g", "b"), ("red", "green", "blue"), ("r", "g", "b", "a"), ("red", "green", "blue", "alpha"))
+
+_REQUIRED = ("id", "version", "name", "task", "classes", "segments", "input", "architecture", "weights")
+_FIX = "re-export the bundle with training/export.py or pick another model"
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """One output segment of a model (label 0, background, is implicit).
+
+    Attributes:
+        label: Value in the engine's labelmap.
+        name: Segment name shown in Slicer.
+        color: ``(r, g, b)`` in 0..1.
+        terminology: DICOM codes, ``{"category": {"scheme", "code", "meaning"}, "type": {...}, ...}``.
+    """
+
+    label: int
+    name: str
+    color: tuple[float, float, float]
+    terminology: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the module needs to know about a bundle (a light view of umlcore's ``ModelCard``).
+
+    Attributes:
+        path: The bundle (folder, ``.zip``, or ``model.json``) as given.
+        id, version, name, task, description, citation: From the card.
+        classes: Image-level class names (index = class index).
+        segments: :class:`SegmentInfo` per non-background label.
+        channels: Meaning of each input channel, e.g. ``("pre", "early", "late")``.
+        minChannels: Fewest input volumes the engine accepts (missing ones are replicated).
+        positiveClass: Index of the class whose probability is "the" probability.
+        reviewUncertainty: Case uncertainty above which the verdict is "review".
+        sha256: Declared SHA-256 of the weights.
+    """
+
+    path: Path
+    id: str
+    version: str
+    name: str
+    task: str
+    classes: tuple[str, ...]
+    segments: tuple[SegmentInfo, ...]
+    channels: tuple[str, ...]
+    minChannels: int = 1
+    positiveClass: int = 1
+    reviewUncertainty: float = 0.3
+    sha256: str = ""
+    description: str = ""
+    citation: str = ""
+
+    @property
+    def isColour(self) -> bool:
+        """True when the model takes one RGB(A) image rather than grayscale phase volumes."""
+        return tuple(c.lower() for c in self.channels) in COLOUR_CHANNEL_SETS
+
+    @property
+    def label(self) -> str:
+        """Text for a model selector, e.g. ``"UML breast DCE (small) 1.0.0"``."""
+        return f"{self.name} {self.version}"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A bundle found while listing: ``info`` when readable, else the ``error`` message."""
+
+    path: Path
+    shipped: bool
+    info: Optional[ModelInfo]
+    error: Optional[str] = None
+
+
+def _readCardText(path: Path) -> tuple[str, str]:
+    """``(text of model.json, where it came from)`` for a bundle folder, ``.zip`` or ``model.json`` path."""
+    if not path.exists():
+        raise InputError(f"model {path} does not exist: choose a bundle folder (with {CARD_FILE}) or a .zip of one")
+    if path.is_dir():
+        card = path / CARD_FILE
+        if not card.is_file():
+            raise InputError(f"{path} is not a UML model bundle (no {CARD_FILE}): {_FIX}")
+        return card.read_text(encoding="utf-8", errors="replace"), str(card)
+    if path.name == CARD_FILE:
+        return path.read_text(encoding="utf-8", errors="replace"), str(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if Path(n).name == CARD_FILE]
+            if not names:
+                raise InputError(f"{path} holds no {CARD_FILE}: {_FIX}")
+            return zf.read(names[0]).decode("utf-8", errors="replace"), f"{path}!{names[0]}"
+    raise InputError(f"{path} is not a UML model bundle: give a folder with {CARD_FILE} and {WEIGHTS_FILE}, or a .zip of one")
+
+
+def _colour(value: Any, source: str) -> tuple[float, float, float]:
+    try:
+        rgb = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        rgb = ()
+    if len(rgb) != 3 or not all(0.0 <= v <= 1.0 for v in rgb):
+        raise InputError(f"{source}: segment colour {value!r} is not three numbers in 0..1: {_FIX}")
+    return rgb  # type: ignore[return-value]
+
+
+def readModelInfo(path: Union[str, Path]) -> ModelInfo:
+    """Read the card of a bundle without loading weights or importing torch.
+
+    Args:
+        path: Bundle folder, ``.zip`` or path of its ``model.json``.
+
+    Returns:
+        The :class:`ModelInfo`.
+
+    Raises:
+        InputError: missing file, not JSON, unknown schema version, missing fields, inconsistent segments.
+    """
+    path = Path(path)
+    text, source = _readCardText(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{source} is not valid JSON ({exc.msg}, line {exc.lineno}): {_FIX}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{source} must hold a JSON object: {_FIX}")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise InputError(
+            f"{source} has schema_version {data.get('schema_version')!r}; this module reads schema_version "
+            f"{SCHEMA_VERSION}: {_FIX}, or update the UML extension"
+        )
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise InputError(f"{source} is missing required field(s) {missing}: {_FIX}")
+    try:
+        segments = tuple(
+            SegmentInfo(
+                label=int(s["label"]),
+                name=str(s["name"]),
+                color=_colour(s.get("color", (1.0, 0.0, 0.0)), source),
+                terminology={str(k): {str(a): str(b) for a, b in dict(v).items()} for k, v in dict(s.get("terminology", {})).items()},
+            )
+            for s in data["segments"]
+        )
+        inp = dict(data["input"])
+        channels = tuple(str(c) for c in inp.get("channels", ("pre", "early", "late")))
+        weights = data["weights"]
+        sha = str(weights.get("sha256", "")) if isinstance(weights, dict) else ""
+        info = ModelInfo(
+            path=path,
+            id=str(data["id"]),
+            version=str(data["version"]),
+            name=str(data["name"]),
+            task=str(data["task"]),
+            classes=tuple(str(c) for c in data["classes"]),
+            segments=segments,
+            channels=channels,
+            minChannels=int(inp.get("min_channels", 1)),
+            positiveClass=int(data.get("positive_class", 1)),
+            reviewUncertainty=float(data.get("review_uncertainty", 0.3)),
+            sha256=sha,
+            description=str(data.get("description", "")),
+            citation=str(data.get("citation", "")),
+        )
+    except InputError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise InputError(f"{source} is not a valid model card ({type(exc).__name__}: {exc}): {_FIX}") from None
+    labels = [s.label for s in info.segments]
+    if not labels or min(labels) < 1 or len(set(labels)) != len(labels) or max(labels) > 255:
+        raise InputError(f"{source}: segment labels {labels} must be distinct integers in 1..255: {_FIX}")
+    if not info.channels:
+        raise InputError(f"{source}: input.channels is empty: {_FIX}")
+    if not 1 <= info.minChannels <= len(info.channels):
+        raise InputError(f"{source}: input.min_channels {info.minChannels} is outside 1..{len(info.channels)}: {_FIX}")
+    if len(info.classes) < 2 or not 0 <= info.positiveClass < len(info.classes):
+        raise InputError(f"{source}: needs at least two classes and positive_class inside them: {_FIX}")
+    if len(info.sha256) != 64:
+        raise InputError(f"{source} lacks weights.sha256: {_FIX}")
+    return info
+
+
+def validateModel(path: Union[str, Path]) -> ModelInfo:
+    """Fully check a bundle the way the engine will: card, weights hash, weights fit the architecture.
+
+    Imports ``umlcore`` (and so torch): call it after PyTorch is available. Without torch only the card
+    and the SHA-256 of a folder bundle's weights are checked.
+
+    Raises:
+        InputError: with umlcore's message when the bundle is unusable.
+    """
+    info = readModelInfo(path)
+    bundle = Path(path)
+    if _moduleAvailable("torch"):
+        from umlcore.bundle import load_bundle  # heavy import on purpose: the authoritative check
+        from umlcore.errors import UMLInputError
+
+        try:
+            load_bundle(bundle)
+        except UMLInputError as exc:
+            raise InputError(str(exc)) from None
+        return info
+    folder = bundle.parent if bundle.name == CARD_FILE else bundle
+    weights = folder / WEIGHTS_FILE
+    if folder.is_dir():
+        if not weights.is_file():
+            raise InputError(f"{folder} has no {WEIGHTS_FILE}: a bundle needs {CARD_FILE} and {WEIGHTS_FILE}")
+        digest = hashlib.sha256()
+        with open(weights, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != info.sha256:
+            raise InputError(f"{weights} does not match the sha256 in {CARD_FILE} (changed or corrupted): restore or re-export the bundle")
+    return info
+
+
+def _moduleAvailable(name: str) -> bool:
+    """True when ``import name`` would find a module (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _bundlesIn(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return [p for p in sorted(directory.iterdir()) if (p / CARD_FILE).is_file() or p.suffix.lower() == ".zip"]
+
+
+def listModels(extraDirectories: Iterable[Union[str, Path]] = ()) -> list[ModelEntry]:
+    """Bundles in the shipped folders, the user's ``~/.uml/models`` and ``extraDirectories``; shipped first.
+
+    Unreadable bundles are listed with their error instead of being dropped silently.
+    """
+    dirs = [(d, True) for d in shippedModelDirectories()] + [(userModelDirectory(), False)]
+    dirs += [(Path(d), False) for d in extraDirectories]
+    entries: list[ModelEntry] = []
+    seen: set[Path] = set()
+    for directory, shipped in dirs:
+        for p in _bundlesIn(directory):
+            key = p.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                entries.append(ModelEntry(p, shipped, readModelInfo(p)))
+            except InputError as exc:
+                entries.append(ModelEntry(p, shipped, None, str(exc)))
+    return entries
+
+
+def resolveModel(model: Union[None, str, Path, ModelInfo] = None, extraDirectories: Iterable[Union[str, Path]] = ()) -> ModelInfo:
+    """A :class:`ModelInfo` from a bundle path, a model id, a ``ModelInfo``, or ``None`` (the default model).
+
+    Raises:
+        InputError: no such path or id, or no model at all.
+    """
+    if isinstance(model, ModelInfo):
+        return model
+    if model is not None:
+        candidate = Path(model)
+        looksLikePath = candidate.exists() or "/" in str(model) or "\\" in str(model) or str(model).endswith((".zip", ".json"))
+        if looksLikePath:
+            return readModelInfo(candidate)
+    entries = listModels(extraDirectories)
+    usable = [e.info for e in entries if e.info is not None]
+    wanted = DEFAULT_MODEL_ID if model is None else str(model)
+    for info in usable:
+        if info.id == wanted:
+            return info
+    if model is None and usable:
+        return usable[0]
+    known = ", ".join(i.id for i in usable) or "none installed"
+    if model is None:
+        raise InputError(
+            "no model given and no UML model is installed: pass model=<bundle folder> "
+            "(or add one with 'Add model from file...')"
+        )
+    raise InputError(f"no model with id {wanted!r} (known: {known}): give a bundle folder, a .zip, or one of the known ids")

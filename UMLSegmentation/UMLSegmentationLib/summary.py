@@ -1,0 +1,235 @@
+"""The engine's case summary (``summary.json``) as table rows and as one CSV row per case.
+
+Table rows are ``(field, value)`` text pairs in the summary's own order, nested keys joined with ``.``
+(``classification.predicted_class``), lists of objects indexed (``segments[0].volume_ml``), lists of plain
+values and numbers written as JSON (so ``[0.25, 0.75]`` and ``0.1`` read back exactly) and strings as they
+are (quoted only when they would read back as something else, like ``"1.0"``). :func:`unflattenRows`
+inverts :func:`flattenSummary`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+__all__ = [
+    "FIELD_COLUMN",
+    "VALUE_COLUMN",
+    "SUMMARY_KEY_ORDER",
+    "flattenSummary",
+    "unflattenRows",
+    "caseCsvRow",
+    "csvColumns",
+    "writeCasesCsv",
+    "ConfidencePanel",
+    "VERDICT_COLORS",
+    "confidencePanel",
+]
+
+FIELD_COLUMN = "Field"
+VALUE_COLUMN = "Value"
+
+#: Top-level keys shown first in the table (the rest follow in the summary's own order).
+SUMMARY_KEY_ORDER = ("case_id", "classification", "segments", "model", "device", "timings_s", "geometry", "outputs")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        # A string that would read back as another JSON value ("1.0", "true") is written quoted.
+        return value if _parseValue(value) == value else json.dumps(value)
+    return json.dumps(value, allow_nan=True)
+
+
+def _flatten(prefix: str, value: Any, rows: list[tuple[str, str]]) -> None:
+    if isinstance(value, Mapping):
+        if not value:
+            rows.append((prefix, "{}"))
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, rows)
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
+        for i, v in enumerate(value):
+            _flatten(f"{prefix}[{i}]", v, rows)
+    else:
+        rows.append((prefix, _text(list(value) if isinstance(value, tuple) else value)))
+
+
+def flattenSummary(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(field, value)`` rows of a summary, most useful keys first (see :data:`SUMMARY_KEY_ORDER`)."""
+    keys = [k for k in SUMMARY_KEY_ORDER if k in summary] + [k for k in summary if k not in SUMMARY_KEY_ORDER]
+    rows: list[tuple[str, str]] = []
+    for k in keys:
+        _flatten(str(k), summary[k], rows)
+    return rows
+
+
+_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _parseValue(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        return text
+
+
+def unflattenRows(rows: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Rebuild the summary dictionary from ``(field, value)`` rows (inverse of :func:`flattenSummary`)."""
+    root: dict[str, Any] = {}
+    for field, text in rows:
+        parts = [(m.group(1), m.group(2)) for m in _PART.finditer(field)]
+        node: Any = root
+        for i, (key, index) in enumerate(parts):
+            last = i == len(parts) - 1
+            nextIsIndex = not last and parts[i + 1][1] is not None
+            if key is not None:
+                if last:
+                    node[key] = _parseValue(text)
+                else:
+                    node = node.setdefault(key, [] if nextIsIndex else {})
+            else:
+                idx = int(index)
+                while len(node) <= idx:
+                    node.append({})
+                if last:
+                    node[idx] = _parseValue(text)
+                else:
+                    node = node[idx]
+    return root
+
+
+def _segmentKey(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "segment"
+
+
+def caseCsvRow(summary: Optional[Mapping[str, Any]], caseId: str, inputPath: str, files: Mapping[str, str], error: str = "") -> dict[str, str]:
+    """One CSV row: case, status, classification, per-segment volume / uncertainty, model, device, files.
+
+    Args:
+        summary: The case summary, or ``None`` when the case failed.
+        caseId: Case id (used when there is no summary).
+        inputPath: The input file.
+        files: ``{"segmentation": ..., "uncertainty": ..., "summary": ...}`` paths written for the case.
+        error: The error message of a failed case.
+    """
+    row: dict[str, str] = {"case_id": caseId, "input": inputPath, "status": "error" if error else "ok", "error": error}
+    if summary is not None:
+        cls = summary.get("classification", {})
+        row["case_id"] = str(summary.get("case_id", caseId))
+        row["predicted_class"] = str(cls.get("predicted_class", ""))
+        row["positive_probability"] = _text(cls.get("positive_probability", ""))
+        row["uncertainty"] = _text(cls.get("uncertainty", ""))
+        row["verdict"] = str(cls.get("verdict", ""))
+        for name, p in zip(cls.get("classes", []), cls.get("probabilities", [])):
+            row[f"probability_{_segmentKey(str(name))}"] = _text(p)
+        for name, b in zip(cls.get("classes", []), cls.get("belief", [])):
+            row[f"belief_{_segmentKey(str(name))}"] = _text(b)
+        for seg in summary.get("segments", []):
+            key = _segmentKey(str(seg.get("name", seg.get("label", ""))))
+            row[f"{key}_volume_ml"] = _text(seg.get("volume_ml", ""))
+            row[f"{key}_voxel_count"] = _text(seg.get("voxel_count", ""))
+            row[f"{key}_mean_uncertainty"] = _text(seg.get("mean_uncertainty", ""))
+        model = summary.get("model", {})
+        row["model_id"] = str(model.get("id", ""))
+        row["model_version"] = str(model.get("version", ""))
+        row["model_sha256"] = str(model.get("sha256", ""))
+        row["device"] = str(summary.get("device", ""))
+    for key in ("segmentation", "uncertainty", "summary"):
+        row[f"{key}_file"] = str(files.get(key, ""))
+    return row
+
+
+_FIRST = ["case_id", "input", "status", "error", "predicted_class", "positive_probability", "uncertainty", "verdict"]
+_LAST = ["model_id", "model_version", "model_sha256", "device", "segmentation_file", "uncertainty_file", "summary_file"]
+
+
+def csvColumns(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """Column order: identification and verdict first, then per-class and per-segment columns, then files."""
+    middle: list[str] = []
+    for row in rows:
+        for k in row:
+            if k not in _FIRST and k not in _LAST and k not in middle:
+                middle.append(k)
+    return _FIRST + middle + _LAST
+
+
+def writeCasesCsv(rows: Sequence[Mapping[str, str]], path: Path) -> Path:
+    """Write ``rows`` as a UTF-8 CSV with a header (missing cells empty); returns ``path``."""
+    columns = csvColumns(rows)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+    tmp.replace(path)
+    return path
+
+
+@dataclass(frozen=True)
+class ConfidencePanel:
+    """What the module's confidence panel shows for one case (all numbers in 0..1 unless noted).
+
+    Attributes:
+        predictedClass: Name of the predicted class.
+        predictedProbability: Expected probability of the predicted class.
+        positiveClass: Name of the positive class.
+        positiveProbability: Expected probability of the positive class.
+        beliefs: ``(class name, belief mass)`` per class; the masses and ``uncertainty`` add up to 1.
+        uncertainty: Case-level uncertainty mass.
+        verdict: ``"reliable"`` or ``"review"``.
+        verdictColor: ``#rrggbb`` for the verdict (green / orange).
+        lesionName: Name of the first segment (the lesion), or ``""``.
+        lesionVolumeMl: Its volume in ml (``None`` without segments).
+        lesionMeanUncertainty: Mean voxel uncertainty inside it (``None`` when it is empty).
+    """
+
+    predictedClass: str
+    predictedProbability: float
+    positiveClass: str
+    positiveProbability: float
+    beliefs: tuple[tuple[str, float], ...]
+    uncertainty: float
+    verdict: str
+    verdictColor: str
+    lesionName: str
+    lesionVolumeMl: Optional[float]
+    lesionMeanUncertainty: Optional[float]
+
+
+VERDICT_COLORS = {"reliable": "#2e7d32", "review": "#e65100"}
+
+
+def confidencePanel(summary: Mapping[str, Any]) -> ConfidencePanel:
+    """The confidence panel's content from a case summary.
+
+    Raises:
+        ValueError: the summary lacks the classification section.
+    """
+    cls = summary.get("classification")
+    if not isinstance(cls, Mapping):
+        raise ValueError("the summary has no classification section")
+    classes = [str(c) for c in cls.get("classes", [])]
+    probabilities = [float(p) for p in cls.get("probabilities", [])]
+    index = int(cls.get("predicted_index", max(range(len(probabilities)), key=probabilities.__getitem__) if probabilities else 0))
+    segments = list(summary.get("segments", []))
+    lesion = segments[0] if segments else {}
+    meanU = lesion.get("mean_uncertainty")
+    verdict = str(cls.get("verdict", ""))
+    return ConfidencePanel(
+        predictedClass=str(cls.get("predicted_class", classes[index] if index < len(classes) else "")),
+        predictedProbability=probabilities[index] if index < len(probabilities) else float("nan"),
+        positiveClass=str(cls.get("positive_class", "")),
+        positiveProbability=float(cls.get("positive_probability", float("nan"))),
+        beliefs=tuple(zip(classes, (float(b) for b in cls.get("belief", [])))),
+        uncertainty=float(cls.get("uncertainty", float("nan"))),
+        verdict=verdict,
+        verdictColor=VERDICT_COLORS.get(verdict, "#000000"),
+        lesionName=str(lesion.get("name", "")),
+        lesionVolumeMl=None if not lesion else float(lesion.get("volume_ml", 0.0)),
+        lesionMeanUncertainty=None if meanU is None else float(meanU),
+    )
