@@ -158,6 +158,7 @@ BAD = {
     "truncated nii": (_truncated_nii, "is truncated"),
     "nan": (lambda t, mv: _write(t, "nan.nrrd", np.where(np.eye(32)[None] > 0, np.nan, 1.0).repeat(4, 0).astype(np.float32)), "NaN/Inf"),
     "inf": (lambda t, mv: _write(t, "inf.mha", np.where(np.eye(32)[None] > 0, np.inf, 1.0).repeat(4, 0).astype(np.float32)), "NaN/Inf"),
+    "nan in NIfTI": (lambda t, mv: _write(t, "nan.nii.gz", np.where(np.eye(32)[None] > 0, np.nan, 1.0).repeat(4, 0).astype(np.float32)), "NaN/Inf"),
     "constant": (lambda t, mv: _write(t, "c.nii.gz", np.full((4, 32, 32), 7, np.int16)), "constant image"),
     "3x3x1": (lambda t, mv: _write(t, "tiny.nii.gz", np.arange(9, dtype=np.float32).reshape(1, 3, 3)), "too small"),
     "2D": (lambda t, mv: _write(t, "flat.nii.gz", np.arange(1024, dtype=np.float32).reshape(32, 32)), "2D image"),

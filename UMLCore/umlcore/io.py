@@ -111,6 +111,15 @@ def _check_nifti_complete(path: Path) -> None:
         raise UMLInputError(
             f"{path} is truncated: its header announces {expected} bytes but it holds {size}: copy or export it again"
         )
+    if np.issubdtype(np.dtype(proxy.dtype), np.floating):
+        # ITK's NIfTI reader silently turns NaN voxels into 0: look at the stored values themselves.
+        try:
+            raw = np.asarray(proxy.get_unscaled())
+        except Exception as exc:
+            raise UMLInputError(f"{path} is not a readable NIfTI file ({_first_line(exc)}): {_READ_HINT}") from None
+        if not np.all(np.isfinite(raw)):
+            bad = int(np.count_nonzero(~np.isfinite(raw)))
+            raise UMLInputError(f"{path} has {bad} NaN/Inf voxels: replace them (e.g. with 0) before running UML")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,405 @@
+"""The ``uml`` command line: success paths, the progress protocol, and bad inputs (exit 2, one line, nothing created).
+
+Most cases run in-process through ``umlcore.cli.main(argv)``; a handful run as real subprocesses
+(``python -m umlcore``).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import umlcore.catalogue
+import umlcore.cli
+from umlcore.bundle import CARD_FILE, WEIGHTS_FILE
+from umlcore.cli import main
+
+STAGES = {"read", "preprocess", "inference", "postprocess", "write", "done", "error"}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under ``root`` with (sha256, mtime_ns) for files: detects created, changed or touched files."""
+    state = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            state[str(p)] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        else:
+            state[str(p)] = "dir" if p.is_dir() else "other"
+    return state
+
+
+def run_uml(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "umlcore", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def write(path: Path, image: sitk.Image) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture
+def work(tmp_path, make_volume, tiny_bundle_dir):
+    """Inputs in ``tmp_path/in``; ``out`` (absent) is the output folder; ``bundle`` the shared tiny bundle."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    def small_volume(**kw):  # small by default to keep the runs fast
+        return make_volume(**{"size": (24, 16, 4), **kw})
+
+    good = write(inp / "good.nii.gz", small_volume())
+    phases = [write(inp / f"phase{i}.nrrd", small_volume(seed=i, scale=60.0 * (i + 1))) for i in range(3)]
+    return SimpleNamespace(root=tmp_path, dir=inp, good=good, phases=phases, bundle=tiny_bundle_dir,
+                           out=tmp_path / "out", make_volume=small_volume)
+
+
+def copy_bundle(w) -> Path:
+    return Path(shutil.copytree(w.bundle, w.dir / "model"))
+
+
+def edit_card(w, edit) -> Path:
+    b = copy_bundle(w)
+    card = json.loads((b / CARD_FILE).read_text())
+    edit(card)
+    (b / CARD_FILE).write_text(json.dumps(card))
+    return b
+
+
+def predict_argv(w, *inputs, model=None, extra=()):
+    return ["predict", *map(str, inputs), "-o", str(w.out), "--model", str(model or w.bundle), *extra]
+
+
+def commas(*paths):
+    return ",".join(map(str, paths))
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+
+
+def _truncated_gzip(w):
+    data = w.good.read_bytes()
+    (w.dir / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    return predict_argv(w, w.dir / "cut.nii.gz")
+
+
+def _truncated_nii(w):
+    write(w.dir / "full.nii", w.make_volume())
+    (w.dir / "cut.nii").write_bytes((w.dir / "full.nii").read_bytes()[:-2000])
+    return predict_argv(w, w.dir / "cut.nii")
+
+
+def _array_file(w, name, array, **kw):
+    return predict_argv(w, write(w.dir / name, sitk.GetImageFromArray(array, **kw)))
+
+
+def _nan(w):
+    a = sitk.GetArrayFromImage(w.make_volume())
+    a[2, 5, 5] = np.nan
+    return _array_file(w, "nan.nii.gz", a)
+
+
+def _inf(w):
+    a = sitk.GetArrayFromImage(w.make_volume())
+    a[1, 3, 3] = -np.inf
+    return _array_file(w, "inf.nrrd", a)
+
+
+def _folder(w, name, files=()):
+    d = w.dir / name
+    d.mkdir()
+    for f in files:
+        (d / f).write_text("not DICOM")
+    return d
+
+
+def _two_dicom_series(w, dicom_writer):
+    d = w.dir / "mixed"
+    for uid, sub in (("1.2.3.4.1", "a"), ("1.2.3.4.2", "b")):
+        dicom_writer(w.make_volume(), w.root / "tmpdicom" / sub, series_uid=uid)
+        for f in (w.root / "tmpdicom" / sub).iterdir():
+            d.mkdir(exist_ok=True)
+            f.rename(d / f"{sub}-{f.name}")
+    shutil.rmtree(w.root / "tmpdicom")
+    return predict_argv(w, d)
+
+
+def _outputs_exist(w):
+    (w.out / "good").mkdir(parents=True)
+    (w.out / "good" / "segmentation.nii.gz").write_bytes(b"an older result")
+    return predict_argv(w, w.good)
+
+
+def _tampered(w):
+    b = copy_bundle(w)
+    data = bytearray((b / WEIGHTS_FILE).read_bytes())
+    data[-3] ^= 0x55
+    (b / WEIGHTS_FILE).write_bytes(bytes(data))
+    return predict_argv(w, w.good, model=b)
+
+
+def _no_card(w):
+    b = copy_bundle(w)
+    (b / CARD_FILE).unlink()
+    return predict_argv(w, w.good, model=b)
+
+
+def _invalid_json(w):
+    b = copy_bundle(w)
+    (b / CARD_FILE).write_text("{ not json")
+    return predict_argv(w, w.good, model=b)
+
+
+def _outdir_not_writable(w):
+    if os.geteuid() == 0:
+        pytest.skip("root can write into read-only folders (outdir_under_file covers an unwritable OUTDIR)")
+    parent = w.root / "locked"
+    parent.mkdir()
+    parent.chmod(0o500)
+    w.out = parent / "out"
+    return predict_argv(w, w.good)
+
+
+def _cuda(w):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is available")
+    return predict_argv(w, w.good, extra=["--device", "cuda"])
+
+
+BAD_INPUTS = {
+    "missing file": (lambda w: predict_argv(w, w.dir / "missing.nii.gz"), "does not exist"),
+    "empty folder": (lambda w: predict_argv(w, _folder(w, "empty")), "holds no DICOM series"),
+    "folder without DICOM": (lambda w: predict_argv(w, _folder(w, "notes", ["a.txt", "b.csv"])), "holds no DICOM series"),
+    "two DICOM series in one folder": (None, "holds 2 DICOM series"),
+    "non-image file": (lambda w: ((w.dir / "notes.txt").write_text("hello"), predict_argv(w, w.dir / "notes.txt"))[1], "not an image file"),
+    "text file named .nii.gz": (lambda w: ((w.dir / "fake.nii.gz").write_text("hello"), predict_argv(w, w.dir / "fake.nii.gz"))[1], "not a valid gzip file"),
+    "truncated gzip": (_truncated_gzip, "truncated gzip"),
+    "truncated nii": (_truncated_nii, "is truncated"),
+    "NaN voxels": (_nan, "NaN/Inf voxels"),
+    "Inf voxels": (_inf, "NaN/Inf voxels"),
+    "constant image": (lambda w: _array_file(w, "flat.nii.gz", np.full((4, 16, 24), 5, np.int16)), "constant image"),
+    "3x3x1 volume": (lambda w: _array_file(w, "tiny.nrrd", np.arange(9, dtype=np.float32).reshape(1, 3, 3)), "too small"),
+    "thin axial slices": (lambda w: predict_argv(w, write(w.dir / "thin.mha", w.make_volume(size=(24, 4, 16), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)))), "smaller than 8x8"),
+    "2D image": (lambda w: _array_file(w, "photo.nii.gz", np.arange(1024, dtype=np.float32).reshape(32, 32)), "2D image"),
+    "RGB pixels": (lambda w: _array_file(w, "rgb.nrrd", np.random.default_rng(0).random((4, 16, 24, 3)).astype(np.float32), isVector=True), "RGB/vector"),
+    "two phases": (lambda w: predict_argv(w, commas(*w.phases[:2])), "got 2 volumes"),
+    "four phases": (lambda w: predict_argv(w, commas(*w.phases, w.phases[0])), "got 4 volumes"),
+    "4D of the wrong length": (lambda w: predict_argv(w, write(w.dir / "dce.nii.gz", sitk.JoinSeries([w.make_volume(), w.make_volume(seed=1)]))), "got 2 volumes"),
+    "4D plus a volume": (lambda w: predict_argv(w, commas(write(w.dir / "dce.nii.gz", sitk.JoinSeries([w.make_volume()] * 3)), w.good)), "one 4D image or several 3D volumes"),
+    "volumes on different grids": (lambda w: predict_argv(w, commas(w.phases[0], w.phases[1], write(w.dir / "moved.nrrd", w.make_volume(origin=(0.0, 0.0, 0.0))))), "not on the same voxel grid"),
+    "bad second case": (lambda w: predict_argv(w, w.good, w.dir / "missing.nrrd"), "does not exist"),
+    "empty item in a comma list": (lambda w: predict_argv(w, commas(w.phases[0], "")), "empty item"),
+    "duplicate case names": (lambda w: predict_argv(w, w.good, write(w.dir / "sub" / "good.nrrd", w.make_volume())), "both give the case name"),
+    "model missing": (lambda w: predict_argv(w, w.good, model=w.dir / "no-model"), "does not exist"),
+    "model unknown id": (lambda w: predict_argv(w, w.good, model="no-such-model"), "no model with id 'no-such-model'"),
+    "model folder without model.json": (_no_card, "has no model.json"),
+    "model.json not JSON": (_invalid_json, "is not valid JSON"),
+    "model tampered weights": (_tampered, "does not match the sha256"),
+    "model.json missing fields": (lambda w: predict_argv(w, w.good, model=edit_card(w, lambda c: c.pop("classes"))), "missing required field"),
+    "model unknown schema version": (lambda w: predict_argv(w, w.good, model=edit_card(w, lambda c: c.update(schema_version=7))), "schema_version 7"),
+    "output folder under a file": (lambda w: predict_argv(w, w.good)[:3] + [str(w.good / "out")] + predict_argv(w, w.good)[4:], "is a file, not a folder"),
+    "output folder is a file": (lambda w: predict_argv(w, w.good)[:3] + [str(w.phases[0])] + predict_argv(w, w.good)[4:], "is a file, not a folder"),
+    "output folder not writable": (_outdir_not_writable, "not writable"),
+    "outputs exist without --overwrite": (_outputs_exist, "already exists: pass --overwrite"),
+    "unknown --format": (lambda w: predict_argv(w, w.good, extra=["--format", "png"]), "argument --format: invalid choice: 'png'"),
+    "batch size 0": (lambda w: predict_argv(w, w.good, extra=["--batch-size", "0"]), "batch size must be a positive integer"),
+    "batch size not a number": (lambda w: predict_argv(w, w.good, extra=["--batch-size", "many"]), "batch size must be a positive integer"),
+    "unknown --device": (lambda w: predict_argv(w, w.good, extra=["--device", "tpu"]), "argument --device: invalid choice"),
+    "cuda without a GPU": (_cuda, "no CUDA GPU"),
+    "missing -o": (lambda w: ["predict", str(w.good), "--model", str(w.bundle)], "the following arguments are required: -o/--output"),
+    "unknown command": (lambda w: ["segment", str(w.good)], "invalid choice: 'segment'"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_creates_nothing(name, work, capsys, dicom_writer):
+    build, phrase = BAD_INPUTS[name]
+    argv = _two_dicom_series(work, dicom_writer) if build is None else build(work)
+    before = snapshot(work.root)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("uml: error: "), err
+    assert phrase in lines[0]
+    assert "Traceback" not in err and out == ""
+    assert snapshot(work.root) == before  # nothing created, inputs untouched (bytes and mtime)
+
+
+def test_enough_distinct_bad_inputs():
+    assert len(BAD_INPUTS) >= 20
+
+
+@pytest.mark.parametrize("name", ["missing file", "model tampered weights", "batch size 0"])
+def test_bad_input_through_a_real_process(name, work):
+    argv = BAD_INPUTS[name][0](work)
+    before = snapshot(work.root)
+    proc = run_uml(*argv, "--progress", "json", cwd=work.root) if argv[0] == "predict" and "--batch-size" not in argv else run_uml(*argv, cwd=work.root)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("uml: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert BAD_INPUTS[name][1] in proc.stderr
+    if "--progress" in proc.args:
+        last = json.loads(proc.stdout.splitlines()[-1])
+        assert last["stage"] == "error" and BAD_INPUTS[name][1] in last["message"]
+    assert snapshot(work.root) == before
+
+
+# ----------------------------------------------------------------------------------------------- success
+
+
+def test_predict_in_a_real_process_with_json_progress(work):
+    before = {str(p): snapshot(work.dir)[str(p)] for p in [work.good, *work.phases]}
+    proc = run_uml(*predict_argv(work, work.good, commas(*work.phases), extra=["--progress", "json", "--batch-size", "4"]), cwd=work.root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert all(set(line) == {"stage", "case", "fraction", "message"} for line in lines)
+    assert {line["stage"] for line in lines} == STAGES - {"error"}
+    fractions = [line["fraction"] for line in lines]
+    assert all(0.0 <= f <= 1.0 for f in fractions) and all(b >= a for a, b in zip(fractions, fractions[1:]))
+    assert lines[-1]["stage"] == "done" and lines[-1]["fraction"] == 1.0
+    assert {line["case"] for line in lines} == {"good", "phase0", None}
+    assert sorted(p.name for p in work.out.iterdir()) == ["good", "phase0"]
+    for case, ref in (("good", work.good), ("phase0", work.phases[0])):
+        folder = work.out / case
+        assert sorted(p.name for p in folder.iterdir()) == ["segmentation.nii.gz", "summary.json", "uncertainty.nii.gz"]
+        seg = sitk.ReadImage(str(folder / "segmentation.nii.gz"))
+        unc = sitk.ReadImage(str(folder / "uncertainty.nii.gz"))
+        (src,) = umlcore.io.read_case([ref])
+        for image in (seg, unc):
+            assert image.GetSize() == src.GetSize()
+            np.testing.assert_allclose(image.GetSpacing(), src.GetSpacing(), atol=1e-6)
+            np.testing.assert_allclose(image.GetOrigin(), src.GetOrigin(), atol=1e-5)
+            np.testing.assert_allclose(image.GetDirection(), src.GetDirection(), atol=1e-6)
+        assert seg.GetPixelID() == sitk.sitkUInt8 and unc.GetPixelID() == sitk.sitkFloat32
+        u = sitk.GetArrayFromImage(unc)
+        assert 0 < u.min() and u.max() <= 1
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["schema_version"] == 1 and summary["case_id"] == case
+        assert summary["outputs"] == {"segmentation": "segmentation.nii.gz", "uncertainty": "uncertainty.nii.gz", "summary": "summary.json"}
+        assert summary["timings_s"]["read"] > 0
+        assert summary["timings_s"]["total"] == pytest.approx(sum(v for k, v in summary["timings_s"].items() if k != "total"))
+    inputs = json.loads((work.out / "phase0" / "summary.json").read_text())["inputs"]
+    assert [i["path"] for i in inputs] == [str(p) for p in work.phases]
+    inputs = json.loads((work.out / "good" / "summary.json").read_text())["inputs"]
+    assert [i["path"] for i in inputs] == [str(work.good)] * 3
+    assert {str(p): snapshot(work.dir)[str(p)] for p in [work.good, *work.phases]} == before
+    assert not [p for p in work.out.rglob(".*")]  # no temporary files left
+
+
+def test_predict_nrrd_dicom_and_4d_in_process(work, dicom_writer, capsys):
+    series = dicom_writer(work.make_volume(), work.dir / "Series 7")
+    dce = write(work.dir / "dce.nii.gz", sitk.JoinSeries([sitk.ReadImage(str(p)) for p in work.phases]))
+    assert main(predict_argv(work, series, dce, extra=["--format", "nrrd", "--progress", "none"])) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+    assert sorted(p.name for p in work.out.iterdir()) == ["Series 7", "dce"]
+    for case in ("Series 7", "dce"):
+        assert sorted(p.name for p in (work.out / case).iterdir()) == ["segmentation.nrrd", "summary.json", "uncertainty.nrrd"]
+    (src,) = umlcore.io.read_case([series])
+    seg = sitk.ReadImage(str(work.out / "Series 7" / "segmentation.nrrd"))
+    assert seg.GetSize() == src.GetSize() and np.allclose(seg.GetDirection(), src.GetDirection(), atol=1e-12)
+    assert np.allclose(seg.GetOrigin(), src.GetOrigin(), atol=1e-9) and np.allclose(seg.GetSpacing(), src.GetSpacing(), atol=1e-12)
+    summary = json.loads((work.out / "dce" / "summary.json").read_text())
+    assert [i["volume"] for i in summary["inputs"]] == [0, 1, 2] and summary["inputs"][0]["path"] == str(dce)
+
+
+def test_overwrite_replaces_only_with_the_flag(work, capsys):
+    assert main(predict_argv(work, work.good)) == 0
+    summary = work.out / "good" / "summary.json"
+    (work.out / "good" / "note.txt").write_text("user file")
+    first = snapshot(work.out)
+    assert main(predict_argv(work, work.good, work.phases[1])) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert snapshot(work.out) == first
+    assert main(predict_argv(work, work.good, work.phases[1], extra=["--overwrite", "--batch-size", "2"])) == 0
+    assert sorted(p.name for p in work.out.iterdir()) == ["good", "phase1"]
+    assert sorted(p.name for p in (work.out / "good").iterdir()) == ["segmentation.nii.gz", "summary.json", "uncertainty.nii.gz"]
+    assert json.loads(summary.read_text())["case_id"] == "good"
+
+
+@pytest.mark.parametrize("failure, code, phrase, outdir_exists", [
+    (RuntimeError("disk on fire"), 1, "uml: internal error: RuntimeError: disk on fire (rerun with --debug", False),
+    (KeyboardInterrupt(), 130, "uml: cancelled", True),
+])
+def test_failure_while_writing_leaves_nothing(work, capsys, monkeypatch, failure, code, phrase, outdir_exists):
+    calls = []
+    real = umlcore.cli.write_image_atomic
+
+    def flaky(image, path):
+        calls.append(path)
+        if len(calls) == 3:  # the first case is written, the second fails half-way
+            raise failure
+        return real(image, path)
+
+    monkeypatch.setattr(umlcore.cli, "write_image_atomic", flaky)
+    if outdir_exists:
+        work.out.mkdir()
+    before = snapshot(work.root)
+    assert main(predict_argv(work, work.good, work.phases[2])) == code
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and err.startswith(phrase)
+    assert len(calls) == 3
+    assert snapshot(work.root) == before
+
+
+def test_debug_prints_the_traceback(work, capsys, monkeypatch):
+    def boom(*args, **kwargs):
+        raise ZeroDivisionError("oops")
+
+    monkeypatch.setattr(umlcore.cli, "write_image_atomic", boom)
+    assert main(predict_argv(work, work.good, extra=["--debug"])) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("uml: internal error: ZeroDivisionError: oops")
+    assert not work.out.exists()
+
+
+def test_no_model_and_none_shipped(work, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(umlcore.catalogue, "shipped_models_dir", lambda: tmp_path / "none-shipped")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main(["predict", str(work.good), "-o", str(work.out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("uml: error: no model given and no shipped model found") and "pass --model" in err
+
+
+def test_info_and_models(work, capsys, monkeypatch, tmp_path):
+    assert main(["info", str(work.bundle)]) == 0
+    text = capsys.readouterr().out
+    assert "test-model 0.0.1" in text and "(verified)" in text and "no pCR, pCR (positive: pCR)" in text
+    assert main(["info", str(work.bundle), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["id"] == "test-model" and card["schema_version"] == 1 and card["path"] == str(work.bundle)
+    assert main(["info", str(work.dir / "nothing")]) == 2
+    assert capsys.readouterr().err.startswith("uml: error: ")
+
+    home = tmp_path / "home"
+    shutil.copytree(work.bundle, home / ".uml" / "models" / "mine")
+    monkeypatch.setenv("HOME", str(home))
+    assert main(["models"]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert ["test-model", "0.0.1", str(home / ".uml" / "models" / "mine"), "user"] in rows
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {"id": "test-model", "version": "0.0.1", "path": str(home / ".uml" / "models" / "mine"), "shipped": False, "error": None} in listed
+    shipped = [e["shipped"] for e in listed]
+    assert shipped == sorted(shipped, reverse=True)  # shipped ones first
+    # a model id from the user folder works for info
+    assert main(["info", "test-model"]) == 0
+
+
+def test_help_and_progress_bar(work, capsys):
+    assert main(["--help"]) == 0
+    assert "predict" in capsys.readouterr().out
+    assert main(predict_argv(work, work.good, extra=["--progress", "bar"])) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "100.0% done" in err and err.endswith("\n")
