@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -403,3 +404,26 @@ def test_help_and_progress_bar(work, capsys):
     assert main(predict_argv(work, work.good, extra=["--progress", "bar"])) == 0
     out, err = capsys.readouterr()
     assert out == "" and "100.0% done" in err and err.endswith("\n")
+
+
+def test_sigterm_cancels_cleanly(work):
+    """SIGTERM (how the Slicer module cancels) mid-run: exit 130, no output folder, inputs untouched."""
+    big = write(work.dir / "big.nrrd", work.make_volume(size=(64, 64, 40)))
+    before = snapshot(work.root)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "umlcore", *predict_argv(work, big, extra=["--progress", "json", "--batch-size", "1"])],
+        cwd=work.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in proc.stdout:
+            if json.loads(line)["stage"] == "preprocess":  # the output folder exists by now
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err == "uml: cancelled: nothing was written\n"
+    assert json.loads(rest.splitlines()[-1])["stage"] == "error"
+    assert snapshot(work.root) == before

@@ -12,6 +12,9 @@ from .losses import LossWeights, evidential_classification_loss, evidential_segm
 from .network import UMLNet, UMLOutput
 from . import metrics
 from .synthetic import SyntheticCase, case_label, generate_case
+from .io import read_case, read_volume, write_image_atomic
+from .fusion import fuse_slice_opinions
+from .predictor import Prediction, Predictor
 
 __version__ = "0.1.0"
 
@@ -46,5 +49,11 @@ __all__ = [
     "SyntheticCase",
     "generate_case",
     "case_label",
+    "read_volume",
+    "read_case",
+    "write_image_atomic",
+    "fuse_slice_opinions",
+    "Predictor",
+    "Prediction",
     "__version__",
 ]
