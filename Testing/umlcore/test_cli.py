@@ -318,6 +318,7 @@ def test_predict_nrrd_dicom_and_4d_in_process(work, dicom_writer, capsys):
 def test_overwrite_replaces_only_with_the_flag(work, capsys):
     assert main(predict_argv(work, work.good)) == 0
     summary = work.out / "good" / "summary.json"
+    assert json.loads(summary.read_text())["timings_s"]["read"] > 0  # one case: read once, timed
     (work.out / "good" / "note.txt").write_text("user file")
     first = snapshot(work.out)
     assert main(predict_argv(work, work.good, work.phases[1])) == 2

@@ -160,6 +160,7 @@ class _Case:
     id: str
     paths: list[str]
     volumes: Optional[list] = None
+    read_s: float = 0.0
 
 
 def _parse_cases(inputs: Sequence[str]) -> list[_Case]:
@@ -168,7 +169,8 @@ def _parse_cases(inputs: Sequence[str]) -> list[_Case]:
         parts = [p.strip() for p in text.split(",")]
         if any(not p for p in parts):
             raise UMLInputError(f"input {text!r} has an empty item: join the phases of one case with single commas, e.g. pre.nii.gz,early.nii.gz")
-        name = Path(parts[0]).name
+        first = Path(parts[0])
+        name = first.name if first.name not in ("", ".", "..") else first.absolute().resolve().name
         case_id = strip_image_extension(name)
         if case_id in ("", ".", "..") or case_id.startswith("."):
             raise UMLInputError(f"cannot name a case after {parts[0]!r}: rename the input so its name does not start with a dot")
@@ -240,9 +242,11 @@ def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict) -> 
     for n, case in enumerate(cases):
         state["case"] = case.id
         progress.emit("read", case.id, _READ_SHARE * n / len(cases), f"reading and checking {', '.join(case.paths)}")
+        t0 = time.perf_counter()
         volumes = read_case(case.paths)
+        case.read_s = time.perf_counter() - t0
         predictor.channel_volumes(volumes)
-        case.volumes = volumes if len(cases) == 1 else None
+        case.volumes = volumes if len(cases) == 1 else None  # one case: keep it rather than read it twice
     progress.emit("read", None, _READ_SHARE, f"{len(cases)} case(s) checked")
 
     created = _makedirs(outdir) if not outdir.exists() else []
@@ -257,10 +261,13 @@ def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict) -> 
         for n, case in enumerate(cases):
             state["case"] = case.id
             base = _READ_SHARE + n * share
-            t0 = time.perf_counter()
-            volumes = case.volumes if case.volumes is not None else read_case(case.paths)
+            if case.volumes is not None:
+                volumes, read_s = case.volumes, case.read_s
+            else:
+                t0 = time.perf_counter()
+                volumes = read_case(case.paths)
+                read_s = time.perf_counter() - t0
             case.volumes = None
-            read_s = time.perf_counter() - t0
 
             def on_progress(stage: str, fraction: float, message: str, _base: float = base, _id: str = case.id) -> None:
                 progress.emit(stage, _id, _base + share * _PREDICT_SHARE * fraction, message)
