@@ -122,11 +122,11 @@ def buildPredictCommand(
     if not cases or any(len(c) == 0 for c in cases):
         raise InputError("no input files given: give at least one case with at least one file")
     if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        raise InputError(f"device {device!r} is unknown: use 'auto' (GPU when available), 'cpu' or 'cuda' (the GPU)")
     if not isinstance(batchSize, int) or isinstance(batchSize, bool) or batchSize < 1:
-        raise InputError(f"batch size must be a positive integer, got {batchSize!r}")
+        raise InputError(f"batch size {batchSize!r} is not allowed: give a positive integer, e.g. 8")
     if outputFormat not in ("nrrd", "nii.gz"):
-        raise InputError(f"output format must be 'nrrd' or 'nii.gz', got {outputFormat!r}")
+        raise InputError(f"output format {outputFormat!r} is unknown: use 'nrrd' or 'nii.gz'")
     for case in cases:
         for p in case:
             if "," in str(p):
@@ -321,6 +321,11 @@ class EngineProcess:
         for t in self._threads:
             t.join(timeout=5)
         return code
+
+    @property
+    def lastError(self) -> Optional[ProgressEvent]:
+        """The last ``error`` progress event (its ``case`` names the failing case, when known)."""
+        return self._lastError
 
     def failure(self) -> Optional[Exception]:
         """``None`` after a successful exit, else the error to raise (see :func:`engineFailure`)."""

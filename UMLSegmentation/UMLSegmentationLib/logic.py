@@ -243,13 +243,13 @@ class UMLSegmentationLogic:
     @staticmethod
     def _checkOptions(device: str, batchSize: int, reviewThreshold: Optional[float], display: str) -> None:
         if device not in ("auto", "cpu", "cuda"):
-            raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+            raise InputError(f"device {device!r} is unknown: use 'auto' (GPU when available), 'cpu' or 'cuda' (the GPU)")
         if not isinstance(batchSize, int) or isinstance(batchSize, bool) or batchSize < 1:
-            raise InputError(f"batchSize must be a positive integer, got {batchSize!r}")
+            raise InputError(f"batchSize {batchSize!r} is not allowed: give a positive integer, e.g. 8 (lower it if the GPU runs out of memory)")
         if reviewThreshold is not None and not (isinstance(reviewThreshold, (int, float)) and 0.0 < float(reviewThreshold) < 1.0):
-            raise InputError(f"reviewThreshold must be None (no Review segment) or a number between 0 and 1, got {reviewThreshold!r}")
+            raise InputError(f"reviewThreshold {reviewThreshold!r} is not allowed: give a number between 0 and 1 (e.g. 0.5), or None for no Review segment")
         if display not in ("overlay", "none"):
-            raise InputError(f"display must be 'overlay' or 'none', got {display!r}")
+            raise InputError(f"display {display!r} is unknown: use 'overlay' or 'none'")
 
     def _checkOutputs(self, plan: InputPlan, requested: OutputNodes) -> None:
         sources = {id(s.node) for s in plan.sources}
@@ -493,9 +493,9 @@ class UMLSegmentationLogic:
         if not inputDir.is_dir():
             raise InputError(f"input folder {inputDir} does not exist: give the folder that holds the cases")
         if onError not in ("record", "raise"):
-            raise InputError(f"onError must be 'record' or 'raise', got {onError!r}")
+            raise InputError(f"onError {onError!r} is unknown: use 'record' or 'raise'")
         if not isinstance(casesPerRun, int) or casesPerRun < 1:
-            raise InputError(f"casesPerRun must be a positive integer, got {casesPerRun!r}")
+            raise InputError(f"casesPerRun {casesPerRun!r} is not allowed: give a positive integer, e.g. 16")
         outResolved = outputDir.resolve()
         files = sorted(
             p for p in inputDir.glob(pattern)
@@ -517,25 +517,37 @@ class UMLSegmentationLogic:
         total = len(files)
 
         def runCases(batch: Sequence[Path], done: int) -> None:
+            """One engine process for ``batch``; rows of exported cases are recorded as they are written.
+
+            A failure is raised with ``caseId`` set to the failing case when the engine or the checks name it.
+            """
             tmp = self._makeTemporaryDirectory()
             engine: Optional[EngineProcess] = None
+
+            def forward(events: Sequence[ProgressEvent]) -> None:
+                for event in events:
+                    emit(ProgressEvent(event.stage, event.case, min(1.0, (done + event.fraction * len(batch)) / total), event.message))
+
             try:
                 command = buildPredictCommand(self.pythonExecutable, [[p] for p in batch], tmp / "outputs", info.path, device, batchSize, "nrrd")
                 engine = EngineProcess(command, engineEnvironment(enginePath), tmp)
                 while not engine.finished:
-                    for event in engine.poll():
-                        emit(ProgressEvent(event.stage, event.case, (done + event.fraction * len(batch)) / total, event.message))
+                    forward(engine.poll())
                     time.sleep(0.05)
-                for event in engine.poll():
-                    emit(ProgressEvent(event.stage, event.case, (done + event.fraction * len(batch)) / total, event.message))
+                forward(engine.poll())
                 failure = engine.failure()
                 if failure is not None:
+                    failure.caseId = engine.lastError.case if engine.lastError is not None else ""
                     raise failure
                 for path in batch:
                     caseId = stripImageExtension(path.name)
-                    outputs = readCaseOutputs(tmp / "outputs" / caseId, info, "nrrd")
-                    files_ = self._exportCase(outputs, info, outputDir, reviewThreshold)
-                    rows[caseId] = caseCsvRow(outputs.summary, caseId, str(path), files_)
+                    try:
+                        outputs = readCaseOutputs(tmp / "outputs" / caseId, info, "nrrd")
+                        written = self._exportCase(outputs, info, outputDir, reviewThreshold)
+                    except UMLSegmentationError as exc:
+                        exc.caseId = caseId
+                        raise
+                    rows[caseId] = caseCsvRow(outputs.summary, caseId, str(path), written)
             except BaseException:
                 if engine is not None:
                     engine.kill()
@@ -543,29 +555,38 @@ class UMLSegmentationLogic:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
+        def record(path: Path, error: UMLSegmentationError) -> None:
+            caseId = stripImageExtension(path.name)
+            rows[caseId] = caseCsvRow(None, caseId, str(path), {}, str(error))
+            _log.warning("UML: case %s failed: %s", caseId, error)
+
         done = 0
         for start in range(0, total, casesPerRun):
-            batch = files[start:start + casesPerRun]
-            try:
-                runCases(batch, done)
-            except UMLSegmentationError as exc:
-                if onError == "raise" or isinstance(exc, RunCancelled):
-                    raise
-                if len(batch) == 1:
-                    caseId = stripImageExtension(batch[0].name)
-                    rows[caseId] = caseCsvRow(None, caseId, str(batch[0]), {}, str(exc))
-                    _log.warning("UML: case %s failed: %s", caseId, exc)
-                else:  # find the failing case(s): run one by one
-                    for i, path in enumerate(batch):
-                        caseId = stripImageExtension(path.name)
+            pending = list(files[start:start + casesPerRun])
+            while pending:
+                try:
+                    runCases(pending, done)
+                    pending = []
+                except UMLSegmentationError as exc:
+                    if onError == "raise" or isinstance(exc, RunCancelled):
+                        raise
+                    pending = [p for p in pending if stripImageExtension(p.name) not in rows]
+                    failed = [p for p in pending if stripImageExtension(p.name) == getattr(exc, "caseId", "")]
+                    if failed or len(pending) == 1:
+                        # the failing case is known: record it and run the others again together
+                        culprit = failed[0] if failed else pending[0]
+                        record(culprit, exc)
+                        pending.remove(culprit)
+                        continue
+                    for path in pending:  # unknown culprit: one case per run
                         try:
-                            runCases([path], done + i)
+                            runCases([path], done)
                         except UMLSegmentationError as single:
                             if isinstance(single, RunCancelled):
                                 raise
-                            rows[caseId] = caseCsvRow(None, caseId, str(path), {}, str(single))
-                            _log.warning("UML: case %s failed: %s", caseId, single)
-            done += len(batch)
+                            record(path, single)
+                    pending = []
+            done = min(total, start + casesPerRun)
             emit(ProgressEvent("case", "", done / total, f"{done}/{total} case(s) processed"))
         csvPath = writeCasesCsv([rows[c] for c in caseIds if c in rows], outputDir / RESULTS_CSV)
         emit(ProgressEvent("finished", "", 1.0, f"wrote {csvPath}"))

@@ -105,6 +105,10 @@ def _segmentKey(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "segment"
 
 
+def _cell(value: Any) -> str:
+    return "" if value is None else _text(value)
+
+
 def caseCsvRow(summary: Optional[Mapping[str, Any]], caseId: str, inputPath: str, files: Mapping[str, str], error: str = "") -> dict[str, str]:
     """One CSV row: case, status, classification, per-segment volume / uncertainty, model, device, files.
 
@@ -120,18 +124,18 @@ def caseCsvRow(summary: Optional[Mapping[str, Any]], caseId: str, inputPath: str
         cls = summary.get("classification", {})
         row["case_id"] = str(summary.get("case_id", caseId))
         row["predicted_class"] = str(cls.get("predicted_class", ""))
-        row["positive_probability"] = _text(cls.get("positive_probability", ""))
-        row["uncertainty"] = _text(cls.get("uncertainty", ""))
+        row["positive_probability"] = _cell(cls.get("positive_probability"))
+        row["uncertainty"] = _cell(cls.get("uncertainty"))
         row["verdict"] = str(cls.get("verdict", ""))
         for name, p in zip(cls.get("classes", []), cls.get("probabilities", [])):
-            row[f"probability_{_segmentKey(str(name))}"] = _text(p)
+            row[f"probability_{_segmentKey(str(name))}"] = _cell(p)
         for name, b in zip(cls.get("classes", []), cls.get("belief", [])):
-            row[f"belief_{_segmentKey(str(name))}"] = _text(b)
+            row[f"belief_{_segmentKey(str(name))}"] = _cell(b)
         for seg in summary.get("segments", []):
             key = _segmentKey(str(seg.get("name", seg.get("label", ""))))
-            row[f"{key}_volume_ml"] = _text(seg.get("volume_ml", ""))
-            row[f"{key}_voxel_count"] = _text(seg.get("voxel_count", ""))
-            row[f"{key}_mean_uncertainty"] = _text(seg.get("mean_uncertainty", ""))
+            row[f"{key}_volume_ml"] = _cell(seg.get("volume_ml"))
+            row[f"{key}_voxel_count"] = _cell(seg.get("voxel_count"))
+            row[f"{key}_mean_uncertainty"] = _cell(seg.get("mean_uncertainty"))
         model = summary.get("model", {})
         row["model_id"] = str(model.get("id", ""))
         row["model_version"] = str(model.get("version", ""))

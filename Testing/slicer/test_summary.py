@@ -1,0 +1,83 @@
+"""Case summary -> table rows, CSV rows, confidence panel."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from UMLSegmentationLib.summary import (
+    caseCsvRow,
+    confidencePanel,
+    csvColumns,
+    flattenSummary,
+    unflattenRows,
+    writeCasesCsv,
+)
+
+SUMMARY = {
+    "schema_version": 1,
+    "case_id": "case01",
+    "model": {"id": "m", "version": "1.0", "sha256": "ab" * 32, "path": "/models/m"},
+    "geometry": {"size": [40, 32, 6], "spacing": [0.8, 0.75, 2.5], "direction": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]},
+    "device": "cpu",
+    "timings_s": {"total": 1.25},
+    "classification": {
+        "classes": ["no pCR", "pCR"], "probabilities": [0.25, 0.75], "belief": [0.1, 0.6], "uncertainty": 0.3,
+        "predicted_index": 1, "predicted_class": "pCR", "positive_class": "pCR", "positive_probability": 0.75,
+        "verdict": "reliable", "fusion": "lesion-weighted evidence pooling",
+    },
+    "segments": [
+        {"label": 1, "name": "Lesion", "color": [0.85, 0.2, 0.25], "voxel_count": 120, "volume_ml": 0.18, "mean_uncertainty": 0.21},
+        {"label": 2, "name": "Satellite lesion", "color": [1, 1, 0], "voxel_count": 0, "volume_ml": 0.0, "mean_uncertainty": None},
+    ],
+    "slices": [{"index": 0, "probabilities": [0.5, 0.5], "lesion_voxels": 0}, {"index": 1, "probabilities": [0.2, 0.8], "lesion_voxels": 9}],
+    "outputs": {},
+    "notes": [],
+    "flag": True,
+}
+
+
+def test_flatten_puts_the_key_facts_first_and_round_trips():
+    rows = flattenSummary(SUMMARY)
+    assert rows[0] == ("case_id", "case01")
+    assert rows[1][0].startswith("classification.")
+    fields = dict(rows)
+    assert fields["classification.probabilities"] == "[0.25, 0.75]"
+    assert fields["classification.predicted_class"] == "pCR"
+    assert fields["segments[1].mean_uncertainty"] == "null"
+    assert fields["slices[1].probabilities"] == "[0.2, 0.8]"
+    assert fields["model.version"] == '"1.0"'  # a string that would read back as a number is quoted
+    assert fields["outputs"] == "{}" and fields["notes"] == "[]" and fields["flag"] == "true"
+    assert len({f for f, _ in rows}) == len(rows)
+    assert unflattenRows(rows) == SUMMARY
+
+
+def test_confidence_panel():
+    panel = confidencePanel(SUMMARY)
+    assert (panel.predictedClass, panel.predictedProbability) == ("pCR", 0.75)
+    assert (panel.positiveClass, panel.positiveProbability) == ("pCR", 0.75)
+    assert panel.beliefs == (("no pCR", 0.1), ("pCR", 0.6))
+    assert math.isclose(sum(b for _, b in panel.beliefs) + panel.uncertainty, 1.0)
+    assert (panel.verdict, panel.verdictColor) == ("reliable", "#2e7d32")
+    assert (panel.lesionName, panel.lesionVolumeMl, panel.lesionMeanUncertainty) == ("Lesion", 0.18, 0.21)
+    review = confidencePanel({**SUMMARY, "classification": {**SUMMARY["classification"], "verdict": "review"}, "segments": []})
+    assert review.verdictColor == "#e65100" and review.lesionVolumeMl is None and review.lesionMeanUncertainty is None
+    with pytest.raises(ValueError, match="no classification"):
+        confidencePanel({"case_id": "x"})
+
+
+def test_csv_rows_and_columns(tmp_path):
+    ok = caseCsvRow(SUMMARY, "case01", "/in/case01.nii.gz", {"segmentation": "/out/case01.seg.nrrd"})
+    failed = caseCsvRow(None, "case02", "/in/case02.nii.gz", {}, "input is 2D: give a 3D volume")
+    assert ok["probability_pcr"] == "0.75" and ok["belief_no_pcr"] == "0.1"
+    assert ok["lesion_volume_ml"] == "0.18" and ok["satellite_lesion_mean_uncertainty"] == ""
+    assert (failed["status"], failed["error"], failed["segmentation_file"]) == ("error", "input is 2D: give a 3D volume", "")
+    columns = csvColumns([ok, failed])
+    assert columns[:4] == ["case_id", "input", "status", "error"] and columns[-1] == "summary_file"
+    path = writeCasesCsv([ok, failed], tmp_path / "r.csv")
+    rows = list(csv.DictReader(open(path, newline="", encoding="utf-8")))
+    assert [r["case_id"] for r in rows] == ["case01", "case02"]
+    assert rows[1]["lesion_volume_ml"] == "" and rows[0]["verdict"] == "reliable"
+    assert not (tmp_path / "r.csv.part").exists()
