@@ -74,14 +74,14 @@ __all__ = [
 
 MODULE_NAME = "UMLSegmentation"
 
-#: Python modules the engine imports (module name -> pip package); torch comes from the PyTorch extension.
+#: Python modules umlcore imports at module level (module name -> pip package); torch comes from the
+#: PyTorch extension. (scipy and matplotlib are imported only by umlcore's evaluation metrics.)
 ENGINE_PACKAGES = {
     "torch": "torch",
     "numpy": "numpy",
     "SimpleITK": "SimpleITK",
     "safetensors": "safetensors",
     "nibabel": "nibabel",
-    "scipy": "scipy",
 }
 
 #: The CSV written by :meth:`UMLSegmentationLogic.processFolder`.

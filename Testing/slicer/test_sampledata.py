@@ -1,0 +1,82 @@
+"""The shipped sample case (checksums, registration arguments, regeneration) and the engine's packages."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import slicer
+
+from UMLSegmentationLib.logic import ENGINE_PACKAGES
+from UMLSegmentationLib.paths import moduleDirectory, sampleDataDirectory
+from UMLSegmentationLib.sampledata import SAMPLE_CASES, SAMPLE_CATEGORY, fileSha256, sampleDataSources, writeSyntheticSample
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def read_array(path: Path):
+    node = slicer.vtkMRMLScalarVolumeNode()
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    return slicer.util.arrayFromVolume(node).copy(), slicer.util.arrayFromVTKMatrix(_matrix(node))
+
+
+def _matrix(node):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return m
+
+
+def test_shipped_files_match_their_checksums_and_registration():
+    (case,) = SAMPLE_CASES
+    for f in case.files:
+        assert fileSha256(sampleDataDirectory() / f.fileName) == f.sha256, f.fileName
+    (source,) = sampleDataSources(moduleDirectory())
+    assert source["category"] == SAMPLE_CATEGORY and source["sampleName"] == case.name
+    assert source["checksums"] == [f"SHA256:{f.sha256}" for f in case.files]
+    assert [Path(u.replace("file://", "")).name for u in source["uris"]] == [f.fileName for f in case.files]
+    assert all(u.startswith("file:///") for u in source["uris"]) and Path(source["thumbnailFileName"]).is_file()
+    assert source["nodeNames"] == ["UMLSyntheticBreastDCE-pre", "UMLSyntheticBreastDCE-early", "UMLSyntheticBreastDCE-late"]
+
+
+def test_sample_regenerates_with_the_same_voxels_and_geometry(tmp_path):
+    written = writeSyntheticSample(tmp_path)
+    for f, path in zip(SAMPLE_CASES[0].files, written):
+        shipped, shipped_matrix = read_array(sampleDataDirectory() / f.fileName)
+        fresh, fresh_matrix = read_array(path)
+        assert fresh.dtype == np.int16 and fresh.shape == (32, 128, 128)
+        assert np.array_equal(fresh, shipped) and np.allclose(fresh_matrix, shipped_matrix)
+    pre, early = (read_array(p)[0].astype(float) for p in written[:2])
+    assert early.max() > pre.max()  # the lesion enhances
+
+
+def third_party_imports(folder: Path) -> set[str]:
+    """Third-party modules imported at module level (imports inside functions are optional extras)."""
+    names = set()
+    for path in folder.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = [n for n in tree.body] + [c for n in tree.body if isinstance(n, (ast.Try, ast.If)) for c in ast.walk(n)]
+        for node in top:
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n != "umlcore"}
+
+
+def test_engine_packages_cover_what_umlcore_needs():
+    """What the module checks (and offers to install) before starting the engine covers every module umlcore
+    imports at module level, and stays within umlcore's declared dependencies."""
+    import re
+    import tomllib
+
+    assert third_party_imports(REPO / "UMLCore" / "umlcore") <= set(ENGINE_PACKAGES)
+    declared = tomllib.loads((REPO / "UMLCore" / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared_names = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() for d in declared}
+    assert {pip.lower() for pip in ENGINE_PACKAGES.values()} <= declared_names
