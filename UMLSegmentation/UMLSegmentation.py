@@ -17,7 +17,6 @@ import vtk
 import slicer
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
@@ -174,13 +173,13 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        self.ui.modelComboBox.currentIndexChanged.connect(self.onModelSelected)
-        self.ui.addModelButton.clicked.connect(self.onAddModel)
-        self.ui.runButton.clicked.connect(self.onRunButton)
-        self.ui.outputSegmentationSelector.currentNodeChanged.connect(self.ui.show3DButton.setSegmentationNode)
-        self.ui.outputTableSelector.currentNodeChanged.connect(self.updateConfidencePanelFromTable)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
+        self.ui.runButton.connect("clicked(bool)", self.onRunButton)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.show3DButton.setSegmentationNode)
+        self.ui.outputTableSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateConfidencePanelFromTable)
         for name in ("inputVolumeSelector",) + self.PHASE_SELECTORS:
-            getattr(self.ui, name).currentNodeChanged.connect(self.updateRunButtonState)
+            getattr(self.ui, name).connect("currentNodeChanged(vtkMRMLNode*)", self.updateRunButtonState)
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
@@ -307,7 +306,7 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updatePhaseSelectors()
         self.updateRunButtonState()
 
-    def onAddModel(self) -> None:
+    def onAddModel(self, checked: bool = False) -> None:
         path = qt.QFileDialog.getOpenFileName(
             slicer.util.mainWindow(), _("Add UML model"), "", _("UML model bundle (model.json *.zip)"))
         if not path:
@@ -360,7 +359,7 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.runButton.enabled = ready
         self.ui.runButton.toolTip = _("Run UML on the input volume(s)") if ready else _("Select an input volume and a model")
 
-    def onRunButton(self) -> None:
+    def onRunButton(self, checked: bool = False) -> None:
         if self._run is not None:
             self.cancelRun(_("cancelled"))
             return

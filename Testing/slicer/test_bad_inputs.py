@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 
-import slicer
 from umlslicer_helpers import IJK_TO_RAS, add_volume, phantom
 
 from UMLSegmentationLib.errors import EngineError, InputError

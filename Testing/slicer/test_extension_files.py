@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-import slicer
-
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "UMLSegmentation"
 UI_FILE = MODULE / "Resources" / "UI" / "UMLSegmentation.ui"

@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
-import numpy as np
-
 import slicer
 
 from .engine import (
@@ -37,14 +35,13 @@ from .engine import (
     buildPredictCommand,
     engineEnvironment,
 )
-from .errors import EngineError, InputError, RunCancelled, UMLSegmentationError
+from .errors import InputError, RunCancelled, UMLSegmentationError
 from .inputs import InputPlan, ijkToRasArray, planInputs, volumeDimensions, writeInputs
 from .models import ModelEntry, ModelInfo, listModels, resolveModel
 from .outputs import (
     EngineOutputs,
     OutputNodes,
     createMissingOutputs,
-    findCaseDirectory,
     placeInStudy,
     readCaseOutputs,
     readEngineOutputs,

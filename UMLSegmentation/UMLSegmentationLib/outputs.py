@@ -19,7 +19,7 @@ import vtk
 import slicer
 
 from .errors import EngineError
-from .inputs import GEOMETRY_TOLERANCE_MM, ijkToRasArray, volumeDimensions
+from .inputs import GEOMETRY_TOLERANCE_MM, ijkToRasArray
 from .models import ModelInfo, SegmentInfo
 from .summary import FIELD_COLUMN, VALUE_COLUMN, flattenSummary
 
