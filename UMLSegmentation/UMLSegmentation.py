@@ -190,6 +190,18 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.clearConfidencePanel()
 
+    def onReload(self) -> None:
+        """Developer reload: also reload the logic package (leaves first, ``logic`` last)."""
+        import importlib
+        import sys
+
+        self.cancelRun(_("the module was reloaded"))
+        for name in ("errors", "paths", "models", "summary", "engine", "inputs", "outputs", "sampledata", "logic"):
+            module = sys.modules.get(f"UMLSegmentationLib.{name}")
+            if module is not None:
+                importlib.reload(module)
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
         self.cancelRun(_("Slicer is closing"))
