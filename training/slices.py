@@ -1,0 +1,163 @@
+"""In-memory slice sets for training and validation: volumes -> normalised axial slices -> batches.
+
+A :class:`VolumeCase` holds one case already normalised exactly as the predictor normalises it, with the
+slicing axis first, so the network sees the same intensities in training and at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from umlcore.bundle import Normalization
+from umlcore.preprocess import inplane_axes, normalize, pad_to_multiple, slice_axis_index, to_slices
+from umlcore.synthetic import SyntheticCase
+
+__all__ = ["VolumeCase", "case_from_synthetic", "SliceSampler", "predict_volume"]
+
+
+@dataclass
+class VolumeCase:
+    """One normalised case, slicing axis first.
+
+    Attributes:
+        channels: ``(C, Z, Y, X)`` float32, one channel per model input (e.g. pre / early / late).
+        singles: ``(M, Z, Y, X)`` float32 single-volume views a user may load alone (each phase, the
+            subtraction image), used to train the "one volume, replicated" input mode; may be empty.
+        mask: ``(Z, Y, X)`` uint8 labels.
+        label: Reported (possibly noisy) case label.
+        clean_label: Noise-free label where known, else ``label``.
+        spacing: ``(x, y, z)`` voxel size in mm after the axis move.
+    """
+
+    case_id: str
+    channels: np.ndarray
+    singles: np.ndarray
+    mask: np.ndarray
+    label: int
+    clean_label: int
+    spacing: tuple[float, float, float]
+
+    @property
+    def lesion_slices(self) -> np.ndarray:
+        return np.flatnonzero(self.mask.reshape(self.mask.shape[0], -1).any(axis=1))
+
+    def slice_labels(self) -> np.ndarray:
+        """Per-slice class targets: the case label on slices with a lesion (or on every slice of a case
+        without lesions); 0 on lesion-free slices of a case that has a lesion elsewhere."""
+        has = self.mask.reshape(self.mask.shape[0], -1).any(axis=1)
+        if not has.any():
+            return np.full(self.mask.shape[0], self.label, dtype=np.int64)
+        return np.where(has, self.label, 0).astype(np.int64)
+
+
+def case_from_synthetic(case: SyntheticCase, norm: Normalization) -> VolumeCase:
+    """Normalise a synthetic case and slice it along patient-axial exactly as the predictor does."""
+    axis = slice_axis_index(case.direction, "axial")
+    w_axis, h_axis = inplane_axes(axis)
+    channels = np.stack([to_slices(normalize(p, norm), axis) for p in case.phases])  # (3, S, H, W)
+    subtraction = to_slices(normalize(case.phases[1] - case.phases[0], norm), axis)
+    singles = np.concatenate([channels, subtraction[None]]).astype(np.float32)
+    mask = np.ascontiguousarray(to_slices(case.mask, axis), dtype=np.uint8)
+    spacing = (float(case.spacing[w_axis]), float(case.spacing[h_axis]), float(case.spacing[axis]))
+    return VolumeCase(f"synthetic-{case.seed}", np.ascontiguousarray(channels, dtype=np.float32), singles, mask,
+                      int(case.label), int(case.clean_label), spacing)
+
+
+class SliceSampler:
+    """Random training batches of 2D slices with lesion oversampling, crops and augmentation.
+
+    Args:
+        cases: Training cases.
+        crop: Square crop size (a multiple of 8); slices smaller than that are zero-padded.
+        lesion_fraction: Share of each batch drawn from slices that contain a lesion.
+        single_volume_prob: Probability that a sample replaces its channels by one replicated
+            single volume (trains the one-volume input mode).
+        seed: Seed of the sampler's own generator.
+    """
+
+    def __init__(self, cases: Sequence[VolumeCase], crop: int, lesion_fraction: float = 0.5,
+                 single_volume_prob: float = 0.3, seed: int = 0) -> None:
+        if crop % 8:
+            raise ValueError(f"crop must be a multiple of 8, got {crop}")
+        self.cases = list(cases)
+        self.crop = crop
+        self.lesion_fraction = lesion_fraction
+        self.single_volume_prob = single_volume_prob
+        self.rng = np.random.default_rng(seed)
+        self.all_slices = [(i, z) for i, c in enumerate(self.cases) for z in range(c.mask.shape[0])]
+        self.lesion_slices = [(i, int(z)) for i, c in enumerate(self.cases) for z in c.lesion_slices]
+        self.labels = [c.slice_labels() for c in self.cases]
+
+    def _pick(self) -> tuple[int, int]:
+        pool = self.lesion_slices if self.lesion_slices and self.rng.random() < self.lesion_fraction else self.all_slices
+        return pool[self.rng.integers(len(pool))]
+
+    def _sample(self) -> tuple[np.ndarray, np.ndarray, int]:
+        i, z = self._pick()
+        case = self.cases[i]
+        if len(case.singles) and self.rng.random() < self.single_volume_prob:
+            one = case.singles[self.rng.integers(len(case.singles)), z]
+            image = np.repeat(one[None], case.channels.shape[0], axis=0)
+        else:
+            image = case.channels[:, z]
+        mask = case.mask[z]
+        image, mask = self._crop(image, mask)
+        # geometric augmentation: flips and 90-degree rotations (the generator already varies orientation)
+        k = int(self.rng.integers(4))
+        image, mask = np.rot90(image, k, axes=(1, 2)), np.rot90(mask, k)
+        if self.rng.random() < 0.5:
+            image, mask = image[:, :, ::-1], mask[:, ::-1]
+        # photometric augmentation: per-channel gamma and contrast jitter, additive noise
+        gamma = np.exp(self.rng.normal(0, 0.2, size=(image.shape[0], 1, 1)))
+        image = np.clip(image, 0, None) ** gamma * self.rng.uniform(0.85, 1.15, size=(image.shape[0], 1, 1))
+        image = image + self.rng.normal(0, self.rng.uniform(0, 0.03), size=image.shape)
+        return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(mask), int(self.labels[i][z])
+
+    def _crop(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        c = self.crop
+        pad_h, pad_w = max(0, c - mask.shape[0]), max(0, c - mask.shape[1])
+        if pad_h or pad_w:
+            image = np.pad(image, ((0, 0), (0, pad_h), (0, pad_w)))
+            mask = np.pad(mask, ((0, pad_h), (0, pad_w)))
+        h, w = mask.shape
+        ys, xs = np.nonzero(mask)
+        if len(ys) and self.rng.random() < 0.8:  # keep (part of) the lesion in view
+            j = self.rng.integers(len(ys))
+            y0 = int(np.clip(ys[j] - self.rng.integers(c), 0, h - c))
+            x0 = int(np.clip(xs[j] - self.rng.integers(c), 0, w - c))
+        else:
+            y0, x0 = int(self.rng.integers(h - c + 1)), int(self.rng.integers(w - c + 1))
+        return image[:, y0:y0 + c, x0:x0 + c], mask[y0:y0 + c, x0:x0 + c]
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x (B, C, crop, crop) float32, seg (B, crop, crop) int64, cls (B,) int64)``."""
+        samples = [self._sample() for _ in range(size)]
+        x = torch.from_numpy(np.stack([s[0] for s in samples]))
+        seg = torch.from_numpy(np.stack([s[1] for s in samples]).astype(np.int64))
+        cls = torch.tensor([s[2] for s in samples], dtype=torch.int64)
+        return x, seg, cls
+
+
+def predict_volume(model: torch.nn.Module, channels: np.ndarray, batch_size: int = 16,
+                   device: Optional[torch.device] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slice-wise prediction of a normalised ``(C, Z, Y, X)`` volume.
+
+    Returns:
+        ``seg_alpha (Z, K, Y, X)``, ``cls_alpha (Z, Kc)`` as float32 numpy arrays, and the labelmap ``(Z, Y, X)``.
+    """
+    device = device or torch.device("cpu")
+    c, z, h, w = channels.shape
+    seg, cls = [], []
+    with torch.inference_mode():
+        for s in range(0, z, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(channels[:, s:s + batch_size], 0, 1))).to(device)
+            out = model(pad_to_multiple(x, 8))
+            seg.append(out.seg_alpha[..., :h, :w].float().cpu().numpy())
+            cls.append(out.cls_alpha.float().cpu().numpy())
+    seg_alpha = np.concatenate(seg)
+    return seg_alpha, np.concatenate(cls), seg_alpha.argmax(1).astype(np.uint8)

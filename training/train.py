@@ -1,0 +1,297 @@
+"""Train a UML network: config -> data -> model -> schedule -> loop -> checkpoint.
+
+Examples:
+    python training/train.py --out runs/small                       # synthetic breast DCE-MRI, small preset
+    python training/train.py --config runs/small/train_config.json  # same settings from a JSON file
+    python training/train.py --out runs/small --resume              # continue from runs/small/last.*
+
+Everything a run needs is in the typed :class:`TrainConfig`; it is saved as ``train_config.json`` beside
+the checkpoints. Checkpoints are safetensors (no pickle): ``best.safetensors`` (model weights of the best
+validation score), ``last.safetensors`` + ``last_optim.safetensors`` + ``last.json`` (for ``--resume``).
+A CSV log ``log.csv`` gets one row per epoch (and TensorBoard events when tensorboard is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import multiprocessing
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from slices import SliceSampler, VolumeCase, case_from_synthetic, predict_volume  # noqa: E402
+from umlcore import metrics  # noqa: E402
+from umlcore.bundle import Normalization  # noqa: E402
+from umlcore.config import UMLConfig  # noqa: E402
+from umlcore.evidential import opinion  # noqa: E402
+from umlcore.fusion import fuse_slice_opinions  # noqa: E402
+from umlcore.losses import LossWeights, kl_annealing, uml_loss  # noqa: E402
+from umlcore.network import UMLNet  # noqa: E402
+from umlcore.synthetic import generate_case  # noqa: E402
+
+VAL_SEED_BASE = 1_000_000  # validation seeds; the test seeds of evaluate.py start at 2_000_000
+
+
+# ----------------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """All settings of a training run (saved beside the weights as JSON)."""
+
+    out: str = "runs/uml-small"
+    data: Literal["synthetic"] = "synthetic"
+    preset: Literal["small", "paper"] = "small"
+    # synthetic data: training seeds [seed_base, seed_base + train_cases), validation seeds from VAL_SEED_BASE
+    train_cases: int = 240
+    val_cases: int = 40
+    case_shape: tuple[int, int, int] = (32, 128, 128)
+    label_noise: float = 0.02
+    seed_base: int = 0
+    # schedule
+    epochs: int = 30
+    steps_per_epoch: int = 100
+    batch_size: int = 16
+    crop: int = 96
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    kl_anneal_epochs: float = 10.0
+    single_volume_prob: float = 0.3
+    lesion_fraction: float = 0.5
+    # runtime
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "off"] = "auto"  # auto: bf16 autocast on CUDA only, never on CPU
+    workers: int = 2
+    threads: int = 0  # torch CPU threads; 0 = torch default
+
+    @classmethod
+    def from_json(cls, path: str) -> "TrainConfig":
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SystemExit(f"train.py: error: unknown fields {unknown} in {path}; known: {sorted(known)}")
+        if "case_shape" in data:
+            data["case_shape"] = tuple(data["case_shape"])
+        return cls(**data)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[TrainConfig, bool]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="JSON file with TrainConfig fields (command-line flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.* if present")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        kind = type(getattr(defaults, f.name))
+        if kind is tuple:
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=int, nargs=3, default=None)
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
+    args = p.parse_args(argv)
+    cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    if "case_shape" in overrides:
+        overrides["case_shape"] = tuple(overrides["case_shape"])
+    cfg = dataclasses.replace(cfg, **overrides)
+    if cfg.crop % 8:
+        p.error(f"--crop must be a multiple of 8, got {cfg.crop}")
+    return cfg, args.resume
+
+
+# ------------------------------------------------------------------------------------------------- data
+NORM = Normalization()  # the shipped bundle's input normalisation (percentile 0.5 / 99.5 -> [0, 1])
+
+
+def _make_case(args: tuple[int, tuple[int, int, int], float]) -> VolumeCase:
+    seed, shape, noise = args
+    return case_from_synthetic(generate_case(seed, shape=shape, label_noise=noise), NORM)
+
+
+def synthetic_cases(seeds: range, shape: tuple[int, int, int], noise: float, workers: int) -> list[VolumeCase]:
+    jobs = [(s, shape, noise) for s in seeds]
+    if workers <= 1:
+        return [_make_case(j) for j in jobs]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return pool.map(_make_case, jobs, chunksize=4)
+
+
+# ------------------------------------------------------------------------------------------- validation
+def validate(model: UMLNet, cases: list[VolumeCase], device: torch.device) -> dict[str, float]:
+    """Volume-level Dice (cases with a lesion), case accuracy / AUC / ECE from fused slice opinions."""
+    model.eval()
+    dices, probs, labels, u_case = [], [], [], []
+    for case in cases:
+        seg_alpha, cls_alpha, labelmap = predict_volume(model, case.channels, device=device)
+        if case.mask.any():
+            dices.append(metrics.dice(labelmap, case.mask))
+        lesion_voxels = (labelmap > 0).reshape(labelmap.shape[0], -1).sum(1)
+        alpha = fuse_slice_opinions(cls_alpha, lesion_voxels)
+        op = opinion(torch.from_numpy(alpha)[None])
+        probs.append(float(op.probability[0, 1]))
+        u_case.append(float(op.uncertainty[0, 0]))
+        labels.append(case.label)
+    probs_a, labels_a = np.array(probs), np.array(labels)
+    return {
+        "dice": float(np.mean(dices)) if dices else float("nan"),
+        "accuracy": metrics.accuracy(probs_a, labels_a),
+        "auc": metrics.roc_auc(probs_a, labels_a),
+        "ece": metrics.expected_calibration_error(probs_a, labels_a),
+        "case_uncertainty": float(np.mean(u_case)),
+    }
+
+
+def score(m: dict[str, float]) -> float:
+    """Best-checkpoint criterion: Dice + AUC - ECE (higher is better)."""
+    return m["dice"] + m["auc"] - m["ece"]
+
+
+# ------------------------------------------------------------------------------------------- checkpoint
+def save_checkpoint(out: Path, model: UMLNet, opt: torch.optim.Optimizer, state: dict) -> None:
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(out / "last.safetensors"))
+    optim = {}
+    for pid, st in opt.state_dict()["state"].items():
+        for name, value in st.items():
+            optim[f"{pid}.{name}"] = (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu().contiguous()
+    save_file(optim, str(out / "last_optim.safetensors"))
+    (out / "last.json").write_text(json.dumps(state, indent=2))
+
+
+def load_checkpoint(out: Path, model: UMLNet, opt: torch.optim.Optimizer) -> dict:
+    model.load_state_dict(load_file(str(out / "last.safetensors")))
+    flat = load_file(str(out / "last_optim.safetensors"))
+    sd = opt.state_dict()
+    state: dict = {}
+    for key, value in flat.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return json.loads((out / "last.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main(argv: Optional[list[str]] = None) -> dict:
+    cfg, resume = parse_args(argv)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    use_amp = cfg.amp == "auto" and device.type == "cuda"
+
+    # data
+    t0 = time.time()
+    train_cases = synthetic_cases(range(cfg.seed_base, cfg.seed_base + cfg.train_cases), cfg.case_shape,
+                                  cfg.label_noise, cfg.workers)
+    val_cases = synthetic_cases(range(VAL_SEED_BASE, VAL_SEED_BASE + cfg.val_cases), cfg.case_shape,
+                                cfg.label_noise, cfg.workers)
+    sampler = SliceSampler(train_cases, cfg.crop, cfg.lesion_fraction, cfg.single_volume_prob, seed=cfg.seed)
+    print(f"data: {len(train_cases)} train / {len(val_cases)} val cases, {len(sampler.all_slices)} train slices "
+          f"({len(sampler.lesion_slices)} with lesion) in {time.time() - t0:.1f}s", flush=True)
+
+    # model
+    model_cfg = UMLConfig.preset(cfg.preset, in_channels=train_cases[0].channels.shape[0])
+    model = UMLNet(model_cfg).to(device)
+    print(f"model: preset {cfg.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+          f"device {device}{' (bf16 autocast)' if use_amp else ''}", flush=True)
+
+    # schedule: AdamW, linear warm-up then cosine decay over all steps; KL weight annealed per epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * cfg.steps_per_epoch
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "best_metrics": {}}
+    if resume and (out / "last.json").exists():
+        state = load_checkpoint(out, model, opt)
+        sampler.rng = np.random.default_rng(cfg.seed + state["step"])
+        print(f"resumed from epoch {state['epoch']}", flush=True)
+
+    log_path = out / "log.csv"
+    fields = ["epoch", "step", "lr", "kl_weight", "loss", "cls", "seg", "mutual", "dice", "accuracy", "auc", "ece",
+              "case_uncertainty", "seconds"]
+    if not (resume and log_path.exists()):
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerow(fields)
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional
+        tb = SummaryWriter(str(out / "tensorboard"))
+    except Exception:
+        tb = None
+
+    # loop
+    weights = LossWeights()
+    for epoch in range(state["epoch"], cfg.epochs):
+        model.train()
+        kl_weight = kl_annealing(epoch, cfg.kl_anneal_epochs)
+        t_epoch = time.time()
+        sums = {"total": 0.0, "cls": 0.0, "seg": 0.0, "mutual": 0.0}
+        for i in range(cfg.steps_per_epoch):
+            step = state["step"]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            x, seg, cls = (t.to(device) for t in sampler.batch(cfg.batch_size))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out_ = model(x)
+            out_ = type(out_)(*(o.float() if torch.is_tensor(o) else tuple(t.float() for t in o) for o in out_))
+            losses = uml_loss(out_, cls, seg, kl_weight, weights)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            state["step"] = step + 1
+            for k in sums:
+                sums[k] += float(losses[k].detach())
+            if (i + 1) % 10 == 0 or i + 1 == cfg.steps_per_epoch:
+                done = (i + 1) / cfg.steps_per_epoch
+                bar = "#" * int(done * 20)
+                print(f"\repoch {epoch + 1}/{cfg.epochs} [{bar:<20}] loss {sums['total'] / (i + 1):.4f}",
+                      end="", flush=True)
+        val = validate(model, val_cases, device)
+        row = {"epoch": epoch + 1, "step": state["step"], "lr": lr_at(state["step"]), "kl_weight": kl_weight,
+               "loss": sums["total"] / cfg.steps_per_epoch,
+               **{k: sums[k] / cfg.steps_per_epoch for k in ("cls", "seg", "mutual")}, **val,
+               "seconds": time.time() - t_epoch}
+        print(f"\repoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} | val dice {val['dice']:.3f} "
+              f"acc {val['accuracy']:.3f} auc {val['auc']:.3f} ece {val['ece']:.3f} u {val['case_uncertainty']:.3f} "
+              f"| {row['seconds']:.0f}s", flush=True)
+        with open(log_path, "a", newline="") as f:
+            csv.writer(f).writerow([row[k] for k in fields])
+        if tb is not None:
+            for k, v in row.items():
+                tb.add_scalar(k, v, epoch + 1)
+        if score(val) > state["best_score"]:
+            state.update(best_score=score(val), best_epoch=epoch + 1, best_metrics=val)
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                      str(out / "best.safetensors"))
+        state["epoch"] = epoch + 1
+        save_checkpoint(out, model, opt, state)
+
+    (out / "model_config.json").write_text(model_cfg.to_json())
+    print(f"best epoch {state['best_epoch']}: {state['best_metrics']}", flush=True)
+    return state
+
+
+if __name__ == "__main__":
+    main()
