@@ -19,6 +19,7 @@ is left behind.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ from .catalogue import list_models, resolve_model, shipped_models_dir, user_mode
 from .errors import BundleError, CancelledError, UMLError, UMLInputError
 from .io import read_case, strip_image_extension, write_image_atomic
 from .predictor import Predictor
+from .preview import write_preview
 
 __all__ = ["main", "build_parser", "OUTPUT_FILES", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
@@ -49,6 +51,7 @@ OutputFormat = Literal["nii.gz", "nrrd"]
 
 #: Files written per case (``{fmt}`` is ``nii.gz`` or ``nrrd``).
 OUTPUT_FILES = {"segmentation": "segmentation.{fmt}", "uncertainty": "uncertainty.{fmt}", "summary": "summary.json"}
+PREVIEW_FILE = "preview.png"
 
 # Share of the whole run: reading/validating all inputs first, then the cases; per case the prediction,
 # then writing its files.
@@ -102,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                    help="bar: text bar on stderr (default on a terminal); json: one JSON object per line on stdout; none (default otherwise)")
     p.add_argument("--overwrite", action="store_true", help="replace existing OUTDIR/<case> folders")
+    p.add_argument("--preview", action="store_true",
+                   help="also write OUTDIR/<case>/preview.png: key slice with the lesion outline, uncertainty, confidence")
     p.set_defaults(func=_cmd_predict)
 
     i = sub.add_parser("info", parents=[common], help="print a model bundle's card", description="Print a model bundle's card (verifies the bundle).")
@@ -235,6 +240,8 @@ def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict) -> 
         target = outdir / case.id
         if (target.exists() or target.is_symlink()) and not args.overwrite:
             raise UMLInputError(f"output {target} already exists: pass --overwrite to replace it, or choose another -o")
+    if args.preview and importlib.util.find_spec("matplotlib") is None:
+        raise UMLInputError("--preview needs matplotlib: pip install matplotlib, or leave out --preview")
     bundle = _load_model(args.model)
     predictor = Predictor(bundle, device=args.device, batch_size=args.batch_size)
 
@@ -282,10 +289,14 @@ def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict) -> 
                 entry["path"] = case.paths[0] if four_d else case.paths[entry["volume"]]
             names = {k: v.format(fmt=fmt) for k, v in OUTPUT_FILES.items()}
             summary["outputs"] = dict(names)
+            if args.preview:
+                summary["outputs"]["preview"] = PREVIEW_FILE
             folder = staging / case.id
             folder.mkdir()
             write_image_atomic(prediction.labelmap, folder / names["segmentation"])
             write_image_atomic(prediction.uncertainty, folder / names["uncertainty"])
+            if args.preview:
+                write_preview(volumes, prediction.labelmap, prediction.uncertainty, summary, folder / PREVIEW_FILE)
             (folder / names["summary"]).write_text(json.dumps(summary, indent=2) + "\n")
             del prediction, volumes
         # Every case succeeded: move the case folders into place (old ones aside first, deleted at the end).
