@@ -5,6 +5,10 @@ Examples:
     python training/train.py --config runs/small/train_config.json  # same settings from a JSON file
     python training/train.py --out runs/small --resume              # continue from runs/small/last.*
 
+``--resume`` continues from the last finished epoch with the saved optimiser state. Giving a larger ``--epochs``
+with ``--resume`` stretches the cosine schedule over the new total, i.e. a warm restart from the learning rate
+the longer schedule has at that step.
+
 Everything a run needs is in the typed :class:`TrainConfig`; it is saved as ``train_config.json`` beside
 the checkpoints. Checkpoints are safetensors (no pickle): ``best.safetensors`` (model weights of the best
 validation score), ``last.safetensors`` + ``last_optim.safetensors`` + ``last.json`` (for ``--resume``).

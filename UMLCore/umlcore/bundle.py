@@ -78,7 +78,8 @@ class InputSpec:
         min_channels: Fewest input volumes accepted; missing channels are filled per ``missing_channels``.
         missing_channels: ``replicate``: a single volume fills every channel (the network was trained so).
         slicing_axis: Patient axis the 2D network slices along.
-        target_spacing: In-plane spacing (mm) to resample to, or ``None`` to keep the input's.
+        target_spacing: In-plane spacing (mm) to resample to, ``(first, second)`` in-plane index axis (``(x, y)``
+            for axial slices of an axial acquisition), or ``None`` to keep the input's.
         normalization: :class:`Normalization`.
     """
 
