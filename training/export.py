@@ -61,6 +61,7 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
         "best_validation": state.get("best_metrics"),
         "commit": git_commit(),
         "command": f"python training/train.py {flags}",
+        "invocations": (run / "commands.txt").read_text().splitlines() if (run / "commands.txt").exists() else [],
         "config": train_cfg,
     }
     metrics = {}

@@ -191,6 +191,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     cfg, resume = parse_args(argv)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    with open(out / "commands.txt", "a") as f:  # every invocation, so a resumed run's history is complete
+        f.write("python training/train.py " + " ".join(sys.argv[1:] if argv is None else argv) + "\n")
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)

@@ -67,6 +67,14 @@ def test_log_dice_perfect_and_known():
     assert log_dice_loss(p, g, eps=0.0).item() == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_log_dice_leaves_out_classes_absent_from_the_target():
+    g = torch.zeros(1, 2, 4, 4)
+    g[:, 0] = 1  # background only: a lesion-free slice
+    p = torch.full_like(g, 0.5)
+    # only the background term: 2*8/(8+16) = 2/3
+    assert log_dice_loss(p, g, eps=0.0).item() == pytest.approx(-math.log(2 / 3), abs=1e-6)
+
+
 def test_log_dice_uses_probabilities_not_alpha():
     alpha = torch.ones(1, 2, 4, 4)
     alpha[:, 1, :2] = 101.0  # confident foreground in the top half

@@ -114,6 +114,11 @@ def _check_seg_target(alpha: torch.Tensor, target: torch.Tensor) -> None:
 def log_dice_loss(prob: torch.Tensor, target_onehot: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """Per-sample log-Dice ``mean_c(-log((2 sum p g + eps) / (sum p + sum g + eps)))`` on probabilities.
 
+    The mean runs over the classes **present** in the sample's target. An absent class has no Dice to speak
+    of: its term would be ``-log(eps / (sum p + eps))``, and since an evidential pixel always keeps the prior
+    mass ``p_c >= 1 / S``, that term stays large on every lesion-free slice and drowns the lesion signal.
+    False positives on such slices are still penalised by the per-pixel evidential loss.
+
     Args:
         prob: ``(B, K, H, W)`` expected probabilities (not alpha).
         target_onehot: ``(B, K, H, W)`` one-hot (or soft) targets.
@@ -123,9 +128,12 @@ def log_dice_loss(prob: torch.Tensor, target_onehot: torch.Tensor, eps: float = 
     """
     dims = (2, 3)
     inter = (prob * target_onehot).sum(dims)
-    denom = prob.sum(dims) + target_onehot.sum(dims)
+    target_sum = target_onehot.sum(dims)
+    denom = prob.sum(dims) + target_sum
     dice = (2.0 * inter + eps) / (denom + eps)
-    return -torch.log(dice).mean(dim=1)
+    present = target_sum > 0
+    terms = torch.where(present, -torch.log(dice.clamp_min(1e-12)), torch.zeros_like(dice))
+    return terms.sum(dim=1) / present.sum(dim=1).clamp_min(1).to(prob.dtype)
 
 
 def evidential_segmentation_loss(alpha: torch.Tensor, target: torch.Tensor, kl_weight: float) -> torch.Tensor:

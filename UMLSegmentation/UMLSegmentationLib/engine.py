@@ -57,7 +57,7 @@ class ProgressEvent:
         stage: Engine stage (see :data:`STAGES`) or one of the module's own: ``"prepare"`` (writing the
             inputs), ``"import"`` (loading results into the scene), ``"finished"``.
         case: Case id.
-        fraction: Progress of this case in 0..1.
+        fraction: Progress of the whole engine run in 0..1 (all cases of the call together).
         message: Human-readable status.
     """
 
