@@ -168,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--model", required=True, help="bundle folder / zip")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--cases", type=int, default=100)
-    p.add_argument("--shape", type=int, nargs=3, default=(32, 128, 128))
+    p.add_argument("--shape", type=int, nargs=3, default=(24, 256, 256))
     p.add_argument("--label-noise", type=float, default=0.02)
     p.add_argument("--robustness-cases", type=int, default=40, help="cases per noise level (sigma > 0)")
     p.add_argument("--mode-cases", type=int, default=40, help="cases per single-volume input mode")

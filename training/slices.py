@@ -26,8 +26,8 @@ class VolumeCase:
 
     Attributes:
         channels: ``(C, Z, Y, X)`` float32, one channel per model input (e.g. pre / early / late).
-        singles: ``(M, Z, Y, X)`` float32 single-volume views a user may load alone (each phase, the
-            subtraction image), used to train the "one volume, replicated" input mode; may be empty.
+        singles: ``(M, Z, Y, X)`` float32 extra single-volume views a user may load alone (the subtraction
+            image); with each channel they train the "one volume, replicated" input mode; may be empty.
         mask: ``(Z, Y, X)`` uint8 labels.
         label: Reported (possibly noisy) case label.
         clean_label: Noise-free label where known, else ``label``.
@@ -61,7 +61,7 @@ def case_from_synthetic(case: SyntheticCase, norm: Normalization) -> VolumeCase:
     w_axis, h_axis = inplane_axes(axis)
     channels = np.stack([to_slices(normalize(p, norm), axis) for p in case.phases])  # (3, S, H, W)
     subtraction = to_slices(normalize(case.phases[1] - case.phases[0], norm), axis)
-    singles = np.concatenate([channels, subtraction[None]]).astype(np.float32)
+    singles = np.ascontiguousarray(subtraction[None], dtype=np.float32)
     mask = np.ascontiguousarray(to_slices(case.mask, axis), dtype=np.uint8)
     spacing = (float(case.spacing[w_axis]), float(case.spacing[h_axis]), float(case.spacing[axis]))
     return VolumeCase(f"synthetic-{case.seed}", np.ascontiguousarray(channels, dtype=np.float32), singles, mask,
@@ -100,8 +100,9 @@ class SliceSampler:
     def _sample(self) -> tuple[np.ndarray, np.ndarray, int]:
         i, z = self._pick()
         case = self.cases[i]
-        if len(case.singles) and self.rng.random() < self.single_volume_prob:
-            one = case.singles[self.rng.integers(len(case.singles)), z]
+        if self.rng.random() < self.single_volume_prob:
+            j = int(self.rng.integers(len(case.channels) + len(case.singles)))
+            one = case.channels[j, z] if j < len(case.channels) else case.singles[j - len(case.channels), z]
             image = np.repeat(one[None], case.channels.shape[0], axis=0)
         else:
             image = case.channels[:, z]

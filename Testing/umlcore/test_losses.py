@@ -61,10 +61,10 @@ def test_log_dice_perfect_and_known():
     g = torch.zeros(1, 2, 4, 4)
     g[:, 1, :2] = 1
     g[:, 0, 2:] = 1
-    assert log_dice_loss(g, g, eps=0.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert log_dice_loss(g, g, eps=0.0, mode="sample").item() == pytest.approx(0.0, abs=1e-6)
     p = torch.full_like(g, 0.5)
     # each class: 2*sum(0.5*g)/(sum(0.5)+sum(g)) = 8/(8+8) = 0.5 -> -log(0.5)
-    assert log_dice_loss(p, g, eps=0.0).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert log_dice_loss(p, g, eps=0.0, mode="sample").item() == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_log_dice_leaves_out_classes_absent_from_the_target():
@@ -72,7 +72,23 @@ def test_log_dice_leaves_out_classes_absent_from_the_target():
     g[:, 0] = 1  # background only: a lesion-free slice
     p = torch.full_like(g, 0.5)
     # only the background term: 2*8/(8+16) = 2/3
-    assert log_dice_loss(p, g, eps=0.0).item() == pytest.approx(-math.log(2 / 3), abs=1e-6)
+    assert log_dice_loss(p, g, eps=0.0, mode="sample").item() == pytest.approx(-math.log(2 / 3), abs=1e-6)
+
+
+def test_batch_dice_counts_false_positives_on_lesion_free_samples():
+    g = torch.zeros(2, 2, 4, 4)
+    g[:, 0] = 1
+    g[0, 1, :2] = 1  # sample 0 has a lesion in its top half, sample 1 none
+    g[0, 0, :2] = 0
+    perfect = g.clone()
+    fp = g.clone()
+    fp[1, 1, :2], fp[1, 0, :2] = 1, 0  # false-positive lesion on the lesion-free sample
+    assert log_dice_loss(perfect, g, eps=0.0).tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    # lesion: 2*8/(16+8) = 2/3; background: 2*16/(16+24) = 0.8
+    expected = (-math.log(2 / 3) - math.log(0.8)) / 2
+    assert log_dice_loss(fp, g, eps=0.0).tolist() == pytest.approx([expected, expected], abs=1e-6)
+    with pytest.raises(ValueError, match="mode must be"):
+        log_dice_loss(fp, g, mode="pixel")
 
 
 def test_log_dice_uses_probabilities_not_alpha():

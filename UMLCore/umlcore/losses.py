@@ -9,6 +9,7 @@ broadcast ``(B, 1)`` labels).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -111,44 +112,55 @@ def _check_seg_target(alpha: torch.Tensor, target: torch.Tensor) -> None:
         raise ValueError(f"segmentation target values must lie in [0, {alpha.shape[1] - 1}]")
 
 
-def log_dice_loss(prob: torch.Tensor, target_onehot: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Per-sample log-Dice ``mean_c(-log((2 sum p g + eps) / (sum p + sum g + eps)))`` on probabilities.
+DiceMode = Literal["batch", "sample"]
 
-    The mean runs over the classes **present** in the sample's target. An absent class has no Dice to speak
-    of: its term would be ``-log(eps / (sum p + eps))``, and since an evidential pixel always keeps the prior
-    mass ``p_c >= 1 / S``, that term stays large on every lesion-free slice and drowns the lesion signal.
-    False positives on such slices are still penalised by the per-pixel evidential loss.
+
+def log_dice_loss(prob: torch.Tensor, target_onehot: torch.Tensor, eps: float = 1.0,
+                  mode: DiceMode = "batch") -> torch.Tensor:
+    """Log-Dice ``mean_c(-log((2 sum p g + eps) / (sum p + sum g + eps)))`` on probabilities.
+
+    The mean runs over the classes present in the target. ``mode="batch"`` sums over the whole batch (nnU-Net's
+    batch Dice): false positives on lesion-free crops then enter the denominator of the lesion Dice instead of
+    making an ill-defined per-sample term. ``mode="sample"`` computes one Dice per sample (classes absent from a
+    sample are left out: their term ``-log(eps / (sum p + eps))`` never vanishes, because an evidential pixel
+    keeps the prior mass ``p_c >= 1 / S``).
 
     Args:
         prob: ``(B, K, H, W)`` expected probabilities (not alpha).
         target_onehot: ``(B, K, H, W)`` one-hot (or soft) targets.
+        eps: Smoothing.
+        mode: ``"batch"`` (default) or ``"sample"``.
 
     Returns:
-        ``(B,)`` losses.
+        ``(B,)`` losses (the batch value repeated for ``mode="batch"``).
     """
-    dims = (2, 3)
+    if mode not in ("batch", "sample"):
+        raise ValueError(f"mode must be 'batch' or 'sample', got {mode!r}")
+    dims = (0, 2, 3) if mode == "batch" else (2, 3)
     inter = (prob * target_onehot).sum(dims)
     target_sum = target_onehot.sum(dims)
-    denom = prob.sum(dims) + target_sum
-    dice = (2.0 * inter + eps) / (denom + eps)
+    dice = (2.0 * inter + eps) / (prob.sum(dims) + target_sum + eps)
     present = target_sum > 0
     terms = torch.where(present, -torch.log(dice.clamp_min(1e-12)), torch.zeros_like(dice))
-    return terms.sum(dim=1) / present.sum(dim=1).clamp_min(1).to(prob.dtype)
+    loss = terms.sum(dim=-1) / present.sum(dim=-1).clamp_min(1).to(prob.dtype)
+    return loss.expand(prob.shape[0]) if mode == "batch" else loss
 
 
-def evidential_segmentation_loss(alpha: torch.Tensor, target: torch.Tensor, kl_weight: float) -> torch.Tensor:
-    """Per-pixel evidential loss (mean over pixels) plus log-Dice on ``p = alpha / S``; batch mean.
+def evidential_segmentation_loss(alpha: torch.Tensor, target: torch.Tensor, kl_weight: float,
+                                 dice_mode: DiceMode = "batch") -> torch.Tensor:
+    """Per-pixel evidential loss (mean over pixels, then samples) plus log-Dice on ``p = alpha / S``.
 
     Args:
         alpha: ``(B, K, h, w)`` Dirichlet parameters; ``(h, w)`` may be coarser than the target.
         target: ``(B, H, W)`` integer labels; area-downsampled to ``(h, w)`` when needed.
         kl_weight: Annealed KL weight.
+        dice_mode: See :func:`log_dice_loss`.
     """
     _check_seg_target(alpha, target)
     onehot = _seg_onehot(target, alpha.shape[1], tuple(alpha.shape[-2:]), alpha.dtype)
     pixel = evidential_loss(alpha, onehot, kl_weight).flatten(1).mean(1)
     prob = alpha / alpha.sum(dim=1, keepdim=True)
-    return (pixel + log_dice_loss(prob, onehot)).mean()
+    return (pixel + log_dice_loss(prob, onehot, mode=dice_mode)).mean()
 
 
 def kl_annealing(epoch: float, anneal_epochs: float) -> float:

@@ -1,0 +1,100 @@
+"""Benchmarks (not tests): FLOPs / parameters per preset, slice throughput, and peak memory of `uml predict`.
+
+    python benchmarks/bench_predict.py                       # CPU (and CUDA when available)
+    python benchmarks/bench_predict.py --model Resources/Models/uml-breast-dce-small --runs 5
+
+Prints one line per figure. Throughput: median over ``--runs`` timed runs of ``--slices`` 256x256 slices
+after one warm-up run, under ``torch.inference_mode`` (fp32 on CPU; bf16 autocast on CUDA as the predictor
+does). Peak memory: maximum resident set size of a separate ``uml predict`` process on a 256x256x96 volume
+(``resource.getrusage(RUSAGE_CHILDREN)``), and peak CUDA memory when run on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from umlcore.config import UMLConfig
+from umlcore.network import UMLNet
+
+
+def flops_and_params() -> None:
+    for name in ("small", "paper"):
+        net = UMLNet(UMLConfig.preset(name)).eval()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            net(torch.zeros(1, 3, 256, 256))
+        params = sum(p.numel() for p in net.parameters())
+        print(f"preset {name}: {counter.get_total_flops() / 1e9:.2f} GFLOP per 256x256 slice, {params / 1e6:.2f} M parameters")
+
+
+def throughput(device: str, slices: int, runs: int, batch: int) -> None:
+    net = UMLNet(UMLConfig.preset("small")).eval().to(device)
+    x = torch.randn(batch, 3, 256, 256, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    times = []
+    with torch.inference_mode(), autocast:
+        for r in range(runs + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(slices // batch):
+                net(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if r:
+                times.append(time.perf_counter() - t0)
+    rates = [slices // batch * batch / t for t in times]
+    print(f"{device}: small preset {statistics.median(rates):.1f} slices/s at 256x256 (batch {batch}, median of {runs}; "
+          f"min {min(rates):.1f}, max {max(rates):.1f}; torch threads {torch.get_num_threads()})")
+
+
+def peak_memory(model: str, device: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        img = sitk.GetImageFromArray((rng.random((96, 256, 256)) * 1000).astype(np.float32))
+        img.SetSpacing((0.7, 0.7, 2.0))
+        src = Path(tmp) / "vol.nii.gz"
+        sitk.WriteImage(img, str(src))
+        t0 = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        proc = subprocess.run([sys.executable, "-m", "umlcore", "predict", str(src), "-o", str(Path(tmp) / "out"),
+                               "--model", model, "--device", device, "--progress", "none"],
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if proc.returncode:
+            print(f"uml predict failed: {proc.stderr.strip()}")
+            return
+        print(f"uml predict 256x256x96 on {device}: {wall:.1f} s wall, peak RSS {max(peak, before) / 1024:.0f} MiB")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="bundle for the `uml predict` memory run (default: shipped model)")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--slices", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    args = p.parse_args()
+    flops_and_params()
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for d in devices:
+        throughput(d, args.slices, args.runs, args.batch)
+    model = args.model or str(Path(__file__).resolve().parents[1] / "Resources" / "Models" / "uml-breast-dce-small")
+    for d in devices:
+        peak_memory(model, d)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
