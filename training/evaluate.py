@@ -16,6 +16,7 @@ Reports (``report.json`` + ``report.md`` + ``reliability.png`` in ``--out``):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -27,10 +28,12 @@ import SimpleITK as sitk
 
 from umlcore import metrics
 from umlcore.bundle import load_bundle
+from umlcore.fusion import fit_platt
 from umlcore.predictor import Predictor
 from umlcore.synthetic import generate_case
 
 TEST_SEED_BASE = 2_000_000
+VAL_SEED_BASE = 1_000_000  # validation seeds (as in train.py): used only to fit the case calibration
 SIGMAS = (0.0, 0.05, 0.1, 0.2)
 
 
@@ -60,12 +63,12 @@ def input_views(images: list[sitk.Image], mode: str) -> list[sitk.Image]:
 
 
 def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float, sigma: float, mode: str,
-                   pixel_stats: bool) -> dict:
+                   pixel_stats: bool, seed_base: int = TEST_SEED_BASE) -> dict:
     rng = np.random.default_rng(12345)
     dices, hds, probs, labels, clean, u_case, correct = [], [], [], [], [], [], []
     pix_u, pix_err, pix_p, pix_y = [], [], [], []
     for i in range(n_cases):
-        case = generate_case(TEST_SEED_BASE + i, shape=tuple(shape), label_noise=label_noise)
+        case = generate_case(seed_base + i, shape=tuple(shape), label_noise=label_noise)
         images = input_views(add_noise(case.to_sitk(), sigma, rng), mode)
         pred = predictor.predict(images, case_id=f"synthetic-{case.seed}")
         lab = sitk.GetArrayFromImage(pred.labelmap)
@@ -173,11 +176,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--robustness-cases", type=int, default=40, help="cases per noise level (sigma > 0)")
     p.add_argument("--mode-cases", type=int, default=40, help="cases per single-volume input mode")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--calibrate-cases", type=int, default=0,
+                   help="fit a Platt calibration of the case opinion on this many validation cases (seeds from "
+                        "1000000, disjoint from the test seeds), apply it here, and record it for export.py")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     bundle = load_bundle(args.model)
-    predictor = Predictor(bundle, device=args.device, batch_size=16)
     t0 = time.time()
+    calibration = None
+    if args.calibrate_cases:
+        uncalibrated = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, case_calibration=None))
+        val = evaluate_cases(Predictor(uncalibrated, device=args.device, batch_size=16), args.calibrate_cases,
+                             args.shape, args.label_noise, 0.0, "phases", False, seed_base=VAL_SEED_BASE)
+        slope, intercept = fit_platt(val["_probs"], val["_labels"])
+        calibration = {"slope": slope, "intercept": intercept,
+                       "fitted_on": f"{args.calibrate_cases} validation cases, seeds {VAL_SEED_BASE}.."
+                                    f"{VAL_SEED_BASE + args.calibrate_cases - 1}",
+                       "validation_ece_before": val["ece"]}
+        bundle = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, case_calibration=calibration))
+        print(f"case calibration: slope {slope:.3f}, intercept {intercept:.3f} (validation ECE before {val['ece']:.3f})")
+    predictor = Predictor(bundle, device=args.device, batch_size=16)
     main_res = evaluate_cases(predictor, args.cases, args.shape, args.label_noise, 0.0, "phases", pixel_stats=True)
     robustness = [{"sigma": 0.0, **{k: v for k, v in main_res.items() if not k.startswith("_")}}]
     for sigma in SIGMAS[1:]:
@@ -191,6 +209,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     metrics.plot_reliability_diagram(main_res["_probs"], main_res["_labels"], path=str(args.out / "reliability.png"))
     summary = {k: v for k, v in main_res.items() if not k.startswith("_")}
     summary["suggested_review_uncertainty"] = suggest_review_uncertainty(main_res["_u"], main_res["_correct"])
+    if calibration is not None:
+        summary["case_calibration"] = calibration
     report = {
         "model": {"id": bundle.card.id, "version": bundle.card.version, "sha256": bundle.sha256},
         "command": "python training/evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -56,7 +56,8 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
                 f"[{train_cfg['seed_base']}, {train_cfg['seed_base'] + train_cfg['train_cases']}), "
                 f"validation seeds from 1000000, label noise {train_cfg['label_noise']}",
         "seed": train_cfg["seed"],
-        "epochs": train_cfg["epochs"],
+        "epochs_planned": train_cfg["epochs"],
+        "epochs_completed": state.get("epoch"),
         "best_epoch": state.get("best_epoch"),
         "best_validation": state.get("best_metrics"),
         "commit": git_commit(),
@@ -65,8 +66,10 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
         "config": train_cfg,
     }
     metrics = {}
+    calibration = None
     if report is not None:
         metrics = {"test_set": report.get("dataset"), "command": report.get("command"), **report.get("summary", {})}
+        calibration = metrics.pop("case_calibration", None)
     return ModelCard(
         id=model_id,
         version=version,
@@ -85,6 +88,7 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
         architecture=arch,
         positive_class=1,
         review_uncertainty=review_uncertainty,
+        case_calibration=calibration,
         training=training,
         metrics=metrics,
     )

@@ -215,6 +215,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # model
     model_cfg = UMLConfig.preset(cfg.preset, in_channels=train_cases[0].channels.shape[0])
     model = UMLNet(model_cfg).to(device)
+    (out / "model_config.json").write_text(model_cfg.to_json())  # written first, so any checkpoint can be exported
     print(f"model: preset {cfg.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
           f"device {device}{' (bf16 autocast)' if use_amp else ''}", flush=True)
 
@@ -294,7 +295,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
         state["epoch"] = epoch + 1
         save_checkpoint(out, model, opt, state)
 
-    (out / "model_config.json").write_text(model_cfg.to_json())
     print(f"best epoch {state['best_epoch']}: {state['best_metrics']}", flush=True)
     return state
 

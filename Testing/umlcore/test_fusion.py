@@ -67,3 +67,18 @@ def test_rule_name():
 def test_bad_arguments_are_refused(alpha, weights, phrase):
     with pytest.raises(ValueError, match=phrase):
         fuse_slice_opinions(alpha, weights)
+
+
+def test_platt_calibration_keeps_strength_and_identity():
+    import numpy as np
+    from umlcore.fusion import calibrate_case_alpha, fit_platt
+
+    alpha = np.array([3.0, 7.0])
+    assert np.allclose(calibrate_case_alpha(alpha, 1.0, 0.0), alpha)
+    cal = calibrate_case_alpha(alpha, 1.0, -np.log(7 / 3))  # logit(0.7) - logit(0.7) -> p = 0.5
+    assert np.allclose(cal, [5.0, 5.0]) and cal.sum() == pytest.approx(10.0)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    p = np.clip(0.5 + (y - 0.5) * 0.3 + rng.normal(0, 0.1, 400), 0.01, 0.99)  # underconfident scores
+    slope, intercept = fit_platt(p, y)
+    assert slope > 1.0  # sharpening an underconfident score

@@ -97,6 +97,8 @@ class ModelCard:
 
     ``positive_class`` is the class whose probability is reported as "the" probability;
     ``review_uncertainty``: a case whose fused uncertainty exceeds it gets the verdict "review".
+    ``case_calibration``: optional ``{"slope", "intercept", ...}`` of a binary Platt calibration of the fused case
+    opinion that keeps its strength (:func:`umlcore.fusion.calibrate_case_alpha`), fitted on validation cases.
     """
 
     id: str
@@ -110,6 +112,7 @@ class ModelCard:
     description: str = ""
     positive_class: int = 1
     review_uncertainty: float = 0.3
+    case_calibration: Optional[dict[str, Any]] = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     license: str = "Apache-2.0"
@@ -127,6 +130,10 @@ class ModelCard:
                 f"model card lists {len(self.segments)} segments but the architecture has {arch.num_seg_labels - 1} "
                 "(num_seg_labels minus background)"
             )
+        if self.case_calibration is not None and (
+            arch.num_classes != 2 or not {"slope", "intercept"} <= set(self.case_calibration)
+        ):
+            raise BundleError("case_calibration needs a binary model and the keys 'slope' and 'intercept'")
         if len(self.input.channels) != arch.in_channels:
             raise BundleError(f"input spec names {len(self.input.channels)} channels but the architecture takes {arch.in_channels}")
 

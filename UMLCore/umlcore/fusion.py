@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["FUSION_RULE", "fuse_slice_opinions"]
+__all__ = ["FUSION_RULE", "fuse_slice_opinions", "calibrate_case_alpha", "fit_platt"]
 
 #: Name of the rule, as written into the case summary (``classification.fusion``).
 FUSION_RULE = "lesion-weighted evidence pooling"
@@ -59,3 +59,48 @@ def fuse_slice_opinions(slice_alpha: np.ndarray, lesion_voxels: np.ndarray) -> n
         total = float(weights.size)
     evidence = alpha - 1.0
     return 1.0 + (weights[:, None] * evidence).sum(axis=0) / total
+
+
+def calibrate_case_alpha(alpha: np.ndarray, slope: float, intercept: float, positive: int = 1) -> np.ndarray:
+    """Binary post-hoc (Platt) calibration of a case opinion that keeps its strength ``S``.
+
+    ``p' = sigmoid(slope * logit(p_pos) + intercept)`` with ``p_pos = alpha_pos / S``; then
+    ``alpha'_pos = S p'`` and ``alpha'_neg = S (1 - p')``, each kept >= 1. The uncertainty ``u = K / S`` is
+    unchanged, so the "review" verdict does not move; only the split of the evidence between the classes is
+    recalibrated. ``slope = 1, intercept = 0`` is the identity.
+
+    Args:
+        alpha: ``(2,)`` case Dirichlet.
+        slope, intercept: Fitted on validation cases (``training/evaluate.py --calibrate-cases``).
+        positive: Index of the positive class.
+    """
+    alpha = np.asarray(alpha, dtype=np.float64)
+    if alpha.shape != (2,):
+        raise ValueError(f"Platt calibration is binary: alpha must have shape (2,), got {alpha.shape}")
+    strength = float(alpha.sum())
+    p = float(np.clip(alpha[positive] / strength, 1e-6, 1 - 1e-6))
+    z = slope * np.log(p / (1 - p)) + intercept
+    p_new = float(np.clip(1.0 / (1.0 + np.exp(-z)), 1.0 / strength, 1.0 - 1.0 / strength))
+    out = np.empty(2)
+    out[positive] = strength * p_new
+    out[1 - positive] = strength * (1.0 - p_new)
+    return out
+
+
+def fit_platt(probs: np.ndarray, labels: np.ndarray, iterations: int = 200) -> tuple[float, float]:
+    """``(slope, intercept)`` minimising the NLL of ``sigmoid(slope * logit(p) + intercept)`` (Newton steps)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-6, 1 - 1e-6)
+    y = np.asarray(labels, dtype=np.float64)
+    if p.shape != y.shape or p.ndim != 1 or len(np.unique(y)) < 2:
+        raise ValueError("fit_platt needs (N,) probabilities and (N,) labels with both classes present")
+    x = np.stack([np.log(p / (1 - p)), np.ones_like(p)], axis=1)
+    w = np.array([1.0, 0.0])
+    for _ in range(iterations):
+        q = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = x.T @ (q - y)
+        hess = (x * (q * (1 - q))[:, None]).T @ x + 1e-6 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return float(w[0]), float(w[1])

@@ -32,7 +32,7 @@ import torch
 
 from .bundle import ModelBundle
 from .errors import CancelledError, UMLError, UMLInputError
-from .fusion import FUSION_RULE, fuse_slice_opinions
+from .fusion import FUSION_RULE, calibrate_case_alpha, fuse_slice_opinions
 from .io import MIN_INPLANE_SIZE, check_same_grid, check_volume, geometry, split_4d
 from .preprocess import (
     crop_to,
@@ -333,6 +333,9 @@ class Predictor:
         card = self.card
         lesion = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
         case_alpha = fuse_slice_opinions(cls_alpha, lesion)
+        if card.case_calibration is not None:
+            case_alpha = calibrate_case_alpha(case_alpha, card.case_calibration["slope"],
+                                              card.case_calibration["intercept"], card.positive_class)
         strength = case_alpha.sum()
         probs = case_alpha / strength
         belief = (case_alpha - 1.0) / strength
