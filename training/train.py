@@ -157,8 +157,9 @@ def validate(model: UMLNet, cases: list[VolumeCase], device: torch.device) -> di
 
 
 def score(m: dict[str, float]) -> float:
-    """Best-checkpoint criterion: Dice + AUC - ECE (higher is better)."""
-    return m["dice"] + m["auc"] - m["ece"]
+    """Best-checkpoint criterion: Dice + AUC - ECE (higher is better); a metric a small validation set cannot
+    give (no lesion: Dice; one class: AUC) counts 0."""
+    return float(np.nan_to_num(m["dice"]) + np.nan_to_num(m["auc"]) - np.nan_to_num(m["ece"]))
 
 
 # ------------------------------------------------------------------------------------------- checkpoint
