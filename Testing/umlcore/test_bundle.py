@@ -104,3 +104,9 @@ def test_card_must_match_architecture():
     with pytest.raises(BundleError, match="lists 3 classes"):
         ModelCard(id="x", version="1", name="x", task="x", classes=("a", "b", "c"), segments=(Segment(1, "L"),),
                   input=InputSpec(), architecture=UMLConfig())
+
+
+def test_saving_the_same_weights_twice_gives_the_same_hash(bundle_dir, tmp_path):
+    path, net = bundle_dir
+    again = save_bundle(net, make_card(net.config), tmp_path / "again")
+    assert (again / WEIGHTS_FILE).read_bytes() == (path / WEIGHTS_FILE).read_bytes()

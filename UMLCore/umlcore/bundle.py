@@ -217,7 +217,7 @@ def save_bundle(model: UMLNet, card: ModelCard, directory: os.PathLike, overwrit
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "model_id": card.id})
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})  # one key: a deterministic header
         digest = sha256_file(tmp / WEIGHTS_FILE)
         (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(digest), indent=2) + "\n")
         if directory.exists():
