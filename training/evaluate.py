@@ -183,7 +183,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     bundle = load_bundle(args.model)
     t0 = time.time()
-    calibration = None
+    calibration, val = None, None
     if args.calibrate_cases:
         uncalibrated = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, case_calibration=None))
         val = evaluate_cases(Predictor(uncalibrated, device=args.device, batch_size=16), args.calibrate_cases,
@@ -208,7 +208,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     modes["phases"] = robustness[0]
     metrics.plot_reliability_diagram(main_res["_probs"], main_res["_labels"], path=str(args.out / "reliability.png"))
     summary = {k: v for k, v in main_res.items() if not k.startswith("_")}
-    summary["suggested_review_uncertainty"] = suggest_review_uncertainty(main_res["_u"], main_res["_correct"])
+    # the review threshold is a model setting: pick it on validation cases when there are some, not on the test set
+    basis = val if args.calibrate_cases else main_res
+    summary["suggested_review_uncertainty"] = suggest_review_uncertainty(basis["_u"], basis["_correct"])
+    summary["suggested_review_uncertainty_from"] = "validation" if args.calibrate_cases else "test"
     if calibration is not None:
         summary["case_calibration"] = calibration
     report = {

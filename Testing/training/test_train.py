@@ -12,6 +12,7 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "training"))
 
+import evaluate  # noqa: E402
 import export  # noqa: E402
 import train  # noqa: E402
 
@@ -64,3 +65,20 @@ def test_export_refuses_a_folder_without_a_run(tmp_path):
     with pytest.raises(SystemExit) as exc:
         export.main(["--run", str(tmp_path), "--out", str(tmp_path / "b")])
     assert exc.value.code == 2
+
+
+def test_evaluate_writes_reports_and_export_takes_its_metrics(run_dir, tmp_path):
+    bundle = tmp_path / "bundle"
+    export.main(["--run", str(run_dir), "--out", str(bundle)])
+    out = tmp_path / "eval"
+    assert evaluate.main(["--model", str(bundle), "--out", str(out), "--cases", "4", "--shape", "6", "32", "32",
+                          "--robustness-cases", "2", "--mode-cases", "2", "--label-noise", "0.0"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["cases"] == 4 and [r["sigma"] for r in report["robustness"]] == [0.0, 0.05, 0.1, 0.2]
+    assert set(report["input_modes"]) == {"phases", "early", "subtraction"}
+    assert (out / "report.md").read_text().startswith("# Evaluation of")
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    final = tmp_path / "final"
+    export.main(["--run", str(run_dir), "--out", str(final), "--report", str(out / "report.json")])
+    card = load_bundle(final).card
+    assert card.metrics["cases"] == 4 and card.review_uncertainty == report["summary"]["suggested_review_uncertainty"]
