@@ -45,7 +45,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-def build_card(run: Path, report: Optional[dict], model_id: str, version: str, review_uncertainty: float) -> ModelCard:
+def build_card(run: Path, report: Optional[dict], model_id: str, version: str, review_uncertainty: float,
+               weights: str = "best.safetensors") -> ModelCard:
     arch = UMLConfig.from_json((run / "model_config.json").read_text())
     train_cfg = json.loads((run / "train_config.json").read_text())
     state = json.loads((run / "last.json").read_text()) if (run / "last.json").exists() else {}
@@ -58,6 +59,7 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
         "seed": train_cfg["seed"],
         "epochs_planned": train_cfg["epochs"],
         "epochs_completed": state.get("epoch"),
+        "weights": weights,  # best.safetensors = best validation epoch, last.safetensors = the final epoch
         "best_epoch": state.get("best_epoch"),
         "best_validation": state.get("best_metrics"),
         "commit": git_commit(),
@@ -113,7 +115,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     review = args.review_uncertainty
     if review is None:
         review = float((report or {}).get("summary", {}).get("suggested_review_uncertainty", 0.3))
-    card = build_card(args.run, report, args.id, args.version, review)
+    card = build_card(args.run, report, args.id, args.version, review, args.weights)
     model = UMLNet(card.architecture)
     model.load_state_dict(load_file(str(args.run / args.weights)))
     path = save_bundle(model, card, args.out, overwrite=args.overwrite)

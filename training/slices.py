@@ -69,78 +69,91 @@ def case_from_synthetic(case: SyntheticCase, norm: Normalization) -> VolumeCase:
 
 
 class SliceSampler:
-    """Random training batches of 2D slices with lesion oversampling, crops and augmentation.
+    """Random training batches of 2D slices with lesion oversampling, crops and augmentation, in torch.
+
+    The cases are held as tensors on ``device`` and every step (picking, cropping, rotating, photometric jitter)
+    runs there, so a GPU is not starved by a CPU data pipeline; on the CPU it is the same code.
 
     Args:
-        cases: Training cases.
-        crop: Square crop size (a multiple of 8); slices smaller than that are zero-padded.
+        cases: Training cases (any in-plane sizes).
+        crop: Square crop size (a multiple of 8); slices smaller than that are zero-padded. A crop as large as
+            the slices trains on whole slices (all the context the predictor sees).
         lesion_fraction: Share of each batch drawn from slices that contain a lesion.
         single_volume_prob: Probability that a sample replaces its channels by one replicated
             single volume (trains the one-volume input mode).
-        seed: Seed of the sampler's own generator.
+        seed: Seed of the sampler's own generator (numpy for the choices, torch for the noise).
+        device: Where the cases live and the batches are made.
     """
 
     def __init__(self, cases: Sequence[VolumeCase], crop: int, lesion_fraction: float = 0.5,
-                 single_volume_prob: float = 0.3, seed: int = 0) -> None:
+                 single_volume_prob: float = 0.3, seed: int = 0, device: "torch.device | str" = "cpu") -> None:
         if crop % 8:
             raise ValueError(f"crop must be a multiple of 8, got {crop}")
-        self.cases = list(cases)
+        self.device = torch.device(device)
         self.crop = crop
         self.lesion_fraction = lesion_fraction
         self.single_volume_prob = single_volume_prob
+        self.n_channels = cases[0].channels.shape[0]
+        # views[i]: (C + M, Z, H, W) = the model's channels, then the single-volume views (e.g. subtraction)
+        self.views = [torch.from_numpy(np.concatenate([c.channels, c.singles])).to(self.device) for c in cases]
+        self.masks = [torch.from_numpy(c.mask).to(self.device) for c in cases]
+        # lesion pixel coordinates stay on the host: choosing a crop then never waits for the device
+        self.lesion_pixels = [[np.argwhere(c.mask[z]) for z in range(c.mask.shape[0])] for c in cases]
+        self.all_slices = [(i, z) for i, c in enumerate(cases) for z in range(c.mask.shape[0])]
+        self.lesion_slices = [(i, int(z)) for i, c in enumerate(cases) for z in c.lesion_slices]
+        self.labels = [c.slice_labels() for c in cases]
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart both random streams (``--resume`` reseeds with the step it continues from)."""
         self.rng = np.random.default_rng(seed)
-        self.all_slices = [(i, z) for i, c in enumerate(self.cases) for z in range(c.mask.shape[0])]
-        self.lesion_slices = [(i, int(z)) for i, c in enumerate(self.cases) for z in c.lesion_slices]
-        self.labels = [c.slice_labels() for c in self.cases]
+        self.gen = torch.Generator(device=self.device).manual_seed(int(seed))
 
     def _pick(self) -> tuple[int, int]:
         pool = self.lesion_slices if self.lesion_slices and self.rng.random() < self.lesion_fraction else self.all_slices
         return pool[self.rng.integers(len(pool))]
 
-    def _sample(self) -> tuple[np.ndarray, np.ndarray, int]:
+    def _sample(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         i, z = self._pick()
-        case = self.cases[i]
+        views, c = self.views[i], self.n_channels
         if self.rng.random() < self.single_volume_prob:
-            j = int(self.rng.integers(len(case.channels) + len(case.singles)))
-            one = case.channels[j, z] if j < len(case.channels) else case.singles[j - len(case.channels), z]
-            image = np.repeat(one[None], case.channels.shape[0], axis=0)
+            image = views[int(self.rng.integers(len(views))), z].expand(c, -1, -1)
         else:
-            image = case.channels[:, z]
-        mask = case.mask[z]
-        image, mask = self._crop(image, mask)
-        # geometric augmentation: flips and 90-degree rotations (the generator already varies orientation)
-        k = int(self.rng.integers(4))
-        image, mask = np.rot90(image, k, axes=(1, 2)), np.rot90(mask, k)
+            image = views[:c, z]
+        image, mask = self._crop(image, self.masks[i][z], self.lesion_pixels[i][z])
+        k = int(self.rng.integers(4))  # flips and 90-degree rotations (the generator already varies orientation)
+        image, mask = torch.rot90(image, k, dims=(1, 2)), torch.rot90(mask, k, dims=(0, 1))
         if self.rng.random() < 0.5:
-            image, mask = image[:, :, ::-1], mask[:, ::-1]
-        # photometric augmentation: per-channel gamma and contrast jitter, additive noise
-        gamma = np.exp(self.rng.normal(0, 0.2, size=(image.shape[0], 1, 1)))
-        image = np.clip(image, 0, None) ** gamma * self.rng.uniform(0.85, 1.15, size=(image.shape[0], 1, 1))
-        image = image + self.rng.normal(0, self.rng.uniform(0, 0.03), size=image.shape)
-        return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(mask), int(self.labels[i][z])
+            image, mask = image.flip(2), mask.flip(1)
+        return image, mask, int(self.labels[i][z])
 
-    def _crop(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _crop(self, image: torch.Tensor, mask: torch.Tensor, lesion: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.crop
         pad_h, pad_w = max(0, c - mask.shape[0]), max(0, c - mask.shape[1])
         if pad_h or pad_w:
-            image = np.pad(image, ((0, 0), (0, pad_h), (0, pad_w)))
-            mask = np.pad(mask, ((0, pad_h), (0, pad_w)))
+            image = F.pad(image, (0, pad_w, 0, pad_h))
+            mask = F.pad(mask, (0, pad_w, 0, pad_h))
         h, w = mask.shape
-        ys, xs = np.nonzero(mask)
-        if len(ys) and self.rng.random() < 0.8:  # keep (part of) the lesion in view
-            j = self.rng.integers(len(ys))
-            y0 = int(np.clip(ys[j] - self.rng.integers(c), 0, h - c))
-            x0 = int(np.clip(xs[j] - self.rng.integers(c), 0, w - c))
+        if len(lesion) and self.rng.random() < 0.8:  # keep (part of) the lesion in view
+            y, x = (int(v) for v in lesion[self.rng.integers(len(lesion))])
+            y0 = int(np.clip(y - self.rng.integers(c), 0, h - c))
+            x0 = int(np.clip(x - self.rng.integers(c), 0, w - c))
         else:
             y0, x0 = int(self.rng.integers(h - c + 1)), int(self.rng.integers(w - c + 1))
         return image[:, y0:y0 + c, x0:x0 + c], mask[y0:y0 + c, x0:x0 + c]
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x (B, C, crop, crop) float32, seg (B, crop, crop) int64, cls (B,) int64)``."""
+        """``(x (B, C, crop, crop) float32, seg (B, crop, crop) int64, cls (B,) int64)`` on ``device``."""
         samples = [self._sample() for _ in range(size)]
-        x = torch.from_numpy(np.stack([s[0] for s in samples]))
-        seg = torch.from_numpy(np.stack([s[1] for s in samples]).astype(np.int64))
-        cls = torch.tensor([s[2] for s in samples], dtype=torch.int64)
+        x = torch.stack([s[0] for s in samples]).float()
+        seg = torch.stack([s[1] for s in samples]).long()
+        cls = torch.tensor([s[2] for s in samples], dtype=torch.int64, device=self.device)
+        # photometric augmentation: per-channel gamma and contrast jitter, additive noise of a random level
+        shape = (size, x.shape[1], 1, 1)
+        gamma = torch.exp(0.2 * torch.randn(shape, generator=self.gen, device=self.device))
+        contrast = 0.85 + 0.3 * torch.rand(shape, generator=self.gen, device=self.device)
+        sigma = 0.03 * torch.rand((size, 1, 1, 1), generator=self.gen, device=self.device)
+        x = x.clamp_min(0) ** gamma * contrast + sigma * torch.randn(x.shape, generator=self.gen, device=self.device)
         return x, seg, cls
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from slices import SliceSampler, VolumeCase, case_from_synthetic, predict_volume  # noqa: E402
 from umlcore import metrics  # noqa: E402
-from umlcore.bundle import Normalization  # noqa: E402
+from umlcore.bundle import Normalization, load_bundle  # noqa: E402
 from umlcore.config import UMLConfig  # noqa: E402
 from umlcore.evidential import opinion  # noqa: E402
 from umlcore.fusion import fuse_slice_opinions  # noqa: E402
@@ -56,6 +56,7 @@ class TrainConfig:
     out: str = "runs/uml-small"
     data: Literal["synthetic"] = "synthetic"
     preset: Literal["small", "paper"] = "small"
+    init: str = ""  # start from these weights (a bundle folder / zip, or a .safetensors of the same architecture)
     # synthetic data: training seeds [seed_base, seed_base + train_cases), validation seeds from VAL_SEED_BASE
     train_cases: int = 240
     val_cases: int = 40
@@ -77,8 +78,10 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off"] = "auto"  # auto: bf16 autocast on CUDA only, never on CPU
-    workers: int = 2
+    compile: Literal["auto", "off"] = "auto"  # auto: torch.compile the training step's model on CUDA only
+    workers: int = 2  # processes generating the synthetic cases
     threads: int = 0  # torch CPU threads; 0 = torch default
+    max_minutes: float = 0.0  # stop after the epoch that crosses this wall-clock budget (0 = no limit)
 
     @classmethod
     def from_json(cls, path: str) -> "TrainConfig":
@@ -135,11 +138,15 @@ def synthetic_cases(seeds: range, shape: tuple[int, int, int], noise: float, wor
 def validate(model: UMLNet, cases: list[VolumeCase], device: torch.device) -> dict[str, float]:
     """Volume-level Dice (cases with a lesion), case accuracy / AUC / ECE from fused slice opinions."""
     model.eval()
-    dices, probs, labels, u_case = [], [], [], []
+    dices, probs, labels, u_case, pix_u, pix_err = [], [], [], [], [], []
+    rng = np.random.default_rng(0)
     for case in cases:
-        seg_alpha, cls_alpha, labelmap = predict_volume(model, case.channels, device=device)
+        seg_alpha, cls_alpha, labelmap = predict_volume(model, case.channels, batch_size=32, device=device)
         if case.mask.any():
             dices.append(metrics.dice(labelmap, case.mask))
+        sel = rng.random(labelmap.size) < 0.05  # 5 % of the voxels: does a high u flag the wrong ones?
+        pix_u.append((seg_alpha.shape[1] / seg_alpha.sum(1)).ravel()[sel])
+        pix_err.append((labelmap != case.mask).ravel()[sel])
         lesion_voxels = (labelmap > 0).reshape(labelmap.shape[0], -1).sum(1)
         alpha = fuse_slice_opinions(cls_alpha, lesion_voxels)
         op = opinion(torch.from_numpy(alpha)[None])
@@ -153,6 +160,7 @@ def validate(model: UMLNet, cases: list[VolumeCase], device: torch.device) -> di
         "auc": metrics.roc_auc(probs_a, labels_a),
         "ece": metrics.expected_calibration_error(probs_a, labels_a),
         "case_uncertainty": float(np.mean(u_case)),
+        "pixel_u_auroc": metrics.uncertainty_error_auroc(np.concatenate(pix_u), np.concatenate(pix_err)),
     }
 
 
@@ -187,9 +195,21 @@ def load_checkpoint(out: Path, model: UMLNet, opt: torch.optim.Optimizer) -> dic
     return json.loads((out / "last.json").read_text())
 
 
+def init_weights(path: str, model_cfg: UMLConfig) -> dict[str, torch.Tensor]:
+    """Weights to start from: a model bundle (its architecture must equal the run's) or a ``.safetensors``."""
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    bundle = load_bundle(path)
+    if bundle.card.architecture != model_cfg:
+        raise SystemExit(f"train.py: error: --init {path} has architecture {bundle.card.architecture}, but this run "
+                         f"builds {model_cfg}; pick the bundle's preset and channels, or train from scratch")
+    return {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
+
+
 # ------------------------------------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> dict:
     cfg, resume = parse_args(argv)
+    t_start = time.time()  # --max-minutes counts from here (data generation included)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "commands.txt", "a") as f:  # every invocation, so a resumed run's history is complete
@@ -202,6 +222,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     use_amp = cfg.amp == "auto" and device.type == "cuda"
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed crop size: let cuDNN pick its fastest kernels
 
     # data
     t0 = time.time()
@@ -209,7 +230,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                   cfg.label_noise, cfg.workers)
     val_cases = synthetic_cases(range(VAL_SEED_BASE, VAL_SEED_BASE + cfg.val_cases), cfg.case_shape,
                                 cfg.label_noise, cfg.workers)
-    sampler = SliceSampler(train_cases, cfg.crop, cfg.lesion_fraction, cfg.single_volume_prob, seed=cfg.seed)
+    sampler = SliceSampler(train_cases, cfg.crop, cfg.lesion_fraction, cfg.single_volume_prob, seed=cfg.seed,
+                           device=device)
     print(f"data: {len(train_cases)} train / {len(val_cases)} val cases, {len(sampler.all_slices)} train slices "
           f"({len(sampler.lesion_slices)} with lesion) in {time.time() - t0:.1f}s", flush=True)
 
@@ -219,6 +241,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     (out / "model_config.json").write_text(model_cfg.to_json())  # written first, so any checkpoint can be exported
     print(f"model: preset {cfg.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
           f"device {device}{' (bf16 autocast)' if use_amp else ''}", flush=True)
+
+    # the training forward runs compiled on CUDA (fuses the many small element-wise ops of this narrow network);
+    # validation and the checkpoints use the plain module, which shares its parameters
+    step_model = torch.compile(model) if cfg.compile == "auto" and device.type == "cuda" else model
 
     # schedule: AdamW, linear warm-up then cosine decay over all steps; KL weight annealed per epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -231,14 +257,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "best_metrics": {}}
+    if cfg.init and not (resume and (out / "last.json").exists()):
+        model.load_state_dict(init_weights(cfg.init, model_cfg))
+        print(f"initialised from {cfg.init}", flush=True)
     if resume and (out / "last.json").exists():
         state = load_checkpoint(out, model, opt)
-        sampler.rng = np.random.default_rng(cfg.seed + state["step"])
+        sampler.reseed(cfg.seed + state["step"])
         print(f"resumed from epoch {state['epoch']}", flush=True)
 
     log_path = out / "log.csv"
     fields = ["epoch", "step", "lr", "kl_weight", "loss", "cls", "seg", "mutual", "dice", "accuracy", "auc", "ece",
-              "case_uncertainty", "seconds"]
+              "case_uncertainty", "pixel_u_auroc", "seconds"]
     if not (resume and log_path.exists()):
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(fields)
@@ -250,32 +279,49 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     # loop
     weights = LossWeights()
+    skipped = 0  # updates skipped for a non-finite gradient (reported per epoch)
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
         kl_weight = kl_annealing(epoch, cfg.kl_anneal_epochs)
         t_epoch = time.time()
-        sums = {"total": 0.0, "cls": 0.0, "seg": 0.0, "mutual": 0.0}
+        sums = {k: torch.zeros((), device=device) for k in ("total", "cls", "seg", "mutual")}  # summed on the device
         for i in range(cfg.steps_per_epoch):
             step = state["step"]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            x, seg, cls = (t.to(device) for t in sampler.batch(cfg.batch_size))
+            x, seg, cls = sampler.batch(cfg.batch_size)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out_ = model(x)
+                try:
+                    out_ = step_model(x)
+                except Exception as exc:  # a compile failure surfaces at the first call: go on uncompiled
+                    if step_model is model:
+                        raise
+                    print(f"\ntorch.compile failed ({type(exc).__name__}: {exc}); training uncompiled", flush=True)
+                    step_model = model
+                    out_ = model(x)
             out_ = type(out_)(*(o.float() if torch.is_tensor(o) else tuple(t.float() for t in o) for o in out_))
             losses = uml_loss(out_, cls, seg, kl_weight, weights)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            if not torch.isfinite(grad_norm):  # a non-finite loss or gradient: skip the update, keep the weights
+                skipped += 1
+                if skipped > 20:
+                    raise SystemExit(f"train.py: error: {skipped} steps with a non-finite loss or gradient "
+                                     f"(last at step {step}); lower --lr or use --amp off")
+                state["step"] = step + 1
+                continue
             opt.step()
             state["step"] = step + 1
             for k in sums:
-                sums[k] += float(losses[k].detach())
-            if (i + 1) % 10 == 0 or i + 1 == cfg.steps_per_epoch:
+                sums[k] += losses[k].detach()
+            if (i + 1) % 50 == 0 or i + 1 == cfg.steps_per_epoch:  # reading the loss waits for the device
                 done = (i + 1) / cfg.steps_per_epoch
                 bar = "#" * int(done * 20)
                 print(f"\repoch {epoch + 1}/{cfg.epochs} [{bar:<20}] loss {sums['total'] / (i + 1):.4f}",
                       end="", flush=True)
+        sums = {k: float(v) for k, v in sums.items()}
+        train_seconds = time.time() - t_epoch
         val = validate(model, val_cases, device)
         row = {"epoch": epoch + 1, "step": state["step"], "lr": lr_at(state["step"]), "kl_weight": kl_weight,
                "loss": sums["total"] / cfg.steps_per_epoch,
@@ -283,7 +329,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                "seconds": time.time() - t_epoch}
         print(f"\repoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} | val dice {val['dice']:.3f} "
               f"acc {val['accuracy']:.3f} auc {val['auc']:.3f} ece {val['ece']:.3f} u {val['case_uncertainty']:.3f} "
-              f"| {row['seconds']:.0f}s", flush=True)
+              f"pix-u-auroc {val['pixel_u_auroc']:.3f} | {row['seconds']:.0f}s "
+              f"({cfg.steps_per_epoch / train_seconds:.1f} steps/s, {skipped} skipped)", flush=True)
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow([row[k] for k in fields])
         if tb is not None:
@@ -295,6 +342,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                       str(out / "best.safetensors"))
         state["epoch"] = epoch + 1
         save_checkpoint(out, model, opt, state)
+        if cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes and epoch + 1 < cfg.epochs:
+            print(f"stopping after epoch {epoch + 1}: --max-minutes {cfg.max_minutes} reached "
+                  f"(continue with --resume)", flush=True)
+            break
 
     print(f"best epoch {state['best_epoch']}: {state['best_metrics']}", flush=True)
     return state

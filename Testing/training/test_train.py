@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,3 +83,33 @@ def test_evaluate_writes_reports_and_export_takes_its_metrics(run_dir, tmp_path)
     export.main(["--run", str(run_dir), "--out", str(final), "--report", str(out / "report.json")])
     card = load_bundle(final).card
     assert card.metrics["cases"] == 4 and card.review_uncertainty == report["summary"]["suggested_review_uncertainty"]
+
+
+def test_init_starts_from_a_bundles_weights(run_dir, tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    export.main(["--run", str(run_dir), "--out", str(bundle), "--weights", "last.safetensors"])
+    assert load_bundle(bundle).card.training["weights"] == "last.safetensors"
+    out = tmp_path / "warm"
+    train.main(["--config", str(run_dir / "train_config.json"), "--out", str(out), "--init", str(bundle),
+                "--epochs", "1", "--steps-per-epoch", "1", "--val-cases", "1"])
+    assert f"initialised from {bundle}" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="architecture"):
+        train.main(["--config", str(run_dir / "train_config.json"), "--out", str(tmp_path / "x"), "--init",
+                    str(bundle), "--preset", "paper", "--epochs", "1", "--steps-per-epoch", "1"])
+
+
+def test_slice_sampler_batches_are_seeded_and_oversample_lesions():
+    from slices import SliceSampler, case_from_synthetic
+    from umlcore.bundle import Normalization
+    from umlcore.synthetic import generate_case
+
+    cases = [case_from_synthetic(generate_case(s, shape=(8, 48, 48), lesion_prob=1.0), Normalization())
+             for s in range(3)]
+    batches = [SliceSampler(cases, crop=32, lesion_fraction=1.0, seed=4).batch(6) for _ in range(2)]
+    x, seg, cls = batches[0]
+    assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32
+    assert seg.shape == (6, 32, 32) and seg.dtype == torch.int64 and cls.shape == (6,)
+    assert all(torch.equal(a, b) for a, b in zip(*batches))  # same seed, same batch
+    assert (seg.flatten(1).amax(1) > 0).float().mean() >= 0.5  # lesion slices, crops mostly keep the lesion
+    with pytest.raises(ValueError, match="multiple of 8"):
+        SliceSampler(cases, crop=30)

@@ -23,6 +23,7 @@ def test_preset_override_and_unknown_preset():
         ({"in_channels": 0}, "in_channels must be >= 1"),
         ({"seg_widths": (8, 16, 32)}, "seg_widths must be 4 positive integers"),
         ({"dropout": 1.0}, "dropout must be in"),
+        ({"cls_pool": "max"}, "cls_pool must be 'avg' or 'avg\\+max'"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs, phrase):
@@ -35,3 +36,11 @@ def test_unknown_field_in_dict_is_refused():
     d["depth"] = 5
     with pytest.raises(ValueError, match="unknown architecture fields \\['depth'\\]"):
         UMLConfig.from_dict(d)
+
+
+def test_cls_pool_defaults_to_the_papers_average_and_old_configs_still_load():
+    assert UMLConfig().cls_pool == "avg" and UMLConfig.preset("paper").cls_pool == "avg"
+    assert UMLConfig.preset("small").cls_pool == "avg+max"
+    old = UMLConfig.preset("small").to_dict()
+    del old["cls_pool"]  # a model.json written before the field existed
+    assert UMLConfig.from_dict(old).cls_pool == "avg"

@@ -65,3 +65,21 @@ def test_small_preset_costs_at_most_3_gflop_per_256_slice():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         net(torch.randn(1, 3, 256, 256))
     assert counter.get_total_flops() <= 3e9
+
+
+def test_avg_max_pool_sees_a_small_local_feature_that_the_average_dilutes():
+    from umlcore.network import UncertaintyInstructor
+
+    torch.manual_seed(0)
+    heads = {pool: UncertaintyInstructor(4, 4, 4, 8, 2, 0.0, pool=pool).eval() for pool in ("avg", "avg+max")}
+    assert heads["avg+max"].fc.in_features == 2 * heads["avg"].fc.in_features == 16
+    f = torch.zeros(1, 4, 32, 32)
+    spot = f.clone()
+    spot[..., 5, 7] = 10.0  # one cell of 1,024
+    nav = torch.zeros(1, 4, 64, 64)
+    with torch.no_grad():
+        for pool, head in heads.items():
+            head.fc.weight.fill_(1.0)
+            head.fc.bias.zero_()
+            change = (head(spot, spot, nav) - head(f, f, nav)).abs().max().item()
+            assert (change > 1.0) == (pool == "avg+max"), (pool, change)

@@ -7,9 +7,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["UMLConfig", "PRESETS", "PresetName"]
+__all__ = ["UMLConfig", "PRESETS", "PresetName", "ClsPool"]
 
 PresetName = Literal["small", "paper"]
+ClsPool = Literal["avg", "avg+max"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class UMLConfig:
         seg_blocks: Residual blocks per level of the segmentation encoder.
         cls_head_width: Channels of the instructor's feature map ``F``.
         dropout: Dropout before the classifier's linear layer.
+        cls_pool: How the instructor pools ``F'`` into one vector: ``"avg"`` (global average, the paper's) or
+            ``"avg+max"`` (global average and global max, concatenated). A breast lesion covers a few of the
+            1,024 cells of a 256x256 slice's H/8 map, so an average alone dilutes it ~1000-fold; the max keeps it.
     """
 
     in_channels: int = 3
@@ -39,6 +43,7 @@ class UMLConfig:
     seg_blocks: tuple[int, int, int, int] = (1, 1, 1, 2)
     cls_head_width: int = 64
     dropout: float = 0.1
+    cls_pool: ClsPool = "avg"
 
     def __post_init__(self) -> None:
         for name in ("cls_widths", "seg_widths", "mutual_widths", "cls_blocks", "seg_blocks"):
@@ -52,6 +57,8 @@ class UMLConfig:
             raise ValueError(f"UMLConfig.num_classes must be >= 2, got {self.num_classes}")
         if self.num_seg_labels < 2:
             raise ValueError(f"UMLConfig.num_seg_labels must be >= 2 (background + at least one segment), got {self.num_seg_labels}")
+        if self.cls_pool not in ("avg", "avg+max"):
+            raise ValueError(f"UMLConfig.cls_pool must be 'avg' or 'avg+max', got {self.cls_pool!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UMLConfig.dropout must be in [0, 1), got {self.dropout}")
 
@@ -90,7 +97,7 @@ class UMLConfig:
 
 PRESETS: dict[str, UMLConfig] = {
     # Compact: <= 3 GFLOP per 256x256 slice (measured in Testing/umlcore/test_network.py).
-    "small": UMLConfig(),
+    "small": UMLConfig(cls_pool="avg+max"),
     # Paper scale: encoder widths of the ResNet/VGG ladders (64..512), deeper stages.
     "paper": UMLConfig(
         cls_widths=(64, 128, 256, 512),

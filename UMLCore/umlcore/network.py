@@ -212,20 +212,29 @@ class UncertaintyNavigator(nn.Module):
 
 
 class UncertaintyInstructor(nn.Module):
-    """Image-level evidential classifier: ``F' = F + F * eta`` -> GAP -> linear -> softplus evidence."""
+    """Image-level evidential classifier: ``F' = F + F * eta`` -> global pool -> linear -> softplus evidence.
 
-    def __init__(self, cls_ch: int, mutual_ch: int, nav_ch: int, width: int, num_classes: int, dropout: float) -> None:
+    The pool is a global average (``pool="avg"``, the paper's) or the average and the maximum concatenated
+    (``"avg+max"``), so a lesion covering a few cells of the H/8 map is not averaged away.
+    """
+
+    def __init__(self, cls_ch: int, mutual_ch: int, nav_ch: int, width: int, num_classes: int, dropout: float,
+                 pool: str = "avg") -> None:
         super().__init__()
+        self.pool = pool
         self.feat = conv_bn_act(cls_ch + mutual_ch, width)
         self.eta = nn.Sequential(nn.Conv2d(nav_ch, width, 1), nn.Sigmoid())
         self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(width, num_classes)
+        self.fc = nn.Linear(width * (2 if pool == "avg+max" else 1), num_classes)
 
     def forward(self, f_cls: torch.Tensor, f_mutual: torch.Tensor, nav_top: torch.Tensor) -> torch.Tensor:
         f = self.feat(torch.cat([f_cls, _resize(f_mutual, f_cls)], dim=1))
         eta = self.eta(F.adaptive_avg_pool2d(nav_top, f.shape[-2:]))
         f = f + f * eta
-        return self.fc(self.drop(f.mean(dim=(2, 3))))  # logits
+        pooled = f.mean(dim=(2, 3))
+        if self.pool == "avg+max":
+            pooled = torch.cat([pooled, f.amax(dim=(2, 3))], dim=1)
+        return self.fc(self.drop(pooled))  # logits
 
 
 class UMLNet(nn.Module):
@@ -250,7 +259,7 @@ class UMLNet(nn.Module):
         self.mutual_decoder = MutualDecoder(c.mutual_widths, c.num_seg_labels)
         self.navigator = UncertaintyNavigator(c.seg_widths, c.num_seg_labels)
         self.instructor = UncertaintyInstructor(
-            c.cls_widths[3], c.mutual_widths[3], c.seg_widths[0], c.cls_head_width, c.num_classes, c.dropout
+            c.cls_widths[3], c.mutual_widths[3], c.seg_widths[0], c.cls_head_width, c.num_classes, c.dropout, c.cls_pool
         )
 
     def _check_input(self, x: torch.Tensor) -> None:
