@@ -68,10 +68,11 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
         "config": train_cfg,
     }
     metrics = {}
-    calibration = None
+    calibration, component_threshold = None, None
     if report is not None:
         metrics = {"test_set": report.get("dataset"), "command": report.get("command"), **report.get("summary", {})}
         calibration = metrics.pop("case_calibration", None)
+        component_threshold = metrics.pop("component_max_uncertainty", None)
     return ModelCard(
         id=model_id,
         version=version,
@@ -91,6 +92,7 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
         positive_class=1,
         review_uncertainty=review_uncertainty,
         case_calibration=calibration,
+        component_max_uncertainty=component_threshold,
         training=training,
         metrics=metrics,
     )

@@ -113,3 +113,12 @@ def test_slice_sampler_batches_are_seeded_and_oversample_lesions():
     assert (seg.flatten(1).amax(1) > 0).float().mean() >= 0.5  # lesion slices, crops mostly keep the lesion
     with pytest.raises(ValueError, match="multiple of 8"):
         SliceSampler(cases, crop=30)
+
+
+def test_component_threshold_is_the_one_with_the_best_validation_dice():
+    lesion = np.array([[100, 0.02, 90], [40, 0.09, 0], [10, 0.25, 0]])  # (voxels, mean u, voxels in truth)
+    small = np.array([[12, 0.11, 8], [30, 0.2, 0]])
+    best, table = evaluate.choose_component_threshold([(lesion, 100), (small, 10), (np.zeros((0, 3)), 0)])
+    assert table["none"] == pytest.approx(np.mean([180 / 250, 16 / 52]))
+    assert best == 0.12 and table["0.12"] == pytest.approx(np.mean([180 / 240, 16 / 22]))  # 0.15 ties: first wins
+    assert evaluate.choose_component_threshold([(np.array([[10, 0.5, 10]]), 10)])[0] is None  # nothing to gain

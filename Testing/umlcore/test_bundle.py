@@ -110,3 +110,10 @@ def test_saving_the_same_weights_twice_gives_the_same_hash(bundle_dir, tmp_path)
     path, net = bundle_dir
     again = save_bundle(net, make_card(net.config), tmp_path / "again")
     assert (again / WEIGHTS_FILE).read_bytes() == (path / WEIGHTS_FILE).read_bytes()
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, "0.1"])
+def test_component_threshold_must_be_in_0_1(value):
+    with pytest.raises(BundleError, match="component_max_uncertainty must be a number in"):
+        ModelCard(id="x", version="1", name="x", task="x", classes=("a", "b"), segments=(Segment(1, "L"),),
+                  input=InputSpec(), architecture=UMLConfig(), component_max_uncertainty=value)

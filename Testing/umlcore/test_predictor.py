@@ -12,7 +12,7 @@ from umlcore.bundle import InputSpec, Normalization, load_bundle
 from umlcore.errors import CancelledError, UMLError, UMLInputError
 from umlcore.fusion import fuse_slice_opinions
 from umlcore.io import read_case, write_image_atomic
-from umlcore.predictor import Prediction, Predictor
+from umlcore.predictor import Prediction, Predictor, remove_uncertain_components
 from umlcore.preprocess import (
     crop_to,
     from_slices,
@@ -26,7 +26,7 @@ from umlcore.preprocess import (
 
 SUMMARY_KEYS = {
     "schema_version", "case_id", "inputs", "model", "geometry", "slicing", "device", "timings_s",
-    "classification", "segments", "slices", "outputs",
+    "classification", "segments", "slices", "outputs", "postprocessing",
 }
 CLASSIFICATION_KEYS = {
     "classes", "probabilities", "belief", "uncertainty", "predicted_index", "predicted_class", "positive_class",
@@ -129,6 +129,7 @@ def test_summary_has_the_documented_fields(base_prediction, tiny_bundle, make_vo
     assert s["inputs"] == [{"channel": c, "volume": 0} for c in ("pre", "early", "late")]
     assert s["slicing"] == {"axis": "axial", "index_axis": 2, "count": 6}
     assert set(s["timings_s"]) == {"read", "preprocess", "inference", "postprocess", "total"}
+    assert s["postprocessing"] == {"component_max_uncertainty": None, "components_removed": 0}
     assert all(v >= 0 for v in s["timings_s"].values())
     c = s["classification"]
     assert set(c) == CLASSIFICATION_KEYS
@@ -341,3 +342,30 @@ def test_out_of_memory_halves_the_batch(tiny_bundle, base_prediction, make_volum
     model_always = _OOMAbove(tiny_bundle.model, limit=0)
     with pytest.raises(UMLError, match="out of memory on the CPU"):
         Predictor(dataclasses.replace(tiny_bundle, model=model_always), device="cpu").predict(make_volume())
+
+
+def test_remove_uncertain_components_drops_whole_components_by_mean_uncertainty():
+    labels = np.zeros((3, 8, 8), np.uint8)
+    labels[0:2, 1:3, 1:3] = 1  # component A: 8 voxels, mean u 0.02
+    labels[1, 5:7, 5:7] = 1  # component B: 4 voxels, mean u 0.25 (one voxel 0.7)
+    labels[2, 0, 7] = 1  # component C: touches A only diagonally -> separate (6-connected), u 0.09
+    u = np.full(labels.shape, 0.5, np.float32)
+    u[0:2, 1:3, 1:3] = 0.02
+    u[1, 5:7, 5:7] = 0.1
+    u[1, 6, 6] = 0.7
+    u[2, 0, 7] = 0.09
+    before = labels.copy()
+    out, removed = remove_uncertain_components(labels, u, 0.1)
+    np.testing.assert_array_equal(labels, before)  # input untouched
+    assert removed == 1 and out[1, 5:7, 5:7].sum() == 0
+    assert out[0:2, 1:3, 1:3].all() and out[2, 0, 7] == 1
+    assert remove_uncertain_components(labels, u, 0.05)[1] == 2
+    assert remove_uncertain_components(np.zeros_like(labels), u, 0.1)[1] == 0
+
+
+def test_card_component_filter_runs_before_the_case_fusion(tiny_bundle, make_volume):
+    card = dataclasses.replace(tiny_bundle.card, component_max_uncertainty=1e-6)  # removes every component
+    pred = Predictor(dataclasses.replace(tiny_bundle, card=card), device="cpu").predict(make_volume())
+    assert sitk.GetArrayFromImage(pred.labelmap).max() == 0
+    assert all(sl["lesion_voxels"] == 0 for sl in pred.summary["slices"])
+    assert pred.summary["postprocessing"]["component_max_uncertainty"] == 1e-6

@@ -99,6 +99,9 @@ class ModelCard:
     ``review_uncertainty``: a case whose fused uncertainty exceeds it gets the verdict "review".
     ``case_calibration``: optional ``{"slope", "intercept", ...}`` of a binary Platt calibration of the fused case
     opinion that keeps its strength (:func:`umlcore.fusion.calibrate_case_alpha`), fitted on validation cases.
+    ``component_max_uncertainty``: optional; connected components of the segmentation (6-connected, all segments
+    together) whose mean voxel uncertainty exceeds it are removed from the labelmap before the case opinion is
+    fused (they stay visible in the uncertainty map). Chosen on validation cases by ``training/evaluate.py``.
     """
 
     id: str
@@ -113,6 +116,7 @@ class ModelCard:
     positive_class: int = 1
     review_uncertainty: float = 0.3
     case_calibration: Optional[dict[str, Any]] = None
+    component_max_uncertainty: Optional[float] = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     license: str = "Apache-2.0"
@@ -134,6 +138,9 @@ class ModelCard:
             arch.num_classes != 2 or not {"slope", "intercept"} <= set(self.case_calibration)
         ):
             raise BundleError("case_calibration needs a binary model and the keys 'slope' and 'intercept'")
+        t = self.component_max_uncertainty
+        if t is not None and not (isinstance(t, (int, float)) and 0.0 < t <= 1.0):
+            raise BundleError(f"component_max_uncertainty must be a number in (0, 1] or null, got {t!r}")
         if len(self.input.channels) != arch.in_channels:
             raise BundleError(f"input spec names {len(self.input.channels)} channels but the architecture takes {arch.in_channels}")
 
