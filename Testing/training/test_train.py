@@ -73,7 +73,8 @@ def test_evaluate_writes_reports_and_export_takes_its_metrics(run_dir, tmp_path)
     export.main(["--run", str(run_dir), "--out", str(bundle)])
     out = tmp_path / "eval"
     assert evaluate.main(["--model", str(bundle), "--out", str(out), "--cases", "4", "--shape", "6", "32", "32",
-                          "--robustness-cases", "2", "--mode-cases", "2", "--label-noise", "0.0"]) == 0
+                          "--robustness-cases", "2", "--mode-cases", "2", "--label-noise", "0.0",
+                          "--calibrate-cases", "2"]) == 0  # validation seeds 1000000-1: labels 0 and 1
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["cases"] == 4 and [r["sigma"] for r in report["robustness"]] == [0.0, 0.05, 0.1, 0.2]
     assert set(report["input_modes"]) == {"phases", "early", "subtraction"}
@@ -83,6 +84,10 @@ def test_evaluate_writes_reports_and_export_takes_its_metrics(run_dir, tmp_path)
     export.main(["--run", str(run_dir), "--out", str(final), "--report", str(out / "report.json")])
     card = load_bundle(final).card
     assert card.metrics["cases"] == 4 and card.review_uncertainty == report["summary"]["suggested_review_uncertainty"]
+    assert set(report["summary"]["component_filter_validation_dice"]) == {"none", *map(str, evaluate.COMPONENT_THRESHOLDS)}
+    assert card.component_max_uncertainty == report["summary"]["component_max_uncertainty"]
+    assert card.case_calibration["slope"] == report["summary"]["case_calibration"]["slope"]
+    assert "component_max_uncertainty" not in card.metrics and "case_calibration" not in card.metrics
 
 
 def test_init_starts_from_a_bundles_weights(run_dir, tmp_path, capsys):
