@@ -195,7 +195,17 @@ def write_markdown(report: dict, path: Path) -> None:
         "| metric | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in s.items()]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in s.items()
+              if not isinstance(v, dict)]
+    if s.get("case_calibration"):
+        c = s["case_calibration"]
+        lines += ["", f"Case calibration (Platt, fitted on {c['fitted_on']}): slope {c['slope']:.3f}, intercept "
+                      f"{c['intercept']:.3f}; validation ECE before it {c['validation_ece_before']:.3f}."]
+    if s.get("component_filter_validation_dice"):
+        table = s["component_filter_validation_dice"]
+        lines += ["", "Component filter chosen on the same validation cases (mean lesion Dice by "
+                      "`component_max_uncertainty`):", "", "| " + " | ".join(table) + " |",
+                  "|" + "---|" * len(table), "| " + " | ".join(f"{v:.3f}" for v in table.values()) + " |"]
     lines += ["", "## Robustness (Gaussian noise, sigma as a fraction of the 0.5-99.5 percentile range)", "",
               "| sigma | Dice | AUC | ECE | accuracy | pixel u-error AUROC |", "|---|---|---|---|---|---|"]
     for r in report["robustness"]:
