@@ -378,6 +378,8 @@ def test_info_and_models(work, capsys, monkeypatch, tmp_path):
     assert main(["info", str(work.bundle)]) == 0
     text = capsys.readouterr().out
     assert "test-model 0.0.1" in text and "(verified)" in text and "no pCR, pCR (positive: pCR)" in text
+    assert "postprocess:" not in text and "calibration:" not in text  # the test bundle sets neither
+
     assert main(["info", str(work.bundle), "--json"]) == 0
     card = json.loads(capsys.readouterr().out)
     assert card["id"] == "test-model" and card["schema_version"] == 1 and card["path"] == str(work.bundle)
@@ -428,3 +430,11 @@ def test_sigterm_cancels_cleanly(work):
     assert err == "uml: cancelled: nothing was written\n"
     assert json.loads(rest.splitlines()[-1])["stage"] == "error"
     assert snapshot(work.root) == before
+
+
+def test_info_shows_the_shipped_cards_post_processing_and_calibration(capsys):
+    assert main(["info", "uml-breast-dce-small"]) == 0
+    text = capsys.readouterr().out
+    assert "classifier pool avg+max" in text
+    assert "postprocess:   drop segmentation components with mean uncertainty > 0.06" in text
+    assert "calibration:   case opinion, Platt slope" in text

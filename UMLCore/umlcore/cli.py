@@ -354,9 +354,15 @@ def _card_text(bundle: ModelBundle) -> str:
         f"  spacing:       {'native' if spec.target_spacing is None else ' x '.join(f'{v:g}' for v in spec.target_spacing) + ' mm in-plane'}",
         f"  normalisation: {norm_text}",
         f"  architecture:  in {arch.in_channels}, classes {arch.num_classes}, labels {arch.num_seg_labels}, "
-        f"widths {list(arch.cls_widths)}/{list(arch.seg_widths)}/{list(arch.mutual_widths)}",
+        f"widths {list(arch.cls_widths)}/{list(arch.seg_widths)}/{list(arch.mutual_widths)}, "
+        f"classifier pool {arch.cls_pool}",
         f"  review if uncertainty > {card.review_uncertainty:g}",
     ]
+    if card.component_max_uncertainty is not None:
+        lines.append(f"  postprocess:   drop segmentation components with mean uncertainty > {card.component_max_uncertainty:g}")
+    if card.case_calibration is not None:
+        c = card.case_calibration
+        lines.append(f"  calibration:   case opinion, Platt slope {c['slope']:.3f}, intercept {c['intercept']:.3f}")
     if card.metrics:
         lines.append("  metrics:       " + ", ".join(f"{k} {v}" for k, v in card.metrics.items()))
     if card.training:
