@@ -127,3 +127,13 @@ def test_component_threshold_is_the_one_with_the_best_validation_dice():
     assert table["none"] == pytest.approx(np.mean([180 / 250, 16 / 52]))
     assert best == 0.12 and table["0.12"] == pytest.approx(np.mean([180 / 240, 16 / 22]))  # 0.15 ties: first wins
     assert evaluate.choose_component_threshold([(np.array([[10, 0.5, 10]]), 10)])[0] is None  # nothing to gain
+
+
+def test_diagnose_classifier_reports_the_three_fusions(tiny_bundle_dir, capsys):
+    import diagnose_classifier
+
+    assert diagnose_classifier.main(["--model", str(tiny_bundle_dir), "--cases", "3", "--shape", "6", "32", "32",
+                                     "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 validation cases (seeds 1000100..1000102)")
+    assert all(f"{name} " in out for name in ("shipped", "oracle", "best_slice"))
