@@ -29,7 +29,7 @@ import SimpleITK as sitk
 from umlcore import metrics
 from umlcore.bundle import load_bundle
 from umlcore.fusion import fit_platt
-from umlcore.predictor import Predictor
+from umlcore.predictor import Predictor, label_components
 from umlcore.synthetic import generate_case
 
 TEST_SEED_BASE = 2_000_000
@@ -63,15 +63,11 @@ def input_views(images: list[sitk.Image], mode: str) -> list[sitk.Image]:
 
 
 def component_stats(labelmap: np.ndarray, uncertainty: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """``(N, 3)``: voxels, mean uncertainty and voxels inside ``truth`` of each 6-connected component of the
-    labelmap's foreground (the components :func:`umlcore.predictor.remove_uncertain_components` judges)."""
-    comp = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((labelmap > 0).astype(np.uint8)),
-                                                          False)).ravel()
-    n = int(comp.max())
-    size = np.bincount(comp, minlength=n + 1)[1:]
-    mean_u = np.bincount(comp, weights=uncertainty.ravel().astype(np.float64), minlength=n + 1)[1:] / np.maximum(size, 1)
-    inside = np.bincount(comp, weights=(truth.ravel() > 0).astype(np.float64), minlength=n + 1)[1:]
-    return np.stack([size, mean_u, inside], axis=1)
+    """``(N, 3)``: voxels, mean uncertainty and voxels inside ``truth`` of each component that
+    :func:`umlcore.predictor.remove_uncertain_components` judges."""
+    components, sizes, mean_u = label_components(labelmap, uncertainty)
+    inside = np.bincount(components.ravel(), weights=(truth.ravel() > 0).astype(np.float64), minlength=len(sizes))
+    return np.stack([sizes, mean_u, inside], axis=1)[1:]
 
 
 COMPONENT_THRESHOLDS = (0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3)

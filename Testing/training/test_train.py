@@ -42,6 +42,8 @@ def test_training_lowers_the_loss_and_writes_checkpoints(run_dir):
                  "train_config.json", "model_config.json"):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "train_config.json").read_text())["epochs"] == 4
+    # validation logs the pixel u-error AUROC (nan when every sampled voxel is right, as in this tiny run)
+    assert all(np.isnan(float(r["pixel_u_auroc"])) or 0.0 <= float(r["pixel_u_auroc"]) <= 1.0 for r in rows)
 
 
 def test_resume_continues_from_the_last_epoch(run_dir, capsys):
@@ -137,3 +139,37 @@ def test_diagnose_classifier_reports_the_three_fusions(tiny_bundle_dir, capsys):
     out = capsys.readouterr().out
     assert out.startswith("3 validation cases (seeds 1000100..1000102)")
     assert all(f"{name} " in out for name in ("shipped", "oracle", "best_slice"))
+
+
+def test_component_stats_gives_size_mean_uncertainty_and_overlap_per_component():
+    labels = np.zeros((3, 8, 8), np.uint8)
+    labels[0, 1:3, 1:3] = 1
+    labels[2, 5, 5] = 1
+    u = np.full(labels.shape, 0.5, np.float32)
+    u[0, 1:3, 1:3] = 0.1
+    truth = np.zeros_like(labels)
+    truth[0, 1, 1] = 1
+    np.testing.assert_allclose(evaluate.component_stats(labels, u, truth), [[4, 0.1, 1], [1, 0.5, 0]], rtol=1e-6)
+    assert evaluate.component_stats(np.zeros_like(labels), u, truth).shape == (0, 3)
+
+
+TINY = ["--train-cases", "2", "--val-cases", "1", "--case-shape", "4", "32", "32", "--steps-per-epoch", "2",
+        "--batch-size", "2", "--crop", "16", "--workers", "1", "--warmup-steps", "1"]
+
+
+def test_max_minutes_stops_after_the_epoch_that_crosses_it(tmp_path, capsys):
+    state = train.main(["--out", str(tmp_path), *TINY, "--epochs", "3", "--max-minutes", "0.0001"])
+    assert state["epoch"] == 1 and (tmp_path / "last.json").is_file()
+    assert "stopping after epoch 1: --max-minutes 0.0001 reached" in capsys.readouterr().out
+
+
+def test_non_finite_steps_are_skipped_then_refused(tmp_path, monkeypatch):
+    real = train.uml_loss
+
+    def poisoned(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        return {**losses, "total": losses["total"] * float("nan")}
+
+    monkeypatch.setattr(train, "uml_loss", poisoned)
+    with pytest.raises(SystemExit, match="21 steps with a non-finite loss or gradient.*lower --lr or use --amp off"):
+        train.main(["--out", str(tmp_path), *TINY, "--epochs", "1", "--steps-per-epoch", "25"])

@@ -54,6 +54,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "resolve_device",
+    "label_components",
     "remove_uncertain_components",
 ]
 
@@ -87,13 +88,32 @@ class Prediction:
     summary: dict
 
 
+def label_components(labels: np.ndarray, uncertainty: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 6-connected components of ``labels > 0`` (all segments together) and their size and mean uncertainty.
+
+    Args:
+        labels: ``(Z, Y, X)`` labelmap.
+        uncertainty: ``(Z, Y, X)`` per-voxel uncertainty.
+
+    Returns:
+        ``components`` (``(Z, Y, X)`` int, 0 = background, 1..N), ``sizes`` ``(N + 1,)`` and ``mean_u`` ``(N + 1,)``
+        indexed by component id (entry 0 describes the background).
+    """
+    mask = sitk.GetImageFromArray((labels > 0).astype(np.uint8))
+    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(mask, False))
+    flat = components.ravel()
+    sizes = np.bincount(flat, minlength=int(components.max()) + 1)
+    sums = np.bincount(flat, weights=uncertainty.ravel().astype(np.float64), minlength=len(sizes))
+    return components, sizes, sums / np.maximum(sizes, 1)
+
+
 def remove_uncertain_components(labels: np.ndarray, uncertainty: np.ndarray,
                                 max_uncertainty: float) -> tuple[np.ndarray, int]:
     """Drop the connected components of a labelmap whose mean voxel uncertainty exceeds ``max_uncertainty``.
 
-    Components are 6-connected regions of ``labels > 0`` (all segments together). On the synthetic validation
-    cases the false-positive blobs (enhancing vessels, heart, parenchyma) had a mean uncertainty of 0.05-0.3, the
-    lesions 0.02-0.04 (docs/model.md), so a threshold between them removes most false positives.
+    Components are those of :func:`label_components`. On the synthetic validation cases the false-positive blobs
+    (enhancing vessels, heart, parenchyma) had a mean uncertainty of 0.05-0.3, the lesions 0.02-0.04
+    (docs/model.md), so a threshold between them removes most false positives.
 
     Args:
         labels: ``(Z, Y, X)`` uint8 labelmap (not modified).
@@ -103,16 +123,9 @@ def remove_uncertain_components(labels: np.ndarray, uncertainty: np.ndarray,
     Returns:
         The filtered labelmap (a copy) and the number of components removed.
     """
-    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((labels > 0).astype(np.uint8)),
-                                                                False))
-    n = int(components.max())
-    if n == 0:
-        return labels.copy(), 0
-    flat = components.ravel()
-    sizes = np.bincount(flat, minlength=n + 1)
-    sums = np.bincount(flat, weights=uncertainty.ravel().astype(np.float64), minlength=n + 1)
-    drop = np.zeros(n + 1, dtype=bool)
-    drop[1:] = sums[1:] / np.maximum(sizes[1:], 1) > max_uncertainty
+    components, _, mean_u = label_components(labels, uncertainty)
+    drop = mean_u > max_uncertainty
+    drop[0] = False  # the background is not a component
     out = labels.copy()
     out[drop[components]] = 0
     return out, int(drop.sum())
