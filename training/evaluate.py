@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -35,6 +36,21 @@ from umlcore.synthetic import generate_case
 TEST_SEED_BASE = 2_000_000
 VAL_SEED_BASE = 1_000_000  # validation seeds (as in train.py): used only to fit the case calibration
 SIGMAS = (0.0, 0.05, 0.1, 0.2)
+
+
+def _generate(args: tuple[int, tuple[int, int, int], float]):
+    seed, shape, label_noise = args
+    return generate_case(seed, shape=shape, label_noise=label_noise)
+
+
+def synthetic_stream(seeds: range, shape, label_noise: float, workers: int = 1) -> Iterator:
+    """The synthetic cases of ``seeds`` in order; ``workers > 1`` generates them ahead in that many processes."""
+    jobs = [(s, tuple(shape), label_noise) for s in seeds]
+    if workers <= 1:
+        yield from map(_generate, jobs)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_generate, jobs)
 
 
 def add_noise(images: list[sitk.Image], sigma: float, rng: np.random.Generator) -> list[sitk.Image]:
@@ -97,13 +113,13 @@ def choose_component_threshold(cases: list[tuple[np.ndarray, int]]) -> tuple[Opt
 
 
 def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float, sigma: float, mode: str,
-                   pixel_stats: bool, seed_base: int = TEST_SEED_BASE, components: bool = False) -> dict:
+                   pixel_stats: bool, seed_base: int = TEST_SEED_BASE, components: bool = False,
+                   workers: int = 1) -> dict:
     rng = np.random.default_rng(12345)
     comps = []
     dices, hds, probs, labels, clean, u_case, correct = [], [], [], [], [], [], []
     pix_u, pix_err, pix_p, pix_y = [], [], [], []
-    for i in range(n_cases):
-        case = generate_case(seed_base + i, shape=tuple(shape), label_noise=label_noise)
+    for case in synthetic_stream(range(seed_base, seed_base + n_cases), shape, label_noise, workers):
         images = input_views(add_noise(case.to_sitk(), sigma, rng), mode)
         pred = predictor.predict(images, case_id=f"synthetic-{case.seed}")
         lab = sitk.GetArrayFromImage(pred.labelmap)
@@ -224,6 +240,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--robustness-cases", type=int, default=40, help="cases per noise level (sigma > 0)")
     p.add_argument("--mode-cases", type=int, default=40, help="cases per single-volume input mode")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=1, help="processes generating the synthetic cases ahead")
     p.add_argument("--calibrate-cases", type=int, default=0,
                    help="fit a Platt calibration of the case opinion on this many validation cases (seeds from "
                         "1000000, disjoint from the test seeds), apply it here, and record it for export.py")
@@ -237,7 +254,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         def on_validation(card) -> dict:
             return evaluate_cases(Predictor(dataclasses.replace(bundle, card=card), device=args.device, batch_size=16),
                                   args.calibrate_cases, args.shape, args.label_noise, 0.0, "phases", False,
-                                  seed_base=VAL_SEED_BASE, components=True)
+                                  seed_base=VAL_SEED_BASE, components=True, workers=args.workers)
 
         plain = dataclasses.replace(bundle.card, case_calibration=None, component_max_uncertainty=None)
         val = on_validation(plain)
@@ -256,14 +273,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         bundle = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, case_calibration=calibration))
         print(f"case calibration: slope {slope:.3f}, intercept {intercept:.3f} (validation ECE before {val['ece']:.3f})")
     predictor = Predictor(bundle, device=args.device, batch_size=16)
-    main_res = evaluate_cases(predictor, args.cases, args.shape, args.label_noise, 0.0, "phases", pixel_stats=True)
+    main_res = evaluate_cases(predictor, args.cases, args.shape, args.label_noise, 0.0, "phases", pixel_stats=True,
+                              workers=args.workers)
     robustness = [{"sigma": 0.0, **{k: v for k, v in main_res.items() if not k.startswith("_")}}]
     for sigma in SIGMAS[1:]:
-        r = evaluate_cases(predictor, args.robustness_cases, args.shape, args.label_noise, sigma, "phases", True)
+        r = evaluate_cases(predictor, args.robustness_cases, args.shape, args.label_noise, sigma, "phases", True,
+                           workers=args.workers)
         robustness.append({"sigma": sigma, **{k: v for k, v in r.items() if not k.startswith("_")}})
     modes = {}
     for mode in ("early", "subtraction"):
-        r = evaluate_cases(predictor, args.mode_cases, args.shape, args.label_noise, 0.0, mode, False)
+        r = evaluate_cases(predictor, args.mode_cases, args.shape, args.label_noise, 0.0, mode, False,
+                           workers=args.workers)
         modes[mode] = {k: v for k, v in r.items() if not k.startswith("_")}
     modes["phases"] = robustness[0]
     metrics.plot_reliability_diagram(main_res["_probs"], main_res["_labels"], path=str(args.out / "reliability.png"))

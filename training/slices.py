@@ -83,12 +83,18 @@ class SliceSampler:
             single volume (trains the one-volume input mode).
         seed: Seed of the sampler's own generator (numpy for the choices, torch for the noise).
         device: Where the cases live and the batches are made.
+        channel_jitter: Half-width of the per-channel log-intensity jitter on top of the shared gamma /
+            contrast (0.03 = +-3 %, the generator's own per-phase drift).
     """
 
     def __init__(self, cases: Sequence[VolumeCase], crop: int, lesion_fraction: float = 0.5,
-                 single_volume_prob: float = 0.3, seed: int = 0, device: "torch.device | str" = "cpu") -> None:
+                 single_volume_prob: float = 0.3, seed: int = 0, device: "torch.device | str" = "cpu",
+                 channel_jitter: float = 0.03) -> None:
         if crop % 8:
             raise ValueError(f"crop must be a multiple of 8, got {crop}")
+        if not 0.0 <= channel_jitter < 0.5:
+            raise ValueError(f"channel_jitter must be in [0, 0.5), got {channel_jitter}")
+        self.channel_jitter = channel_jitter
         self.device = torch.device(device)
         self.crop = crop
         self.lesion_fraction = lesion_fraction
@@ -148,13 +154,24 @@ class SliceSampler:
         x = torch.stack([s[0] for s in samples]).float()
         seg = torch.stack([s[1] for s in samples]).long()
         cls = torch.tensor([s[2] for s in samples], dtype=torch.int64, device=self.device)
-        # photometric augmentation: per-channel gamma and contrast jitter, additive noise of a random level
-        shape = (size, x.shape[1], 1, 1)
-        gamma = torch.exp(0.2 * torch.randn(shape, generator=self.gen, device=self.device))
-        contrast = 0.85 + 0.3 * torch.rand(shape, generator=self.gen, device=self.device)
+        # photometric augmentation: one gamma and one contrast per sample, shared by its channels, with a small
+        # per-channel jitter (as the generator's per-phase drift), then additive noise of a random level.
+        # Independent per-channel gamma / contrast of +-15 % would scramble the early -> late change (+-12-35 %)
+        # that the case label (washout kinetics) is read from, and make replicated single volumes differ.
+        gamma = torch.exp(0.2 * torch.randn((size, 1, 1, 1), generator=self.gen, device=self.device))
+        contrast = 0.85 + 0.3 * torch.rand((size, 1, 1, 1), generator=self.gen, device=self.device)
+        jitter = (self.channel_jitter * (2 * torch.rand((size, x.shape[1], 1, 1), generator=self.gen,
+                                                         device=self.device) - 1)).exp()
+        jitter = torch.where(self._replicated(x), torch.ones_like(jitter), jitter)
         sigma = 0.03 * torch.rand((size, 1, 1, 1), generator=self.gen, device=self.device)
-        x = x.clamp_min(0) ** gamma * contrast + sigma * torch.randn(x.shape, generator=self.gen, device=self.device)
+        x = x.clamp_min(0) ** gamma * (contrast * jitter) + sigma * torch.randn(x.shape, generator=self.gen,
+                                                                                  device=self.device)
         return x, seg, cls
+
+    @staticmethod
+    def _replicated(x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, 1, 1)`` bool: samples whose channels are one replicated volume (they stay identical)."""
+        return (x == x[:, :1]).flatten(1).all(dim=1).view(-1, 1, 1, 1)
 
 
 def predict_volume(model: torch.nn.Module, channels: np.ndarray, batch_size: int = 16,

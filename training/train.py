@@ -74,6 +74,7 @@ class TrainConfig:
     kl_anneal_epochs: float = 10.0
     single_volume_prob: float = 0.3
     lesion_fraction: float = 0.5
+    channel_jitter: float = 0.03  # per-channel intensity jitter on top of the shared gamma / contrast (+-3 %)
     # runtime
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -233,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     val_cases = synthetic_cases(range(VAL_SEED_BASE, VAL_SEED_BASE + cfg.val_cases), cfg.case_shape,
                                 cfg.label_noise, cfg.workers)
     sampler = SliceSampler(train_cases, cfg.crop, cfg.lesion_fraction, cfg.single_volume_prob, seed=cfg.seed,
-                           device=device)
+                           device=device, channel_jitter=cfg.channel_jitter)
     print(f"data: {len(train_cases)} train / {len(val_cases)} val cases, {len(sampler.all_slices)} train slices "
           f"({len(sampler.lesion_slices)} with lesion) in {time.time() - t0:.1f}s", flush=True)
 

@@ -122,6 +122,30 @@ def test_slice_sampler_batches_are_seeded_and_oversample_lesions():
         SliceSampler(cases, crop=30)
 
 
+def test_slice_sampler_keeps_the_order_of_the_phases_and_replicated_volumes_identical():
+    """The photometric augmentation must not scramble the kinetics (late vs early) the case label is read from."""
+    from slices import SliceSampler, VolumeCase
+
+    levels = np.array([0.3, 0.5, 0.6], np.float32)  # pre < early < late (+20 %), like persistent enhancement
+    channels = np.broadcast_to(levels[:, None, None, None], (3, 4, 32, 32)).copy()
+    case = VolumeCase("flat", channels, channels[1:2].copy(), np.zeros((4, 32, 32), np.uint8), 0, 0, (1.0, 1.0, 1.0))
+    x, _, _ = SliceSampler([case], crop=32, single_volume_prob=0.0, seed=1).batch(64)
+    means = x.mean(dim=(2, 3))
+    assert bool((means[:, 2] > means[:, 1]).all()) and bool((means[:, 1] > means[:, 0]).all())
+    x, _, _ = SliceSampler([case], crop=32, single_volume_prob=1.0, seed=1).batch(16)
+    spread = x.mean(dim=(2, 3)).amax(1) - x.mean(dim=(2, 3)).amin(1)
+    assert float(spread.max()) < 0.02  # one volume replicated: the channels differ only by their pixel noise
+    with pytest.raises(ValueError, match="channel_jitter"):
+        SliceSampler([case], crop=32, channel_jitter=0.7)
+
+
+def test_evaluation_cases_are_the_same_with_worker_processes():
+    serial = list(evaluate.synthetic_stream(range(5, 8), (6, 32, 32), 0.0))
+    parallel = list(evaluate.synthetic_stream(range(5, 8), (6, 32, 32), 0.0, workers=2))
+    assert [c.seed for c in parallel] == [5, 6, 7]
+    assert all(np.array_equal(a.phases, b.phases) and a.label == b.label for a, b in zip(serial, parallel))
+
+
 def test_component_threshold_is_the_one_with_the_best_validation_dice():
     lesion = np.array([[100, 0.02, 90], [40, 0.09, 0], [10, 0.25, 0]])  # (voxels, mean u, voxels in truth)
     small = np.array([[12, 0.11, 8], [30, 0.2, 0]])
