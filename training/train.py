@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slices import SliceSampler, VolumeCase, case_from_synthetic, predict_volume  # noqa: E402
 from umlcore import metrics  # noqa: E402
 from umlcore.bundle import Normalization, load_bundle  # noqa: E402
-from umlcore.config import UMLConfig  # noqa: E402
+from umlcore.config import CLS_POOLS, UMLConfig  # noqa: E402
 from umlcore.evidential import opinion  # noqa: E402
 from umlcore.fusion import fuse_slice_opinions  # noqa: E402
 from umlcore.losses import LossWeights, kl_annealing, uml_loss  # noqa: E402
@@ -56,6 +56,7 @@ class TrainConfig:
     out: str = "runs/uml-small"
     data: Literal["synthetic"] = "synthetic"
     preset: Literal["small", "paper"] = "small"
+    cls_pool: Literal["preset", "avg", "avg+max", "avg+max+lesion"] = "preset"  # the instructor's pooling
     init: str = ""  # start from these weights (a bundle folder / zip, or a .safetensors of the same architecture)
     # synthetic data: training seeds [seed_base, seed_base + train_cases), validation seeds from VAL_SEED_BASE
     train_cases: int = 240
@@ -117,6 +118,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[TrainConfig, bool]:
     cfg = dataclasses.replace(cfg, **overrides)
     if cfg.crop % 8:
         p.error(f"--crop must be a multiple of 8, got {cfg.crop}")
+    if cfg.cls_pool not in ("preset", *CLS_POOLS):
+        p.error(f"--cls-pool must be preset or one of {', '.join(CLS_POOLS)}, got {cfg.cls_pool!r}")
     return cfg, args.resume
 
 
@@ -198,15 +201,25 @@ def load_checkpoint(out: Path, model: UMLNet, opt: torch.optim.Optimizer) -> dic
     return json.loads((out / "last.json").read_text())
 
 
-def init_weights(path: str, model_cfg: UMLConfig) -> dict[str, torch.Tensor]:
-    """Weights to start from: a model bundle (its architecture must equal the run's) or a ``.safetensors``."""
+def init_weights(path: str, model: UMLNet) -> list[str]:
+    """Load the weights to start from into ``model``; returns the names left at their fresh initialisation.
+
+    ``path`` is a ``.safetensors`` of the run's architecture, or a model bundle whose architecture equals the
+    run's or differs from it only in ``cls_pool`` (then the instructor's linear layer, whose input width
+    changes, starts fresh and everything else is loaded).
+    """
     if path.endswith(".safetensors"):
-        return load_file(path)
+        model.load_state_dict(load_file(path))
+        return []
     bundle = load_bundle(path)
-    if bundle.card.architecture != model_cfg:
-        raise SystemExit(f"train.py: error: --init {path} has architecture {bundle.card.architecture}, but this run "
-                         f"builds {model_cfg}; pick the bundle's preset and channels, or train from scratch")
-    return {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
+    arch = bundle.card.architecture
+    if dataclasses.replace(arch, cls_pool=model.config.cls_pool) != model.config:
+        raise SystemExit(f"train.py: error: --init {path} has architecture {arch}, but this run "
+                         f"builds {model.config}; pick the bundle's preset and channels, or train from scratch")
+    own = model.state_dict()
+    loaded = {k: v.detach().clone() for k, v in bundle.model.state_dict().items() if v.shape == own[k].shape}
+    model.load_state_dict(loaded, strict=False)
+    return sorted(set(own) - set(loaded))
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -239,7 +252,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"({len(sampler.lesion_slices)} with lesion) in {time.time() - t0:.1f}s", flush=True)
 
     # model
-    model_cfg = UMLConfig.preset(cfg.preset, in_channels=train_cases[0].channels.shape[0])
+    pool = {} if cfg.cls_pool == "preset" else {"cls_pool": cfg.cls_pool}
+    model_cfg = UMLConfig.preset(cfg.preset, in_channels=train_cases[0].channels.shape[0], **pool)
     model = UMLNet(model_cfg).to(device)
     (out / "model_config.json").write_text(model_cfg.to_json())  # written first, so any checkpoint can be exported
     print(f"model: preset {cfg.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
@@ -261,8 +275,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "best_metrics": {}}
     if cfg.init and not (resume and (out / "last.json").exists()):
-        model.load_state_dict(init_weights(cfg.init, model_cfg))
-        print(f"initialised from {cfg.init}", flush=True)
+        fresh = init_weights(cfg.init, model)
+        print(f"initialised from {cfg.init}" + (f" (fresh: {', '.join(fresh)})" if fresh else ""), flush=True)
     if resume and (out / "last.json").exists():
         state = load_checkpoint(out, model, opt)
         sampler.reseed(cfg.seed + state["step"])

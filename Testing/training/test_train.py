@@ -100,6 +100,14 @@ def test_init_starts_from_a_bundles_weights(run_dir, tmp_path, capsys):
     train.main(["--config", str(run_dir / "train_config.json"), "--out", str(out), "--init", str(bundle),
                 "--epochs", "1", "--steps-per-epoch", "1", "--val-cases", "1"])
     assert f"initialised from {bundle}" in capsys.readouterr().out
+    lesion = tmp_path / "lesion"
+    train.main(["--config", str(run_dir / "train_config.json"), "--out", str(lesion), "--init", str(bundle),
+                "--cls-pool", "avg+max+lesion", "--epochs", "1", "--steps-per-epoch", "1", "--val-cases", "1"])
+    assert "(fresh: instructor.fc.weight)" in capsys.readouterr().out  # the rest is loaded
+    assert json.loads((lesion / "model_config.json").read_text())["cls_pool"] == "avg+max+lesion"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--cls-pool", "max"])
+    assert "--cls-pool must be preset or one of avg, avg+max, avg+max+lesion, got 'max'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="architecture"):
         train.main(["--config", str(run_dir / "train_config.json"), "--out", str(tmp_path / "x"), "--init",
                     str(bundle), "--preset", "paper", "--epochs", "1", "--steps-per-epoch", "1"])

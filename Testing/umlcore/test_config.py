@@ -23,7 +23,7 @@ def test_preset_override_and_unknown_preset():
         ({"in_channels": 0}, "in_channels must be >= 1"),
         ({"seg_widths": (8, 16, 32)}, "seg_widths must be 4 positive integers"),
         ({"dropout": 1.0}, "dropout must be in"),
-        ({"cls_pool": "max"}, "cls_pool must be 'avg' or 'avg\\+max'"),
+        ({"cls_pool": "max"}, "cls_pool must be one of 'avg', 'avg\\+max', 'avg\\+max\\+lesion'"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs, phrase):

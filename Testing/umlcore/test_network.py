@@ -83,3 +83,39 @@ def test_avg_max_pool_sees_a_small_local_feature_that_the_average_dilutes():
             head.fc.bias.zero_()
             change = (head(spot, spot, nav) - head(f, f, nav)).abs().max().item()
             assert (change > 1.0) == (pool == "avg+max"), (pool, change)
+
+
+def test_lesion_pool_reads_the_features_under_the_segmented_foreground():
+    from umlcore.network import LESION_POOL_EPS, UncertaintyInstructor
+
+    torch.manual_seed(0)
+    head = UncertaintyInstructor(4, 4, 4, 8, 2, 0.0, pool="avg+max+lesion").eval()
+    assert head.fc.in_features == 24
+    f = torch.randn(1, 4, 8, 8)
+    nav = torch.zeros(1, 4, 64, 64)
+    here, there = torch.zeros(1, 1, 64, 64), torch.zeros(1, 1, 64, 64)
+    here[..., :8, :8] = 1.0  # exactly H/8 cell (0, 0)
+    there[..., 56:, 56:] = 1.0  # cell (7, 7)
+    with torch.no_grad():
+        head.fc.weight.zero_()
+        head.fc.weight[0, 16:] = 1.0  # logit 0 = sum of the lesion-pooled features only
+        head.fc.bias.zero_()
+        feats = head.feat(torch.cat([f, f], dim=1))
+        feats = feats + feats * head.eta(torch.nn.functional.adaptive_avg_pool2d(nav, (8, 8)))
+        expected = feats[..., 0, 0].sum() / (1.0 + LESION_POOL_EPS)
+        assert head(f, f, nav, here)[0, 0].item() == pytest.approx(expected.item(), rel=1e-5)
+        assert head(f, f, nav, there)[0, 0].item() == pytest.approx((feats[..., 7, 7].sum() / (1 + LESION_POOL_EPS)).item(), rel=1e-5)
+        assert head(f, f, nav, torch.zeros_like(here))[0, 0].item() == 0.0  # nothing segmented: the pool is 0
+    with pytest.raises(ValueError, match="foreground"):
+        head(f, f, nav)
+
+
+def test_lesion_pool_network_runs_and_its_gate_does_not_train_the_segmentation():
+    cfg = UMLConfig.preset("small", cls_pool="avg+max+lesion")
+    net = UMLNet(cfg).train()
+    out = net(torch.randn(2, 3, 32, 32))
+    assert out.cls_alpha.shape == (2, 2)
+    out.cls_alpha.sum().backward()
+    # the segmentation's last layer feeds the class output only through the (detached) gate: no gradient
+    assert net.navigator.head.weight.grad is None
+    assert net.instructor.fc.weight.grad is not None

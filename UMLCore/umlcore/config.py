@@ -7,10 +7,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["UMLConfig", "PRESETS", "PresetName", "ClsPool"]
+__all__ = ["UMLConfig", "PRESETS", "PresetName", "ClsPool", "CLS_POOLS"]
 
 PresetName = Literal["small", "paper"]
-ClsPool = Literal["avg", "avg+max"]
+ClsPool = Literal["avg", "avg+max", "avg+max+lesion"]
+CLS_POOLS: tuple[str, ...] = ("avg", "avg+max", "avg+max+lesion")
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,12 @@ class UMLConfig:
         seg_blocks: Residual blocks per level of the segmentation encoder.
         cls_head_width: Channels of the instructor's feature map ``F``.
         dropout: Dropout before the classifier's linear layer.
-        cls_pool: How the instructor pools ``F'`` into one vector: ``"avg"`` (global average, the paper's) or
-            ``"avg+max"`` (global average and global max, concatenated). A breast lesion covers a few of the
-            1,024 cells of a 256x256 slice's H/8 map, so an average alone dilutes it ~1000-fold; the max keeps it.
+        cls_pool: How the instructor pools ``F'`` into one vector: ``"avg"`` (global average, the paper's),
+            ``"avg+max"`` (global average and global max, concatenated) or ``"avg+max+lesion"`` (both, and the
+            average weighted by the segmentation's foreground probability, so the opinion is read from the
+            segmented lesion rather than from whatever else in the slice looks alike, e.g. an enhancing heart).
+            A breast lesion covers a few of the 1,024 cells of a 256x256 slice's H/8 map, so an average alone
+            dilutes it ~1000-fold.
     """
 
     in_channels: int = 3
@@ -57,8 +61,8 @@ class UMLConfig:
             raise ValueError(f"UMLConfig.num_classes must be >= 2, got {self.num_classes}")
         if self.num_seg_labels < 2:
             raise ValueError(f"UMLConfig.num_seg_labels must be >= 2 (background + at least one segment), got {self.num_seg_labels}")
-        if self.cls_pool not in ("avg", "avg+max"):
-            raise ValueError(f"UMLConfig.cls_pool must be 'avg' or 'avg+max', got {self.cls_pool!r}")
+        if self.cls_pool not in CLS_POOLS:
+            raise ValueError(f"UMLConfig.cls_pool must be one of {', '.join(map(repr, CLS_POOLS))}, got {self.cls_pool!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UMLConfig.dropout must be in [0, 1), got {self.dropout}")
 

@@ -6,7 +6,7 @@ Input ``x: (B, C_in, H, W)`` with ``H, W`` multiples of 8. Both encoders share t
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -16,6 +16,10 @@ from .config import UMLConfig
 from .evidential import alpha_from_logits, uncertainty
 
 __all__ = ["UMLNet", "UMLOutput", "UMLFeatures"]
+
+# Added to the foreground mass (in H/8 cells, 64 pixels each) of the lesion-weighted pool: a 30-pixel lesion
+# keeps ~90 % of its features' magnitude, a slice with no foreground pools to ~0.
+LESION_POOL_EPS = 0.05
 
 
 class UMLOutput(NamedTuple):
@@ -214,8 +218,11 @@ class UncertaintyNavigator(nn.Module):
 class UncertaintyInstructor(nn.Module):
     """Image-level evidential classifier: ``F' = F + F * eta`` -> global pool -> linear -> softplus evidence.
 
-    The pool is a global average (``pool="avg"``, the paper's) or the average and the maximum concatenated
-    (``"avg+max"``), so a lesion covering a few cells of the H/8 map is not averaged away.
+    The pool is a global average (``pool="avg"``, the paper's); the average and the maximum concatenated
+    (``"avg+max"``), so a lesion covering a few cells of the H/8 map is not averaged away; or those two and
+    the average of ``F'`` weighted by the segmentation's foreground probability (``"avg+max+lesion"``), so the
+    opinion is read from the segmented lesion. The weights are detached: the classification loss does not
+    reshape the segmentation through them.
     """
 
     def __init__(self, cls_ch: int, mutual_ch: int, nav_ch: int, width: int, num_classes: int, dropout: float,
@@ -225,16 +232,30 @@ class UncertaintyInstructor(nn.Module):
         self.feat = conv_bn_act(cls_ch + mutual_ch, width)
         self.eta = nn.Sequential(nn.Conv2d(nav_ch, width, 1), nn.Sigmoid())
         self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(width * (2 if pool == "avg+max" else 1), num_classes)
+        self.fc = nn.Linear(width * (pool.count("+") + 1), num_classes)
 
-    def forward(self, f_cls: torch.Tensor, f_mutual: torch.Tensor, nav_top: torch.Tensor) -> torch.Tensor:
+    def forward(self, f_cls: torch.Tensor, f_mutual: torch.Tensor, nav_top: torch.Tensor,
+                foreground: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Class logits ``(B, num_classes)``.
+
+        Args:
+            f_cls: ``(B, cls_ch, H/8, W/8)`` classification-encoder features.
+            f_mutual: ``(B, mutual_ch, h, w)`` mixed features (resized to ``f_cls``).
+            nav_top: ``(B, nav_ch, H, W)`` navigator features (the uncertainty-informed gate ``eta``).
+            foreground: ``(B, 1, H, W)`` segmentation foreground probability; required by ``"avg+max+lesion"``.
+        """
         f = self.feat(torch.cat([f_cls, _resize(f_mutual, f_cls)], dim=1))
         eta = self.eta(F.adaptive_avg_pool2d(nav_top, f.shape[-2:]))
         f = f + f * eta
-        pooled = f.mean(dim=(2, 3))
-        if self.pool == "avg+max":
-            pooled = torch.cat([pooled, f.amax(dim=(2, 3))], dim=1)
-        return self.fc(self.drop(pooled))  # logits
+        pooled = [f.mean(dim=(2, 3))]
+        if self.pool != "avg":
+            pooled.append(f.amax(dim=(2, 3)))
+        if self.pool == "avg+max+lesion":
+            if foreground is None:
+                raise ValueError("cls_pool 'avg+max+lesion' needs the segmentation foreground probability")
+            w = F.adaptive_avg_pool2d(foreground.detach().to(f.dtype), f.shape[-2:])
+            pooled.append((f * w).sum(dim=(2, 3)) / (w.sum(dim=(2, 3)) + LESION_POOL_EPS))
+        return self.fc(self.drop(torch.cat(pooled, dim=1)))  # logits
 
 
 class UMLNet(nn.Module):
@@ -283,9 +304,13 @@ class UMLNet(nn.Module):
         mutual_alpha = alpha_from_logits(mutual_logits)
         mutual_u = uncertainty(mutual_alpha).unsqueeze(1)
         seg_logits, deep_logits, nav_top = self.navigator(feats.seg, mutual_logits, mutual_u)
-        cls_logits = self.instructor(feats.cls[3], feats.mixed[3], nav_top)
+        seg_alpha = alpha_from_logits(seg_logits)
+        foreground = None
+        if self.config.cls_pool == "avg+max+lesion":
+            foreground = 1.0 - seg_alpha[:, :1] / seg_alpha.sum(dim=1, keepdim=True)  # expected P(not background)
+        cls_logits = self.instructor(feats.cls[3], feats.mixed[3], nav_top, foreground)
         return UMLOutput(
-            seg_alpha=alpha_from_logits(seg_logits),
+            seg_alpha=seg_alpha,
             mutual_alpha=mutual_alpha,
             deep_logits=deep_logits,
             cls_alpha=alpha_from_logits(cls_logits),
