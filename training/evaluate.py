@@ -112,6 +112,22 @@ def choose_component_threshold(cases: list[tuple[np.ndarray, int]]) -> tuple[Opt
     return (best if table[str(best)] > table["none"] else None), table
 
 
+def _stat(fn, values: list) -> float:
+    """``fn(values)`` as a float; NaN (without numpy's empty-slice warning) when there are no values."""
+    return float(fn(values)) if len(values) else float("nan")
+
+
+def json_safe(obj):
+    """``obj`` with every NaN / infinite float replaced by ``None``: JSON has no NaN, and ``null`` parses anywhere."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
 def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float, sigma: float, mode: str,
                    pixel_stats: bool, seed_base: int = TEST_SEED_BASE, components: bool = False,
                    workers: int = 1) -> dict:
@@ -149,9 +165,9 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
     res = {
         "cases": n_cases,
         "cases_with_lesion": len(dices),
-        "dice_mean": float(np.mean(dices)),
-        "dice_median": float(np.median(dices)),
-        "hd95_mm_median": float(np.median([h for h in hds if np.isfinite(h)])) if hds else float("nan"),
+        "dice_mean": _stat(np.mean, dices),
+        "dice_median": _stat(np.median, dices),
+        "hd95_mm_median": _stat(np.median, [h for h in hds if np.isfinite(h)]),
         "hd95_inf_cases": int(sum(not np.isfinite(h) for h in hds)),
         "accuracy": metrics.accuracy(probs_a, labels_a),
         "balanced_accuracy": metrics.balanced_accuracy(probs_a, labels_a),
@@ -308,9 +324,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "input_modes": modes,
         "seconds": round(time.time() - t0, 1),
     }
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    (args.out / "report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     write_markdown(report, args.out / "report.md")
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(json_safe(summary), indent=2))
     return 0
 
 

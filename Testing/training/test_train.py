@@ -77,7 +77,9 @@ def test_evaluate_writes_reports_and_export_takes_its_metrics(run_dir, tmp_path)
     assert evaluate.main(["--model", str(bundle), "--out", str(out), "--cases", "4", "--shape", "6", "32", "32",
                           "--robustness-cases", "2", "--mode-cases", "2", "--label-noise", "0.0",
                           "--calibrate-cases", "2"]) == 0  # validation seeds 1000000-1: labels 0 and 1
-    report = json.loads((out / "report.json").read_text())
+    text = (out / "report.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: undefined metrics are null
+    report = json.loads(text)
     assert report["summary"]["cases"] == 4 and [r["sigma"] for r in report["robustness"]] == [0.0, 0.05, 0.1, 0.2]
     assert set(report["input_modes"]) == {"phases", "early", "subtraction"}
     assert (out / "report.md").read_text().startswith("# Evaluation of")
@@ -145,6 +147,11 @@ def test_slice_sampler_keeps_the_order_of_the_phases_and_replicated_volumes_iden
     assert float(spread.max()) < 0.02  # one volume replicated: the channels differ only by their pixel noise
     with pytest.raises(ValueError, match="channel_jitter"):
         SliceSampler([case], crop=32, channel_jitter=0.7)
+
+
+def test_json_safe_turns_undefined_metrics_into_null():
+    assert evaluate.json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2, "e": "x"}}) == \
+        {"a": None, "b": [1.0, None], "c": {"d": 2, "e": "x"}}
 
 
 def test_evaluation_cases_are_the_same_with_worker_processes():
