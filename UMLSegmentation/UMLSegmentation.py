@@ -485,6 +485,7 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name in ("predictedClassLabel", "probabilityLabel", "verdictLabel", "lesionVolumeLabel", "lesionUncertaintyLabel"):
             getattr(self.ui, name).text = "-"
         self.ui.verdictLabel.styleSheet = ""
+        self.ui.lesionVolumeLabel.toolTip = ""
         self.ui.uncertaintyProgressBar.value = 0
         self.setBeliefBars(())
 
@@ -521,6 +522,13 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.lesionVolumeLabel.text = "-"
         else:
             self.ui.lesionVolumeLabel.text = f"{panel.lesionVolumeMl:.2f} ml ({panel.lesionName})"
+        if panel.componentsRemoved:  # the model's uncertainty filter dropped regions: say so, they may matter
+            n = panel.componentsRemoved
+            self.ui.lesionVolumeLabel.text += f"; {n} uncertain region{'s' if n > 1 else ''} removed"
+        self.ui.lesionVolumeLabel.toolTip = (
+            "" if panel.componentsRemoved is None else
+            "Segmented regions whose mean uncertainty was above the model's threshold were removed before the "
+            "case opinion; they remain visible in the uncertainty map.")
         self.ui.lesionUncertaintyLabel.text = "-" if panel.lesionMeanUncertainty is None else f"{100 * panel.lesionMeanUncertainty:.1f} %"
 
     def updateConfidencePanelFromTable(self, tableNode=None) -> None:

@@ -62,6 +62,12 @@ def test_confidence_panel():
     assert math.isclose(sum(b for _, b in panel.beliefs) + panel.uncertainty, 1.0)
     assert (panel.verdict, panel.verdictColor) == ("reliable", "#2e7d32")
     assert (panel.lesionName, panel.lesionVolumeMl, panel.lesionMeanUncertainty) == ("Lesion", 0.18, 0.21)
+    assert panel.componentsRemoved is None  # no postprocessing section: the model has no filter
+    filtered = {**SUMMARY, "postprocessing": {"component_max_uncertainty": 0.06, "components_removed": 2}}
+    assert confidencePanel(filtered).componentsRemoved == 2
+    assert caseCsvRow(filtered, "c", "/in/c.nrrd", {})["components_removed"] == "2"
+    unfiltered = {**SUMMARY, "postprocessing": {"component_max_uncertainty": None, "components_removed": 0}}
+    assert confidencePanel(unfiltered).componentsRemoved is None
     review = confidencePanel({**SUMMARY, "classification": {**SUMMARY["classification"], "verdict": "review"}, "segments": []})
     assert review.verdictColor == "#e65100" and review.lesionVolumeMl is None and review.lesionMeanUncertainty is None
     with pytest.raises(ValueError, match="no classification"):

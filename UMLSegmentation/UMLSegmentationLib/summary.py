@@ -136,6 +136,7 @@ def caseCsvRow(summary: Optional[Mapping[str, Any]], caseId: str, inputPath: str
             row[f"{key}_volume_ml"] = _cell(seg.get("volume_ml"))
             row[f"{key}_voxel_count"] = _cell(seg.get("voxel_count"))
             row[f"{key}_mean_uncertainty"] = _cell(seg.get("mean_uncertainty"))
+        row["components_removed"] = _cell((summary.get("postprocessing") or {}).get("components_removed"))
         model = summary.get("model", {})
         row["model_id"] = str(model.get("id", ""))
         row["model_version"] = str(model.get("version", ""))
@@ -190,6 +191,8 @@ class ConfidencePanel:
         lesionName: Name of the first segment (the lesion), or ``""``.
         lesionVolumeMl: Its volume in ml (``None`` without segments).
         lesionMeanUncertainty: Mean voxel uncertainty inside it (``None`` when it is empty).
+        componentsRemoved: Segmented regions the model's uncertainty filter removed (``None`` when the model
+            has no such filter; the regions stay visible in the uncertainty map).
     """
 
     predictedClass: str
@@ -203,6 +206,7 @@ class ConfidencePanel:
     lesionName: str
     lesionVolumeMl: Optional[float]
     lesionMeanUncertainty: Optional[float]
+    componentsRemoved: Optional[int] = None
 
 
 VERDICT_COLORS = {"reliable": "#2e7d32", "review": "#e65100"}
@@ -224,6 +228,8 @@ def confidencePanel(summary: Mapping[str, Any]) -> ConfidencePanel:
     lesion = segments[0] if segments else {}
     meanU = lesion.get("mean_uncertainty")
     verdict = str(cls.get("verdict", ""))
+    post = summary.get("postprocessing") or {}
+    removed = post.get("components_removed") if post.get("component_max_uncertainty") is not None else None
     return ConfidencePanel(
         predictedClass=str(cls.get("predicted_class", classes[index] if index < len(classes) else "")),
         predictedProbability=probabilities[index] if index < len(probabilities) else float("nan"),
@@ -236,4 +242,5 @@ def confidencePanel(summary: Mapping[str, Any]) -> ConfidencePanel:
         lesionName=str(lesion.get("name", "")),
         lesionVolumeMl=None if not lesion else float(lesion.get("volume_ml", 0.0)),
         lesionMeanUncertainty=None if meanU is None else float(meanU),
+        componentsRemoved=None if removed is None else int(removed),
     )
