@@ -16,7 +16,9 @@ Reports (``report.json`` + ``report.md`` + ``reliability.png`` in ``--out``):
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import itertools
 import json
 import multiprocessing
 import sys
@@ -44,13 +46,19 @@ def _generate(args: tuple[int, tuple[int, int, int], float]):
 
 
 def synthetic_stream(seeds: range, shape, label_noise: float, workers: int = 1) -> Iterator:
-    """The synthetic cases of ``seeds`` in order; ``workers > 1`` generates them ahead in that many processes."""
-    jobs = [(s, tuple(shape), label_noise) for s in seeds]
+    """The synthetic cases of ``seeds`` in order; ``workers > 1`` generates up to ``2 * workers`` of them ahead
+    in that many processes (bounded, so a slow predictor does not pile finished cases up in memory)."""
+    jobs = iter([(s, tuple(shape), label_noise) for s in seeds])
     if workers <= 1:
         yield from map(_generate, jobs)
         return
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(_generate, jobs)
+        pending = collections.deque(pool.apply_async(_generate, (j,)) for j in itertools.islice(jobs, 2 * workers))
+        while pending:
+            case = pending.popleft().get()
+            for j in itertools.islice(jobs, 1):
+                pending.append(pool.apply_async(_generate, (j,)))
+            yield case
 
 
 def add_noise(images: list[sitk.Image], sigma: float, rng: np.random.Generator) -> list[sitk.Image]:

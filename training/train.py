@@ -111,8 +111,14 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[TrainConfig, bool]:
         else:
             p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
     args = p.parse_args(argv)
-    cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    saved = Path(overrides.get("out", defaults.out)) / "train_config.json"
+    if args.config:
+        cfg = TrainConfig.from_json(args.config)
+    elif args.resume and saved.exists():  # resume the run as it was configured; flags still override
+        cfg = TrainConfig.from_json(str(saved))
+    else:
+        cfg = TrainConfig()
     if "case_shape" in overrides:
         overrides["case_shape"] = tuple(overrides["case_shape"])
     cfg = dataclasses.replace(cfg, **overrides)
@@ -202,11 +208,12 @@ def load_checkpoint(out: Path, model: UMLNet, opt: torch.optim.Optimizer) -> dic
 
 
 def init_weights(path: str, model: UMLNet) -> list[str]:
-    """Load the weights to start from into ``model``; returns the names left at their fresh initialisation.
+    """Load the weights to start from into ``model``; returns notes on the tensors not loaded as they were.
 
     ``path`` is a ``.safetensors`` of the run's architecture, or a model bundle whose architecture equals the
-    run's or differs from it only in ``cls_pool`` (then the instructor's linear layer, whose input width
-    changes, starts fresh and everything else is loaded).
+    run's or differs from it only in ``cls_pool``. The pooled vector is ordered avg, max, lesion, so a bundle
+    with fewer pools gives the first columns of the instructor's linear layer and the new ones start at zero:
+    the warm-started network's outputs then equal the bundle's.
     """
     if path.endswith(".safetensors"):
         model.load_state_dict(load_file(path))
@@ -216,10 +223,32 @@ def init_weights(path: str, model: UMLNet) -> list[str]:
     if dataclasses.replace(arch, cls_pool=model.config.cls_pool) != model.config:
         raise SystemExit(f"train.py: error: --init {path} has architecture {arch}, but this run "
                          f"builds {model.config}; pick the bundle's preset and channels, or train from scratch")
-    own = model.state_dict()
-    loaded = {k: v.detach().clone() for k, v in bundle.model.state_dict().items() if v.shape == own[k].shape}
-    model.load_state_dict(loaded, strict=False)
-    return sorted(set(own) - set(loaded))
+    state, notes = model.state_dict(), []
+    for name, value in bundle.model.state_dict().items():
+        if value.shape == state[name].shape:
+            state[name] = value.detach().clone()
+        elif name == "instructor.fc.weight" and value.shape[1] < state[name].shape[1]:
+            state[name] = torch.zeros_like(state[name])
+            state[name][:, :value.shape[1]] = value
+            notes.append(f"{name}: {value.shape[1]} -> {state[name].shape[1]} inputs, the new ones at 0")
+        else:
+            notes.append(f"{name}: fresh")
+    model.load_state_dict(state)
+    return notes
+
+
+def check_resume(out: Path, cfg: TrainConfig) -> None:
+    """Refuse, before anything in ``out`` is overwritten, a resume that would build another architecture."""
+    saved = out / "model_config.json"
+    if not ((out / "last.json").exists() and saved.exists()):
+        return
+    before = UMLConfig.from_json(saved.read_text())
+    pool = {} if cfg.cls_pool == "preset" else {"cls_pool": cfg.cls_pool}
+    now = UMLConfig.preset(cfg.preset, in_channels=before.in_channels, **pool)
+    if now != before:
+        raise SystemExit(f"train.py: error: {out} was trained with architecture {before}, but this resume builds "
+                         f"{now}; resume with --config {out / 'train_config.json'} (or the run's --preset and "
+                         "--cls-pool)")
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -227,6 +256,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     cfg, resume = parse_args(argv)
     t_start = time.time()  # --max-minutes counts from here (data generation included)
     out = Path(cfg.out)
+    if resume:
+        check_resume(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "commands.txt", "a") as f:  # every invocation, so a resumed run's history is complete
         f.write("python training/train.py " + " ".join(sys.argv[1:] if argv is None else argv) + "\n")
@@ -275,8 +306,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "best_metrics": {}}
     if cfg.init and not (resume and (out / "last.json").exists()):
-        fresh = init_weights(cfg.init, model)
-        print(f"initialised from {cfg.init}" + (f" (fresh: {', '.join(fresh)})" if fresh else ""), flush=True)
+        notes = init_weights(cfg.init, model)
+        print(f"initialised from {cfg.init}" + (f" ({'; '.join(notes)})" if notes else ""), flush=True)
     if resume and (out / "last.json").exists():
         state = load_checkpoint(out, model, opt)
         sampler.reseed(cfg.seed + state["step"])

@@ -68,6 +68,7 @@ def test_confidence_panel():
     assert caseCsvRow(filtered, "c", "/in/c.nrrd", {})["components_removed"] == "2"
     unfiltered = {**SUMMARY, "postprocessing": {"component_max_uncertainty": None, "components_removed": 0}}
     assert confidencePanel(unfiltered).componentsRemoved is None
+    assert caseCsvRow(unfiltered, "c", "/in/c.nrrd", {})["components_removed"] == ""  # no filter ran: empty, not 0
     review = confidencePanel({**SUMMARY, "classification": {**SUMMARY["classification"], "verdict": "review"}, "segments": []})
     assert review.verdictColor == "#e65100" and review.lesionVolumeMl is None and review.lesionMeanUncertainty is None
     with pytest.raises(ValueError, match="no classification"):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -105,8 +106,24 @@ def test_init_starts_from_a_bundles_weights(run_dir, tmp_path, capsys):
     lesion = tmp_path / "lesion"
     train.main(["--config", str(run_dir / "train_config.json"), "--out", str(lesion), "--init", str(bundle),
                 "--cls-pool", "avg+max+lesion", "--epochs", "1", "--steps-per-epoch", "1", "--val-cases", "1"])
-    assert "(fresh: instructor.fc.weight)" in capsys.readouterr().out  # the rest is loaded
+    assert "(instructor.fc.weight: 128 -> 192 inputs, the new ones at 0)" in capsys.readouterr().out
     assert json.loads((lesion / "model_config.json").read_text())["cls_pool"] == "avg+max+lesion"
+    # the extended linear layer starts where the bundle was: the same class opinion
+    warm = train.UMLNet(train.UMLConfig.preset("small", cls_pool="avg+max+lesion")).eval()
+    assert train.init_weights(str(bundle), warm) == ["instructor.fc.weight: 128 -> 192 inputs, the new ones at 0"]
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(warm(x).cls_alpha, load_bundle(bundle).model.eval()(x).cls_alpha, atol=1e-6)
+    # a resume keeps the run's own configuration; one that would build another architecture is refused untouched
+    before = (lesion / "train_config.json").read_text()
+    train.main(["--out", str(lesion), "--resume", "--epochs", "2"])
+    assert json.loads((lesion / "model_config.json").read_text())["cls_pool"] == "avg+max+lesion"
+    saved = {k: v for k, v in json.loads((lesion / "train_config.json").read_text()).items() if k != "epochs"}
+    assert saved == {k: v for k, v in json.loads(before).items() if k != "epochs"}
+    before = (lesion / "train_config.json").read_text()
+    with pytest.raises(SystemExit, match="resume with --config"):
+        train.main(["--out", str(lesion), "--resume", "--cls-pool", "avg+max"])
+    assert (lesion / "train_config.json").read_text() == before
     with pytest.raises(SystemExit):
         train.parse_args(["--cls-pool", "max"])
     assert "--cls-pool must be preset or one of avg, avg+max, avg+max+lesion, got 'max'" in capsys.readouterr().err
@@ -159,6 +176,10 @@ def test_evaluation_cases_are_the_same_with_worker_processes():
     parallel = list(evaluate.synthetic_stream(range(5, 8), (6, 32, 32), 0.0, workers=2))
     assert [c.seed for c in parallel] == [5, 6, 7]
     assert all(np.array_equal(a.phases, b.phases) and a.label == b.label for a, b in zip(serial, parallel))
+    stream = evaluate.synthetic_stream(range(20), (6, 32, 32), 0.0, workers=2)
+    assert next(stream).seed == 0
+    stream.close()  # abandoned early: the worker processes go with it
+    assert not multiprocessing.active_children()
 
 
 def test_component_threshold_is_the_one_with_the_best_validation_dice():

@@ -119,3 +119,15 @@ def test_lesion_pool_network_runs_and_its_gate_does_not_train_the_segmentation()
     # the segmentation's last layer feeds the class output only through the (detached) gate: no gradient
     assert net.navigator.head.weight.grad is None
     assert net.instructor.fc.weight.grad is not None
+
+
+def test_lesion_pool_is_finite_and_close_to_float32_under_autocast():
+    torch.manual_seed(1)
+    net = UMLNet(UMLConfig.preset("small", cls_pool="avg+max+lesion")).eval()
+    x = torch.randn(2, 3, 64, 64) * 50.0  # large features: the weighted sum must not overflow
+    with torch.no_grad():
+        ref = net(x).cls_alpha
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = net(x).cls_alpha
+    assert torch.isfinite(low).all()
+    assert torch.allclose(low.float(), ref, rtol=0.05)

@@ -17,8 +17,10 @@ from .evidential import alpha_from_logits, uncertainty
 
 __all__ = ["UMLNet", "UMLOutput", "UMLFeatures"]
 
-# Added to the foreground mass (in H/8 cells, 64 pixels each) of the lesion-weighted pool: a 30-pixel lesion
-# keeps ~90 % of its features' magnitude, a slice with no foreground pools to ~0.
+# Added to the weight mass (in H/8 cells, 64 pixels each) of the lesion-weighted pool. The weights are the
+# expected foreground probability, which includes a share of the uncertainty mass: a background pixel the model
+# is sure of still weighs ~1/S (about 0.002 with the shipped 1.2.0 weights, ~1.8 cells over a 256x256 slice), so
+# on a lesion-free slice this pool tends to a global average, and a small lesion's vector is partly background.
 LESION_POOL_EPS = 0.05
 
 
@@ -220,9 +222,10 @@ class UncertaintyInstructor(nn.Module):
 
     The pool is a global average (``pool="avg"``, the paper's); the average and the maximum concatenated
     (``"avg+max"``), so a lesion covering a few cells of the H/8 map is not averaged away; or those two and
-    the average of ``F'`` weighted by the segmentation's foreground probability (``"avg+max+lesion"``), so the
-    opinion is read from the segmented lesion. The weights are detached: the classification loss does not
-    reshape the segmentation through them.
+    the average of ``F'`` weighted by the segmentation's expected foreground probability (``"avg+max+lesion"``),
+    so the opinion is read mostly from the segmented lesion (see :data:`LESION_POOL_EPS` for what else it
+    weighs). The weights are detached: the classification loss does not reshape the segmentation through them.
+    The weighted sum is taken in float32, so half-precision inference cannot overflow on large slices.
     """
 
     def __init__(self, cls_ch: int, mutual_ch: int, nav_ch: int, width: int, num_classes: int, dropout: float,
@@ -253,8 +256,9 @@ class UncertaintyInstructor(nn.Module):
         if self.pool == "avg+max+lesion":
             if foreground is None:
                 raise ValueError("cls_pool 'avg+max+lesion' needs the segmentation foreground probability")
-            w = F.adaptive_avg_pool2d(foreground.detach().to(f.dtype), f.shape[-2:])
-            pooled.append((f * w).sum(dim=(2, 3)) / (w.sum(dim=(2, 3)) + LESION_POOL_EPS))
+            w = F.adaptive_avg_pool2d(foreground.detach().float(), f.shape[-2:])
+            lesion = (f.float() * w).sum(dim=(2, 3)) / (w.sum(dim=(2, 3)) + LESION_POOL_EPS)
+            pooled.append(lesion.to(f.dtype))
         return self.fc(self.drop(torch.cat(pooled, dim=1)))  # logits
 
 

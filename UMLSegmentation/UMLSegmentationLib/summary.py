@@ -105,6 +105,14 @@ def _segmentKey(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "segment"
 
 
+def _componentsRemoved(summary: Mapping[str, Any]) -> Optional[int]:
+    """Regions the model's uncertainty filter removed; ``None`` when the model has no filter (nothing ran)."""
+    post = summary.get("postprocessing") or {}
+    if post.get("component_max_uncertainty") is None or post.get("components_removed") is None:
+        return None
+    return int(post["components_removed"])
+
+
 def _cell(value: Any) -> str:
     return "" if value is None else _text(value)
 
@@ -136,7 +144,7 @@ def caseCsvRow(summary: Optional[Mapping[str, Any]], caseId: str, inputPath: str
             row[f"{key}_volume_ml"] = _cell(seg.get("volume_ml"))
             row[f"{key}_voxel_count"] = _cell(seg.get("voxel_count"))
             row[f"{key}_mean_uncertainty"] = _cell(seg.get("mean_uncertainty"))
-        row["components_removed"] = _cell((summary.get("postprocessing") or {}).get("components_removed"))
+        row["components_removed"] = _cell(_componentsRemoved(summary))
         model = summary.get("model", {})
         row["model_id"] = str(model.get("id", ""))
         row["model_version"] = str(model.get("version", ""))
@@ -228,8 +236,7 @@ def confidencePanel(summary: Mapping[str, Any]) -> ConfidencePanel:
     lesion = segments[0] if segments else {}
     meanU = lesion.get("mean_uncertainty")
     verdict = str(cls.get("verdict", ""))
-    post = summary.get("postprocessing") or {}
-    removed = post.get("components_removed") if post.get("component_max_uncertainty") is not None else None
+    removed = _componentsRemoved(summary)
     return ConfidencePanel(
         predictedClass=str(cls.get("predicted_class", classes[index] if index < len(classes) else "")),
         predictedProbability=probabilities[index] if index < len(probabilities) else float("nan"),
@@ -242,5 +249,5 @@ def confidencePanel(summary: Mapping[str, Any]) -> ConfidencePanel:
         lesionName=str(lesion.get("name", "")),
         lesionVolumeMl=None if not lesion else float(lesion.get("volume_ml", 0.0)),
         lesionMeanUncertainty=None if meanU is None else float(meanU),
-        componentsRemoved=None if removed is None else int(removed),
+        componentsRemoved=removed,
     )
