@@ -5,7 +5,8 @@ Examples:
     python training/train.py --config runs/small/train_config.json  # same settings from a JSON file
     python training/train.py --out runs/small --resume              # continue from runs/small/last.*
 
-``--resume`` continues from the last finished epoch with the saved optimiser state. Giving a larger ``--epochs``
+``--resume`` continues from the last finished epoch with the saved optimiser state and the run's saved
+``train_config.json`` (flags override it; one that would change the architecture is refused). Giving a larger ``--epochs``
 with ``--resume`` stretches the cosine schedule over the new total, i.e. a warm restart from the learning rate
 the longer schedule has at that step.
 
