@@ -136,6 +136,20 @@ def json_safe(obj):
     return obj
 
 
+LESION_SIZE_BINS = ((1, 100), (100, 1000), (1000, None))  # true lesion voxels per case
+
+
+def dice_by_lesion_size(rows: list[dict]) -> dict[str, dict]:
+    """Mean Dice and the share of cases with nothing predicted, by the case's true lesion voxels."""
+    out = {}
+    for lo, hi in LESION_SIZE_BINS:
+        sel = [r for r in rows if r["lesion_voxels"] >= lo and (hi is None or r["lesion_voxels"] < hi)]
+        out[f"{lo}-{hi - 1}" if hi else f">={lo}"] = {
+            "cases": len(sel), "dice_mean": _stat(np.mean, [r["dice"] for r in sel]),
+            "nothing_predicted": sum(r["predicted_voxels"] == 0 for r in sel)}
+    return out
+
+
 def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float, sigma: float, mode: str,
                    pixel_stats: bool, seed_base: int = TEST_SEED_BASE, components: bool = False,
                    workers: int = 1) -> dict:
@@ -143,6 +157,7 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
     comps = []
     dices, hds, probs, labels, clean, u_case, correct = [], [], [], [], [], [], []
     pix_u, pix_err, pix_p, pix_y = [], [], [], []
+    rows = []
     for case in synthetic_stream(range(seed_base, seed_base + n_cases), shape, label_noise, workers):
         images = input_views(add_noise(case.to_sitk(), sigma, rng), mode)
         pred = predictor.predict(images, case_id=f"synthetic-{case.seed}")
@@ -150,11 +165,20 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
         unc = sitk.GetArrayFromImage(pred.uncertainty)
         if components:
             comps.append((component_stats(lab, unc, case.mask), int(case.mask.sum())))
+        d = h = None
         if case.mask.any():
-            dices.append(metrics.dice(lab, case.mask))
-            hds.append(metrics.hd95(lab, case.mask, spacing=case.spacing[::-1]))
+            d, h = metrics.dice(lab, case.mask), metrics.hd95(lab, case.mask, spacing=case.spacing[::-1])
+            dices.append(d)
+            hds.append(h)
         c = pred.summary["classification"]
         p = float(c["positive_probability"])
+        rows.append({"seed": case.seed, "lesions": len(case.lesions), "lesion_voxels": int(case.mask.sum()),
+                     "kinetics": case.lesions[0]["kinetics"] if case.lesions else None,
+                     "margin": case.lesions[0]["margin"] if case.lesions else None,
+                     "dice": d, "hd95_mm": h, "predicted_voxels": int((lab > 0).sum()),
+                     "components_removed": int(pred.summary.get("postprocessing", {}).get("components_removed", 0)),
+                     "positive_probability": p, "uncertainty": float(c["uncertainty"]),
+                     "label": int(case.label), "clean_label": int(case.clean_label)})
         probs.append(p)
         labels.append(case.label)
         clean.append(case.clean_label)
@@ -188,6 +212,7 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
         "ece_clean_labels": metrics.expected_calibration_error(probs_a, clean_a),
         "case_uncertainty_mean": float(np.mean(u_case)),
     }
+    res["dice_by_lesion_size"] = dice_by_lesion_size(rows)
     rc = metrics.risk_coverage(np.array(u_case), np.array(correct, dtype=bool), kind="uncertainty")
     res["eaurc"] = float(rc["eaurc"])
     res["aurc"] = float(rc["aurc"])
@@ -198,6 +223,7 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
         if pix_p:
             res["pixel_ece"] = metrics.expected_calibration_error(np.concatenate(pix_p), np.concatenate(pix_y))
     res["_probs"], res["_labels"], res["_u"], res["_correct"] = probs_a, labels_a, np.array(u_case), np.array(correct)
+    res["_rows"] = rows
     res["_components"] = comps
     return res
 
@@ -237,6 +263,11 @@ def write_markdown(report: dict, path: Path) -> None:
         c = s["case_calibration"]
         lines += ["", f"Case calibration (Platt, fitted on {c['fitted_on']}): slope {c['slope']:.3f}, intercept "
                       f"{c['intercept']:.3f}; validation ECE before it {c['validation_ece_before']:.3f}."]
+    if s.get("dice_by_lesion_size"):
+        bins = s["dice_by_lesion_size"]
+        lines += ["", "Lesion Dice by the case's true lesion size (voxels):", "",
+                  "| lesion voxels | cases | mean Dice | nothing predicted |", "|---|---|---|---|"]
+        lines += [f"| {k} | {b['cases']} | {b['dice_mean']:.3f} | {b['nothing_predicted']} |" for k, b in bins.items()]
     if s.get("component_filter_validation_dice"):
         table = s["component_filter_validation_dice"]
         lines += ["", "Component filter chosen on the same validation cases (mean lesion Dice by "
@@ -331,6 +362,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "robustness": robustness,
         "input_modes": modes,
         "seconds": round(time.time() - t0, 1),
+        "cases": main_res["_rows"],  # one row per test case (all three phases, no added noise)
     }
     (args.out / "report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     write_markdown(report, args.out / "report.md")

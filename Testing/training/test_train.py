@@ -83,6 +83,9 @@ def test_evaluate_writes_reports_and_export_takes_its_metrics(run_dir, tmp_path)
     report = json.loads(text)
     assert report["summary"]["cases"] == 4 and [r["sigma"] for r in report["robustness"]] == [0.0, 0.05, 0.1, 0.2]
     assert set(report["input_modes"]) == {"phases", "early", "subtraction"}
+    assert [r["seed"] for r in report["cases"]] == [2_000_000 + i for i in range(4)]
+    assert sum(b["cases"] for b in report["summary"]["dice_by_lesion_size"].values()) == \
+        report["summary"]["cases_with_lesion"] == sum(r["lesion_voxels"] > 0 for r in report["cases"])
     assert (out / "report.md").read_text().startswith("# Evaluation of")
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     final = tmp_path / "final"
@@ -164,6 +167,15 @@ def test_slice_sampler_keeps_the_order_of_the_phases_and_replicated_volumes_iden
     assert float(spread.max()) < 0.02  # one volume replicated: the channels differ only by their pixel noise
     with pytest.raises(ValueError, match="channel_jitter"):
         SliceSampler([case], crop=32, channel_jitter=0.7)
+
+
+def test_dice_by_lesion_size_bins_cases_by_their_true_lesion():
+    rows = [{"lesion_voxels": v, "dice": d, "predicted_voxels": p}
+            for v, d, p in [(0, None, 5), (40, 0.0, 0), (60, 0.5, 10), (400, 0.8, 300), (5000, 0.9, 4800)]]
+    bins = evaluate.dice_by_lesion_size(rows)
+    assert bins == {"1-99": {"cases": 2, "dice_mean": 0.25, "nothing_predicted": 1},
+                    "100-999": {"cases": 1, "dice_mean": 0.8, "nothing_predicted": 0},
+                    ">=1000": {"cases": 1, "dice_mean": 0.9, "nothing_predicted": 0}}
 
 
 def test_json_safe_turns_undefined_metrics_into_null():
