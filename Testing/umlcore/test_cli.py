@@ -21,7 +21,7 @@ import torch
 
 import umlcore.catalogue
 import umlcore.cli
-from umlcore.bundle import CARD_FILE, WEIGHTS_FILE
+from umlcore.bundle import CARD_FILE, WEIGHTS_FILE, load_bundle
 from umlcore.cli import main
 
 STAGES = {"read", "preprocess", "inference", "postprocess", "write", "done", "error"}
@@ -435,6 +435,8 @@ def test_sigterm_cancels_cleanly(work):
 def test_info_shows_the_shipped_cards_post_processing_and_calibration(capsys):
     assert main(["info", "uml-breast-dce-small"]) == 0
     text = capsys.readouterr().out
-    assert "classifier pool avg+max" in text
-    assert "postprocess:   drop segmentation components with mean uncertainty > 0.06" in text
+    card = load_bundle(umlcore.catalogue.resolve_model("uml-breast-dce-small")).card
+    assert f"classifier pool {card.architecture.cls_pool}\n" in text
+    assert card.component_max_uncertainty is not None
+    assert f"postprocess:   drop segmentation components with mean uncertainty > {card.component_max_uncertainty:g}" in text
     assert "calibration:   case opinion, Platt slope" in text

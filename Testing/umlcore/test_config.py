@@ -40,7 +40,7 @@ def test_unknown_field_in_dict_is_refused():
 
 def test_cls_pool_defaults_to_the_papers_average_and_old_configs_still_load():
     assert UMLConfig().cls_pool == "avg" and UMLConfig.preset("paper").cls_pool == "avg"
-    assert UMLConfig.preset("small").cls_pool == "avg+max"
+    assert UMLConfig.preset("small").cls_pool == "avg+max+lesion"
     old = UMLConfig.preset("small").to_dict()
     del old["cls_pool"]  # a model.json written before the field existed
     assert UMLConfig.from_dict(old).cls_pool == "avg"

@@ -101,7 +101,7 @@ class UMLConfig:
 
 PRESETS: dict[str, UMLConfig] = {
     # Compact: <= 3 GFLOP per 256x256 slice (measured in Testing/umlcore/test_network.py).
-    "small": UMLConfig(cls_pool="avg+max"),
+    "small": UMLConfig(cls_pool="avg+max+lesion"),
     # Paper scale: encoder widths of the ResNet/VGG ladders (64..512), deeper stages.
     "paper": UMLConfig(
         cls_widths=(64, 128, 256, 512),
