@@ -106,9 +106,15 @@ def test_init_starts_from_a_bundles_weights(run_dir, tmp_path, capsys):
     train.main(["--config", str(run_dir / "train_config.json"), "--out", str(out), "--init", str(bundle),
                 "--epochs", "1", "--steps-per-epoch", "1", "--val-cases", "1"])
     assert f"initialised from {bundle}" in capsys.readouterr().out
+    # a bundle with fewer pools (avg+max) warm-starts an avg+max+lesion run
+    plain, short = tmp_path / "plain", ["--epochs", "1", "--steps-per-epoch", "1", "--val-cases", "1"]
+    train.main(["--config", str(run_dir / "train_config.json"), "--out", str(plain), "--cls-pool", "avg+max", *short])
+    bundle = tmp_path / "plain-bundle"
+    export.main(["--run", str(plain), "--out", str(bundle)])
+    capsys.readouterr()
     lesion = tmp_path / "lesion"
     train.main(["--config", str(run_dir / "train_config.json"), "--out", str(lesion), "--init", str(bundle),
-                "--cls-pool", "avg+max+lesion", "--epochs", "1", "--steps-per-epoch", "1", "--val-cases", "1"])
+                "--cls-pool", "avg+max+lesion", *short])
     assert "(instructor.fc.weight: 128 -> 192 inputs, the new ones at 0)" in capsys.readouterr().out
     assert json.loads((lesion / "model_config.json").read_text())["cls_pool"] == "avg+max+lesion"
     # the extended linear layer starts where the bundle was: the same class opinion
