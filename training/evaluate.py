@@ -125,6 +125,18 @@ def _stat(fn, values: list) -> float:
     return float(fn(values)) if len(values) else float("nan")
 
 
+def ece_sampling_floor(probs: np.ndarray, draws: int = 1000, seed: int = 0) -> float:
+    """Median ECE of a *perfectly calibrated* model with these positive probabilities on this many cases.
+
+    Labels are drawn as ``Bernoulli(p)`` for each case, so every difference between confidence and accuracy is
+    sampling noise: an ECE measured on the same number of cases is only meaningful well above this floor.
+    """
+    rng = np.random.default_rng(seed)
+    p = np.asarray(probs, dtype=float)
+    return float(np.median([metrics.expected_calibration_error(p, (rng.random(p.size) < p).astype(int))
+                            for _ in range(draws)]))
+
+
 def json_safe(obj):
     """``obj`` with every NaN / infinite float replaced by ``None``: JSON has no NaN, and ``null`` parses anywhere."""
     if isinstance(obj, dict):
@@ -205,6 +217,7 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
         "balanced_accuracy": metrics.balanced_accuracy(probs_a, labels_a),
         "auc": metrics.roc_auc(probs_a, labels_a),
         "ece": metrics.expected_calibration_error(probs_a, labels_a),
+        "ece_sampling_floor": ece_sampling_floor(probs_a) if len(probs_a) else float("nan"),
         "brier": metrics.brier_score(probs_a, labels_a),
         "nll": metrics.nll(probs_a, labels_a),
         "auc_clean_labels": metrics.roc_auc(probs_a, clean_a),

@@ -184,6 +184,13 @@ def test_dice_by_lesion_size_bins_cases_by_their_true_lesion():
                     ">=1000": {"cases": 1, "dice_mean": 0.9, "nothing_predicted": 0}}
 
 
+def test_ece_sampling_floor_is_the_noise_of_a_calibrated_model():
+    # p = 0.5 everywhere: the ECE is |fraction of positives - 0.5|, whose median over Binomial(100, 0.5) draws is 0.03
+    assert evaluate.ece_sampling_floor(np.full(100, 0.5)) == pytest.approx(0.03, abs=0.011)
+    assert evaluate.ece_sampling_floor(np.full(10000, 0.5), draws=50) < 0.005  # many cases: the floor vanishes
+    assert evaluate.ece_sampling_floor(np.array([0.0, 1.0] * 50)) == 0.0  # certain and right: no noise
+
+
 def test_json_safe_turns_undefined_metrics_into_null():
     assert evaluate.json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2, "e": "x"}}) == \
         {"a": None, "b": [1.0, None], "c": {"d": 2, "e": "x"}}
