@@ -166,10 +166,8 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
                    pixel_stats: bool, seed_base: int = TEST_SEED_BASE, components: bool = False,
                    workers: int = 1) -> dict:
     rng = np.random.default_rng(12345)
-    comps = []
-    dices, hds, probs, labels, clean, u_case, correct = [], [], [], [], [], [], []
+    comps, rows = [], []
     pix_u, pix_err, pix_p, pix_y = [], [], [], []
-    rows = []
     for case in synthetic_stream(range(seed_base, seed_base + n_cases), shape, label_noise, workers):
         images = input_views(add_noise(case.to_sitk(), sigma, rng), mode)
         pred = predictor.predict(images, case_id=f"synthetic-{case.seed}")
@@ -180,8 +178,6 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
         d = h = None
         if case.mask.any():
             d, h = metrics.dice(lab, case.mask), metrics.hd95(lab, case.mask, spacing=case.spacing[::-1])
-            dices.append(d)
-            hds.append(h)
         c = pred.summary["classification"]
         p = float(c["positive_probability"])
         rows.append({"seed": case.seed, "lesions": len(case.lesions), "lesion_voxels": int(case.mask.sum()),
@@ -191,11 +187,6 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
                      "components_removed": int(pred.summary.get("postprocessing", {}).get("components_removed", 0)),
                      "positive_probability": p, "uncertainty": float(c["uncertainty"]),
                      "label": int(case.label), "clean_label": int(case.clean_label)})
-        probs.append(p)
-        labels.append(case.label)
-        clean.append(case.clean_label)
-        u_case.append(float(c["uncertainty"]))
-        correct.append(int((p >= 0.5) == bool(case.label)))
         if pixel_stats:
             sel = rng.random(lab.size) < 0.05  # deterministic 5% voxel subsample
             err = (lab != case.mask).ravel()[sel]
@@ -205,7 +196,12 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
             if fg is not None:
                 pix_p.append(fg)
                 pix_y.append(case.mask.ravel()[sel])
-    probs_a, labels_a, clean_a = np.array(probs), np.array(labels), np.array(clean)
+    dices = [r["dice"] for r in rows if r["dice"] is not None]
+    hds = [r["hd95_mm"] for r in rows if r["dice"] is not None]
+    probs_a, labels_a, clean_a, u_case = (np.array([r[k] for r in rows], dtype=dt) for k, dt in
+                                          (("positive_probability", float), ("label", int), ("clean_label", int),
+                                           ("uncertainty", float)))
+    correct = ((probs_a >= 0.5) == labels_a.astype(bool)).astype(int)
     res = {
         "cases": n_cases,
         "cases_with_lesion": len(dices),

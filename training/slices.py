@@ -119,10 +119,12 @@ class SliceSampler:
         pool = self.lesion_slices if self.lesion_slices and self.rng.random() < self.lesion_fraction else self.all_slices
         return pool[self.rng.integers(len(pool))]
 
-    def _sample(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _sample(self) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+        """One cropped, rotated / flipped slice, its mask, its class and whether it is one replicated volume."""
         i, z = self._pick()
         views, c = self.views[i], self.n_channels
-        if self.rng.random() < self.single_volume_prob:
+        replicated = bool(self.rng.random() < self.single_volume_prob)
+        if replicated:
             image = views[int(self.rng.integers(len(views))), z].expand(c, -1, -1)
         else:
             image = views[:c, z]
@@ -131,7 +133,7 @@ class SliceSampler:
         image, mask = torch.rot90(image, k, dims=(1, 2)), torch.rot90(mask, k, dims=(0, 1))
         if self.rng.random() < 0.5:
             image, mask = image.flip(2), mask.flip(1)
-        return image, mask, int(self.labels[i][z])
+        return image, mask, int(self.labels[i][z]), replicated
 
     def _crop(self, image: torch.Tensor, mask: torch.Tensor, lesion: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.crop
@@ -162,16 +164,12 @@ class SliceSampler:
         contrast = 0.85 + 0.3 * torch.rand((size, 1, 1, 1), generator=self.gen, device=self.device)
         jitter = (self.channel_jitter * (2 * torch.rand((size, x.shape[1], 1, 1), generator=self.gen,
                                                          device=self.device) - 1)).exp()
-        jitter = torch.where(self._replicated(x), torch.ones_like(jitter), jitter)
+        replicated = torch.tensor([s[3] for s in samples], device=self.device).view(-1, 1, 1, 1)
+        jitter = torch.where(replicated, torch.ones_like(jitter), jitter)  # one volume: its channels stay equal
         sigma = 0.03 * torch.rand((size, 1, 1, 1), generator=self.gen, device=self.device)
         x = x.clamp_min(0) ** gamma * (contrast * jitter) + sigma * torch.randn(x.shape, generator=self.gen,
                                                                                   device=self.device)
         return x, seg, cls
-
-    @staticmethod
-    def _replicated(x: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, 1, 1)`` bool: samples whose channels are one replicated volume (they stay identical)."""
-        return (x == x[:, :1]).flatten(1).all(dim=1).view(-1, 1, 1, 1)
 
 
 def predict_volume(model: torch.nn.Module, channels: np.ndarray, batch_size: int = 16,

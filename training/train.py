@@ -238,14 +238,19 @@ def init_weights(path: str, model: UMLNet) -> list[str]:
     return notes
 
 
+def model_config(cfg: TrainConfig, in_channels: int) -> UMLConfig:
+    """The run's architecture: its preset, with ``--cls-pool`` unless that is ``preset``."""
+    pool = {} if cfg.cls_pool == "preset" else {"cls_pool": cfg.cls_pool}
+    return UMLConfig.preset(cfg.preset, in_channels=in_channels, **pool)
+
+
 def check_resume(out: Path, cfg: TrainConfig) -> None:
     """Refuse, before anything in ``out`` is overwritten, a resume that would build another architecture."""
     saved = out / "model_config.json"
     if not ((out / "last.json").exists() and saved.exists()):
         return
     before = UMLConfig.from_json(saved.read_text())
-    pool = {} if cfg.cls_pool == "preset" else {"cls_pool": cfg.cls_pool}
-    now = UMLConfig.preset(cfg.preset, in_channels=before.in_channels, **pool)
+    now = model_config(cfg, before.in_channels)
     if now != before:
         raise SystemExit(f"train.py: error: {out} was trained with architecture {before}, but this resume builds "
                          f"{now}; resume with --config {out / 'train_config.json'} (or the run's --preset and "
@@ -284,8 +289,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"({len(sampler.lesion_slices)} with lesion) in {time.time() - t0:.1f}s", flush=True)
 
     # model
-    pool = {} if cfg.cls_pool == "preset" else {"cls_pool": cfg.cls_pool}
-    model_cfg = UMLConfig.preset(cfg.preset, in_channels=train_cases[0].channels.shape[0], **pool)
+    model_cfg = model_config(cfg, train_cases[0].channels.shape[0])
     model = UMLNet(model_cfg).to(device)
     (out / "model_config.json").write_text(model_cfg.to_json())  # written first, so any checkpoint can be exported
     print(f"model: preset {cfg.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
