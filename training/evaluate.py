@@ -308,6 +308,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--calibrate-cases", type=int, default=0,
                    help="fit a Platt calibration of the case opinion on this many validation cases (seeds from "
                         "1000000, disjoint from the test seeds), apply it here, and record it for export.py")
+    p.add_argument("--component-filter", default="fit", choices=["fit", "bundle"],
+                   help="with --calibrate-cases: 'fit' chooses the uncertain-component filter on the validation "
+                        "cases first (two validation passes); 'bundle' keeps the bundle's filter (one pass)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     bundle = load_bundle(args.model)
@@ -320,14 +323,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                                   args.calibrate_cases, args.shape, args.label_noise, 0.0, "phases", False,
                                   seed_base=VAL_SEED_BASE, components=True, workers=args.workers)
 
-        plain = dataclasses.replace(bundle.card, case_calibration=None, component_max_uncertainty=None)
-        val = on_validation(plain)
-        threshold, threshold_table = choose_component_threshold(val["_components"])
-        print(f"component filter: max mean uncertainty {threshold} (validation mean Dice by threshold: "
-              f"{ {k: round(v, 3) for k, v in threshold_table.items()} })")
+        if args.component_filter == "fit":
+            plain = dataclasses.replace(bundle.card, case_calibration=None, component_max_uncertainty=None)
+            val = on_validation(plain)
+            threshold, threshold_table = choose_component_threshold(val["_components"])
+            print(f"component filter: max mean uncertainty {threshold} (validation mean Dice by threshold: "
+                  f"{ {k: round(v, 3) for k, v in threshold_table.items()} })")
         # 2. the case calibration is fitted on the opinions the filtered labelmap gives (fusion weights change)
-        if threshold is not None:
-            val = on_validation(dataclasses.replace(plain, component_max_uncertainty=threshold))
+        if args.component_filter == "bundle" or threshold is not None:
+            val = on_validation(dataclasses.replace(bundle.card, case_calibration=None,
+                                                    component_max_uncertainty=threshold))
         bundle = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, component_max_uncertainty=threshold))
         slope, intercept = fit_platt(val["_probs"], val["_labels"])
         calibration = {"slope": slope, "intercept": intercept,

@@ -98,6 +98,18 @@ def test_evaluate_writes_reports_and_export_takes_its_metrics(run_dir, tmp_path)
     assert "component_max_uncertainty" not in card.metrics and "case_calibration" not in card.metrics
 
 
+def test_calibration_can_keep_the_bundles_component_filter(bundle_factory, tmp_path):
+    bundle = bundle_factory(component_max_uncertainty=0.2)
+    out = tmp_path / "eval"
+    assert evaluate.main(["--model", str(bundle), "--out", str(out), "--cases", "2", "--shape", "6", "32", "32",
+                          "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
+                          "--calibrate-cases", "2", "--component-filter", "bundle"]) == 0
+    summary = json.loads((out / "report.json").read_text())["summary"]
+    assert summary["component_max_uncertainty"] == 0.2  # kept, not refitted
+    assert "component_filter_validation_dice" not in summary
+    assert summary["case_calibration"]["fitted_on"].startswith("2 validation cases")
+
+
 def test_init_starts_from_a_bundles_weights(run_dir, tmp_path, capsys):
     bundle = tmp_path / "bundle"
     export.main(["--run", str(run_dir), "--out", str(bundle), "--weights", "last.safetensors"])
