@@ -77,6 +77,7 @@ class TrainConfig:
     single_volume_prob: float = 0.3
     lesion_fraction: float = 0.5
     channel_jitter: float = 0.03  # per-channel intensity jitter on top of the shared gamma / contrast (+-3 %)
+    noise_max: float = 0.03  # per-sample Gaussian noise sigma ~ U[0, noise_max] (normalised units; eval tests 0.2)
     # runtime
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -284,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     val_cases = synthetic_cases(range(VAL_SEED_BASE, VAL_SEED_BASE + cfg.val_cases), cfg.case_shape,
                                 cfg.label_noise, cfg.workers)
     sampler = SliceSampler(train_cases, cfg.crop, cfg.lesion_fraction, cfg.single_volume_prob, seed=cfg.seed,
-                           device=device, channel_jitter=cfg.channel_jitter)
+                           device=device, channel_jitter=cfg.channel_jitter, noise_max=cfg.noise_max)
     print(f"data: {len(train_cases)} train / {len(val_cases)} val cases, {len(sampler.all_slices)} train slices "
           f"({len(sampler.lesion_slices)} with lesion) in {time.time() - t0:.1f}s", flush=True)
 

@@ -187,6 +187,20 @@ def test_slice_sampler_keeps_the_order_of_the_phases_and_replicated_volumes_iden
         SliceSampler([case], crop=32, channel_jitter=0.7)
 
 
+def test_slice_sampler_noise_level_is_drawn_up_to_noise_max():
+    from slices import SliceSampler, VolumeCase
+
+    flat = np.full((3, 4, 32, 32), 0.5, np.float32)  # a flat image: the pixel spread is the added noise alone
+    case = VolumeCase("flat", flat, flat[1:2].copy(), np.zeros((4, 32, 32), np.uint8), 0, 0, (1.0, 1.0, 1.0))
+    for noise_max in (0.0, 0.03, 0.2):
+        x, _, _ = SliceSampler([case], crop=32, seed=2, noise_max=noise_max).batch(64)
+        sigma = x.std(dim=(2, 3))  # (64, 3): one sigma per sample, shared by its channels
+        assert float(sigma.max()) <= noise_max * 1.05 + 1e-6
+        assert float(sigma.max()) >= noise_max * 0.85  # 64 draws of U[0, noise_max] reach near the top
+    with pytest.raises(ValueError, match="noise_max"):
+        SliceSampler([case], crop=32, noise_max=1.5)
+
+
 def test_dice_by_lesion_size_bins_cases_by_their_true_lesion():
     rows = [{"lesion_voxels": v, "dice": d, "predicted_voxels": p}
             for v, d, p in [(0, None, 5), (40, 0.0, 0), (60, 0.5, 10), (400, 0.8, 300), (5000, 0.9, 4800)]]
