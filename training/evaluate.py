@@ -321,7 +321,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         def on_validation(card) -> dict:
             return evaluate_cases(Predictor(dataclasses.replace(bundle, card=card), device=args.device, batch_size=16),
                                   args.calibrate_cases, args.shape, args.label_noise, 0.0, "phases", False,
-                                  seed_base=VAL_SEED_BASE, components=True, workers=args.workers)
+                                  seed_base=VAL_SEED_BASE, components=args.component_filter == "fit",
+                                  workers=args.workers)
 
         if args.component_filter == "fit":
             plain = dataclasses.replace(bundle.card, case_calibration=None, component_max_uncertainty=None)
