@@ -312,6 +312,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="with --calibrate-cases: 'fit' chooses the uncertain-component filter on the validation "
                         "cases first (two validation passes); 'bundle' keeps the bundle's filter (one pass)")
     args = p.parse_args(argv)
+    if args.component_filter == "bundle" and not args.calibrate_cases:
+        p.error("--component-filter bundle only applies to the calibration fit: add --calibrate-cases N")
     args.out.mkdir(parents=True, exist_ok=True)
     bundle = load_bundle(args.model)
     t0 = time.time()

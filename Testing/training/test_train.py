@@ -108,6 +108,9 @@ def test_calibration_can_keep_the_bundles_component_filter(bundle_factory, tmp_p
     assert summary["component_max_uncertainty"] == 0.2  # kept, not refitted
     assert "component_filter_validation_dice" not in summary
     assert summary["case_calibration"]["fitted_on"].startswith("2 validation cases")
+    with pytest.raises(SystemExit) as exc:  # without a calibration fit the option would do nothing
+        evaluate.main(["--model", str(bundle), "--out", str(tmp_path / "e2"), "--component-filter", "bundle"])
+    assert exc.value.code == 2 and not (tmp_path / "e2").exists()
 
 
 def test_init_starts_from_a_bundles_weights(run_dir, tmp_path, capsys):
