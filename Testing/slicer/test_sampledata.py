@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import slicer
 
 from UMLSegmentationLib.logic import ENGINE_PACKAGES
 from UMLSegmentationLib.paths import moduleDirectory, sampleDataDirectory
-from UMLSegmentationLib.sampledata import SAMPLE_CASES, SAMPLE_CATEGORY, fileSha256, sampleDataSources, writeSyntheticSample
+from UMLSegmentationLib.sampledata import (SAMPLE_CASES, SAMPLE_CATEGORY, fileSha256, sampleDataSources,
+                                           syntheticSampleCase, writeSyntheticSample)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,6 +56,26 @@ def test_sample_regenerates_with_the_same_voxels_and_geometry(tmp_path):
         assert np.array_equal(fresh, shipped) and np.allclose(fresh_matrix, shipped_matrix)
     pre, early = (read_array(p)[0].astype(float) for p in written[:2])
     assert early.max() > pre.max()  # the lesion enhances
+
+
+def test_the_shipped_model_finds_the_sample_lesion_and_calls_it_suspicious():
+    """The README's main job, pinned: a retrained bundle that loses it fails here."""
+    import SimpleITK as sitk
+    from umlcore import metrics
+    from umlcore.bundle import load_bundle
+    from umlcore.catalogue import DEFAULT_MODEL_ID, resolve_model
+    from umlcore.io import read_case
+    from umlcore.predictor import Predictor
+
+    phases = read_case([sampleDataDirectory() / f.fileName for f in SAMPLE_CASES[0].files])
+    pred = Predictor(load_bundle(resolve_model(DEFAULT_MODEL_ID)), device="cpu").predict(phases)
+    truth = syntheticSampleCase()
+    assert truth.label == 1 and len(truth.lesions) == 1  # a spiculated lesion with washout: "high suspicion"
+    assert metrics.dice(sitk.GetArrayFromImage(pred.labelmap), truth.mask) > 0.35  # 0.44 for 1.2.x (coarse grid)
+    c = pred.summary["classification"]
+    assert c["predicted_class"] == c["positive_class"] and c["verdict"] == "reliable"
+    true_ml = truth.mask.sum() * np.prod(truth.spacing) / 1000
+    assert pred.summary["segments"][0]["volume_ml"] == pytest.approx(true_ml, rel=0.25)
 
 
 def third_party_imports(folder: Path) -> set[str]:

@@ -25,6 +25,7 @@ __all__ = [
     "SAMPLE_CASES",
     "fileSha256",
     "sampleDataSources",
+    "syntheticSampleCase",
     "writeSyntheticSample",
 ]
 
@@ -93,15 +94,24 @@ def sampleDataSources(moduleDirectory: Union[str, Path]) -> list[dict]:
     return sources
 
 
+def syntheticSampleCase(seed: int = SAMPLE_SEED, shape: tuple[int, int, int] = SAMPLE_SHAPE):
+    """The ``umlcore.synthetic.SyntheticCase`` the sample was made from (phases, true lesion mask, label).
+
+    Needs ``umlcore`` (imported here, not at module import).
+    """
+    from umlcore.synthetic import generate_case
+
+    return generate_case(seed, shape=shape, randomize="light")
+
+
 def writeSyntheticSample(directory: Union[str, Path], seed: int = SAMPLE_SEED, shape: tuple[int, int, int] = SAMPLE_SHAPE) -> list[Path]:
     """Regenerate the sample's phase files (gzip NRRD, int16, RAS geometry) into ``directory``.
 
     Needs ``umlcore`` (imported here, not at module import). Returns the written paths in channel order.
     """
     import slicer
-    from umlcore.synthetic import generate_case
 
-    case = generate_case(seed, shape=shape, randomize="light")
+    case = syntheticSampleCase(seed, shape)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lpsToRas = np.diag([-1.0, -1.0, 1.0])
