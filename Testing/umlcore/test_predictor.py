@@ -25,7 +25,7 @@ from umlcore.preprocess import (
 )
 
 SUMMARY_KEYS = {
-    "schema_version", "case_id", "inputs", "model", "geometry", "slicing", "device", "timings_s",
+    "schema_version", "case_id", "inputs", "model", "geometry", "slicing", "device", "precision", "timings_s",
     "classification", "segments", "slices", "outputs", "postprocessing",
 }
 CLASSIFICATION_KEYS = {
@@ -299,6 +299,9 @@ def test_bad_construction_arguments(tiny_bundle):
             Predictor(tiny_bundle, batch_size=bad)
     with pytest.raises(UMLInputError, match="unknown device"):
         Predictor(tiny_bundle, device="tpu")
+    for bad in ("bf16", "fp16", None):
+        with pytest.raises(UMLInputError, match="unknown precision .*choose fp32"):
+            Predictor(tiny_bundle, precision=bad)
     with pytest.raises(UMLInputError, match="ModelBundle"):
         Predictor(tiny_bundle.model)
     if not torch.cuda.is_available():
@@ -315,6 +318,23 @@ def test_no_autocast_on_cpu(predictor, make_volume, monkeypatch):
     monkeypatch.setattr(torch.amp, "autocast", refuse)
     assert isinstance(predictor._autocast(), contextlib.nullcontext)
     predictor.predict(make_volume())
+    mixed = Predictor(predictor.bundle, device="cpu", precision="mixed")  # stays fp32 on the CPU too
+    assert isinstance(mixed._autocast(), contextlib.nullcontext)
+    assert mixed.predict(make_volume()).summary["precision"] == "mixed"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp32_reproduces_cpu(tiny_bundle_dir, make_volume):
+    """The default precision gives the CPU's outputs on a GPU (TF32 convolutions off), and restores TF32 after."""
+    volume = make_volume()
+    cpu = Predictor(load_bundle(tiny_bundle_dir), device="cpu").predict(volume)
+    tf32 = torch.backends.cudnn.allow_tf32
+    gpu = Predictor(load_bundle(tiny_bundle_dir), device="cuda").predict(volume)
+    assert torch.backends.cudnn.allow_tf32 == tf32
+    assert gpu.summary["device"] == "cuda" and gpu.summary["precision"] == "fp32"
+    np.testing.assert_allclose(sitk.GetArrayFromImage(gpu.uncertainty), sitk.GetArrayFromImage(cpu.uncertainty), atol=1e-5)
+    np.testing.assert_allclose(gpu.summary["classification"]["probabilities"],
+                               cpu.summary["classification"]["probabilities"], atol=1e-5)
 
 
 class _OOMAbove(torch.nn.Module):

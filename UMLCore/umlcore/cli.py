@@ -3,7 +3,7 @@
 Commands:
 
 - ``uml predict INPUT [INPUT ...] -o OUTDIR [--model ID|PATH] [--device auto|cpu|cuda] [--batch-size N]
-  [--format nii.gz|nrrd] [--progress bar|json|none] [--overwrite]``
+  [--precision fp32|mixed] [--format nii.gz|nrrd] [--progress bar|json|none] [--overwrite]``
 - ``uml info MODEL [--json]``
 - ``uml models [--json]``
 
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="ID|PATH", help="model id (see `uml models`) or bundle folder/.zip; default: the shipped model")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if available, else CPU (default)")
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per forward pass (default 8)")
+    p.add_argument("--precision", choices=("fp32", "mixed"), default="fp32",
+                   help="fp32: exact, a GPU gives the CPU's results (default); mixed: bf16 autocast on CUDA")
     p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="image format of the outputs (default nii.gz)")
     p.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                    help="bar: text bar on stderr (default on a terminal); json: one JSON object per line on stdout; none (default otherwise)")
@@ -243,7 +245,7 @@ def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict) -> 
     if args.preview and importlib.util.find_spec("matplotlib") is None:
         raise UMLInputError("--preview needs matplotlib: pip install matplotlib, or leave out --preview")
     bundle = _load_model(args.model)
-    predictor = Predictor(bundle, device=args.device, batch_size=args.batch_size)
+    predictor = Predictor(bundle, device=args.device, batch_size=args.batch_size, precision=args.precision)
 
     # Read and check every case before writing anything.
     for n, case in enumerate(cases):
