@@ -304,6 +304,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--robustness-cases", type=int, default=40, help="cases per noise level (sigma > 0)")
     p.add_argument("--mode-cases", type=int, default=40, help="cases per single-volume input mode")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "mixed"],
+                   help="the predictor's precision (mixed: bf16 autocast on CUDA; the shipped figures are fp32)")
     p.add_argument("--workers", type=int, default=1, help="processes generating the synthetic cases ahead")
     p.add_argument("--calibrate-cases", type=int, default=0,
                    help="fit a Platt calibration of the case opinion on this many validation cases (seeds from "
@@ -321,7 +323,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.calibrate_cases:
         # 1. on validation cases, without post-processing: which component-uncertainty filter helps the Dice most
         def on_validation(card) -> dict:
-            return evaluate_cases(Predictor(dataclasses.replace(bundle, card=card), device=args.device, batch_size=16),
+            return evaluate_cases(Predictor(dataclasses.replace(bundle, card=card), device=args.device, batch_size=16,
+                                            precision=args.precision),
                                   args.calibrate_cases, args.shape, args.label_noise, 0.0, "phases", False,
                                   seed_base=VAL_SEED_BASE, components=args.component_filter == "fit",
                                   workers=args.workers)
@@ -344,7 +347,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                        "validation_ece_before": val["ece"]}
         bundle = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, case_calibration=calibration))
         print(f"case calibration: slope {slope:.3f}, intercept {intercept:.3f} (validation ECE before {val['ece']:.3f})")
-    predictor = Predictor(bundle, device=args.device, batch_size=16)
+    predictor = Predictor(bundle, device=args.device, batch_size=16, precision=args.precision)
     main_res = evaluate_cases(predictor, args.cases, args.shape, args.label_noise, 0.0, "phases", pixel_stats=True,
                               workers=args.workers)
     robustness = [{"sigma": 0.0, **{k: v for k, v in main_res.items() if not k.startswith("_")}}]
