@@ -7,17 +7,20 @@ slicing axis first, so the network sees the same intensities in training and at 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from umlcore.bundle import Normalization
 from umlcore.preprocess import inplane_axes, normalize, pad_to_multiple, slice_axis_index, to_slices
 from umlcore.synthetic import SyntheticCase
 
-__all__ = ["VolumeCase", "case_from_synthetic", "SliceSampler", "predict_volume"]
+__all__ = ["VolumeCase", "case_from_synthetic", "SliceSampler", "LesionSampling", "predict_volume"]
+
+LesionSampling = Literal["slice", "lesion"]
 
 
 @dataclass
@@ -88,19 +91,27 @@ class SliceSampler:
         noise_max: Each sample gets Gaussian noise of a sigma drawn uniformly from ``[0, noise_max]`` (in the
             normalised intensity units, where the 0.5-99.5 percentile range is 1), independent per channel.
             ``evaluate.py`` tests robustness up to sigma 0.2.
+        lesion_sampling: How the lesion share of a batch is drawn. ``"slice"``: every slice with a lesion is
+            equally likely, so a lesion weighs as many slices as it spans (a 2 cm mass about ten times a 4 mm
+            one). ``"lesion"``: every lesion (3D connected component of a case's mask) is equally likely, then
+            one of its slices, and the crop keeps that lesion in view: small lesions are seen as often as large.
     """
 
     def __init__(self, cases: Sequence[VolumeCase], crop: int, lesion_fraction: float = 0.5,
                  single_volume_prob: float = 0.3, seed: int = 0, device: "torch.device | str" = "cpu",
-                 channel_jitter: float = 0.03, noise_max: float = 0.03) -> None:
+                 channel_jitter: float = 0.03, noise_max: float = 0.03,
+                 lesion_sampling: LesionSampling = "slice") -> None:
         if crop % 8:
             raise ValueError(f"crop must be a multiple of 8, got {crop}")
         if not 0.0 <= channel_jitter < 0.5:
             raise ValueError(f"channel_jitter must be in [0, 0.5), got {channel_jitter}")
         if not 0.0 <= noise_max < 1.0:
             raise ValueError(f"noise_max must be in [0, 1) (a sigma in normalised units), got {noise_max}")
+        if lesion_sampling not in ("slice", "lesion"):
+            raise ValueError(f"lesion_sampling must be 'slice' or 'lesion', got {lesion_sampling!r}")
         self.channel_jitter = channel_jitter
         self.noise_max = noise_max
+        self.lesion_sampling = lesion_sampling
         self.device = torch.device(device)
         self.crop = crop
         self.lesion_fraction = lesion_fraction
@@ -109,10 +120,27 @@ class SliceSampler:
         # views[i]: (C + M, Z, H, W) = the model's channels, then the single-volume views (e.g. subtraction)
         self.views = [torch.from_numpy(np.concatenate([c.channels, c.singles])).to(self.device) for c in cases]
         self.masks = [torch.from_numpy(c.mask).to(self.device) for c in cases]
-        # lesion pixel coordinates stay on the host: choosing a crop then never waits for the device
-        self.lesion_pixels = [[np.argwhere(c.mask[z]) for z in range(c.mask.shape[0])] for c in cases]
         self.all_slices = [(i, z) for i, c in enumerate(cases) for z in range(c.mask.shape[0])]
         self.lesion_slices = [(i, int(z)) for i, c in enumerate(cases) for z in c.lesion_slices]
+        # lesion coordinates stay on the host: choosing a crop then never waits for the device
+        self.lesion_pixels = [[np.argwhere(c.mask[z]) for z in range(c.mask.shape[0])] for c in cases]
+        # the lesion share's draws: (case, slice, the (y, x) a crop keeps in view) and their probabilities
+        self.lesion_draws: list[tuple[int, int, np.ndarray]] = []
+        weights: list[float] = []
+        for i, c in enumerate(cases):
+            if lesion_sampling == "slice":
+                for z in c.lesion_slices:
+                    self.lesion_draws.append((i, int(z), self.lesion_pixels[i][z]))
+                    weights.append(1.0)
+                continue
+            labels, _ = ndimage.label(c.mask > 0)  # a 3D component spans contiguous slices
+            for k, box in enumerate(ndimage.find_objects(labels), start=1):
+                span = range(box[0].start, box[0].stop)
+                for z in span:
+                    self.lesion_draws.append((i, z, np.argwhere(labels[z] == k)))
+                    weights.append(1.0 / len(span))
+        w = np.asarray(weights)
+        self.lesion_cdf = np.cumsum(w) / w.sum() if w.size else w
         self.labels = [c.slice_labels() for c in cases]
         self.reseed(seed)
 
@@ -121,20 +149,25 @@ class SliceSampler:
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator(device=self.device).manual_seed(int(seed))
 
-    def _pick(self) -> tuple[int, int]:
-        pool = self.lesion_slices if self.lesion_slices and self.rng.random() < self.lesion_fraction else self.all_slices
-        return pool[self.rng.integers(len(pool))]
+    def _pick(self) -> tuple[int, int, np.ndarray]:
+        """A slice ``(case, z, lesion pixels to keep in view)``: from the lesion draws with probability
+        ``lesion_fraction``, else any slice."""
+        if self.lesion_draws and self.rng.random() < self.lesion_fraction:
+            k = int(np.searchsorted(self.lesion_cdf, self.rng.random(), side="right"))
+            return self.lesion_draws[min(k, len(self.lesion_draws) - 1)]
+        i, z = self.all_slices[self.rng.integers(len(self.all_slices))]
+        return i, z, self.lesion_pixels[i][z]
 
     def _sample(self) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
         """One cropped, rotated / flipped slice, its mask, its class and whether it is one replicated volume."""
-        i, z = self._pick()
+        i, z, lesion = self._pick()
         views, c = self.views[i], self.n_channels
         replicated = bool(self.rng.random() < self.single_volume_prob)
         if replicated:
             image = views[int(self.rng.integers(len(views))), z].expand(c, -1, -1)
         else:
             image = views[:c, z]
-        image, mask = self._crop(image, self.masks[i][z], self.lesion_pixels[i][z])
+        image, mask = self._crop(image, self.masks[i][z], lesion)
         k = int(self.rng.integers(4))  # flips and 90-degree rotations (the generator already varies orientation)
         image, mask = torch.rot90(image, k, dims=(1, 2)), torch.rot90(mask, k, dims=(0, 1))
         if self.rng.random() < 0.5:

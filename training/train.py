@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -36,13 +37,13 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from slices import SliceSampler, VolumeCase, case_from_synthetic, predict_volume  # noqa: E402
+from slices import LesionSampling, SliceSampler, VolumeCase, case_from_synthetic, predict_volume  # noqa: E402
 from umlcore import metrics  # noqa: E402
 from umlcore.bundle import Normalization, load_bundle  # noqa: E402
-from umlcore.config import CLS_POOLS, UMLConfig  # noqa: E402
+from umlcore.config import UMLConfig  # noqa: E402
 from umlcore.evidential import opinion  # noqa: E402
 from umlcore.fusion import fuse_slice_opinions  # noqa: E402
-from umlcore.losses import LossWeights, kl_annealing, uml_loss  # noqa: E402
+from umlcore.losses import DiceMode, LossWeights, kl_annealing, uml_loss  # noqa: E402
 from umlcore.network import UMLNet  # noqa: E402
 from umlcore.synthetic import generate_case  # noqa: E402
 
@@ -78,6 +79,9 @@ class TrainConfig:
     lesion_fraction: float = 0.5
     channel_jitter: float = 0.03  # per-channel intensity jitter on top of the shared gamma / contrast (+-3 %)
     noise_max: float = 0.03  # per-sample Gaussian noise sigma ~ U[0, noise_max] (normalised units; eval tests 0.2)
+    # the lesion share of a batch: every lesion slice equally likely ("slice") or every lesion ("lesion")
+    lesion_sampling: LesionSampling = "slice"
+    dice_mode: DiceMode = "batch"  # log-Dice over the whole batch or one per sample (small lesions weigh more)
     # runtime
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -106,12 +110,16 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[TrainConfig, bool]:
     p.add_argument("--config", help="JSON file with TrainConfig fields (command-line flags override it)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.* if present")
     defaults = TrainConfig()
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         kind = type(getattr(defaults, f.name))
+        flag = f"--{f.name.replace('_', '-')}"
         if kind is tuple:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=int, nargs=3, default=None)
+            p.add_argument(flag, type=int, nargs=3, default=None)
+        elif typing.get_origin(hints[f.name]) is Literal:  # a mode: argparse names the choices on a typo
+            p.add_argument(flag, type=kind, choices=typing.get_args(hints[f.name]), default=None)
         else:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
+            p.add_argument(flag, type=kind, default=None)
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     saved = Path(overrides.get("out", defaults.out)) / "train_config.json"
@@ -126,8 +134,10 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[TrainConfig, bool]:
     cfg = dataclasses.replace(cfg, **overrides)
     if cfg.crop % 8:
         p.error(f"--crop must be a multiple of 8, got {cfg.crop}")
-    if cfg.cls_pool not in ("preset", *CLS_POOLS):
-        p.error(f"--cls-pool must be preset or one of {', '.join(CLS_POOLS)}, got {cfg.cls_pool!r}")
+    for name, hint in hints.items():  # modes read from a --config file are checked here
+        if typing.get_origin(hint) is Literal and getattr(cfg, name) not in typing.get_args(hint):
+            p.error(f"--{name.replace('_', '-')} must be one of {', '.join(typing.get_args(hint))}, "
+                    f"got {getattr(cfg, name)!r}")
     return cfg, args.resume
 
 
@@ -285,7 +295,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     val_cases = synthetic_cases(range(VAL_SEED_BASE, VAL_SEED_BASE + cfg.val_cases), cfg.case_shape,
                                 cfg.label_noise, cfg.workers)
     sampler = SliceSampler(train_cases, cfg.crop, cfg.lesion_fraction, cfg.single_volume_prob, seed=cfg.seed,
-                           device=device, channel_jitter=cfg.channel_jitter, noise_max=cfg.noise_max)
+                           device=device, channel_jitter=cfg.channel_jitter, noise_max=cfg.noise_max,
+                           lesion_sampling=cfg.lesion_sampling)
     print(f"data: {len(train_cases)} train / {len(val_cases)} val cases, {len(sampler.all_slices)} train slices "
           f"({len(sampler.lesion_slices)} with lesion) in {time.time() - t0:.1f}s", flush=True)
 
@@ -354,7 +365,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     step_model = model
                     out_ = model(x)
             out_ = type(out_)(*(o.float() if torch.is_tensor(o) else tuple(t.float() for t in o) for o in out_))
-            losses = uml_loss(out_, cls, seg, kl_weight, weights)
+            losses = uml_loss(out_, cls, seg, kl_weight, weights, cfg.dice_mode)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

@@ -150,7 +150,12 @@ def test_init_starts_from_a_bundles_weights(run_dir, tmp_path, capsys):
     assert (lesion / "train_config.json").read_text() == before
     with pytest.raises(SystemExit):
         train.parse_args(["--cls-pool", "max"])
-    assert "--cls-pool must be preset or one of avg, avg+max, avg+max+lesion, got 'max'" in capsys.readouterr().err
+    assert "argument --cls-pool: invalid choice: 'max' (choose from 'preset', 'avg'" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"  # a mode read from a --config file is checked as well
+    bad.write_text(json.dumps({"lesion_sampling": "component"}))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(bad)])
+    assert "--lesion-sampling must be one of slice, lesion, got 'component'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="architecture"):
         train.main(["--config", str(run_dir / "train_config.json"), "--out", str(tmp_path / "x"), "--init",
                     str(bundle), "--preset", "paper", "--epochs", "1", "--steps-per-epoch", "1"])
@@ -188,6 +193,29 @@ def test_slice_sampler_keeps_the_order_of_the_phases_and_replicated_volumes_iden
     assert float(spread.max()) < 0.02  # one volume replicated: the channels differ only by their pixel noise
     with pytest.raises(ValueError, match="channel_jitter"):
         SliceSampler([case], crop=32, channel_jitter=0.7)
+
+
+def test_slice_sampler_lesion_sampling_draws_every_lesion_equally():
+    """A lesion over 8 slices and one on the last of them: "slice" draws that slice 1 time in 8 (and centres the
+    crop on any of its 404 lesion pixels), "lesion" draws the small lesion 1 time in 2, with its own pixels."""
+    from slices import SliceSampler, VolumeCase
+
+    mask = np.zeros((10, 64, 64), np.uint8)
+    mask[0:8, 30:50, 30:50] = 1  # large
+    mask[7, 4:6, 4:6] = 1  # small, on the large one's last slice (not touching it)
+    image = np.zeros((3, 10, 64, 64), np.float32)
+    case = VolumeCase("two", image, image[1:2].copy(), mask, 1, 1, (1.0, 1.0, 1.0))
+    sampler = SliceSampler([case], crop=16, lesion_fraction=1.0, seed=3, lesion_sampling="slice")
+    picks = [sampler._pick() for _ in range(4000)]
+    assert np.mean([z == 7 for _, z, _ in picks]) == pytest.approx(1 / 8, abs=0.03)
+    assert {len(pixels) for _, z, pixels in picks if z == 7} == {404}
+    sampler = SliceSampler([case], crop=16, lesion_fraction=1.0, seed=3, lesion_sampling="lesion")
+    picks = [sampler._pick() for _ in range(4000)]
+    small = [(z, len(pixels)) for _, z, pixels in picks if (pixels[:, 1] < 10).all()]
+    assert len(small) / len(picks) == pytest.approx(1 / 2, abs=0.03)
+    assert set(small) == {(7, 4)}  # the small lesion's own pixels, not the large one's
+    with pytest.raises(ValueError, match="lesion_sampling must be 'slice' or 'lesion'"):
+        SliceSampler([case], crop=16, lesion_sampling="component")
 
 
 def test_slice_sampler_noise_level_is_drawn_up_to_noise_max():

@@ -132,3 +132,21 @@ def test_loss_decreases_on_a_tiny_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_uml_loss_dice_mode_weighs_small_lesions_per_sample():
+    torch.manual_seed(0)
+    net = UMLNet(UMLConfig.preset("small", in_channels=1)).eval()
+    x = torch.randn(2, 1, 32, 32)
+    seg = torch.zeros(2, 32, 32, dtype=torch.long)
+    seg[0, 4:24, 4:24] = 1  # a large lesion and a small one
+    seg[1, 10:12, 10:12] = 1
+    cls = torch.tensor([0, 1])
+    with torch.no_grad():
+        out = net(x)
+        one = [uml_loss(out, cls, seg, kl_weight=0.1, dice_mode=m)["total"] for m in ("batch", "sample")]
+        assert uml_loss(out, cls, seg, kl_weight=0.1)["total"] == one[0]  # batch is the default
+        first = type(out)(*(o[:1] if torch.is_tensor(o) else tuple(t[:1] for t in o) for o in out))
+        single = [uml_loss(first, cls[:1], seg[:1], 0.1, dice_mode=m)["total"] for m in ("batch", "sample")]
+    assert single[0] == pytest.approx(single[1].item(), abs=1e-6)  # one sample: the two modes agree
+    assert abs(one[0].item() - one[1].item()) > 1e-3  # two lesion sizes: they differ

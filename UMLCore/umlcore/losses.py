@@ -190,6 +190,7 @@ def uml_loss(
     seg_target: torch.Tensor,
     kl_weight: float,
     weights: LossWeights = LossWeights(),
+    dice_mode: DiceMode = "batch",
 ) -> dict[str, torch.Tensor]:
     """Total UML loss ``w_c L_cls + w_s L_seg(final + deep supervision) + w_m L_mutual``.
 
@@ -199,18 +200,19 @@ def uml_loss(
         seg_target: ``(B, H, W)`` labels.
         kl_weight: Annealed KL weight (:func:`kl_annealing`).
         weights: :class:`LossWeights`.
+        dice_mode: The segmentation terms' log-Dice, see :func:`log_dice_loss`.
 
     Returns:
         ``{"total", "cls", "seg", "mutual"}`` scalar tensors.
     """
     l_cls = evidential_classification_loss(out.cls_alpha, cls_target, kl_weight)
-    l_final = evidential_segmentation_loss(out.seg_alpha, seg_target, kl_weight)
+    l_final = evidential_segmentation_loss(out.seg_alpha, seg_target, kl_weight, dice_mode)
     num, den = l_final, 1.0
     for i, logits in enumerate(out.deep_logits):
         w = weights.deep_supervision_decay ** (i + 1)
-        num = num + w * evidential_segmentation_loss(alpha_from_logits(logits), seg_target, kl_weight)
+        num = num + w * evidential_segmentation_loss(alpha_from_logits(logits), seg_target, kl_weight, dice_mode)
         den += w
     l_seg = num / den
-    l_mut = evidential_segmentation_loss(out.mutual_alpha, seg_target, kl_weight)
+    l_mut = evidential_segmentation_loss(out.mutual_alpha, seg_target, kl_weight, dice_mode)
     total = weights.classification * l_cls + weights.segmentation * l_seg + weights.mutual * l_mut
     return {"total": total, "cls": l_cls.detach(), "seg": l_seg.detach(), "mutual": l_mut.detach()}
