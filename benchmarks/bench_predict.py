@@ -4,8 +4,8 @@
     python benchmarks/bench_predict.py --model Resources/Models/uml-breast-dce-small --runs 5
 
 Prints one line per figure. Throughput: median over ``--runs`` timed runs of ``--slices`` 256x256 slices
-after one warm-up run, under ``torch.inference_mode`` (fp32 on CPU; bf16 autocast on CUDA as the predictor
-does). Peak memory: maximum resident set size of a separate ``uml predict`` process on a 256x256x96 volume
+after one warm-up run, under ``torch.inference_mode`` (fp32 on CPU; on CUDA both of the predictor's
+precisions: fp32 with TF32 convolutions off, its default, and ``mixed`` = bf16 autocast). Peak memory: maximum resident set size of a separate ``uml predict`` process on a 256x256x96 volume
 (``resource.getrusage(RUSAGE_CHILDREN)``), and peak CUDA memory when run on a GPU.
 """
 
@@ -38,10 +38,11 @@ def flops_and_params() -> None:
         print(f"preset {name}: {counter.get_total_flops() / 1e9:.2f} GFLOP per 256x256 slice, {params / 1e6:.2f} M parameters")
 
 
-def throughput(device: str, slices: int, runs: int, batch: int) -> None:
+def throughput(device: str, slices: int, runs: int, batch: int, precision: str = "fp32") -> None:
     net = UMLNet(UMLConfig.preset("small")).eval().to(device)
     x = torch.randn(batch, 3, 256, 256, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and precision == "mixed")
+    torch.backends.cudnn.allow_tf32 = False  # as the predictor: fp32 convolutions in IEEE fp32, not TF32
     times = []
     with torch.inference_mode(), autocast:
         for r in range(runs + 1):
@@ -55,7 +56,7 @@ def throughput(device: str, slices: int, runs: int, batch: int) -> None:
             if r:
                 times.append(time.perf_counter() - t0)
     rates = [slices // batch * batch / t for t in times]
-    print(f"{device}: small preset {statistics.median(rates):.1f} slices/s at 256x256 (batch {batch}, median of {runs}; "
+    print(f"{device} {precision}: small preset {statistics.median(rates):.1f} slices/s at 256x256 (batch {batch}, median of {runs}; "
           f"min {min(rates):.1f}, max {max(rates):.1f}; torch threads {torch.get_num_threads()})")
 
 
@@ -88,8 +89,8 @@ def main() -> int:
     args = p.parse_args()
     flops_and_params()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for d in devices:
-        throughput(d, args.slices, args.runs, args.batch)
+    for d, precision in [("cpu", "fp32")] + [("cuda", "fp32"), ("cuda", "mixed")] * ("cuda" in devices):
+        throughput(d, args.slices, args.runs, args.batch, precision)
     model = args.model or str(Path(__file__).resolve().parents[1] / "Resources" / "Models" / "uml-breast-dce-small")
     for d in devices:
         peak_memory(model, d)
