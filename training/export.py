@@ -67,6 +67,7 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
         "invocations": (run / "commands.txt").read_text().splitlines() if (run / "commands.txt").exists() else [],
         "config": train_cfg,
     }
+    preset, context = train_cfg.get("preset", "small"), int(train_cfg.get("context_slices", 0))
     metrics = {}
     calibration, component_threshold = None, None
     if report is not None:
@@ -76,10 +77,12 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
     return ModelCard(
         id=model_id,
         version=version,
-        name="UML breast DCE-MRI lesion segmentation + suspicion (small)",
+        name=f"UML breast DCE-MRI lesion segmentation + suspicion ({preset}{', 2.5D' if context else ''})",
         task="breast-dce-mri-lesion",
         description=(
-            "Uncertainty-informed Mutual Learning network (small preset) trained on synthetic breast DCE-MRI. "
+            f"Uncertainty-informed Mutual Learning network ({preset} preset"
+            + (f", 2.5D: {context} neighbouring slice(s) on each side as extra channels" if context else "")
+            + ") trained on synthetic breast DCE-MRI. "
             "Input: one DCE-MRI volume (any phase or a subtraction image; replicated into the three channels) or "
             "the pre-contrast, early and late post-contrast phases. Output: lesion segmentation, per-voxel "
             "evidential uncertainty, and a case-level suspicion opinion (washout kinetics or spiculated margin). "
@@ -87,7 +90,7 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
         ),
         classes=("low suspicion", "high suspicion"),
         segments=(LESION,),
-        input=InputSpec(channels=("pre", "early", "late")),
+        input=InputSpec(channels=("pre", "early", "late"), context_slices=context),
         architecture=arch,
         positive_class=1,
         review_uncertainty=review_uncertainty,

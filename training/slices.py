@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from umlcore.bundle import Normalization
-from umlcore.preprocess import inplane_axes, normalize, pad_to_multiple, slice_axis_index, to_slices
+from umlcore.preprocess import (context_indices, inplane_axes, normalize, pad_to_multiple, slice_axis_index,
+                                to_slices, with_context)
 from umlcore.synthetic import SyntheticCase
 
 __all__ = ["VolumeCase", "case_from_synthetic", "SliceSampler", "LesionSampling", "predict_volume"]
@@ -95,12 +96,15 @@ class SliceSampler:
             equally likely, so a lesion weighs as many slices as it spans (a 2 cm mass about ten times a 4 mm
             one). ``"lesion"``: every lesion (3D connected component of a case's mask) is equally likely, then
             one of its slices, and the crop keeps that lesion in view: small lesions are seen as often as large.
+        context_slices: 2.5D input: each sample also carries its ``k`` neighbouring slices on either side as
+            extra channels, ordered as the predictor orders them (:func:`umlcore.preprocess.with_context`); the
+            mask and the class are the centre slice's. ``0``: 2D slices.
     """
 
     def __init__(self, cases: Sequence[VolumeCase], crop: int, lesion_fraction: float = 0.5,
                  single_volume_prob: float = 0.3, seed: int = 0, device: "torch.device | str" = "cpu",
                  channel_jitter: float = 0.03, noise_max: float = 0.03,
-                 lesion_sampling: LesionSampling = "slice") -> None:
+                 lesion_sampling: LesionSampling = "slice", context_slices: int = 0) -> None:
         if crop % 8:
             raise ValueError(f"crop must be a multiple of 8, got {crop}")
         if not 0.0 <= channel_jitter < 0.5:
@@ -109,6 +113,9 @@ class SliceSampler:
             raise ValueError(f"noise_max must be in [0, 1) (a sigma in normalised units), got {noise_max}")
         if lesion_sampling not in ("slice", "lesion"):
             raise ValueError(f"lesion_sampling must be 'slice' or 'lesion', got {lesion_sampling!r}")
+        if not 0 <= context_slices <= 8:
+            raise ValueError(f"context_slices must be in 0..8, got {context_slices}")
+        self.context_slices = context_slices
         self.channel_jitter = channel_jitter
         self.noise_max = noise_max
         self.lesion_sampling = lesion_sampling
@@ -161,12 +168,18 @@ class SliceSampler:
     def _sample(self) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
         """One cropped, rotated / flipped slice, its mask, its class and whether it is one replicated volume."""
         i, z, lesion = self._pick()
-        views, c = self.views[i], self.n_channels
+        views, c, k = self.views[i], self.n_channels, self.context_slices
         replicated = bool(self.rng.random() < self.single_volume_prob)
+        if k == 0:
+            zs: "int | list[int]" = z
+        else:  # the centre slice and its neighbours, the edge slice repeated (as the predictor does)
+            zs = context_indices(np.array([z]), views.shape[1], k)[0].tolist()
         if replicated:
-            image = views[int(self.rng.integers(len(views))), z].expand(c, -1, -1)
+            image = views[int(self.rng.integers(len(views))), zs].expand(c, *([-1] * (2 if k == 0 else 3)))
         else:
-            image = views[:c, z]
+            image = views[:c, zs]
+        if k:
+            image = image.reshape(c * (2 * k + 1), *image.shape[-2:])  # per channel: slices z - k .. z + k
         image, mask = self._crop(image, self.masks[i][z], lesion)
         k = int(self.rng.integers(4))  # flips and 90-degree rotations (the generator already varies orientation)
         image, mask = torch.rot90(image, k, dims=(1, 2)), torch.rot90(mask, k, dims=(0, 1))
@@ -201,8 +214,9 @@ class SliceSampler:
         # that the case label (washout kinetics) is read from, and make replicated single volumes differ.
         gamma = torch.exp(0.2 * torch.randn((size, 1, 1, 1), generator=self.gen, device=self.device))
         contrast = 0.85 + 0.3 * torch.rand((size, 1, 1, 1), generator=self.gen, device=self.device)
-        jitter = (self.channel_jitter * (2 * torch.rand((size, x.shape[1], 1, 1), generator=self.gen,
+        jitter = (self.channel_jitter * (2 * torch.rand((size, self.n_channels, 1, 1), generator=self.gen,
                                                          device=self.device) - 1)).exp()
+        jitter = jitter.repeat_interleave(2 * self.context_slices + 1, dim=1)  # a phase's slices share its scale
         replicated = torch.tensor([s[3] for s in samples], device=self.device).view(-1, 1, 1, 1)
         jitter = torch.where(replicated, torch.ones_like(jitter), jitter)  # one volume: its channels stay equal
         sigma = self.noise_max * torch.rand((size, 1, 1, 1), generator=self.gen, device=self.device)
@@ -212,18 +226,22 @@ class SliceSampler:
 
 
 def predict_volume(model: torch.nn.Module, channels: np.ndarray, batch_size: int = 16,
-                   device: Optional[torch.device] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Slice-wise prediction of a normalised ``(C, Z, Y, X)`` volume.
+                   device: Optional[torch.device] = None,
+                   context_slices: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slice-wise prediction of a normalised ``(C, Z, Y, X)`` volume (with ``context_slices`` neighbours per
+    side as extra channels for a 2.5D model, as the predictor gives them).
 
     Returns:
         ``seg_alpha (Z, K, Y, X)``, ``cls_alpha (Z, Kc)`` as float32 numpy arrays, and the labelmap ``(Z, Y, X)``.
     """
     device = device or torch.device("cpu")
     c, z, h, w = channels.shape
+    stack = np.moveaxis(channels, 0, 1)  # (Z, C, Y, X)
     seg, cls = [], []
     with torch.inference_mode():
         for s in range(0, z, batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(channels[:, s:s + batch_size], 0, 1))).to(device)
+            batch = with_context(stack, s, min(s + batch_size, z), context_slices)
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
             out = model(pad_to_multiple(x, 8))
             seg.append(out.seg_alpha[..., :h, :w].float().cpu().numpy())
             cls.append(out.cls_alpha.float().cpu().numpy())

@@ -57,9 +57,11 @@ class TrainConfig:
 
     out: str = "runs/uml-small"
     data: Literal["synthetic"] = "synthetic"
-    preset: Literal["small", "paper"] = "small"
+    preset: Literal["small", "medium", "paper"] = "small"
     cls_pool: Literal["preset", "avg", "avg+max", "avg+max+lesion"] = "preset"  # the instructor's pooling
     init: str = ""  # start from these weights (a bundle folder / zip, or a .safetensors of the same architecture)
+    # 2.5D: neighbouring slices on each side as extra input channels (0 = 2D; the bundle's input.context_slices)
+    context_slices: int = 0
     # synthetic data: training seeds [seed_base, seed_base + train_cases), validation seeds from VAL_SEED_BASE
     train_cases: int = 240
     val_cases: int = 40
@@ -134,6 +136,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[TrainConfig, bool]:
     cfg = dataclasses.replace(cfg, **overrides)
     if cfg.crop % 8:
         p.error(f"--crop must be a multiple of 8, got {cfg.crop}")
+    if not 0 <= cfg.context_slices <= 8:
+        p.error(f"--context-slices must be from 0 (2D) to 8, got {cfg.context_slices}")
     for name, hint in hints.items():  # modes read from a --config file are checked here
         if typing.get_origin(hint) is Literal and getattr(cfg, name) not in typing.get_args(hint):
             p.error(f"--{name.replace('_', '-')} must be one of {', '.join(typing.get_args(hint))}, "
@@ -143,6 +147,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[TrainConfig, bool]:
 
 # ------------------------------------------------------------------------------------------------- data
 NORM = Normalization()  # the shipped bundle's input normalisation (percentile 0.5 / 99.5 -> [0, 1])
+PHASES = ("pre", "early", "late")  # the synthetic cases' channels, as the exported card names them
 
 
 def _make_case(args: tuple[int, tuple[int, int, int], float]) -> VolumeCase:
@@ -159,13 +164,14 @@ def synthetic_cases(seeds: range, shape: tuple[int, int, int], noise: float, wor
 
 
 # ------------------------------------------------------------------------------------------- validation
-def validate(model: UMLNet, cases: list[VolumeCase], device: torch.device) -> dict[str, float]:
+def validate(model: UMLNet, cases: list[VolumeCase], device: torch.device, context_slices: int = 0) -> dict[str, float]:
     """Volume-level Dice (cases with a lesion), case accuracy / AUC / ECE from fused slice opinions."""
     model.eval()
     dices, probs, labels, u_case, pix_u, pix_err = [], [], [], [], [], []
     rng = np.random.default_rng(0)
     for case in cases:
-        seg_alpha, cls_alpha, labelmap = predict_volume(model, case.channels, batch_size=32, device=device)
+        seg_alpha, cls_alpha, labelmap = predict_volume(model, case.channels, batch_size=32, device=device,
+                                                        context_slices=context_slices)
         if case.mask.any():
             dices.append(metrics.dice(labelmap, case.mask))
         sel = rng.random(labelmap.size) < 0.05  # 5 % of the voxels: does a high u flag the wrong ones?
@@ -223,16 +229,24 @@ def init_weights(path: str, model: UMLNet) -> list[str]:
     """Load the weights to start from into ``model``; returns notes on the tensors not loaded as they were.
 
     ``path`` is a ``.safetensors`` of the run's architecture, or a model bundle whose architecture equals the
-    run's or differs from it only in ``cls_pool``. The pooled vector is ordered avg, max, lesion, so a bundle
-    with fewer pools gives the first columns of the instructor's linear layer and the new ones start at zero:
-    the warm-started network's outputs then equal the bundle's.
+    run's or differs from it only in ``cls_pool`` and, for a 2D bundle, in the 2.5D input channels. Both are
+    extended so that the warm-started network's outputs equal the bundle's:
+
+    - the pooled vector is ordered avg, max, lesion, so a bundle with fewer pools gives the first columns of the
+      instructor's linear layer and the new ones start at zero;
+    - a 2D bundle (``context_slices`` 0) starting a 2.5D run (``2k + 1`` slices per channel): the two encoder stems'
+      weights for channel ``c`` go to that channel's centre slice, ``c * (2k + 1) + k``, and the neighbours'
+      weights start at zero.
     """
     if path.endswith(".safetensors"):
         model.load_state_dict(load_file(path))
         return []
     bundle = load_bundle(path)
-    arch = bundle.card.architecture
-    if dataclasses.replace(arch, cls_pool=model.config.cls_pool) != model.config:
+    arch, k_bundle = bundle.card.architecture, bundle.card.input.context_slices
+    ratio = model.config.in_channels // arch.in_channels
+    inflate = k_bundle == 0 and ratio > 1 and ratio % 2 == 1 and ratio * arch.in_channels == model.config.in_channels
+    same = dataclasses.replace(arch, cls_pool=model.config.cls_pool, in_channels=model.config.in_channels)
+    if same != model.config or (arch.in_channels != model.config.in_channels and not inflate):
         raise SystemExit(f"train.py: error: --init {path} has architecture {arch}, but this run "
                          f"builds {model.config}; pick the bundle's preset and channels, or train from scratch")
     state, notes = model.state_dict(), []
@@ -243,16 +257,22 @@ def init_weights(path: str, model: UMLNet) -> list[str]:
             state[name] = torch.zeros_like(state[name])
             state[name][:, :value.shape[1]] = value
             notes.append(f"{name}: {value.shape[1]} -> {state[name].shape[1]} inputs, the new ones at 0")
+        elif inflate and name.endswith("stem.0.weight") and value.shape[1] == arch.in_channels:
+            state[name] = torch.zeros_like(state[name])
+            state[name][:, ratio // 2::ratio] = value  # channel c -> c * (2k + 1) + k, the centre slice
+            notes.append(f"{name}: {value.shape[1]} -> {state[name].shape[1]} input channels (2.5D), "
+                         "the neighbouring slices' at 0")
         else:
             notes.append(f"{name}: fresh")
     model.load_state_dict(state)
     return notes
 
 
-def model_config(cfg: TrainConfig, in_channels: int) -> UMLConfig:
-    """The run's architecture: its preset, with ``--cls-pool`` unless that is ``preset``."""
+def model_config(cfg: TrainConfig, n_phases: int = len(PHASES)) -> UMLConfig:
+    """The run's architecture: its preset, with ``--cls-pool`` unless that is ``preset``, taking ``n_phases``
+    input volumes at ``2 * context_slices + 1`` slices each."""
     pool = {} if cfg.cls_pool == "preset" else {"cls_pool": cfg.cls_pool}
-    return UMLConfig.preset(cfg.preset, in_channels=in_channels, **pool)
+    return UMLConfig.preset(cfg.preset, in_channels=n_phases * (2 * cfg.context_slices + 1), **pool)
 
 
 def check_resume(out: Path, cfg: TrainConfig) -> None:
@@ -261,11 +281,11 @@ def check_resume(out: Path, cfg: TrainConfig) -> None:
     if not ((out / "last.json").exists() and saved.exists()):
         return
     before = UMLConfig.from_json(saved.read_text())
-    now = model_config(cfg, before.in_channels)
+    now = model_config(cfg)
     if now != before:
         raise SystemExit(f"train.py: error: {out} was trained with architecture {before}, but this resume builds "
-                         f"{now}; resume with --config {out / 'train_config.json'} (or the run's --preset and "
-                         "--cls-pool)")
+                         f"{now}; resume with --config {out / 'train_config.json'} (or the run's --preset, "
+                         "--cls-pool and --context-slices)")
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -296,7 +316,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                 cfg.label_noise, cfg.workers)
     sampler = SliceSampler(train_cases, cfg.crop, cfg.lesion_fraction, cfg.single_volume_prob, seed=cfg.seed,
                            device=device, channel_jitter=cfg.channel_jitter, noise_max=cfg.noise_max,
-                           lesion_sampling=cfg.lesion_sampling)
+                           lesion_sampling=cfg.lesion_sampling, context_slices=cfg.context_slices)
     print(f"data: {len(train_cases)} train / {len(val_cases)} val cases, {len(sampler.all_slices)} train slices "
           f"({len(sampler.lesion_slices)} with lesion) in {time.time() - t0:.1f}s", flush=True)
 
@@ -305,6 +325,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model = UMLNet(model_cfg).to(device)
     (out / "model_config.json").write_text(model_cfg.to_json())  # written first, so any checkpoint can be exported
     print(f"model: preset {cfg.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+          f"{model_cfg.in_channels} input channels{f' (2.5D, +-{cfg.context_slices} slices)' if cfg.context_slices else ''}, "
           f"device {device}{' (bf16 autocast)' if use_amp else ''}", flush=True)
 
     # the training forward runs compiled on CUDA (fuses the many small element-wise ops of this narrow network);
@@ -387,7 +408,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                       end="", flush=True)
         sums = {k: float(v) for k, v in sums.items()}
         train_seconds = time.time() - t_epoch
-        val = validate(model, val_cases, device)
+        val = validate(model, val_cases, device, cfg.context_slices)
         row = {"epoch": epoch + 1, "step": state["step"], "lr": lr_at(state["step"]), "kl_weight": kl_weight,
                "loss": sums["total"] / cfg.steps_per_epoch,
                **{k: sums[k] / cfg.steps_per_epoch for k in ("cls", "seg", "mutual")}, **val,

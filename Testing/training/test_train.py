@@ -218,6 +218,65 @@ def test_slice_sampler_lesion_sampling_draws_every_lesion_equally():
         SliceSampler([case], crop=16, lesion_sampling="component")
 
 
+def test_slice_sampler_context_slices_follow_the_predictors_order_and_share_a_phases_scale():
+    """2.5D samples: channel 3c + 1 + d is phase c of slice z + d (edges repeated), and the per-phase jitter is the
+    same for a phase's three slices, so the slice-to-slice change of every phase is the same factor."""
+    from slices import SliceSampler, VolumeCase
+
+    levels = np.array([0.3, 0.5, 0.6], np.float32)[:, None]
+    ramp = 1.0 + 0.1 * np.arange(6, dtype=np.float32)[None, :]  # brighter with z
+    channels = np.broadcast_to((levels * ramp)[:, :, None, None], (3, 6, 32, 32)).copy()
+    case = VolumeCase("ramp", channels, channels[1:2].copy(), np.zeros((6, 32, 32), np.uint8), 0, 0, (1.0, 1.0, 3.0))
+    x, _, _ = SliceSampler([case], crop=32, single_volume_prob=0.0, noise_max=0.0, seed=5, context_slices=1).batch(64)
+    assert x.shape == (64, 9, 32, 32)
+    m = x.mean(dim=(2, 3)).double().view(64, 3, 3)  # (sample, phase, slice z-1 / z / z+1)
+    assert bool((m[:, :, 0] <= m[:, :, 1]).all()) and bool((m[:, :, 1] <= m[:, :, 2]).all())
+    edges = (m[:, 0, 0] == m[:, 0, 1]) | (m[:, 0, 1] == m[:, 0, 2])
+    assert 0 < int(edges.sum()) < 64  # first / last slices repeat themselves, inner ones do not
+    ratio = m[:, :, 2] / m[:, :, 1]
+    torch.testing.assert_close(ratio, ratio[:, :1].expand(-1, 3), rtol=1e-5, atol=0)
+    assert bool((m[:, 2, 1] > m[:, 1, 1]).all())  # phases keep their order
+    x, _, _ = SliceSampler([case], crop=32, single_volume_prob=1.0, noise_max=0.0, seed=5, context_slices=1).batch(8)
+    m = x.mean(dim=(2, 3)).view(8, 3, 3)
+    assert torch.equal(m[:, 0], m[:, 1]) and torch.equal(m[:, 0], m[:, 2])  # one volume: every phase the same
+    with pytest.raises(ValueError, match="context_slices"):
+        SliceSampler([case], crop=32, context_slices=9)
+
+
+def test_a_2_5d_run_exports_its_context_and_warm_starts_from_a_2d_bundle(run_dir, tmp_path, capsys):
+    from umlcore.preprocess import with_context
+
+    flat = tmp_path / "flat-bundle"
+    export.main(["--run", str(run_dir), "--out", str(flat), "--weights", "last.safetensors"])
+    capsys.readouterr()
+    run = tmp_path / "run25d"
+    train.main(["--config", str(run_dir / "train_config.json"), "--out", str(run), "--init", str(flat),
+                "--context-slices", "1", "--epochs", "1", "--steps-per-epoch", "2", "--val-cases", "1"])
+    out = capsys.readouterr().out
+    assert "9 input channels (2.5D, +-1 slices)" in out
+    assert "cls_encoder.stem.0.weight: 3 -> 9 input channels (2.5D), the neighbouring slices' at 0" in out
+    bundle = tmp_path / "bundle25d"
+    export.main(["--run", str(run), "--out", str(bundle)])
+    card = load_bundle(bundle).card
+    assert card.input.context_slices == 1 and card.architecture.in_channels == 9 and "2.5D" in card.name
+    img = sitk.GetImageFromArray(np.random.default_rng(0).random((4, 24, 24)).astype(np.float32))
+    assert Predictor(load_bundle(bundle), device="cpu").predict(img).summary["slicing"]["context_slices"] == 1
+    # the inflated stems start the 2.5D network exactly where the 2D bundle was
+    warm = train.UMLNet(train.UMLConfig.preset("small", in_channels=9)).eval()
+    notes = train.init_weights(str(flat), warm)
+    assert [n.split(":")[0] for n in notes] == ["cls_encoder.stem.0.weight", "seg_encoder.stem.0.weight"]
+    stack = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        a, b = warm(with_context(stack, 0, 5, 1)), load_bundle(flat).model.eval()(stack)
+    torch.testing.assert_close(a.seg_alpha, b.seg_alpha, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.cls_alpha, b.cls_alpha, rtol=1e-5, atol=1e-5)
+    # a 2.5D bundle starts only a run of its own context; a resume cannot change the context
+    with pytest.raises(SystemExit, match="architecture"):
+        train.init_weights(str(bundle), train.UMLNet(train.UMLConfig.preset("small", in_channels=15)))
+    with pytest.raises(SystemExit, match="--context-slices"):
+        train.main(["--out", str(run), "--resume", "--context-slices", "2"])
+
+
 def test_slice_sampler_noise_level_is_drawn_up_to_noise_max():
     from slices import SliceSampler, VolumeCase
 

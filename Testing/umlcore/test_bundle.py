@@ -9,12 +9,12 @@ from umlcore.errors import BundleError
 from umlcore.network import UMLNet
 
 
-def make_card(cfg):
+def make_card(cfg, input=InputSpec()):
     return ModelCard(
         id="test-model", version="0.0.1", name="Test", task="test",
         classes=("negative", "positive"),
         segments=(Segment(1, "Lesion", (1.0, 0.5, 0.0), {"type": {"scheme": "SCT", "code": "52988006", "meaning": "Lesion"}}),),
-        input=InputSpec(), architecture=cfg,
+        input=input, architecture=cfg,
     )
 
 
@@ -117,3 +117,21 @@ def test_component_threshold_must_be_in_0_1(value):
     with pytest.raises(BundleError, match="component_max_uncertainty must be a number in"):
         ModelCard(id="x", version="1", name="x", task="x", classes=("a", "b"), segments=(Segment(1, "L"),),
                   input=InputSpec(), architecture=UMLConfig(), component_max_uncertainty=value)
+
+
+def test_context_slices_multiply_the_network_channels_and_round_trip(tmp_path):
+    spec = InputSpec(context_slices=1)
+    assert spec.network_channels == 9 and InputSpec().network_channels == 3
+    config = UMLConfig(in_channels=9)
+    net = UMLNet(config)
+    path = save_bundle(net, make_card(config, input=spec), tmp_path / "b25d")
+    card = load_bundle(path).card
+    assert card.input.context_slices == 1 and card.architecture.in_channels == 9
+    with pytest.raises(BundleError, match=r"names 3 channels at 3 slices each \(9 in all\) but the architecture takes 3"):
+        make_card(UMLConfig(), input=spec)
+
+
+@pytest.mark.parametrize("value", [-1, 9, 1.0, True])
+def test_context_slices_must_be_a_small_integer(value):
+    with pytest.raises(BundleError, match="context_slices must be an integer from 0 to 8"):
+        InputSpec(context_slices=value)

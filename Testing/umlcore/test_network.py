@@ -67,6 +67,16 @@ def test_small_preset_costs_at_most_3_gflop_per_256_slice():
     assert counter.get_total_flops() <= 3e9
 
 
+def test_medium_preset_is_four_times_small_within_the_bundle_limit():
+    small, medium = UMLNet(UMLConfig.preset("small")).eval(), UMLNet(UMLConfig.preset("medium")).eval()
+    n_small, n_medium = (sum(p.numel() for p in m.parameters()) for m in (small, medium))
+    assert 3.5 < n_medium / n_small < 4.5 and n_medium * 4 < 25e6 / 3  # fp32 weights far under the 25 MB limit
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        medium(torch.randn(1, 3, 256, 256))
+    assert counter.get_total_flops() <= 11e9
+    assert medium.config.cls_pool == "avg+max+lesion"
+
+
 def test_avg_max_pool_sees_a_small_local_feature_that_the_average_dilutes():
     from umlcore.network import UncertaintyInstructor
 

@@ -22,6 +22,7 @@ from umlcore.preprocess import (
     resized_shape,
     slice_axis_index,
     to_slices,
+    with_context,
 )
 
 SUMMARY_KEYS = {
@@ -127,7 +128,7 @@ def test_summary_has_the_documented_fields(base_prediction, tiny_bundle, make_vo
     assert s["geometry"] == {"size": [32, 32, 6], "spacing": [0.7, 0.9, 2.5], "origin": [-12.5, 30.25, 7.0],
                              "direction": list(make_volume().GetDirection())}
     assert s["inputs"] == [{"channel": c, "volume": 0} for c in ("pre", "early", "late")]
-    assert s["slicing"] == {"axis": "axial", "index_axis": 2, "count": 6}
+    assert s["slicing"] == {"axis": "axial", "index_axis": 2, "count": 6, "context_slices": 0}
     assert set(s["timings_s"]) == {"read", "preprocess", "inference", "postprocess", "total"}
     assert s["postprocessing"] == {"component_max_uncertainty": None, "components_removed": 0}
     assert all(v >= 0 for v in s["timings_s"].values())
@@ -234,6 +235,40 @@ def test_cancel_raises_and_stops_between_batches(predictor, make_volume, tmp_pat
         predictor.predict(make_volume(size=(32, 32, 9)), cancel=cancel, progress=lambda *a: progress.append(a))
     assert [s for s, _, _ in progress].count("inference") == 1
     assert list(tmp_path.iterdir()) == []  # the predictor writes nothing
+
+
+def test_with_context_stacks_each_channels_neighbours_and_repeats_the_edges():
+    stack = (10 * np.arange(2)[None, :] + np.arange(4)[:, None]).astype(np.float32)[:, :, None, None]  # (4, 2, 1, 1)
+    out = with_context(stack, 0, 4, 1)
+    assert out.shape == (4, 6, 1, 1)
+    # value 10 c + z: channel c's slices z-1, z, z+1, then channel c+1's; slice -1 and 4 repeat slices 0 and 3
+    np.testing.assert_array_equal(out[:, :, 0, 0], [[0, 0, 1, 10, 10, 11], [0, 1, 2, 10, 11, 12],
+                                                    [1, 2, 3, 11, 12, 13], [2, 3, 3, 12, 13, 13]])
+    np.testing.assert_array_equal(with_context(stack, 1, 3, 2)[:, :5, 0, 0], [[0, 0, 1, 2, 3], [0, 1, 2, 3, 3]])
+    assert torch.equal(with_context(torch.from_numpy(stack), 0, 4, 1), torch.from_numpy(out))
+    np.testing.assert_array_equal(with_context(stack, 1, 3, 0), stack[1:3])
+    np.testing.assert_array_equal(with_context(stack[:1], 0, 1, 1)[0, :, 0, 0], [0, 0, 0, 10, 10, 10])  # one slice
+
+
+def test_a_2_5d_bundle_sees_each_slice_with_its_neighbours(bundle_factory, make_volume, monkeypatch):
+    path = bundle_factory(config_overrides={"in_channels": 9}, input=InputSpec(context_slices=1))
+    bundle = load_bundle(path)
+    seen = []
+    forward = bundle.model.forward
+    monkeypatch.setattr(bundle.model, "forward", lambda x: seen.append(x.clone()) or forward(x))
+    volume = make_volume(size=(16, 16, 5))
+    phases = [volume, make_volume(size=(16, 16, 5), seed=1), make_volume(size=(16, 16, 5), seed=2)]
+    result = Predictor(bundle, device="cpu", batch_size=2).predict(phases)
+    assert result.summary["slicing"]["context_slices"] == 1
+    assert_on_grid(result.labelmap, volume)
+    x = torch.cat(seen)[..., :16, :16]  # (5, 9, 16, 16) before padding; each channel normalised on its own
+    assert x.shape[:2] == (5, 9)
+    for z in range(5):
+        for d in (-1, 0, 1):
+            source = min(max(z + d, 0), 4)
+            for c in range(3):  # channel c of slice z + d = the centre of channel c when slice z + d is segmented
+                assert torch.equal(x[z, c * 3 + 1 + d], x[source, c * 3 + 1])
+    assert not torch.equal(x[2, 0], x[2, 1]) and not torch.equal(x[2, 1], x[2, 4])  # slices and phases differ
 
 
 def test_batch_size_does_not_change_the_result(tiny_bundle, make_volume):

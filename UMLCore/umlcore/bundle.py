@@ -81,6 +81,10 @@ class InputSpec:
         target_spacing: In-plane spacing (mm) to resample to, ``(first, second)`` in-plane index axis (``(x, y)``
             for axial slices of an axial acquisition), or ``None`` to keep the input's.
         normalization: :class:`Normalization`.
+        context_slices: 2.5D input: the network also sees this many neighbouring slices on each side of the
+            slice it segments, as extra channels (``umlcore.preprocess.with_context``: for each named channel,
+            slices ``z - k .. z + k``; the edge slice repeats beyond the volume), so it takes
+            ``len(channels) * (2 * context_slices + 1)`` channels. ``0``: plain 2D slices.
     """
 
     channels: tuple[str, ...] = ("pre", "early", "late")
@@ -89,6 +93,17 @@ class InputSpec:
     slicing_axis: Literal["axial", "coronal", "sagittal"] = "axial"
     target_spacing: Optional[tuple[float, float]] = None
     normalization: Normalization = Normalization()
+    context_slices: int = 0
+
+    def __post_init__(self) -> None:
+        k = self.context_slices
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 8:
+            raise BundleError(f"input.context_slices must be an integer from 0 to 8 (neighbouring slices on each side), got {k!r}")
+
+    @property
+    def network_channels(self) -> int:
+        """Channels the network takes: every named channel at ``2 * context_slices + 1`` slices."""
+        return len(self.channels) * (2 * self.context_slices + 1)
 
 
 @dataclass(frozen=True)
@@ -141,8 +156,13 @@ class ModelCard:
         t = self.component_max_uncertainty
         if t is not None and not (isinstance(t, (int, float)) and 0.0 < t <= 1.0):
             raise BundleError(f"component_max_uncertainty must be a number in (0, 1] or null, got {t!r}")
-        if len(self.input.channels) != arch.in_channels:
-            raise BundleError(f"input spec names {len(self.input.channels)} channels but the architecture takes {arch.in_channels}")
+        if self.input.network_channels != arch.in_channels:
+            k = self.input.context_slices
+            raise BundleError(
+                f"input spec names {len(self.input.channels)} channels"
+                + (f" at {2 * k + 1} slices each ({self.input.network_channels} in all)" if k else "")
+                + f" but the architecture takes {arch.in_channels}"
+            )
 
     def to_dict(self, sha256: str) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -352,7 +352,8 @@ def _card_text(bundle: ModelBundle) -> str:
         f"  classes:       {', '.join(card.classes)} (positive: {card.classes[card.positive_class]})",
         "  segments:      " + ", ".join(f"{s.label} {s.name}" for s in card.segments),
         f"  input:         channels {', '.join(spec.channels)} (at least {spec.min_channels}; missing: {spec.missing_channels}), "
-        f"{spec.slicing_axis} slices",
+        f"{spec.slicing_axis} slices"
+        + (f" with {spec.context_slices} neighbouring slice(s) on each side (2.5D)" if spec.context_slices else ""),
         f"  spacing:       {'native' if spec.target_spacing is None else ' x '.join(f'{v:g}' for v in spec.target_spacing) + ' mm in-plane'}",
         f"  normalisation: {norm_text}",
         f"  architecture:  in {arch.in_channels}, classes {arch.num_classes}, labels {arch.num_seg_labels}, "

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 __all__ = ["UMLConfig", "PRESETS", "PresetName", "ClsPool", "CLS_POOLS"]
 
-PresetName = Literal["small", "paper"]
+PresetName = Literal["small", "medium", "paper"]
 ClsPool = Literal["avg", "avg+max", "avg+max+lesion"]
 CLS_POOLS: tuple[str, ...] = ("avg", "avg+max", "avg+max+lesion")
 
@@ -73,7 +73,7 @@ class UMLConfig:
 
     @classmethod
     def preset(cls, name: PresetName, **overrides: Any) -> "UMLConfig":
-        """A named preset (``"small"`` or ``"paper"``) with optional field overrides."""
+        """A named preset (``"small"``, ``"medium"`` or ``"paper"``) with optional field overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
@@ -102,6 +102,15 @@ class UMLConfig:
 PRESETS: dict[str, UMLConfig] = {
     # Compact: <= 3 GFLOP per 256x256 slice (measured in Testing/umlcore/test_network.py).
     "small": UMLConfig(cls_pool="avg+max+lesion"),
+    # Twice the small widths (16..128): about 4x its parameters (1.75 M, 7 MB) and compute (<= 11 GFLOP per
+    # 256x256 slice), for the small lesions the small preset misses (docs/model.md).
+    "medium": UMLConfig(
+        cls_widths=(16, 32, 64, 128),
+        seg_widths=(16, 32, 64, 128),
+        mutual_widths=(16, 32, 64, 128),
+        cls_head_width=128,
+        cls_pool="avg+max+lesion",
+    ),
     # Paper scale: encoder widths of the ResNet/VGG ladders (64..512), deeper stages.
     "paper": UMLConfig(
         cls_widths=(64, 128, 256, 512),

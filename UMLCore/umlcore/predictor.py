@@ -7,7 +7,8 @@ Steps of :meth:`Predictor.predict`:
 2. The index axis closest to the card's slicing axis (axial = patient S) becomes the slice axis (a pure axis
    permutation, undone exactly afterwards); each channel is normalised over its whole volume as declared;
    slices are resampled in-plane to ``target_spacing`` if the card asks, and zero-padded to a multiple of
-   ``config.pad_multiple``.
+   ``config.pad_multiple``. A 2.5D card (``input.context_slices = k``) gives each slice its ``k`` neighbours on
+   either side as extra channels, batch by batch (:func:`umlcore.preprocess.with_context`).
 3. Slices run through the network in batches under ``torch.inference_mode``, in strict fp32 by default (TF32
    off on CUDA, so a GPU gives the CPU's results) or, with ``precision="mixed"``, under bf16/fp16 autocast on
    CUDA (never on CPU); the cancel check runs before every batch; on CUDA out-of-memory the batch is halved
@@ -45,6 +46,7 @@ from .preprocess import (
     resized_shape,
     slice_axis_index,
     to_slices,
+    with_context,
 )
 
 __all__ = [
@@ -364,7 +366,7 @@ class Predictor:
                 raise CancelledError(f"cancelled after {done} of {n_slices} slices")
             end = min(done + batch_size, n_slices)
             try:
-                out = self._forward(stack[done:end], net_hw)
+                out = self._forward(with_context(stack, done, end, spec.context_slices), net_hw)
             except torch.OutOfMemoryError:
                 batch_size = self._fall_back(batch_size, report, fraction)
                 continue
@@ -446,7 +448,8 @@ class Predictor:
             "inputs": [{"channel": name, "volume": s} for name, s in zip(card.input.channels, source)],
             "model": {"id": card.id, "version": card.version, "sha256": self.bundle.sha256, "path": str(self.bundle.path)},
             "geometry": geometry(ref),
-            "slicing": {"axis": card.input.slicing_axis, "index_axis": axis, "count": int(labels.shape[0])},
+            "slicing": {"axis": card.input.slicing_axis, "index_axis": axis, "count": int(labels.shape[0]),
+                        "context_slices": card.input.context_slices},
             "device": self.device,
             "precision": self.precision,
             "timings_s": {},

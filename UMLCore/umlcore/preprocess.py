@@ -28,6 +28,8 @@ __all__ = [
     "resize_slices",
     "pad_to_multiple",
     "crop_to",
+    "context_indices",
+    "with_context",
 ]
 
 SlicingAxis = Literal["axial", "coronal", "sagittal"]
@@ -132,3 +134,46 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 def crop_to(x: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
     """Undo :func:`pad_to_multiple`: keep the first ``size_hw`` rows / columns."""
     return x[..., : size_hw[0], : size_hw[1]]
+
+
+def context_indices(centres: np.ndarray, n_slices: int, context: int) -> np.ndarray:
+    """Slice indices ``z - context .. z + context`` around each centre, clamped to the volume (2.5D input).
+
+    Args:
+        centres: ``(B,)`` slice indices in ``[0, n_slices)``.
+        n_slices: Slices in the volume (>= 1).
+        context: Neighbouring slices on each side (>= 0).
+
+    Returns:
+        ``(B, 2 * context + 1)`` int64 indices; beyond the first / last slice the edge slice repeats.
+    """
+    if context < 0 or n_slices < 1:
+        raise ValueError(f"context must be >= 0 and n_slices >= 1, got {context} and {n_slices}")
+    offsets = np.arange(-context, context + 1)
+    return np.clip(np.asarray(centres, dtype=np.int64)[:, None] + offsets[None, :], 0, n_slices - 1)
+
+
+def with_context(slices, start: int, stop: int, context: int):
+    """Slices ``start:stop`` of an ``(S, C, H, W)`` stack with their neighbours as extra channels (2.5D).
+
+    Channel order of the result: for each input channel ``c``, its slices ``z - context .. z + context``, i.e.
+    channel ``c * (2 * context + 1) + context + d`` holds channel ``c`` of slice ``z + d``; the edge slice repeats
+    beyond the volume's ends (:func:`context_indices`). ``context = 0`` gives ``slices[start:stop]`` unchanged.
+
+    Args:
+        slices: ``(S, C, H, W)`` numpy array or torch tensor.
+        start, stop: The centre slices, ``0 <= start < stop <= S``.
+        context: Neighbouring slices on each side (the model card's ``input.context_slices``).
+
+    Returns:
+        ``(stop - start, C * (2 * context + 1), H, W)``, same type (and device) as ``slices``.
+    """
+    if context == 0:
+        return slices[start:stop]
+    n, c, h, w = slices.shape
+    idx = context_indices(np.arange(start, stop), n, context)  # (b, 2k+1)
+    if isinstance(slices, torch.Tensor):
+        gathered = slices[torch.from_numpy(idx).to(slices.device)]  # (b, 2k+1, C, H, W)
+        return gathered.transpose(1, 2).reshape(stop - start, c * idx.shape[1], h, w)
+    gathered = slices[idx]
+    return np.ascontiguousarray(gathered.swapaxes(1, 2)).reshape(stop - start, c * idx.shape[1], h, w)
