@@ -312,6 +312,8 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 f"{m.task}\n"
                 + _("Classes") + f": {', '.join(m.classes)}; " + _("segments") + f": {', '.join(s.name for s in m.segments)}\n"
                 + _("Inputs") + f": {', '.join(m.channels)}"
+                + (" (" + _("2.5D: {count} neighbouring slice(s) on each side").format(count=m.contextSlices) + ")"
+                   if m.contextSlices else "")
             )
         if self._parameterNode is not None and path and self._parameterNode.modelPath != path:
             self._parameterNode.modelPath = path

@@ -3,8 +3,9 @@
     python benchmarks/bench_predict.py                       # CPU (and CUDA when available)
     python benchmarks/bench_predict.py --model Resources/Models/uml-breast-dce-small --runs 5
 
-Prints one line per figure. Throughput: median over ``--runs`` timed runs of ``--slices`` 256x256 slices
-after one warm-up run, under ``torch.inference_mode`` (fp32 on CPU; on CUDA both of the predictor's
+Prints one line per figure. Architectures: the ``small`` preset (shipped), ``small`` with 2.5D input
+(``--context-slices 1``: 9 channels), ``medium`` and ``paper``. Throughput: median over ``--runs`` timed runs of
+``--slices`` 256x256 slices after one warm-up run, for each of small, small 2.5D and medium, under ``torch.inference_mode`` (fp32 on CPU; on CUDA both of the predictor's
 precisions: fp32 with TF32 convolutions off, its default, and ``mixed`` = bf16 autocast). Peak memory: maximum resident set size of a separate ``uml predict`` process on a 256x256x96 volume
 (``resource.getrusage(RUSAGE_CHILDREN)``), and peak CUDA memory when run on a GPU.
 """
@@ -29,18 +30,24 @@ from umlcore.config import UMLConfig
 from umlcore.network import UMLNet
 
 
+#: (label, preset, input channels): 3 DCE phases, or 3 phases x 3 slices for 2.5D input (context 1)
+ARCHITECTURES = (("small", "small", 3), ("small 2.5D", "small", 9), ("medium", "medium", 3), ("paper", "paper", 3))
+
+
 def flops_and_params() -> None:
-    for name in ("small", "paper"):
-        net = UMLNet(UMLConfig.preset(name)).eval()
+    for label, name, channels in ARCHITECTURES:
+        net = UMLNet(UMLConfig.preset(name, in_channels=channels)).eval()
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            net(torch.zeros(1, 3, 256, 256))
+            net(torch.zeros(1, channels, 256, 256))
         params = sum(p.numel() for p in net.parameters())
-        print(f"preset {name}: {counter.get_total_flops() / 1e9:.2f} GFLOP per 256x256 slice, {params / 1e6:.2f} M parameters")
+        print(f"preset {label}: {counter.get_total_flops() / 1e9:.2f} GFLOP per 256x256 slice, {params / 1e6:.2f} M "
+              f"parameters ({params * 4 / 1e6:.1f} MB of fp32 weights)")
 
 
-def throughput(device: str, slices: int, runs: int, batch: int, precision: str = "fp32") -> None:
-    net = UMLNet(UMLConfig.preset("small")).eval().to(device)
-    x = torch.randn(batch, 3, 256, 256, device=device)
+def throughput(device: str, slices: int, runs: int, batch: int, precision: str = "fp32",
+               label: str = "small", preset: str = "small", channels: int = 3) -> None:
+    net = UMLNet(UMLConfig.preset(preset, in_channels=channels)).eval().to(device)
+    x = torch.randn(batch, channels, 256, 256, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and precision == "mixed")
     torch.backends.cudnn.allow_tf32 = False  # as the predictor: fp32 convolutions in IEEE fp32, not TF32
     times = []
@@ -56,7 +63,7 @@ def throughput(device: str, slices: int, runs: int, batch: int, precision: str =
             if r:
                 times.append(time.perf_counter() - t0)
     rates = [slices // batch * batch / t for t in times]
-    print(f"{device} {precision}: small preset {statistics.median(rates):.1f} slices/s at 256x256 (batch {batch}, median of {runs}; "
+    print(f"{device} {precision}: {label} preset {statistics.median(rates):.1f} slices/s at 256x256 (batch {batch}, median of {runs}; "
           f"min {min(rates):.1f}, max {max(rates):.1f}; torch threads {torch.get_num_threads()})")
 
 
@@ -89,8 +96,9 @@ def main() -> int:
     args = p.parse_args()
     flops_and_params()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for d, precision in [("cpu", "fp32")] + [("cuda", "fp32"), ("cuda", "mixed")] * ("cuda" in devices):
-        throughput(d, args.slices, args.runs, args.batch, precision)
+    for label, preset, channels in ARCHITECTURES[:3]:  # the paper preset is too slow for a CPU run
+        for d, precision in [("cpu", "fp32")] + [("cuda", "fp32"), ("cuda", "mixed")] * ("cuda" in devices):
+            throughput(d, args.slices, args.runs, args.batch, precision, label, preset, channels)
     model = args.model or str(Path(__file__).resolve().parents[1] / "Resources" / "Models" / "uml-breast-dce-small")
     for d in devices:
         peak_memory(model, d)

@@ -35,6 +35,7 @@ def test_read_model_info_matches_the_card(bundle_dir, tmp_path):
         assert info.classes == card.classes and info.channels == card.input.channels
         assert info.sha256 == sha and info.reviewUncertainty == card.review_uncertainty
         assert info.positiveClass == card.positive_class and not info.isColour
+        assert info.contextSlices == card.input.context_slices == 0
         (segment,) = info.segments
         assert (segment.label, segment.name, segment.color) == (1, "Lesion", LESION_COLOR)
         assert segment.terminology == LESION_TERMINOLOGY
@@ -43,6 +44,12 @@ def test_read_model_info_matches_the_card(bundle_dir, tmp_path):
         for f in bundle_dir.iterdir():
             zf.write(f, f"uml-test-small/{f.name}")
     assert models.readModelInfo(archive).id == card.id
+    card_2_5d = tmp_path / "b25d"  # a 2.5D card: the module reads its context (shown beside the inputs)
+    shutil.copytree(bundle_dir, card_2_5d)
+    data = json.loads((card_2_5d / "model.json").read_text())
+    data["input"]["context_slices"] = 1
+    (card_2_5d / "model.json").write_text(json.dumps(data))
+    assert models.readModelInfo(card_2_5d).contextSlices == 1
 
 
 @pytest.mark.parametrize("edit, match", [

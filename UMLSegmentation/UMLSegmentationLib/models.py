@@ -74,6 +74,8 @@ class ModelInfo:
         segments: :class:`SegmentInfo` per non-background label.
         channels: Meaning of each input channel, e.g. ``("pre", "early", "late")``.
         minChannels: Fewest input volumes the engine accepts (missing ones are replicated).
+        contextSlices: Neighbouring slices on each side the network sees with each slice (2.5D; 0 = 2D). The
+            engine takes them from the same volumes, so it changes nothing about the inputs to give.
         positiveClass: Index of the class whose probability is "the" probability.
         reviewUncertainty: Case uncertainty above which the verdict is "review".
         sha256: Declared SHA-256 of the weights.
@@ -88,6 +90,7 @@ class ModelInfo:
     segments: tuple[SegmentInfo, ...]
     channels: tuple[str, ...]
     minChannels: int = 1
+    contextSlices: int = 0
     positiveClass: int = 1
     reviewUncertainty: float = 0.3
     sha256: str = ""
@@ -197,6 +200,7 @@ def readModelInfo(path: Union[str, Path]) -> ModelInfo:
             segments=segments,
             channels=channels,
             minChannels=int(inp.get("min_channels", 1)),
+            contextSlices=int(inp.get("context_slices", 0)),
             positiveClass=int(data.get("positive_class", 1)),
             reviewUncertainty=float(data.get("review_uncertainty", 0.3)),
             sha256=sha,
