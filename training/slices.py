@@ -171,8 +171,10 @@ class SliceSampler:
         views, c, k = self.views[i], self.n_channels, self.context_slices
         replicated = bool(self.rng.random() < self.single_volume_prob)
         if k == 0:
-            zs: "int | list[int]" = z
-        else:  # the centre slice and its neighbours, the edge slice repeated (as the predictor does)
+            zs: "int | slice | list[int]" = z
+        elif k <= z < views.shape[1] - k:  # the centre slice and its neighbours: a view, no index tensor
+            zs = slice(z - k, z + k + 1)
+        else:  # near the ends the edge slice repeats (as the predictor does)
             zs = context_indices(np.array([z]), views.shape[1], k)[0].tolist()
         if replicated:
             image = views[int(self.rng.integers(len(views))), zs].expand(c, *([-1] * (2 if k == 0 else 3)))
