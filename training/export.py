@@ -46,7 +46,7 @@ def git_commit() -> str:
 
 
 def build_card(run: Path, report: Optional[dict], model_id: str, version: str, review_uncertainty: float,
-               weights: str = "best.safetensors") -> ModelCard:
+               weights: str = "best.safetensors", component_max_uncertainty: Optional[float] = None) -> ModelCard:
     arch = UMLConfig.from_json((run / "model_config.json").read_text())
     train_cfg = json.loads((run / "train_config.json").read_text())
     state = json.loads((run / "last.json").read_text()) if (run / "last.json").exists() else {}
@@ -74,6 +74,8 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
         metrics = {"test_set": report.get("dataset"), "command": report.get("command"), **report.get("summary", {})}
         calibration = metrics.pop("case_calibration", None)
         component_threshold = metrics.pop("component_max_uncertainty", None)
+    if component_max_uncertainty is not None:
+        component_threshold = component_max_uncertainty
     return ModelCard(
         id=model_id,
         version=version,
@@ -111,6 +113,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--weights", default="best.safetensors", help="file in --run to export")
     p.add_argument("--review-uncertainty", type=float, default=None,
                    help="case uncertainty above which the verdict is 'review' (default: from the report, else 0.3)")
+    p.add_argument("--component-max-uncertainty", type=float, default=None,
+                   help="the card's component filter (default: the report's choice, else none); e.g. 0.08 to compare "
+                        "a run with the shipped model before a calibration run has chosen one")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     for needed in (args.weights, "model_config.json", "train_config.json"):
@@ -120,7 +125,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     review = args.review_uncertainty
     if review is None:
         review = float((report or {}).get("summary", {}).get("suggested_review_uncertainty", 0.3))
-    card = build_card(args.run, report, args.id, args.version, review, args.weights)
+    t = args.component_max_uncertainty
+    if t is not None and not 0.0 < t <= 1.0:
+        p.error(f"--component-max-uncertainty must be in (0, 1], got {t}")
+    card = build_card(args.run, report, args.id, args.version, review, args.weights, t)
     model = UMLNet(card.architecture)
     model.load_state_dict(load_file(str(args.run / args.weights)))
     path = save_bundle(model, card, args.out, overwrite=args.overwrite)

@@ -63,6 +63,9 @@ def test_export_writes_a_loadable_bundle_that_predicts(run_dir, tmp_path):
     img = sitk.GetImageFromArray(np.random.default_rng(0).random((4, 24, 24)).astype(np.float32))
     pred = Predictor(bundle, device="cpu").predict(img)
     assert sitk.GetArrayFromImage(pred.labelmap).shape == (4, 24, 24)
+    with pytest.raises(SystemExit) as exc:
+        export.main(["--run", str(run_dir), "--out", str(tmp_path / "b"), "--component-max-uncertainty", "1.5"])
+    assert exc.value.code == 2 and not (tmp_path / "b").exists()
 
 
 def test_export_refuses_a_folder_without_a_run(tmp_path):
@@ -256,8 +259,9 @@ def test_a_2_5d_run_exports_its_context_and_warm_starts_from_a_2d_bundle(run_dir
     assert "9 input channels (2.5D, +-1 slices)" in out
     assert "cls_encoder.stem.0.weight: 3 -> 9 input channels (2.5D), the neighbouring slices' at 0" in out
     bundle = tmp_path / "bundle25d"
-    export.main(["--run", str(run), "--out", str(bundle)])
+    export.main(["--run", str(run), "--out", str(bundle), "--component-max-uncertainty", "0.08"])
     card = load_bundle(bundle).card
+    assert card.component_max_uncertainty == 0.08
     assert card.input.context_slices == 1 and card.architecture.in_channels == 9 and "2.5D" in card.name
     img = sitk.GetImageFromArray(np.random.default_rng(0).random((4, 24, 24)).astype(np.float32))
     assert Predictor(load_bundle(bundle), device="cpu").predict(img).summary["slicing"]["context_slices"] == 1
