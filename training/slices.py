@@ -124,8 +124,10 @@ class SliceSampler:
         self.lesion_fraction = lesion_fraction
         self.single_volume_prob = single_volume_prob
         self.n_channels = cases[0].channels.shape[0]
-        # views[i]: (C + M, Z, H, W) = the model's channels, then the single-volume views (e.g. subtraction)
-        self.views = [torch.from_numpy(np.concatenate([c.channels, c.singles])).to(self.device) for c in cases]
+        # the model's channels (C, Z, H, W) and the single-volume views (M, Z, H, W, e.g. subtraction) of each case;
+        # on the CPU these share the cases' memory (no copy), on a GPU they are the cases' one device copy
+        self.channels = [torch.from_numpy(c.channels).to(self.device) for c in cases]
+        self.singles = [torch.from_numpy(c.singles).to(self.device) for c in cases]
         self.masks = [torch.from_numpy(c.mask).to(self.device) for c in cases]
         self.all_slices = [(i, z) for i, c in enumerate(cases) for z in range(c.mask.shape[0])]
         self.lesion_slices = [(i, int(z)) for i, c in enumerate(cases) for z in c.lesion_slices]
@@ -168,18 +170,21 @@ class SliceSampler:
     def _sample(self) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
         """One cropped, rotated / flipped slice, its mask, its class and whether it is one replicated volume."""
         i, z, lesion = self._pick()
-        views, c, k = self.views[i], self.n_channels, self.context_slices
+        channels, c, k = self.channels[i], self.n_channels, self.context_slices
+        n_slices = channels.shape[1]
         replicated = bool(self.rng.random() < self.single_volume_prob)
         if k == 0:
             zs: "int | slice | list[int]" = z
-        elif k <= z < views.shape[1] - k:  # the centre slice and its neighbours: a view, no index tensor
+        elif k <= z < n_slices - k:  # the centre slice and its neighbours: a view, no index tensor
             zs = slice(z - k, z + k + 1)
         else:  # near the ends the edge slice repeats (as the predictor does)
-            zs = context_indices(np.array([z]), views.shape[1], k)[0].tolist()
-        if replicated:
-            image = views[int(self.rng.integers(len(views))), zs].expand(c, *([-1] * (2 if k == 0 else 3)))
+            zs = context_indices(np.array([z]), n_slices, k)[0].tolist()
+        if replicated:  # one of the channels or of the single views, the same in every channel
+            v = int(self.rng.integers(c + len(self.singles[i])))
+            volume = channels[v] if v < c else self.singles[i][v - c]
+            image = volume[zs].expand(c, *([-1] * (2 if k == 0 else 3)))
         else:
-            image = views[:c, zs]
+            image = channels[:, zs]
         if k:
             image = image.reshape(c * (2 * k + 1), *image.shape[-2:])  # per channel: slices z - k .. z + k
         image, mask = self._crop(image, self.masks[i][z], lesion)
