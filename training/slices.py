@@ -181,15 +181,15 @@ class SliceSampler:
             zs = context_indices(np.array([z]), n_slices, k)[0].tolist()
         if replicated:  # one of the channels or of the single views, the same in every channel
             v = int(self.rng.integers(c + len(self.singles[i])))
-            volume = channels[v] if v < c else self.singles[i][v - c]
-            image = volume[zs].expand(c, *([-1] * (2 if k == 0 else 3)))
+            single = (channels[v] if v < c else self.singles[i][v - c])[zs]
+            image = single.expand(c, *single.shape)
         else:
             image = channels[:, zs]
         if k:
             image = image.reshape(c * (2 * k + 1), *image.shape[-2:])  # per channel: slices z - k .. z + k
         image, mask = self._crop(image, self.masks[i][z], lesion)
-        k = int(self.rng.integers(4))  # flips and 90-degree rotations (the generator already varies orientation)
-        image, mask = torch.rot90(image, k, dims=(1, 2)), torch.rot90(mask, k, dims=(0, 1))
+        turns = int(self.rng.integers(4))  # flips and 90-degree rotations (the generator already varies orientation)
+        image, mask = torch.rot90(image, turns, dims=(1, 2)), torch.rot90(mask, turns, dims=(0, 1))
         if self.rng.random() < 0.5:
             image, mask = image.flip(2), mask.flip(1)
         return image, mask, int(self.labels[i][z]), replicated
