@@ -279,6 +279,9 @@ def test_a_2_5d_run_exports_its_context_and_warm_starts_from_a_2d_bundle(run_dir
         train.init_weights(str(bundle), train.UMLNet(train.UMLConfig.preset("small", in_channels=15)))
     with pytest.raises(SystemExit, match="--context-slices"):
         train.main(["--out", str(run), "--resume", "--context-slices", "2"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--context-slices", "9"])
+    assert "--context-slices must be from 0 (2D) to 8, got 9" in capsys.readouterr().err
 
 
 def test_slice_sampler_noise_level_is_drawn_up_to_noise_max():
