@@ -4,9 +4,11 @@
     python benchmarks/bench_predict.py --model Resources/Models/uml-breast-dce-small --runs 5
 
 Prints one line per figure. Architectures: the ``small`` preset (shipped), ``small`` with 2.5D input
-(``--context-slices 1``: 9 channels), ``medium`` and ``paper``. Throughput: median over ``--runs`` timed runs of
-``--slices`` 256x256 slices after one warm-up run, for each of small, small 2.5D and medium, under ``torch.inference_mode`` (fp32 on CPU; on CUDA both of the predictor's
-precisions: fp32 with TF32 convolutions off, its default, and ``mixed`` = bf16 autocast). Peak memory: maximum resident set size of a separate ``uml predict`` process on a 256x256x96 volume
+(``--context-slices 1``: 9 channels), ``medium`` and ``paper`` (FLOPs and parameters only).
+Throughput: median over ``--runs`` timed runs of ``--slices`` 256x256 slices after one warm-up run, for small,
+small 2.5D and medium, under ``torch.inference_mode`` (fp32 on CPU; on CUDA both of the predictor's precisions:
+fp32 with TF32 convolutions off, its default, and ``mixed`` = bf16 autocast).
+Peak memory: maximum resident set size of a separate ``uml predict`` process on a 256x256x96 volume
 (``resource.getrusage(RUSAGE_CHILDREN)``), and peak CUDA memory when run on a GPU.
 """
 
