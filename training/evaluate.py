@@ -75,11 +75,15 @@ def add_noise(images: list[sitk.Image], sigma: float, rng: np.random.Generator) 
     return noisy
 
 
+SINGLE_VOLUME_MODES = ("pre", "early", "late", "subtraction")
+
+
 def input_views(images: list[sitk.Image], mode: str) -> list[sitk.Image]:
+    """What a user would load: ``phases`` (pre, early, late), one phase alone, or ``subtraction`` (early - pre)."""
     if mode == "phases":
         return images
-    if mode == "early":
-        return [images[1]]
+    if mode in ("pre", "early", "late"):
+        return [images[("pre", "early", "late").index(mode)]]
     if mode == "subtraction":
         sub = sitk.Cast(images[1], sitk.sitkFloat32) - sitk.Cast(images[0], sitk.sitkFloat32)
         return [sub]

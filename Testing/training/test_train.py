@@ -14,6 +14,7 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "training"))
 
+import calibrate_single_volume  # noqa: E402
 import evaluate  # noqa: E402
 import export  # noqa: E402
 import train  # noqa: E402
@@ -381,3 +382,49 @@ def test_non_finite_steps_are_skipped_then_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "uml_loss", poisoned)
     with pytest.raises(SystemExit, match="21 steps with a non-finite loss or gradient.*lower --lr or use --amp off"):
         train.main(["--out", str(tmp_path), *TINY, "--epochs", "1", "--steps-per-epoch", "25"])
+
+
+def test_single_volume_calibration_is_fitted_measured_and_exported(bundle_factory, tmp_path):
+    three = {"slope": 0.5, "intercept": 0.2}
+    bundle = bundle_factory(seed=5, case_calibration=three)  # untrained; seed 5 ranks these 6 fitting cases rightly
+    out, exported = tmp_path / "sv", tmp_path / "bundle"
+    assert calibrate_single_volume.main([
+        "--model", str(bundle), "--out", str(out), "--fit-cases", "3", "--test-cases", "2", "--modes", "early",
+        "subtraction", "--shape", "6", "32", "32", "--label-noise", "0.0", "--export", str(exported),
+        "--version", "0.0.2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["mode"], r["seed"]) for r in report["fit_cases"]] == \
+        [("early", 1_000_000 + i) for i in range(3)] + [("subtraction", 1_000_003 + i) for i in range(3)]
+    assert [(r["mode"], r["seed"]) for r in report["test_cases"]] == \
+        [(m, 2_000_000 + i) for m in ("early", "subtraction") for i in range(2)]
+    new = report["single_volume_calibration"]
+    assert new["slope"] > 0 and new["fitted_on"].startswith("3 validation cases per input mode (early, subtraction)")
+    assert set(report["test"]) == {"early", "subtraction"} and report["test"]["early"]["after"]["cases"] == 2
+    card = load_bundle(exported).card
+    assert card.version == "0.0.2" and card.case_calibration == three and card.single_volume_calibration == new
+    assert load_bundle(exported).sha256 == load_bundle(bundle).sha256  # same weights
+    assert card.metrics["single_volume"]["early"] == report["test"]["early"]["after"]
+    # the exported bundle's predictor gives the recorded calibrated probabilities
+    row = report["test_cases"][-1]
+    case = next(evaluate.synthetic_stream(range(row["seed"], row["seed"] + 1), (6, 32, 32), 0.0))
+    for b, key in ((exported, "positive_probability_after"), (bundle, "positive_probability_before")):
+        pred = Predictor(load_bundle(b), device="cpu").predict(evaluate.input_views(case.to_sitk(), "subtraction"))
+        assert pred.summary["classification"]["positive_probability"] == pytest.approx(row[key], abs=1e-9)
+
+
+def test_single_volume_calibration_refuses_an_export_without_a_new_version(bundle_factory, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        calibrate_single_volume.main(["--model", str(bundle_factory()), "--out", str(tmp_path / "o"),
+                                      "--export", str(tmp_path / "b")])
+    assert exc.value.code == 2 and not (tmp_path / "o").exists()
+
+
+def test_single_volume_calibration_refuses_opinions_that_rank_the_classes_backwards(bundle_factory, tmp_path,
+                                                                                     capsys):
+    with pytest.raises(SystemExit) as exc:  # untrained, seed 0: the 6 fitting cases come out in reverse order
+        calibrate_single_volume.main(["--model", str(bundle_factory(seed=0)), "--out", str(tmp_path / "o"),
+                                      "--fit-cases", "3", "--test-cases", "1", "--modes", "early", "subtraction",
+                                      "--shape", "6", "32", "32", "--label-noise", "0.0",
+                                      "--export", str(tmp_path / "b"), "--version", "2"])
+    assert exc.value.code == 2 and "the fitted slope is" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "b").exists()

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -135,3 +136,22 @@ def test_context_slices_multiply_the_network_channels_and_round_trip(tmp_path):
 def test_context_slices_must_be_a_small_integer(value):
     with pytest.raises(BundleError, match="context_slices must be an integer from 0 to 8"):
         InputSpec(context_slices=value)
+
+
+@pytest.mark.parametrize("field", ["case_calibration", "single_volume_calibration"])
+def test_a_calibration_needs_slope_and_intercept(field):
+    with pytest.raises(BundleError, match=f"{field} needs a binary model and the keys 'slope' and 'intercept'"):
+        ModelCard(id="x", version="1", name="x", task="x", classes=("a", "b"), segments=(Segment(1, "L"),),
+                  input=InputSpec(), architecture=UMLConfig(), **{field: {"slope": 1.0}})
+
+
+def test_single_volume_calibration_is_chosen_for_one_volume_and_round_trips(tmp_path):
+    three, one = {"slope": 0.6, "intercept": -0.4}, {"slope": 0.3, "intercept": 0.1}
+    net = UMLNet(UMLConfig())
+    card = dataclasses.replace(make_card(net.config), case_calibration=three, single_volume_calibration=one)
+    assert card.calibration_for(single_volume=True) == ("single_volume_calibration", one)
+    assert card.calibration_for(single_volume=False) == ("case_calibration", three)
+    only_three = dataclasses.replace(card, single_volume_calibration=None)
+    assert only_three.calibration_for(single_volume=True) == ("case_calibration", three)  # older cards: as before
+    assert dataclasses.replace(only_three, case_calibration=None).calibration_for(True) == (None, None)
+    assert load_bundle(save_bundle(net, card, tmp_path / "b")).card.single_volume_calibration == one

@@ -10,7 +10,7 @@ import torch
 
 from umlcore.bundle import InputSpec, Normalization, load_bundle
 from umlcore.errors import CancelledError, UMLError, UMLInputError
-from umlcore.fusion import fuse_slice_opinions
+from umlcore.fusion import calibrate_case_alpha, fuse_slice_opinions
 from umlcore.io import read_case, write_image_atomic
 from umlcore.predictor import Prediction, Predictor, remove_uncertain_components
 from umlcore.preprocess import (
@@ -31,7 +31,7 @@ SUMMARY_KEYS = {
 }
 CLASSIFICATION_KEYS = {
     "classes", "probabilities", "belief", "uncertainty", "predicted_index", "predicted_class", "positive_class",
-    "positive_probability", "verdict", "fusion",
+    "positive_probability", "verdict", "fusion", "calibration",
 }
 
 
@@ -424,3 +424,22 @@ def test_card_component_filter_runs_before_the_case_fusion(tiny_bundle, make_vol
     assert sitk.GetArrayFromImage(pred.labelmap).max() == 0
     assert all(sl["lesion_voxels"] == 0 for sl in pred.summary["slices"])
     assert pred.summary["postprocessing"]["component_max_uncertainty"] == 1e-6
+
+
+def test_one_volume_gets_the_single_volume_calibration_and_three_the_case_calibration(tiny_bundle, make_volume):
+    three, one = {"slope": 0.5, "intercept": -1.0}, {"slope": 2.0, "intercept": 1.0}
+    volume = make_volume()
+
+    def predict(card, volumes):
+        return Predictor(dataclasses.replace(tiny_bundle, card=card), device="cpu").predict(volumes).summary
+
+    raw_card = tiny_bundle.card
+    card = dataclasses.replace(raw_card, case_calibration=three, single_volume_calibration=one)
+    for volumes, used, field in (([volume], one, "single_volume_calibration"), ([volume] * 3, three, "case_calibration")):
+        raw = predict(raw_card, volumes)["classification"]
+        got = predict(card, volumes)["classification"]
+        assert raw["calibration"] is None and got["calibration"] == field
+        strength = 2.0 / raw["uncertainty"]
+        expected = calibrate_case_alpha(strength * np.array(raw["probabilities"]), used["slope"], used["intercept"])
+        np.testing.assert_allclose(got["probabilities"], expected / strength, rtol=1e-9)
+        assert got["uncertainty"] == pytest.approx(raw["uncertainty"])  # the strength is kept

@@ -114,6 +114,9 @@ class ModelCard:
     ``review_uncertainty``: a case whose fused uncertainty exceeds it gets the verdict "review".
     ``case_calibration``: optional ``{"slope", "intercept", ...}`` of a binary Platt calibration of the fused case
     opinion that keeps its strength (:func:`umlcore.fusion.calibrate_case_alpha`), fitted on validation cases.
+    ``single_volume_calibration``: optional, the same kind of calibration used *instead* when the case was given as
+    one volume replicated into every channel (a single DCE phase or a subtraction image), whose opinions differ
+    from those of all channels; fitted by ``training/calibrate_single_volume.py``.
     ``component_max_uncertainty``: optional; connected components of the segmentation (6-connected, all segments
     together) whose mean voxel uncertainty exceeds it are removed from the labelmap before the case opinion is
     fused (they stay visible in the uncertainty map). Chosen on validation cases by ``training/evaluate.py``.
@@ -131,6 +134,7 @@ class ModelCard:
     positive_class: int = 1
     review_uncertainty: float = 0.3
     case_calibration: Optional[dict[str, Any]] = None
+    single_volume_calibration: Optional[dict[str, Any]] = None
     component_max_uncertainty: Optional[float] = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -149,10 +153,10 @@ class ModelCard:
                 f"model card lists {len(self.segments)} segments but the architecture has {arch.num_seg_labels - 1} "
                 "(num_seg_labels minus background)"
             )
-        if self.case_calibration is not None and (
-            arch.num_classes != 2 or not {"slope", "intercept"} <= set(self.case_calibration)
-        ):
-            raise BundleError("case_calibration needs a binary model and the keys 'slope' and 'intercept'")
+        for name in ("case_calibration", "single_volume_calibration"):
+            c = getattr(self, name)
+            if c is not None and (arch.num_classes != 2 or not isinstance(c, dict) or not {"slope", "intercept"} <= set(c)):
+                raise BundleError(f"{name} needs a binary model and the keys 'slope' and 'intercept'")
         t = self.component_max_uncertainty
         if t is not None and not (isinstance(t, (int, float)) and 0.0 < t <= 1.0):
             raise BundleError(f"component_max_uncertainty must be a number in (0, 1] or null, got {t!r}")
@@ -163,6 +167,18 @@ class ModelCard:
                 + (f" at {2 * k + 1} slices each ({self.input.network_channels} in all)" if k else "")
                 + f" but the architecture takes {arch.in_channels}"
             )
+
+    def calibration_for(self, single_volume: bool) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+        """The case calibration to apply, and the name of its card field (``None, None`` if there is none).
+
+        Args:
+            single_volume: The case was given as one volume replicated into every channel.
+        """
+        if single_volume and self.single_volume_calibration is not None:
+            return "single_volume_calibration", self.single_volume_calibration
+        if self.case_calibration is not None:
+            return "case_calibration", self.case_calibration
+        return None, None
 
     def to_dict(self, sha256: str) -> dict[str, Any]:
         d = dataclasses.asdict(self)

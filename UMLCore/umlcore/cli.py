@@ -366,6 +366,9 @@ def _card_text(bundle: ModelBundle) -> str:
     if card.case_calibration is not None:
         c = card.case_calibration
         lines.append(f"  calibration:   case opinion, Platt slope {c['slope']:.3f}, intercept {c['intercept']:.3f}")
+    if card.single_volume_calibration is not None:
+        c = card.single_volume_calibration
+        lines.append(f"                 one volume given: Platt slope {c['slope']:.3f}, intercept {c['intercept']:.3f}")
     if card.metrics:
         lines.append("  metrics:       " + ", ".join(f"{k} {v}" for k, v in card.metrics.items()))
     if card.training:

@@ -411,9 +411,10 @@ class Predictor:
         card = self.card
         lesion = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
         case_alpha = fuse_slice_opinions(cls_alpha, lesion)
-        if card.case_calibration is not None:
-            case_alpha = calibrate_case_alpha(case_alpha, card.case_calibration["slope"],
-                                              card.case_calibration["intercept"], card.positive_class)
+        calibration_name, calibration = card.calibration_for(single_volume=len(set(source)) < len(source))
+        if calibration is not None:
+            case_alpha = calibrate_case_alpha(case_alpha, calibration["slope"], calibration["intercept"],
+                                              card.positive_class)
         strength = case_alpha.sum()
         probs = case_alpha / strength
         belief = (case_alpha - 1.0) / strength
@@ -464,6 +465,7 @@ class Predictor:
                 "positive_probability": float(probs[card.positive_class]),
                 "verdict": "review" if case_u > card.review_uncertainty else "reliable",
                 "fusion": FUSION_RULE,
+                "calibration": calibration_name,
             },
             "segments": segments,
             "slices": slices,
