@@ -440,3 +440,4 @@ def test_info_shows_the_shipped_cards_post_processing_and_calibration(capsys):
     assert card.component_max_uncertainty is not None
     assert f"postprocess:   drop segmentation components with mean uncertainty > {card.component_max_uncertainty:g}" in text
     assert "calibration:   case opinion, Platt slope" in text
+    assert card.single_volume_calibration is not None and "one volume given: Platt slope" in text
