@@ -487,7 +487,7 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name in ("predictedClassLabel", "probabilityLabel", "verdictLabel", "lesionVolumeLabel", "lesionUncertaintyLabel"):
             getattr(self.ui, name).text = "-"
         self.ui.verdictLabel.styleSheet = ""
-        self.ui.lesionVolumeLabel.toolTip = ""
+        self.ui.lesionVolumeLabel.toolTip = self.ui.probabilityLabel.toolTip = ""
         self.ui.uncertaintyProgressBar.value = 0
         self.setBeliefBars(())
 
@@ -516,6 +516,12 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.predictedClassLabel.text = panel.predictedClass
         self.ui.probabilityLabel.text = f"{100 * panel.predictedProbability:.1f} %  ({panel.positiveClass}: {100 * panel.positiveProbability:.1f} %)"
+        if panel.singleVolume:
+            self.ui.probabilityLabel.text += "; from one volume"
+        self.ui.probabilityLabel.toolTip = (
+            "The case was given as one volume, replicated into all of the model's channels: its opinion is weaker "
+            "than from all phases (calibrated for one volume when the model has such a calibration). Give all "
+            "phases for the full opinion." if panel.singleVolume else "")
         self.setBeliefBars(panel.beliefs)
         self.ui.uncertaintyProgressBar.value = int(round(100 * panel.uncertainty))
         self.ui.verdictLabel.text = panel.verdict.upper()

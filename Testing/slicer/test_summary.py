@@ -63,6 +63,11 @@ def test_confidence_panel():
     assert (panel.verdict, panel.verdictColor) == ("reliable", "#2e7d32")
     assert (panel.lesionName, panel.lesionVolumeMl, panel.lesionMeanUncertainty) == ("Lesion", 0.18, 0.21)
     assert panel.componentsRemoved is None  # no postprocessing section: the model has no filter
+    assert not panel.singleVolume  # no inputs section
+    one = [{"channel": c, "volume": 0} for c in ("pre", "early", "late")]
+    assert confidencePanel({**SUMMARY, "inputs": one}).singleVolume
+    assert not confidencePanel({**SUMMARY, "inputs": [{**c, "volume": i} for i, c in enumerate(one)]}).singleVolume
+    assert not confidencePanel({**SUMMARY, "inputs": one[:1]}).singleVolume  # a one-channel model given its volume
     filtered = {**SUMMARY, "postprocessing": {"component_max_uncertainty": 0.06, "components_removed": 2}}
     assert confidencePanel(filtered).componentsRemoved == 2
     assert caseCsvRow(filtered, "c", "/in/c.nrrd", {})["components_removed"] == "2"

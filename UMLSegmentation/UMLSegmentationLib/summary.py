@@ -201,6 +201,8 @@ class ConfidencePanel:
         lesionMeanUncertainty: Mean voxel uncertainty inside it (``None`` when it is empty).
         componentsRemoved: Segmented regions the model's uncertainty filter removed (``None`` when the model
             has no such filter; the regions stay visible in the uncertainty map).
+        singleVolume: The case was given as one volume replicated into the model's several channels (a single
+            DCE phase or a subtraction image): a weaker opinion than from all channels.
     """
 
     predictedClass: str
@@ -215,6 +217,7 @@ class ConfidencePanel:
     lesionVolumeMl: Optional[float]
     lesionMeanUncertainty: Optional[float]
     componentsRemoved: Optional[int] = None
+    singleVolume: bool = False
 
 
 VERDICT_COLORS = {"reliable": "#2e7d32", "review": "#e65100"}
@@ -237,6 +240,7 @@ def confidencePanel(summary: Mapping[str, Any]) -> ConfidencePanel:
     meanU = lesion.get("mean_uncertainty")
     verdict = str(cls.get("verdict", ""))
     removed = _componentsRemoved(summary)
+    sources = [item.get("volume") for item in summary.get("inputs", []) if isinstance(item, Mapping)]
     return ConfidencePanel(
         predictedClass=str(cls.get("predicted_class", classes[index] if index < len(classes) else "")),
         predictedProbability=probabilities[index] if index < len(probabilities) else float("nan"),
@@ -250,4 +254,5 @@ def confidencePanel(summary: Mapping[str, Any]) -> ConfidencePanel:
         lesionVolumeMl=None if not lesion else float(lesion.get("volume_ml", 0.0)),
         lesionMeanUncertainty=None if meanU is None else float(meanU),
         componentsRemoved=removed,
+        singleVolume=len(sources) > 1 and len(set(sources)) == 1,
     )
