@@ -45,6 +45,7 @@ from umlcore.evidential import opinion  # noqa: E402
 from umlcore.fusion import fuse_slice_opinions  # noqa: E402
 from umlcore.losses import DiceMode, LossWeights, kl_annealing, uml_loss  # noqa: E402
 from umlcore.network import UMLNet  # noqa: E402
+from umlcore.predictor import strict_fp32  # noqa: E402
 from umlcore.synthetic import generate_case  # noqa: E402
 
 VAL_SEED_BASE = 1_000_000  # validation seeds; the test seeds of evaluate.py start at 2_000_000
@@ -170,8 +171,9 @@ def validate(model: UMLNet, cases: list[VolumeCase], device: torch.device, conte
     dices, probs, labels, u_case, pix_u, pix_err = [], [], [], [], [], []
     rng = np.random.default_rng(0)
     for case in cases:
-        seg_alpha, cls_alpha, labelmap = predict_volume(model, case.channels, batch_size=32, device=device,
-                                                        context_slices=context_slices)
+        with strict_fp32():  # as the predictor runs by default: no TF32 convolutions on CUDA
+            seg_alpha, cls_alpha, labelmap = predict_volume(model, case.channels, batch_size=32, device=device,
+                                                            context_slices=context_slices)
         if case.mask.any():
             dices.append(metrics.dice(labelmap, case.mask))
         sel = rng.random(labelmap.size) < 0.05  # 5 % of the voxels: does a high u flag the wrong ones?

@@ -428,3 +428,15 @@ def test_single_volume_calibration_refuses_opinions_that_rank_the_classes_backwa
                                       "--export", str(tmp_path / "b"), "--version", "2"])
     assert exc.value.code == 2 and "the fitted slope is" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "b").exists()
+
+
+def test_validation_runs_without_tf32_convolutions(tiny_bundle, monkeypatch):
+    from slices import case_from_synthetic
+    from umlcore.synthetic import generate_case
+
+    seen, real = [], train.predict_volume
+    monkeypatch.setattr(train, "predict_volume",
+                        lambda *a, **k: seen.append(torch.backends.cudnn.allow_tf32) or real(*a, **k))
+    case = case_from_synthetic(generate_case(3, shape=(6, 32, 32)), tiny_bundle.card.input.normalization)
+    train.validate(tiny_bundle.model, [case], torch.device("cpu"))
+    assert seen == [False]  # on CUDA the validation metrics then match the predictor's fp32 outputs

@@ -12,7 +12,7 @@ from umlcore.bundle import InputSpec, Normalization, load_bundle
 from umlcore.errors import CancelledError, UMLError, UMLInputError
 from umlcore.fusion import calibrate_case_alpha, fuse_slice_opinions
 from umlcore.io import read_case, write_image_atomic
-from umlcore.predictor import Prediction, Predictor, remove_uncertain_components
+from umlcore.predictor import Prediction, Predictor, remove_uncertain_components, strict_fp32
 from umlcore.preprocess import (
     crop_to,
     from_slices,
@@ -443,3 +443,16 @@ def test_one_volume_gets_the_single_volume_calibration_and_three_the_case_calibr
         expected = calibrate_case_alpha(strength * np.array(raw["probabilities"]), used["slope"], used["intercept"])
         np.testing.assert_allclose(got["probabilities"], expected / strength, rtol=1e-9)
         assert got["uncertainty"] == pytest.approx(raw["uncertainty"])  # the strength is kept
+
+
+def test_strict_fp32_turns_tf32_convolutions_off_and_restores_them():
+    saved = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        with pytest.raises(RuntimeError):
+            with strict_fp32():
+                assert torch.backends.cudnn.allow_tf32 is False
+                raise RuntimeError("restored even when the block fails")
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved

@@ -58,6 +58,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "resolve_device",
+    "strict_fp32",
     "label_components",
     "remove_uncertain_components",
 ]
@@ -148,8 +149,12 @@ def resolve_device(device: DeviceName) -> torch.device:
 
 
 @contextlib.contextmanager
-def _no_tf32():
-    """cuDNN convolutions in IEEE fp32 instead of TF32 (10-bit mantissa) for the block; restored afterwards."""
+def strict_fp32():
+    """cuDNN convolutions in IEEE fp32 instead of TF32 (10-bit mantissa) for the block; restored afterwards.
+
+    The predictor's ``fp32`` precision on CUDA, so that a GPU gives the CPU's outputs (the cards' calibrations and
+    thresholds were fitted in fp32). No effect on the CPU.
+    """
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
@@ -258,7 +263,7 @@ class Predictor:
         if self._device.type != "cuda":
             return contextlib.nullcontext()
         if self.precision == "fp32":
-            return _no_tf32()
+            return strict_fp32()
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast(device_type="cuda", dtype=dtype)
 
