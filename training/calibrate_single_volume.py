@@ -137,19 +137,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     old = bundle.card.case_calibration
     new = {"slope": slope, "intercept": intercept,
            "fitted_on": f"{args.fit_cases} validation cases per input mode ({', '.join(args.modes)}), seeds "
-                        f"{VAL_SEED_BASE}..{VAL_SEED_BASE + args.fit_cases * len(args.modes) - 1}, one volume each",
-           "validation_ece_before": metrics.expected_calibration_error(recalibrate(fit_rows, old), fit_labels)}
-    new["validation_ece_after"] = metrics.expected_calibration_error(recalibrate(fit_rows, new), fit_labels)
+                        f"{VAL_SEED_BASE}..{VAL_SEED_BASE + args.fit_cases * len(args.modes) - 1}, one volume each"}
     print(f"single-volume calibration: slope {slope:.3f}, intercept {intercept:.3f}", flush=True)
+    rows = fit_rows + test_rows
+    for when, calibration in (("before", old), ("after", dict(new))):
+        for r, q in zip(rows, recalibrate(rows, calibration)):
+            r[f"positive_probability_{when}"] = float(q)
+        new[f"validation_ece_{when}"] = metrics.expected_calibration_error(
+            np.array([r[f"positive_probability_{when}"] for r in fit_rows]), fit_labels)
     test = {}
     for mode in args.modes:
         rows = [r for r in test_rows if r["mode"] == mode]
         labels = np.array([r["label"] for r in rows])
-        test[mode] = {"before": case_metrics(recalibrate(rows, old), labels),
-                      "after": case_metrics(recalibrate(rows, new), labels)}
-    for r in test_rows + fit_rows:
-        r["positive_probability_before"], r["positive_probability_after"] = (
-            float(recalibrate([r], c)[0]) for c in (old, new))
+        test[mode] = {when: case_metrics(np.array([r[f"positive_probability_{when}"] for r in rows]), labels)
+                      for when in ("before", "after")}
     report = {
         "model": {"id": bundle.card.id, "version": bundle.card.version, "sha256": bundle.sha256},
         "command": "python training/calibrate_single_volume.py " + " ".join(sys.argv[1:] if argv is None else argv),
