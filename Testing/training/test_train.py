@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "training"))
 import calibrate_single_volume  # noqa: E402
 import evaluate  # noqa: E402
 import export  # noqa: E402
+import probe_features  # noqa: E402
 import train  # noqa: E402
 
 from umlcore.bundle import load_bundle  # noqa: E402
@@ -440,3 +441,48 @@ def test_validation_runs_without_tf32_convolutions(tiny_bundle, monkeypatch):
     case = case_from_synthetic(generate_case(3, shape=(6, 32, 32)), tiny_bundle.card.input.normalization)
     train.validate(tiny_bundle.model, [case], torch.device("cpu"))
     assert seen == [False]  # on CUDA the validation metrics then match the predictor's fp32 outputs
+
+
+def test_probe_features_reproduce_the_instructors_pooled_vector(tiny_bundle):
+    """The probe's ``instructor`` pool is exactly what the network's linear layer reads."""
+    from umlcore.evidential import alpha_from_logits
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    pooled, voxels = probe_features.slice_features(tiny_bundle.model, x)
+    with torch.inference_mode():
+        expected = tiny_bundle.model(x).cls_alpha
+        got = alpha_from_logits(tiny_bundle.model.instructor.fc(torch.from_numpy(pooled["instructor"])))
+    torch.testing.assert_close(got, expected)
+    assert set(pooled) == set(probe_features.POOLS) and voxels.shape == (2,)
+    assert all(np.isfinite(v).all() and v.shape[0] == 2 for v in pooled.values())
+
+
+def test_probe_logistic_regression_separates_a_separable_feature_and_ignores_noise():
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 2
+    x = np.stack([y + 0.3 * rng.standard_normal(60), rng.standard_normal(60)], axis=1)
+    p = probe_features.fit_logistic(x, y, l2=0.01)(x)
+    assert p.shape == (60,) and ((p > 0.5) == y).mean() > 0.9
+    noise_only = probe_features.fit_logistic(x[:, 1:], y, l2=1.0)(x[:, 1:])
+    assert np.abs(noise_only - 0.5).max() < 0.1  # a strong penalty and no signal: close to the base rate
+
+
+def test_probe_features_refuses_too_few_cases(tiny_bundle_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        probe_features.main(["--model", str(tiny_bundle_dir), "--out", str(tmp_path), "--fit-cases", "5"])
+    assert "at least 20" in capsys.readouterr().err
+
+
+def test_probe_features_writes_a_report_and_reuses_its_feature_cache(tiny_bundle_dir, tmp_path, capsys):
+    args = ["--model", str(tiny_bundle_dir), "--out", str(tmp_path), "--fit-cases", "20", "--test-cases", "20",
+            "--shape", "6", "48", "48", "--l2", "1.0"]
+    assert probe_features.main(args) == 0
+    report = json.loads((tmp_path / "probe.json").read_text())
+    assert report["fit_cases"] == 20 and report["test_cases"] == 20
+    assert set(report["test_auc"]) == {"label", "spiculated", "washout"}
+    assert "instructor+seg0_ring" in report["test_auc"]["label"]
+    stamp = (tmp_path / "features.npz").stat().st_mtime_ns
+    assert "cases," in capsys.readouterr().out
+    assert probe_features.main(args) == 0  # second run: features from the cache, nothing recomputed
+    assert (tmp_path / "features.npz").stat().st_mtime_ns == stamp and "cases," not in capsys.readouterr().out

@@ -1,0 +1,190 @@
+"""Which of a trained network's features carry the lesion's margin and kinetics? A linear probe, no training.
+
+For each synthetic case the bundle's network runs slice by slice (frozen, fp32); per slice it pools
+- ``instructor``: the instructor's own pooled vector (average, max and lesion-weighted average of ``F'`` at H/8);
+- ``nav_lesion``: the navigator's full-resolution top features averaged with the foreground probability as weights;
+- ``nav_edge``: the same features averaged over the lesion's edge (weights ``4 p (1 - p)``, p the foreground
+  probability), where a spiculated margin differs from a smooth one;
+- ``*_ring``: the same features averaged over a ring of :data:`RING` pixels just outside the segmented lesion
+  (the foreground probability's 13x13 maximum minus itself), where spicules the mask misses would lie;
+- ``seg0_*`` / ``seg1_*``: the segmentation encoder's features at H and H/2, pooled the same ways (the weights
+  averaged down to H/2); ``input_*``: the input channels themselves (pre, early, late intensities).
+A case's vector is the average of its slices' vectors weighted by the predicted lesion voxels per slice (zeros
+when nothing is segmented). An L2-regularised logistic regression fitted on ``--fit-cases`` validation cases
+(seeds from 1,000,000) is scored on ``--test-cases`` test cases (seeds from 2,000,000) for three targets: the
+reported case label (all cases), and "has a spiculated lesion" and "has a washout lesion" (the cases with a lesion). If a pool separates spiculated
+margins where the instructor's does not, a classifier reading that pool can beat the instructor.
+
+Example:
+    python training/probe_features.py --model Resources/Models/uml-breast-dce-small --out runs/probe \
+        --fit-cases 140 --test-cases 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from umlcore import metrics
+from umlcore.bundle import load_bundle
+from umlcore.evidential import alpha_from_logits, uncertainty
+from umlcore.network import LESION_POOL_EPS, UMLNet
+from umlcore.preprocess import pad_to_multiple
+from umlcore.synthetic import generate_case
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slices import case_from_synthetic  # noqa: E402
+
+FIT_SEED, TEST_SEED = 1_000_000, 2_000_000
+POOLS = ("instructor", "nav_lesion", "nav_edge", "nav_ring", "seg0_lesion", "seg0_edge", "seg0_ring", "seg1_lesion",
+         "seg1_edge", "seg1_ring", "input_lesion", "input_ring")
+RING = 6  # pixels (about 8 mm at the cases' 1.3 mm): the ring just outside the segmented lesion
+
+
+def _wavg(f: torch.Tensor, w: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """``(B, C, H, W)`` features averaged with ``(B, 1, h, w)`` weights (pooled to ``H, W``) -> ``(B, C)``."""
+    w = F.adaptive_avg_pool2d(w, f.shape[-2:])
+    return (f * w).sum(dim=(2, 3)) / (w.sum(dim=(2, 3)) + eps)
+
+
+@torch.inference_mode()
+def slice_features(net: UMLNet, x: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Pooled features per slice of ``x (B, C, H, W)`` and the predicted lesion voxels per slice."""
+    feats = net.forward_features(x)
+    mutual_logits = net.mutual_decoder(feats.mixed)
+    mutual_u = uncertainty(alpha_from_logits(mutual_logits)).unsqueeze(1)
+    seg_logits, _, nav_top = net.navigator(feats.seg, mutual_logits, mutual_u)
+    seg_alpha = alpha_from_logits(seg_logits)
+    fg = 1.0 - seg_alpha[:, :1] / seg_alpha.sum(dim=1, keepdim=True)
+    edge = 4.0 * fg * (1.0 - fg)
+    ring = (F.max_pool2d(fg, 2 * RING + 1, stride=1, padding=RING) - fg).clamp(min=0)
+    inst = net.instructor
+    f = inst.feat(torch.cat([feats.cls[3], feats.mixed[3]], dim=1))  # both at H/8
+    f = f + f * inst.eta(F.adaptive_avg_pool2d(nav_top, f.shape[-2:]))
+    pooled = {
+        "instructor": torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3)), _wavg(f, fg, LESION_POOL_EPS)], dim=1),
+        "nav_lesion": _wavg(nav_top, fg),
+        "nav_edge": _wavg(nav_top, edge),
+        "seg0_lesion": _wavg(feats.seg[0], fg),
+        "seg0_edge": _wavg(feats.seg[0], edge),
+        "seg1_lesion": _wavg(feats.seg[1], fg),
+        "seg1_edge": _wavg(feats.seg[1], edge),
+        "nav_ring": _wavg(nav_top, ring),
+        "seg0_ring": _wavg(feats.seg[0], ring),
+        "seg1_ring": _wavg(feats.seg[1], ring),
+        "input_lesion": _wavg(x, fg),
+        "input_ring": _wavg(x, ring),
+    }
+    voxels = (seg_alpha.argmax(dim=1) > 0).sum(dim=(1, 2)).float()
+    return {k: v.numpy() for k, v in pooled.items()}, voxels.numpy()
+
+
+def case_vector(net: UMLNet, bundle, seed: int, shape: tuple[int, int, int], batch: int) -> dict:
+    case = generate_case(seed, shape=shape, label_noise=0.02)
+    vol = case_from_synthetic(case, bundle.card.input.normalization)
+    stack = np.moveaxis(vol.channels, 0, 1)  # (Z, C, H, W)
+    per_slice: dict[str, list] = {k: [] for k in POOLS}
+    voxels = []
+    h, w = stack.shape[-2:]
+    for s in range(0, stack.shape[0], batch):
+        x = pad_to_multiple(torch.from_numpy(np.ascontiguousarray(stack[s:s + batch])), 8)
+        pooled, vox = slice_features(net, x)
+        for k in POOLS:
+            per_slice[k].append(pooled[k])
+        voxels.append(vox)
+    weights = np.concatenate(voxels)
+    out = {"seed": seed, "label": case.label, "voxels": float(weights.sum()),
+           "spiculated": int(any(les["margin"] == "spiculated" for les in case.lesions)),
+           "washout": int(any(les["kinetics"] == "washout" for les in case.lesions)),
+           "lesion": int(bool(case.lesions))}
+    for k in POOLS:
+        f = np.concatenate(per_slice[k])
+        out[k] = (weights @ f / weights.sum()) if weights.sum() > 0 else np.zeros(f.shape[1], np.float32)
+    return out
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Standardise ``x (N, D)``, fit ``sigmoid(x w + b)`` to ``y (N,)`` in {0, 1} with an L2 penalty ``l2 |w|^2``
+    (LBFGS, full batch); returns the fitted ``predict(x) -> (N,)`` probabilities."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xt = torch.tensor((x - mu) / sd, dtype=torch.float64)
+    yt = torch.tensor(y, dtype=torch.float64)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(xt @ w + b, yt) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda z: torch.sigmoid(torch.tensor((z - mu) / sd, dtype=torch.float64) @ w + b).numpy()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="bundle folder / zip")
+    p.add_argument("--out", required=True, help="folder for features.npz and probe.json")
+    p.add_argument("--fit-cases", type=int, default=140, help="validation cases the probes are fitted on")
+    p.add_argument("--test-cases", type=int, default=100, help="test cases the probes are scored on")
+    p.add_argument("--shape", type=int, nargs=3, default=(24, 256, 256))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--l2", type=float, nargs="+", default=(0.01, 0.1, 1.0), help="L2 penalties tried")
+    args = p.parse_args(argv)
+    if min(args.fit_cases, args.test_cases) < 20:
+        p.error("--fit-cases and --test-cases must be at least 20 each: an AUC needs cases of both kinds")
+    bundle = load_bundle(args.model)
+    net = bundle.model.eval()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "features.npz"
+    seeds = [FIT_SEED + i for i in range(args.fit_cases)] + [TEST_SEED + i for i in range(args.test_cases)]
+    if cache.is_file() and list(np.load(cache)["seed"]) == seeds and set(POOLS) <= set(np.load(cache).files):
+        data = dict(np.load(cache))
+    else:
+        t0, rows = time.time(), []
+        for n, seed in enumerate(seeds):
+            rows.append(case_vector(net, bundle, seed, tuple(args.shape), args.batch))
+            if (n + 1) % 20 == 0:
+                print(f"{n + 1}/{len(seeds)} cases, {time.time() - t0:.0f} s", flush=True)
+        data = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+        np.savez(cache, **data)
+    fit = data["seed"] < TEST_SEED
+    test = ~fit
+    results = {}
+    sets = {name: [name] for name in POOLS}
+    for extra in POOLS[1:]:
+        sets[f"instructor+{extra}"] = ["instructor", extra]
+    sets["all"] = list(POOLS)
+    for target in ("label", "spiculated", "washout"):
+        y = data[target].astype(float)
+        # the phenotype targets among the cases with a lesion, so that finding a lesion is not credited as
+        # reading its margin or kinetics
+        keep = np.ones_like(fit) if target == "label" else data["lesion"].astype(bool)
+        f, t = fit & keep, test & keep
+        for name, pools in sets.items():
+            x = np.concatenate([data[k] for k in pools], axis=1)
+            for l2 in args.l2:
+                auc = metrics.roc_auc(fit_logistic(x[f], y[f], l2)(x[t]), y[t])
+                results.setdefault(target, {}).setdefault(name, {})[str(l2)] = round(float(auc), 4)
+            print(f"{target:>10}  {name:<34} test AUC " +
+                  "  ".join(f"l2={k}: {v:.3f}" for k, v in results[target][name].items()), flush=True)
+    (out / "probe.json").write_text(json.dumps({"fit_cases": int(fit.sum()), "test_cases": int(test.sum()),
+                                                "test_cases_with_lesion": int((test & (data["lesion"] > 0)).sum()),
+                                                "test_auc": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
