@@ -12,8 +12,11 @@ For each synthetic case the bundle's network runs slice by slice (frozen, fp32);
 A case's vector is the average of its slices' vectors weighted by the predicted lesion voxels per slice (zeros
 when nothing is segmented). An L2-regularised logistic regression fitted on ``--fit-cases`` validation cases
 (seeds from 1,000,000) is scored on ``--test-cases`` test cases (seeds from 2,000,000) for three targets: the
-reported case label (all cases), and "has a spiculated lesion" and "has a washout lesion" (the cases with a lesion). If a pool separates spiculated
-margins where the instructor's does not, a classifier reading that pool can beat the instructor.
+reported case label (all cases), and "has a spiculated lesion" and "has a washout lesion" (the cases with a
+lesion). If a pool separates spiculated margins where the instructor's does not, a classifier reading that pool
+can beat the instructor. For comparison, without any fit: how well the irregularity (``1 - solidity``) of the
+largest lesion separates spiculated margins, in the network's predicted mask and in the true mask, by the true
+lesion size (voxels).
 
 Example:
     python training/probe_features.py --model Resources/Models/uml-breast-dce-small --out runs/probe \
@@ -32,6 +35,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 from umlcore import metrics
 from umlcore.bundle import load_bundle
@@ -57,7 +62,7 @@ def _wavg(f: torch.Tensor, w: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
 
 @torch.inference_mode()
 def slice_features(net: UMLNet, x: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Pooled features per slice of ``x (B, C, H, W)`` and the predicted lesion voxels per slice."""
+    """Pooled features per slice of ``x (B, C, H, W)`` and the predicted lesion mask ``(B, H, W)`` (bool)."""
     feats = net.forward_features(x)
     mutual_logits = net.mutual_decoder(feats.mixed)
     mutual_u = uncertainty(alpha_from_logits(mutual_logits)).unsqueeze(1)
@@ -83,8 +88,27 @@ def slice_features(net: UMLNet, x: torch.Tensor) -> tuple[dict[str, np.ndarray],
         "input_lesion": _wavg(x, fg),
         "input_ring": _wavg(x, ring),
     }
-    voxels = (seg_alpha.argmax(dim=1) > 0).sum(dim=(1, 2)).float()
-    return {k: v.numpy() for k, v in pooled.items()}, voxels.numpy()
+    return {k: v.numpy() for k, v in pooled.items()}, (seg_alpha.argmax(dim=1) > 0).numpy()
+
+
+def irregularity(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) -> float:
+    """``1 - solidity`` (volume over convex-hull volume) of the largest 3D component of ``mask``; 0 if empty.
+
+    A smooth or lobulated lesion is nearly convex; spicules leave most of its hull empty.
+    """
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return 0.0
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    points = np.argwhere(labels == largest) * np.asarray(spacing_zyx)
+    if len(points) < 8:
+        return 0.0
+    jitter = np.random.default_rng(0).normal(0.0, 1e-3, points.shape)  # flat (one-slice) lesions have a hull too
+    try:
+        hull = ConvexHull(points + jitter)
+    except QhullError:
+        return 0.0
+    return float(max(0.0, 1.0 - len(points) * np.prod(spacing_zyx) / hull.volume))
 
 
 def case_vector(net: UMLNet, bundle, seed: int, shape: tuple[int, int, int], batch: int) -> dict:
@@ -92,16 +116,21 @@ def case_vector(net: UMLNet, bundle, seed: int, shape: tuple[int, int, int], bat
     vol = case_from_synthetic(case, bundle.card.input.normalization)
     stack = np.moveaxis(vol.channels, 0, 1)  # (Z, C, H, W)
     per_slice: dict[str, list] = {k: [] for k in POOLS}
-    voxels = []
+    masks = []
     h, w = stack.shape[-2:]
     for s in range(0, stack.shape[0], batch):
         x = pad_to_multiple(torch.from_numpy(np.ascontiguousarray(stack[s:s + batch])), 8)
-        pooled, vox = slice_features(net, x)
+        pooled, mask = slice_features(net, x)
         for k in POOLS:
             per_slice[k].append(pooled[k])
-        voxels.append(vox)
-    weights = np.concatenate(voxels)
+        masks.append(mask[:, :h, :w])
+    predicted = np.concatenate(masks)
+    weights = predicted.reshape(len(predicted), -1).sum(axis=1).astype(np.float64)
+    spacing_zyx = vol.spacing[::-1]
     out = {"seed": seed, "label": case.label, "voxels": float(weights.sum()),
+           "true_voxels": float((vol.mask > 0).sum()),
+           "irregularity_predicted": irregularity(predicted, spacing_zyx),
+           "irregularity_true": irregularity(vol.mask > 0, spacing_zyx),
            "spiculated": int(any(les["margin"] == "spiculated" for les in case.lesions)),
            "washout": int(any(les["kinetics"] == "washout" for les in case.lesions)),
            "lesion": int(bool(case.lesions))}
@@ -150,7 +179,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "features.npz"
     seeds = [FIT_SEED + i for i in range(args.fit_cases)] + [TEST_SEED + i for i in range(args.test_cases)]
-    if cache.is_file() and list(np.load(cache)["seed"]) == seeds and set(POOLS) <= set(np.load(cache).files):
+    if (cache.is_file() and list(np.load(cache)["seed"]) == seeds
+            and set(POOLS) | {"irregularity_true"} <= set(np.load(cache).files)):
         data = dict(np.load(cache))
     else:
         t0, rows = time.time(), []
@@ -180,9 +210,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                 results.setdefault(target, {}).setdefault(name, {})[str(l2)] = round(float(auc), 4)
             print(f"{target:>10}  {name:<34} test AUC " +
                   "  ".join(f"l2={k}: {v:.3f}" for k, v in results[target][name].items()), flush=True)
+    # the margin read from the shape of the largest lesion alone (no fit): the network's mask and the true one
+    lesion = test & (data["lesion"] > 0)
+    shape = {}
+    for source in ("predicted", "true"):
+        score = data[f"irregularity_{source}"]
+        rows = {"all": lesion}
+        for lo, hi in ((0, 100), (100, 1000), (1000, np.inf)):
+            rows[f"{lo}-{hi}"] = lesion & (data["true_voxels"] >= lo) & (data["true_voxels"] < hi)
+        shape[source] = {name: {"cases": int(m.sum()), "auc": round(float(metrics.roc_auc(score[m],
+                         data["spiculated"][m])), 4) if 0 < data["spiculated"][m].sum() < m.sum() else None}
+                         for name, m in rows.items()}
+        print(f"spiculated  1 - solidity of the {source} mask: " +
+              "  ".join(f"{k} ({v['cases']}): {v['auc']}" for k, v in shape[source].items()), flush=True)
     (out / "probe.json").write_text(json.dumps({"fit_cases": int(fit.sum()), "test_cases": int(test.sum()),
-                                                "test_cases_with_lesion": int((test & (data["lesion"] > 0)).sum()),
-                                                "test_auc": results}, indent=2))
+                                                "test_cases_with_lesion": int(lesion.sum()),
+                                                "test_auc": results, "shape_auc": shape}, indent=2))
     return 0
 
 

@@ -449,12 +449,12 @@ def test_probe_features_reproduce_the_instructors_pooled_vector(tiny_bundle):
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
-    pooled, voxels = probe_features.slice_features(tiny_bundle.model, x)
+    pooled, mask = probe_features.slice_features(tiny_bundle.model, x)
     with torch.inference_mode():
         expected = tiny_bundle.model(x).cls_alpha
         got = alpha_from_logits(tiny_bundle.model.instructor.fc(torch.from_numpy(pooled["instructor"])))
     torch.testing.assert_close(got, expected)
-    assert set(pooled) == set(probe_features.POOLS) and voxels.shape == (2,)
+    assert set(pooled) == set(probe_features.POOLS) and mask.shape == (2, 32, 32) and mask.dtype == bool
     assert all(np.isfinite(v).all() and v.shape[0] == 2 for v in pooled.values())
 
 
@@ -482,7 +482,18 @@ def test_probe_features_writes_a_report_and_reuses_its_feature_cache(tiny_bundle
     assert report["fit_cases"] == 20 and report["test_cases"] == 20
     assert set(report["test_auc"]) == {"label", "spiculated", "washout"}
     assert "instructor+seg0_ring" in report["test_auc"]["label"]
+    assert set(report["shape_auc"]) == {"predicted", "true"}
     stamp = (tmp_path / "features.npz").stat().st_mtime_ns
     assert "cases," in capsys.readouterr().out
     assert probe_features.main(args) == 0  # second run: features from the cache, nothing recomputed
     assert (tmp_path / "features.npz").stat().st_mtime_ns == stamp and "cases," not in capsys.readouterr().out
+
+
+def test_irregularity_is_near_zero_for_a_ball_and_large_for_a_spiky_star():
+    z, y, x = np.mgrid[-10:11, -10:11, -10:11]
+    ball = x ** 2 + y ** 2 + z ** 2 <= 64
+    star = x ** 2 + y ** 2 + z ** 2 <= 4
+    star[10, 10, :] = star[10, :, 10] = star[:, 10, 10] = True  # three thin orthogonal spikes through the centre
+    assert probe_features.irregularity(ball, (1.0, 1.0, 1.0)) < 0.2
+    assert probe_features.irregularity(star, (1.0, 1.0, 1.0)) > 0.8
+    assert probe_features.irregularity(np.zeros((4, 4, 4), bool), (1.0, 1.0, 1.0)) == 0.0
