@@ -94,7 +94,9 @@ def slice_features(net: UMLNet, x: torch.Tensor) -> tuple[dict[str, np.ndarray],
 def irregularity(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) -> float:
     """``1 - solidity`` (volume over convex-hull volume) of the largest 3D component of ``mask``; 0 if empty.
 
-    A smooth or lobulated lesion is nearly convex; spicules leave most of its hull empty.
+    A smooth or lobulated lesion is nearly convex; spicules leave most of its hull empty. The hull is that of the
+    voxel centres, which lies inside the voxels: a lesion of one or two slices has a hull flatter than its voxels
+    and scores 0 (so does anything under 8 voxels).
     """
     labels, n = ndimage.label(mask)
     if n == 0:
