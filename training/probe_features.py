@@ -40,8 +40,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from umlcore import metrics
 from umlcore.bundle import load_bundle
-from umlcore.evidential import alpha_from_logits, uncertainty
-from umlcore.network import LESION_POOL_EPS, UMLNet
+from umlcore.network import UMLNet
 from umlcore.preprocess import pad_to_multiple
 from umlcore.synthetic import generate_case
 
@@ -62,33 +61,32 @@ def _wavg(f: torch.Tensor, w: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
 
 @torch.inference_mode()
 def slice_features(net: UMLNet, x: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Pooled features per slice of ``x (B, C, H, W)`` and the predicted lesion mask ``(B, H, W)`` (bool)."""
-    feats = net.forward_features(x)
-    mutual_logits = net.mutual_decoder(feats.mixed)
-    mutual_u = uncertainty(alpha_from_logits(mutual_logits)).unsqueeze(1)
-    seg_logits, _, nav_top = net.navigator(feats.seg, mutual_logits, mutual_u)
-    seg_alpha = alpha_from_logits(seg_logits)
-    fg = 1.0 - seg_alpha[:, :1] / seg_alpha.sum(dim=1, keepdim=True)
+    """Pooled features per slice of ``x (B, C, H, W)`` and the predicted lesion mask ``(B, H, W)`` (bool).
+
+    One ordinary forward pass; hooks pick up the segmentation encoder's features, the navigator's top features
+    and the vector the instructor's linear layer reads, so nothing of the network is re-implemented here.
+    """
+    seen: dict[str, object] = {}
+    hooks = [
+        net.seg_encoder.register_forward_hook(lambda m, i, o: seen.__setitem__("seg", o)),
+        net.navigator.register_forward_hook(lambda m, i, o: seen.__setitem__("nav_top", o[2])),
+        net.instructor.fc.register_forward_pre_hook(lambda m, i: seen.__setitem__("instructor", i[0])),
+    ]
+    try:
+        out = net(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    seg, nav_top = seen["seg"], seen["nav_top"]
+    fg = 1.0 - out.seg_alpha[:, :1] / out.seg_alpha.sum(dim=1, keepdim=True)
     edge = 4.0 * fg * (1.0 - fg)
     ring = (F.max_pool2d(fg, 2 * RING + 1, stride=1, padding=RING) - fg).clamp(min=0)
-    inst = net.instructor
-    f = inst.feat(torch.cat([feats.cls[3], feats.mixed[3]], dim=1))  # both at H/8
-    f = f + f * inst.eta(F.adaptive_avg_pool2d(nav_top, f.shape[-2:]))
-    pooled = {
-        "instructor": torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3)), _wavg(f, fg, LESION_POOL_EPS)], dim=1),
-        "nav_lesion": _wavg(nav_top, fg),
-        "nav_edge": _wavg(nav_top, edge),
-        "seg0_lesion": _wavg(feats.seg[0], fg),
-        "seg0_edge": _wavg(feats.seg[0], edge),
-        "seg1_lesion": _wavg(feats.seg[1], fg),
-        "seg1_edge": _wavg(feats.seg[1], edge),
-        "nav_ring": _wavg(nav_top, ring),
-        "seg0_ring": _wavg(feats.seg[0], ring),
-        "seg1_ring": _wavg(feats.seg[1], ring),
-        "input_lesion": _wavg(x, fg),
-        "input_ring": _wavg(x, ring),
-    }
-    return {k: v.numpy() for k, v in pooled.items()}, (seg_alpha.argmax(dim=1) > 0).numpy()
+    pooled = {"instructor": seen["instructor"]}
+    for name, features in (("nav", nav_top), ("seg0", seg[0]), ("seg1", seg[1]), ("input", x)):
+        for where, weights in (("lesion", fg), ("edge", edge), ("ring", ring)):
+            if f"{name}_{where}" in POOLS:
+                pooled[f"{name}_{where}"] = _wavg(features, weights)
+    return {k: v.numpy() for k, v in pooled.items()}, (out.seg_alpha.argmax(dim=1) > 0).numpy()
 
 
 def irregularity(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) -> float:
@@ -142,6 +140,12 @@ def case_vector(net: UMLNet, bundle, seed: int, shape: tuple[int, int, int], bat
     return out
 
 
+def _auc(scores: np.ndarray, labels: np.ndarray) -> Optional[float]:
+    """The AUC rounded to 4 places; ``None`` (JSON null) when the cases hold one class only."""
+    auc = metrics.roc_auc(scores, labels) if len(labels) else float("nan")
+    return None if np.isnan(auc) else round(float(auc), 4)
+
+
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float) -> Callable[[np.ndarray], np.ndarray]:
     """Standardise ``x (N, D)``, fit ``sigmoid(x w + b)`` to ``y (N,)`` in {0, 1} with an L2 penalty ``l2 |w|^2``
     (LBFGS, full batch); returns the fitted ``predict(x) -> (N,)`` probabilities."""
@@ -181,17 +185,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "features.npz"
     seeds = [FIT_SEED + i for i in range(args.fit_cases)] + [TEST_SEED + i for i in range(args.test_cases)]
-    if (cache.is_file() and list(np.load(cache)["seed"]) == seeds
-            and set(POOLS) | {"irregularity_true"} <= set(np.load(cache).files)):
-        data = dict(np.load(cache))
-    else:
+    # features of the same weights, case shape and seeds are reused; anything else is computed afresh
+    key = {"sha256": np.array(bundle.sha256), "shape": np.array(args.shape), "seed": np.array(seeds)}
+    data = dict(np.load(cache)) if cache.is_file() else {}
+    if not (set(key) | set(POOLS) <= set(data) and all(np.array_equal(data[k], v) for k, v in key.items())):
         t0, rows = time.time(), []
         for n, seed in enumerate(seeds):
             rows.append(case_vector(net, bundle, seed, tuple(args.shape), args.batch))
             if (n + 1) % 20 == 0:
                 print(f"{n + 1}/{len(seeds)} cases, {time.time() - t0:.0f} s", flush=True)
-        data = {k: np.array([r[k] for r in rows]) for k in rows[0]}
-        np.savez(cache, **data)
+        data = {**{k: np.array([r[k] for r in rows]) for k in rows[0]}, **key}
+        partial = out / "features.partial.npz"
+        np.savez(partial, **data)
+        partial.replace(cache)  # an interrupted run leaves no half-written cache
     fit = data["seed"] < TEST_SEED
     test = ~fit
     results = {}
@@ -208,10 +214,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name, pools in sets.items():
             x = np.concatenate([data[k] for k in pools], axis=1)
             for l2 in args.l2:
-                auc = metrics.roc_auc(fit_logistic(x[f], y[f], l2)(x[t]), y[t])
-                results.setdefault(target, {}).setdefault(name, {})[str(l2)] = round(float(auc), 4)
+                auc = _auc(fit_logistic(x[f], y[f], l2)(x[t]), y[t])
+                results.setdefault(target, {}).setdefault(name, {})[str(l2)] = auc
             print(f"{target:>10}  {name:<34} test AUC " +
-                  "  ".join(f"l2={k}: {v:.3f}" for k, v in results[target][name].items()), flush=True)
+                  "  ".join(f"l2={k}: {v}" for k, v in results[target][name].items()), flush=True)
     # the margin read from the shape of the largest lesion alone (no fit): the network's mask and the true one
     lesion = test & (data["lesion"] > 0)
     shape = {}
@@ -220,8 +226,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = {"all": lesion}
         for lo, hi in ((0, 100), (100, 1000), (1000, np.inf)):
             rows[f"{lo}-{hi}"] = lesion & (data["true_voxels"] >= lo) & (data["true_voxels"] < hi)
-        shape[source] = {name: {"cases": int(m.sum()), "auc": round(float(metrics.roc_auc(score[m],
-                         data["spiculated"][m])), 4) if 0 < data["spiculated"][m].sum() < m.sum() else None}
+        shape[source] = {name: {"cases": int(m.sum()), "auc": _auc(score[m], data["spiculated"][m])}
                          for name, m in rows.items()}
         print(f"spiculated  1 - solidity of the {source} mask: " +
               "  ".join(f"{k} ({v['cases']}): {v['auc']}" for k, v in shape[source].items()), flush=True)

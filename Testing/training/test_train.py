@@ -487,6 +487,9 @@ def test_probe_features_writes_a_report_and_reuses_its_feature_cache(tiny_bundle
     assert "cases," in capsys.readouterr().out
     assert probe_features.main(args) == 0  # second run: features from the cache, nothing recomputed
     assert (tmp_path / "features.npz").stat().st_mtime_ns == stamp and "cases," not in capsys.readouterr().out
+    other_shape = args[:-6] + ["--shape", "6", "40", "40", "--l2", "1.0"]
+    assert probe_features.main(other_shape) == 0  # other settings: computed afresh, not read from the cache
+    assert "cases," in capsys.readouterr().out and not (tmp_path / "features.partial.npz").exists()
 
 
 def test_irregularity_is_near_zero_for_a_ball_and_large_for_a_spiky_star():
