@@ -18,6 +18,7 @@ import calibrate_single_volume  # noqa: E402
 import evaluate  # noqa: E402
 import export  # noqa: E402
 import probe_features  # noqa: E402
+import probe_roi  # noqa: E402
 import train  # noqa: E402
 
 from umlcore.bundle import load_bundle  # noqa: E402
@@ -500,3 +501,54 @@ def test_irregularity_is_near_zero_for_a_ball_and_large_for_a_spiky_star():
     assert probe_features.irregularity(ball, (1.0, 1.0, 1.0)) < 0.2
     assert probe_features.irregularity(star, (1.0, 1.0, 1.0)) > 0.8
     assert probe_features.irregularity(np.zeros((4, 4, 4), bool), (1.0, 1.0, 1.0)) == 0.0
+
+
+def test_roi_probe_finds_the_largest_component_in_its_widest_slice():
+    mask = np.zeros((5, 20, 20), np.uint8)
+    mask[1:4, 2:6, 2:6] = 1  # 48 voxels, as wide in every slice
+    mask[2, 10:17, 11:16] = 1  # 35 voxels in one slice
+    mask[3, 12:15, 12:15] = 1  # ... and 9 more: the widest slice of this 44-voxel component is 2
+    (big, z1, y1, x1), (small, z2, y2, x2) = probe_roi.component_centres(mask, 2)
+    assert (big, small) == (48, 44) and z1 == 1 and (y1, x1) == (3.5, 3.5)
+    assert z2 == 2 and (y2, x2) == (13.0, 13.0)
+    assert probe_roi.component_centres(mask, 1) == [(48, 1, 3.5, 3.5)]
+    assert probe_roi.component_centres(np.zeros_like(mask), 2) == []
+
+
+def test_roi_patch_samples_1_mm_pixels_and_repeats_the_end_slices():
+    z, y, x = np.mgrid[0:4, 0:40, 0:40].astype(np.float32)
+    channels = np.stack([x, 100 * z])  # (C=2, S=4, H, W): column index, slice index
+    p = probe_roi.patch(channels, 0, 20.0, 20.0, pixel_mm=2.0, size=8, context=1)
+    assert p.shape == (2 * 3, 8, 8) and p.dtype == np.float32
+    np.testing.assert_allclose(p[0, 0], 20.0 + (np.arange(8) - 3.5) / 2.0)  # 1 mm = half a 2 mm pixel
+    assert [float(p[c, 4, 4]) for c in (3, 4, 5)] == [0.0, 0.0, 100.0]  # slices -1 -> 0, 0, 1
+    assert probe_roi.patch(channels, 0, 0.0, 0.0, 1.0, 4, 0)[0, 0, 0] == 0.0  # outside the volume: 0
+
+
+def test_roi_loss_reads_margin_and_kinetics_only_where_a_lesion_is():
+    logits = torch.zeros(2, 3, requires_grad=True)
+    y = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    probe_roi.loss_fn(logits, y).backward()
+    assert logits.grad[1, 1:].abs().sum() == 0 and logits.grad[0].abs().min() > 0
+    net = probe_roi.RoiNet(9)
+    assert net(torch.randn(2, 9, 24, 24)).shape == (2, 3)
+
+
+def test_roi_probe_trains_and_reports_end_to_end(tiny_bundle_dir, tmp_path):
+    args = ["--model", str(tiny_bundle_dir), "--out", str(tmp_path), "--train-cases", "20", "--val-cases", "20",
+            "--test-cases", "20", "--shape", "6", "48", "48", "--size", "24", "--crop", "16", "--steps", "2",
+            "--batch", "4", "--workers", "1"]
+    assert probe_roi.main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report) >= {"val", "true", "pred"} and report["train_patches"] >= 20
+    assert set(report["pred"]) >= {"label_auc_roi", "label_auc_bundle", "label_auc_mean"}
+    assert not (tmp_path / "partial.npz").exists() and (tmp_path / "roinet.safetensors").is_file()
+    again = tmp_path / "again"
+    again.mkdir()
+    for f in tmp_path.glob("*.npz"):
+        (again / f.name).symlink_to(f)
+    assert probe_roi.main(args[:3] + [str(again)] + args[4:] + ["--weights", str(tmp_path / "roinet.safetensors")]) == 0
+    assert json.loads((again / "report.json").read_text()) == report  # the same weights, the same cached cases
+    assert not (again / "roinet.safetensors").exists()
+    with pytest.raises(SystemExit):
+        probe_roi.main(args[:4] + ["--train-cases", "5"])

@@ -1,0 +1,334 @@
+"""Can a small CNN read a lesion's margin and kinetics from an image patch around it? A CPU experiment.
+
+The linear probes (``probe_features.py``) found that the shipped network's features carry washout kinetics but not
+spiculated margins, and that the case AUC target needs both. This script asks whether the margin is readable at
+all from the images at the cases' resolution, by a network small enough to train on a 2-core CPU in minutes:
+
+1. **Patches.** Around each lesion (3D component of the true mask, up to ``MAX_ROIS`` per case) of the training
+   cases (seeds 0..), an axial patch of ``--size`` x ``--size`` pixels of 1 mm, resampled bilinearly, centred on the
+   component's centroid in its largest slice, with ``--context`` slices on either side: ``3 x (2 context + 1)``
+   channels (pre, early, late), normalised as the bundle's predictor normalises them. Lesion-free cases add one
+   patch centred on a strongly enhancing pixel (the kind of place a network puts a false lesion) as a negative.
+2. **Network.** Three conv stages (16-32-64 channels), global average + max pool, three logits: "a lesion is at
+   the centre", "spiculated", "washout" (the last two trained on lesion patches only). Dihedral flips, +-4 px
+   shifts, a shared gamma and per-phase +-3 % intensity jitter, Gaussian noise up to 0.03.
+3. **Test.** On test cases (seeds 2,000,000..) the bundle's predictor runs end to end; the patch of the largest
+   predicted component (the patch of the largest true component, for comparison) is scored, and the case score
+   ``p_lesion * (1 - (1 - p_spiculated) (1 - p_washout))`` (the generator's label rule) is compared with the
+   bundle's own case probability, alone and averaged with it (no fit).
+
+Example:
+    python training/probe_roi.py --model Resources/Models/uml-breast-dce-small --out runs/roi \
+        --train-cases 1000 --val-cases 200 --test-cases 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from scipy import ndimage
+
+from umlcore import metrics
+from umlcore.bundle import Normalization, load_bundle
+from umlcore.predictor import Predictor
+from umlcore.preprocess import slice_axis_index, to_slices
+from umlcore.synthetic import generate_case
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slices import case_from_synthetic  # noqa: E402
+
+VAL_SEED, TEST_SEED = 1_000_000, 2_000_000
+MAX_ROIS = 4  # lesion patches per training case
+TARGETS = ("lesion", "spiculated", "washout")
+
+
+def component_centres(mask: np.ndarray, limit: int) -> list[tuple[int, int, float, float]]:
+    """``(voxels, slice, y, x)`` of the ``limit`` largest 3D components of ``mask (S, H, W)``, largest first: the
+    slice where the component is widest and its centroid there (pixels)."""
+    labels, n = ndimage.label(mask > 0)
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel())[1:]
+    out = []
+    for k in np.argsort(-sizes)[:limit]:
+        comp = labels == k + 1
+        area = comp.reshape(comp.shape[0], -1).sum(axis=1)
+        z = int(np.argmax(area))
+        y, x = np.argwhere(comp[z]).mean(axis=0)
+        out.append((int(sizes[k]), z, float(y), float(x)))
+    return out
+
+
+def patch(channels: np.ndarray, z: int, y: float, x: float, pixel_mm: float, size: int, context: int) -> np.ndarray:
+    """``(C (2 context + 1), size, size)`` float32 patch of 1 mm pixels around ``(z, y, x)`` of ``channels
+    (C, S, H, W)``; slices beyond the volume repeat its ends, pixels beyond it are 0."""
+    offsets = (np.arange(size) - (size - 1) / 2.0) / pixel_mm
+    yy, xx = np.meshgrid(y + offsets, x + offsets, indexing="ij")
+    zs = np.clip(np.arange(z - context, z + context + 1), 0, channels.shape[1] - 1)
+    return np.stack([ndimage.map_coordinates(channels[c, s], (yy, xx), order=1, mode="constant", cval=0.0)
+                     for c in range(channels.shape[0]) for s in zs]).astype(np.float32)
+
+
+def _phenotype(case) -> tuple[int, int]:
+    return (int(any(les["margin"] == "spiculated" for les in case.lesions)),
+            int(any(les["kinetics"] == "washout" for les in case.lesions)))
+
+
+def training_patches(job: tuple) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Patches of one generated case with their targets ``(lesion, spiculated, washout)`` and the voxels."""
+    seed, shape, norm, size, context = job
+    case = generate_case(seed, shape=shape, label_noise=0.02)
+    vol = case_from_synthetic(case, norm)
+    pixel_mm = float(vol.spacing[0])
+    spic, wash = _phenotype(case)
+    out = []
+    for voxels, z, y, x in component_centres(vol.mask, MAX_ROIS):
+        out.append((patch(vol.channels, z, y, x, pixel_mm, size, context), np.array([1, spic, wash]), voxels))
+    if not case.lesions:  # a negative where a network is tempted: a strongly enhancing pixel
+        sub = vol.channels[1] - vol.channels[0]
+        rng = np.random.default_rng(seed)
+        top = np.flatnonzero(sub.ravel() >= np.quantile(sub, 0.998))
+        z, y, x = np.unravel_index(int(top[rng.integers(top.size)]), sub.shape)
+        out.append((patch(vol.channels, int(z), float(y), float(x), pixel_mm, size, context), np.zeros(3, int), 0))
+    return out
+
+
+def build_patches(seeds: range, shape, norm: Normalization, size: int, context: int, workers: int) -> dict:
+    jobs = [(s, tuple(shape), norm, size, context) for s in seeds]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        per_case = pool.map(training_patches, jobs, chunksize=4)
+    rows = [(s, *r) for s, rs in zip(seeds, per_case) for r in rs]
+    return {"x": np.stack([r[1] for r in rows]), "y": np.stack([r[2] for r in rows]),
+            "voxels": np.array([r[3] for r in rows]), "seed": np.array([r[0] for r in rows])}
+
+
+class RoiNet(nn.Module):
+    """``(B, C, size, size)`` patch -> ``(B, 3)`` logits (lesion at the centre, spiculated, washout)."""
+
+    def __init__(self, in_channels: int, width: int = 16):
+        super().__init__()
+        layers, c = [], in_channels
+        for k in (1, 2, 4):
+            layers += [nn.Conv2d(c, width * k, 3, padding=1, bias=False), nn.BatchNorm2d(width * k), nn.ReLU(True),
+                       nn.Conv2d(width * k, width * k, 3, padding=1, bias=False), nn.BatchNorm2d(width * k),
+                       nn.ReLU(True), nn.MaxPool2d(2)]
+            c = width * k
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(2 * c, len(TARGETS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        return self.head(torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1))
+
+
+def augment(x: torch.Tensor, crop: int, phases: int, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (shift), dihedral flip, shared gamma, per-phase jitter and noise of a ``(B, C, S, S)`` batch."""
+    b, c, s, _ = x.shape
+    out = torch.empty(b, c, crop, crop)
+    for i in range(b):
+        oy, ox = torch.randint(0, s - crop + 1, (2,), generator=gen).tolist()
+        p = x[i, :, oy:oy + crop, ox:ox + crop]
+        if torch.rand(1, generator=gen) < 0.5:
+            p = p.flip(-1)
+        if torch.rand(1, generator=gen) < 0.5:
+            p = p.flip(-2)
+        if torch.rand(1, generator=gen) < 0.5:
+            p = p.transpose(-1, -2)
+        gamma = float(torch.empty(1).uniform_(0.8, 1.25, generator=gen))
+        scale = torch.empty(phases).uniform_(0.97, 1.03, generator=gen).repeat_interleave(c // phases)
+        sigma = float(torch.empty(1).uniform_(0.0, 0.03, generator=gen))
+        out[i] = p.clamp(min=0).pow(gamma) * scale[:, None, None] + sigma * torch.randn(p.shape, generator=gen)
+    return out
+
+
+def centre(x: torch.Tensor, crop: int) -> torch.Tensor:
+    o = (x.shape[-1] - crop) // 2
+    return x[..., o:o + crop, o:o + crop]
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    y = y.float()
+    lesion = F.binary_cross_entropy_with_logits(logits[:, 0], y[:, 0])
+    m = y[:, 0] > 0  # margin and kinetics only where there is a lesion
+    pheno = F.binary_cross_entropy_with_logits(logits[m, 1:], y[m, 1:]) if m.any() else logits.sum() * 0
+    return lesion + pheno
+
+
+@torch.no_grad()
+def predict(net: RoiNet, x: np.ndarray, crop: int) -> np.ndarray:
+    net.eval()
+    out = [torch.sigmoid(net(centre(torch.from_numpy(x[i:i + 256]), crop))) for i in range(0, len(x), 256)]
+    return torch.cat(out).numpy() if out else np.zeros((0, len(TARGETS)))
+
+
+def aucs(p: np.ndarray, y: np.ndarray) -> dict:
+    def auc(s, t):
+        a = metrics.roc_auc(s, t) if len(t) else float("nan")
+        return None if np.isnan(a) else round(float(a), 4)
+    les = y[:, 0] > 0
+    return {"lesion": auc(p[:, 0], y[:, 0]), "spiculated": auc(p[les, 1], y[les, 1]),
+            "washout": auc(p[les, 2], y[les, 2])}
+
+
+def train(data: dict, val: dict, steps: int, batch: int, crop: int, phases: int, seed: int, log) -> RoiNet:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = RoiNet(data["x"].shape[1])
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        net.train()
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        loss = loss_fn(net(augment(x[idx], crop, phases, gen)), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps:
+            log(f"step {step}/{steps}  loss {loss.item():.3f}  val {aucs(predict(net, val['x'], crop), val['y'])}"
+                f"  {time.time() - t0:.0f} s")
+    return net
+
+
+def test_rows(model: str, seeds: range, shape, size: int, context: int, components: int, log) -> dict:
+    """The bundle's predictor end to end on each test case; the patches at its ``components`` largest predicted
+    lesions (zeros beyond those found) and at the largest true lesion."""
+    bundle = load_bundle(model)
+    predictor = Predictor(bundle, device="cpu", batch_size=8)
+    norm = bundle.card.input.normalization
+    rows = {k: [] for k in ("seed", "label", "lesion", "spiculated", "washout", "true_voxels", "predicted_components",
+                            "bundle_p", "x_pred", "x_true")}
+    t0 = time.time()
+    for n, seed in enumerate(seeds):
+        case = generate_case(seed, shape=tuple(shape), label_noise=0.02)
+        pred = predictor.predict(case.to_sitk(), case_id=f"synthetic-{seed}")
+        vol = case_from_synthetic(case, norm)
+        predicted = to_slices(sitk.GetArrayFromImage(pred.labelmap), slice_axis_index(case.direction, "axial"))
+        pixel_mm = float(vol.spacing[0])
+        x = np.zeros((components + 1, len(vol.channels) * (2 * context + 1), size, size), np.float32)
+        found = component_centres(predicted, components)
+        for k, centre_k in enumerate(found + component_centres(vol.mask, 1)[:1]):
+            x[k if k < len(found) else components] = patch(vol.channels, *centre_k[1:], pixel_mm, size, context)
+        rows["x_pred"].append(x[:components])
+        rows["x_true"].append(x[components])
+        spic, wash = _phenotype(case)
+        for k, v in (("seed", seed), ("label", case.label), ("lesion", int(bool(case.lesions))), ("spiculated", spic),
+                     ("washout", wash), ("true_voxels", int(case.mask.sum())), ("predicted_components", len(found)),
+                     ("bundle_p", float(pred.summary["classification"]["positive_probability"]))):
+            rows[k].append(v)
+        if (n + 1) % 20 == 0:
+            log(f"test {n + 1}/{len(seeds)} cases, {time.time() - t0:.0f} s")
+    return {k: np.array(v) for k, v in rows.items()}
+
+
+def suspicion(p: np.ndarray) -> np.ndarray:
+    """Case score of patches' ``(..., 3)`` probabilities: ``p_lesion * (1 - (1 - p_spiculated)(1 - p_washout))``."""
+    return p[..., 0] * (1 - (1 - p[..., 1]) * (1 - p[..., 2]))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="bundle folder / zip (its normalisation; its predictor at test)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--train-cases", type=int, default=1000)
+    p.add_argument("--val-cases", type=int, default=200)
+    p.add_argument("--test-cases", type=int, default=200)
+    p.add_argument("--shape", type=int, nargs=3, default=(24, 256, 256))
+    p.add_argument("--size", type=int, default=88, help="patch side in 1 mm pixels (training crops --crop of it)")
+    p.add_argument("--crop", type=int, default=80)
+    p.add_argument("--context", type=int, default=1, help="slices on either side")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--components", type=int, default=3, help="predicted lesions scored per test case")
+    p.add_argument("--weights", type=Path, help="a roinet.safetensors of an earlier run with the same settings: test it, "
+                                                "no training")
+    args = p.parse_args(argv)
+    if min(args.train_cases, args.val_cases, args.test_cases) < 20:
+        p.error("--train-cases, --val-cases and --test-cases must be at least 20 each")
+    if not 8 <= args.crop <= args.size:
+        p.error(f"--crop must lie in [8, --size={args.size}]")
+    args.out.mkdir(parents=True, exist_ok=True)
+    logf = (args.out / "log.txt").open("a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    torch.set_num_threads(args.workers)
+    norm = load_bundle(args.model).card.input.normalization
+    key = f"{args.shape}-{args.size}-{args.context}"
+    sets = {}
+    for name, base, n in (("train", 0, args.train_cases), ("val", VAL_SEED, args.val_cases)):
+        path = args.out / f"{name}-{n}-{key.replace(' ', '')}.npz"
+        if not path.is_file():
+            t0 = time.time()
+            data = build_patches(range(base, base + n), args.shape, norm, args.size, args.context, args.workers)
+            np.savez(args.out / "partial.npz", **data)
+            (args.out / "partial.npz").replace(path)
+            log(f"{name}: {len(data['x'])} patches from {n} cases in {time.time() - t0:.0f} s")
+        sets[name] = dict(np.load(path))
+    test_path = args.out / f"test-{args.test_cases}-{args.components}-{key.replace(' ', '')}.npz"
+    if not test_path.is_file():
+        data = test_rows(args.model, range(TEST_SEED, TEST_SEED + args.test_cases), args.shape, args.size,
+                         args.context, args.components, log)
+        np.savez(args.out / "partial.npz", **data)
+        (args.out / "partial.npz").replace(test_path)
+    test = dict(np.load(test_path))
+
+    if args.weights:
+        net = RoiNet(sets["train"]["x"].shape[1])
+        net.load_state_dict(load_file(str(args.weights)))
+    else:
+        net = train(sets["train"], sets["val"], args.steps, args.batch, args.crop, 3, args.seed, log)
+        save_file(net.state_dict(), str(args.out / "roinet.safetensors"))
+    report = {"val": aucs(predict(net, sets["val"]["x"], args.crop), sets["val"]["y"]),
+              "train_patches": int(len(sets["train"]["x"])), "val_patches": int(len(sets["val"]["x"])),
+              "test_cases": int(len(test["seed"]))}
+    y_case = np.stack([test["lesion"], test["spiculated"], test["washout"]], axis=1)
+    lesion, label, bundle_p = test["lesion"] > 0, test["label"], test["bundle_p"]
+    n, k = test["x_pred"].shape[:2]
+    p_pred = predict(net, test["x_pred"].reshape(n * k, *test["x_pred"].shape[2:]), args.crop).reshape(n, k, -1)
+    found = np.arange(k)[None, :] < test["predicted_components"][:, None]
+    score_pred = np.where(found, suspicion(p_pred), -1.0).max(axis=1)  # the most suspicious predicted lesion
+    p_true = predict(net, test["x_true"], args.crop)
+    # where nothing was found, the bundle's own probability stands
+    sources = {"pred": (p_pred[:, 0], found[:, 0], score_pred), "true": (p_true, lesion, suspicion(p_true))}
+    for source, (p_largest, has, score) in sources.items():
+        roi = np.where(has, score, bundle_p)
+        row = {"cases_with_a_patch": int(has.sum()),
+               "patch_auc_lesion_cases": aucs(p_largest[lesion & has], y_case[lesion & has]),
+               "label_auc_bundle": _auc(bundle_p, label), "label_auc_roi": _auc(roi, label),
+               "label_auc_mean": _auc(np.where(has, 0.5 * (score + bundle_p), bundle_p), label)}
+        for lo, hi in ((0, 100), (100, 1000), (1000, 10 ** 9)):
+            m = lesion & has & (test["true_voxels"] >= lo) & (test["true_voxels"] < hi)
+            row[f"spiculated_auc_{lo}-{hi}"] = [int(m.sum()), _auc(p_largest[m, 1], test["spiculated"][m])]
+        report[source] = row
+        log(f"{source} patches: {json.dumps(row)}")
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _auc(s: np.ndarray, t: np.ndarray) -> Optional[float]:
+    a = metrics.roc_auc(s, t) if len(t) else float("nan")
+    return None if np.isnan(a) else round(float(a), 4)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
