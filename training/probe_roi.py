@@ -12,14 +12,16 @@ all from the images at the cases' resolution, by a network small enough to train
 2. **Network.** Three conv stages (16-32-64 channels), global average + max pool, three logits: "a lesion is at
    the centre", "spiculated", "washout" (the last two trained on lesion patches only). Dihedral flips, +-4 px
    shifts, a shared gamma and per-phase +-3 % intensity jitter, Gaussian noise up to 0.03.
-3. **Test.** On test cases (seeds 2,000,000..) the bundle's predictor runs end to end; the patch of the largest
-   predicted component (the patch of the largest true component, for comparison) is scored, and the case score
-   ``p_lesion * (1 - (1 - p_spiculated) (1 - p_washout))`` (the generator's label rule) is compared with the
-   bundle's own case probability, alone and averaged with it (no fit).
+3. **Test.** On test cases (seeds 2,000,000..) the bundle's predictor runs end to end; the patches of its
+   ``--components`` largest predicted lesions are scored, and a case's score is the most suspicious one's
+   ``p_lesion * (1 - (1 - p_spiculated) (1 - p_washout))`` (the generator's label rule); where nothing was
+   segmented the bundle's own case probability stands. It is compared with the bundle's probability, alone and
+   averaged with it (no fit), and so is the patch of the largest *true* lesion (a reference that knows where the
+   lesion is).
 
 Example:
     python training/probe_roi.py --model Resources/Models/uml-breast-dce-small --out runs/roi \
-        --train-cases 1000 --val-cases 200 --test-cases 200
+        --train-cases 1000 --val-cases 200 --test-cases 200    # CPU: about 27 + 25 minutes
 """
 
 from __future__ import annotations
@@ -251,8 +253,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--size", type=int, default=88, help="patch side in 1 mm pixels (training crops --crop of it)")
     p.add_argument("--crop", type=int, default=80)
     p.add_argument("--context", type=int, default=1, help="slices on either side")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--components", type=int, default=3, help="predicted lesions scored per test case")
