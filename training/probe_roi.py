@@ -175,13 +175,17 @@ def predict(net: RoiNet, x: np.ndarray, crop: int) -> np.ndarray:
     return torch.cat(out).numpy() if out else np.zeros((0, len(TARGETS)))
 
 
+def _auc(s: np.ndarray, t: np.ndarray) -> Optional[float]:
+    """The AUC rounded to 4 places; ``None`` (JSON null) when ``t`` holds one class only or nothing."""
+    a = metrics.roc_auc(s, t) if len(t) else float("nan")
+    return None if np.isnan(a) else round(float(a), 4)
+
+
 def aucs(p: np.ndarray, y: np.ndarray) -> dict:
-    def auc(s, t):
-        a = metrics.roc_auc(s, t) if len(t) else float("nan")
-        return None if np.isnan(a) else round(float(a), 4)
+    """AUCs of patch probabilities ``p (N, 3)`` against targets ``y (N, 3)``; margin and kinetics on lesion patches."""
     les = y[:, 0] > 0
-    return {"lesion": auc(p[:, 0], y[:, 0]), "spiculated": auc(p[les, 1], y[les, 1]),
-            "washout": auc(p[les, 2], y[les, 2])}
+    return {"lesion": _auc(p[:, 0], y[:, 0]), "spiculated": _auc(p[les, 1], y[les, 1]),
+            "washout": _auc(p[les, 2], y[les, 2])}
 
 
 def train(data: dict, val: dict, steps: int, batch: int, crop: int, phases: int, seed: int, log) -> RoiNet:
@@ -325,11 +329,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         log(f"{source} patches: {json.dumps(row)}")
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     return 0
-
-
-def _auc(s: np.ndarray, t: np.ndarray) -> Optional[float]:
-    a = metrics.roc_auc(s, t) if len(t) else float("nan")
-    return None if np.isnan(a) else round(float(a), 4)
 
 
 if __name__ == "__main__":
