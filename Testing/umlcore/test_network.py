@@ -47,7 +47,14 @@ def test_every_parameter_gets_a_gradient():
     seg[:, 8:20, 8:20] = 1
     loss = uml_loss(out, torch.tensor([0, 1]), seg, kl_weight=0.5)["total"]
     loss.backward()
-    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    # the channel query's bias shifts every logit of a softmax over space alike, so its gradient is zero in exact
+    # arithmetic (whatever rounding leaves of it depends on the machine's threads): checked as such, not as missing
+    shift_invariant = {n for n, _ in net.named_parameters() if n.endswith("attn.ch_q.bias")}
+    assert shift_invariant
+    params = dict(net.named_parameters())
+    assert all(params[n].grad.abs().max() < 1e-6 for n in shift_invariant)
+    missing = [n for n, p in params.items()
+               if n not in shift_invariant and (p.grad is None or not torch.any(p.grad != 0))]
     assert not missing, missing
 
 
