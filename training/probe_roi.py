@@ -42,13 +42,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
-from umlcore import metrics
 from umlcore.bundle import Normalization, load_bundle
 from umlcore.predictor import Predictor
 from umlcore.preprocess import slice_axis_index, to_slices
 from umlcore.synthetic import generate_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_features import _auc  # noqa: E402  (the AUC, null for one class)
 from slices import case_from_synthetic  # noqa: E402
 
 VAL_SEED, TEST_SEED = 1_000_000, 2_000_000
@@ -173,12 +173,6 @@ def predict(net: RoiNet, x: np.ndarray, crop: int) -> np.ndarray:
     net.eval()
     out = [torch.sigmoid(net(centre(torch.from_numpy(x[i:i + 256]), crop))) for i in range(0, len(x), 256)]
     return torch.cat(out).numpy() if out else np.zeros((0, len(TARGETS)))
-
-
-def _auc(s: np.ndarray, t: np.ndarray) -> Optional[float]:
-    """The AUC rounded to 4 places; ``None`` (JSON null) when ``t`` holds one class only or nothing."""
-    a = metrics.roc_auc(s, t) if len(t) else float("nan")
-    return None if np.isnan(a) else round(float(a), 4)
 
 
 def aucs(p: np.ndarray, y: np.ndarray) -> dict:
