@@ -111,6 +111,12 @@ def irregularity(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) -> f
     return float(max(0.0, 1.0 - len(points) * np.prod(spacing_zyx) / hull.volume))
 
 
+def phenotype(case) -> tuple[int, int]:
+    """``(spiculated, washout)`` of a synthetic case: 1 where any of its lesions has that margin / kinetics."""
+    return (int(any(les["margin"] == "spiculated" for les in case.lesions)),
+            int(any(les["kinetics"] == "washout" for les in case.lesions)))
+
+
 def case_vector(net: UMLNet, bundle, seed: int, shape: tuple[int, int, int], batch: int) -> dict:
     case = generate_case(seed, shape=shape, label_noise=0.02)
     vol = case_from_synthetic(case, bundle.card.input.normalization)
@@ -131,8 +137,7 @@ def case_vector(net: UMLNet, bundle, seed: int, shape: tuple[int, int, int], bat
            "true_voxels": float((vol.mask > 0).sum()),
            "irregularity_predicted": irregularity(predicted, spacing_zyx),
            "irregularity_true": irregularity(vol.mask > 0, spacing_zyx),
-           "spiculated": int(any(les["margin"] == "spiculated" for les in case.lesions)),
-           "washout": int(any(les["kinetics"] == "washout" for les in case.lesions)),
+           **dict(zip(("spiculated", "washout"), phenotype(case))),
            "lesion": int(bool(case.lesions))}
     for k in POOLS:
         f = np.concatenate(per_slice[k])

@@ -42,13 +42,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
-from umlcore.bundle import Normalization, load_bundle
+from umlcore.bundle import ModelBundle, Normalization, load_bundle
 from umlcore.predictor import Predictor
 from umlcore.preprocess import slice_axis_index, to_slices
 from umlcore.synthetic import generate_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from probe_features import _auc  # noqa: E402  (the AUC, null for one class)
+from probe_features import _auc, phenotype  # noqa: E402  (_auc: the AUC, null for one class)
 from slices import case_from_synthetic  # noqa: E402
 
 VAL_SEED, TEST_SEED = 1_000_000, 2_000_000
@@ -83,18 +83,13 @@ def patch(channels: np.ndarray, z: int, y: float, x: float, pixel_mm: float, siz
                      for c in range(channels.shape[0]) for s in zs]).astype(np.float32)
 
 
-def _phenotype(case) -> tuple[int, int]:
-    return (int(any(les["margin"] == "spiculated" for les in case.lesions)),
-            int(any(les["kinetics"] == "washout" for les in case.lesions)))
-
-
 def training_patches(job: tuple) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """Patches of one generated case with their targets ``(lesion, spiculated, washout)`` and the voxels."""
     seed, shape, norm, size, context = job
     case = generate_case(seed, shape=shape, label_noise=0.02)
     vol = case_from_synthetic(case, norm)
     pixel_mm = float(vol.spacing[0])
-    spic, wash = _phenotype(case)
+    spic, wash = phenotype(case)
     out = []
     for voxels, z, y, x in component_centres(vol.mask, MAX_ROIS):
         out.append((patch(vol.channels, z, y, x, pixel_mm, size, context), np.array([1, spic, wash]), voxels))
@@ -182,10 +177,9 @@ def aucs(p: np.ndarray, y: np.ndarray) -> dict:
             "washout": _auc(p[les, 2], y[les, 2])}
 
 
-def train(data: dict, val: dict, steps: int, batch: int, crop: int, phases: int, seed: int, log) -> RoiNet:
-    torch.manual_seed(seed)
+def train(data: dict, val: dict, net: RoiNet, steps: int, batch: int, crop: int, seed: int, log) -> RoiNet:
+    """``net`` trained on ``data``'s patches (``x (N, C, S, S)``, targets ``y (N, 3)``), reporting on ``val``."""
     gen = torch.Generator().manual_seed(seed)
-    net = RoiNet(data["x"].shape[1])
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
@@ -193,7 +187,7 @@ def train(data: dict, val: dict, steps: int, batch: int, crop: int, phases: int,
     for step in range(1, steps + 1):
         net.train()
         idx = torch.randint(0, len(x), (batch,), generator=gen)
-        loss = loss_fn(net(augment(x[idx], crop, phases, gen)), y[idx])
+        loss = loss_fn(net(augment(x[idx], crop, 3, gen)), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -204,10 +198,9 @@ def train(data: dict, val: dict, steps: int, batch: int, crop: int, phases: int,
     return net
 
 
-def test_rows(model: str, seeds: range, shape, size: int, context: int, components: int, log) -> dict:
+def test_rows(bundle: ModelBundle, seeds: range, shape, size: int, context: int, components: int, log) -> dict:
     """The bundle's predictor end to end on each test case; the patches at its ``components`` largest predicted
     lesions (zeros beyond those found) and at the largest true lesion."""
-    bundle = load_bundle(model)
     predictor = Predictor(bundle, device="cpu", batch_size=8)
     norm = bundle.card.input.normalization
     rows = {k: [] for k in ("seed", "label", "lesion", "spiculated", "washout", "true_voxels", "predicted_components",
@@ -221,11 +214,13 @@ def test_rows(model: str, seeds: range, shape, size: int, context: int, componen
         pixel_mm = float(vol.spacing[0])
         x = np.zeros((components + 1, len(vol.channels) * (2 * context + 1), size, size), np.float32)
         found = component_centres(predicted, components)
-        for k, centre_k in enumerate(found + component_centres(vol.mask, 1)[:1]):
-            x[k if k < len(found) else components] = patch(vol.channels, *centre_k[1:], pixel_mm, size, context)
-        rows["x_pred"].append(x[:components])
-        rows["x_true"].append(x[components])
-        spic, wash = _phenotype(case)
+        for k, (_, z, y, x_) in enumerate(found):
+            x[k] = patch(vol.channels, z, y, x_, pixel_mm, size, context)
+        for _, z, y, x_ in component_centres(vol.mask, 1):
+            x[-1] = patch(vol.channels, z, y, x_, pixel_mm, size, context)
+        rows["x_pred"].append(x[:-1])
+        rows["x_true"].append(x[-1])
+        spic, wash = phenotype(case)
         for k, v in (("seed", seed), ("label", case.label), ("lesion", int(bool(case.lesions))), ("spiculated", spic),
                      ("washout", wash), ("true_voxels", int(case.mask.sum())), ("predicted_components", len(found)),
                      ("bundle_p", float(pred.summary["classification"]["positive_probability"]))):
@@ -256,8 +251,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--components", type=int, default=3, help="predicted lesions scored per test case")
-    p.add_argument("--weights", type=Path, help="a roinet.safetensors of an earlier run with the same settings: test it, "
-                                                "no training")
+    p.add_argument("--weights", type=Path, help="a roinet.safetensors of an earlier run with the same --context: "
+                                                "test it (no training patches, no training)")
     args = p.parse_args(argv)
     if min(args.train_cases, args.val_cases, args.test_cases) < 20:
         p.error("--train-cases, --val-cases and --test-cases must be at least 20 each")
@@ -271,12 +266,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         logf.write(msg + "\n")
         logf.flush()
 
+    if args.weights and not args.weights.is_file():
+        p.error(f"--weights {args.weights}: no such file; give the roinet.safetensors an earlier run wrote")
     torch.set_num_threads(args.workers)
-    norm = load_bundle(args.model).card.input.normalization
-    key = f"{args.shape}-{args.size}-{args.context}"
+    bundle = load_bundle(args.model)
+    norm = bundle.card.input.normalization
+    torch.manual_seed(args.seed)  # the reader's initial weights
+    net = RoiNet(3 * (2 * args.context + 1))
+    if args.weights:
+        try:
+            net.load_state_dict(load_file(str(args.weights)))
+        except Exception as err:  # another --context, or not a reader's weights at all
+            p.error(f"--weights {args.weights} does not fit a reader of --context {args.context}: {err}")
+    # cached patches are reused only for the same cases, patch settings and normalisation (test: the same bundle)
+    key = f"{'x'.join(map(str, args.shape))}-{args.size}-{args.context}-{norm.mode}{norm.lower}-{norm.upper}"
     sets = {}
     for name, base, n in (("train", 0, args.train_cases), ("val", VAL_SEED, args.val_cases)):
-        path = args.out / f"{name}-{n}-{key.replace(' ', '')}.npz"
+        path = args.out / f"{name}-{n}-{key}.npz"
+        if name == "train" and args.weights:
+            continue
         if not path.is_file():
             t0 = time.time()
             data = build_patches(range(base, base + n), args.shape, norm, args.size, args.context, args.workers)
@@ -284,23 +292,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             (args.out / "partial.npz").replace(path)
             log(f"{name}: {len(data['x'])} patches from {n} cases in {time.time() - t0:.0f} s")
         sets[name] = dict(np.load(path))
-    test_path = args.out / f"test-{args.test_cases}-{args.components}-{key.replace(' ', '')}.npz"
+    test_path = args.out / f"test-{args.test_cases}-{args.components}-{key}-{bundle.sha256[:12]}.npz"
     if not test_path.is_file():
-        data = test_rows(args.model, range(TEST_SEED, TEST_SEED + args.test_cases), args.shape, args.size,
+        data = test_rows(bundle, range(TEST_SEED, TEST_SEED + args.test_cases), args.shape, args.size,
                          args.context, args.components, log)
         np.savez(args.out / "partial.npz", **data)
         (args.out / "partial.npz").replace(test_path)
     test = dict(np.load(test_path))
 
-    if args.weights:
-        net = RoiNet(sets["train"]["x"].shape[1])
-        net.load_state_dict(load_file(str(args.weights)))
-    else:
-        net = train(sets["train"], sets["val"], args.steps, args.batch, args.crop, 3, args.seed, log)
+    if not args.weights:
+        net = train(sets["train"], sets["val"], net, args.steps, args.batch, args.crop, args.seed, log)
         save_file(net.state_dict(), str(args.out / "roinet.safetensors"))
     report = {"val": aucs(predict(net, sets["val"]["x"], args.crop), sets["val"]["y"]),
-              "train_patches": int(len(sets["train"]["x"])), "val_patches": int(len(sets["val"]["x"])),
-              "test_cases": int(len(test["seed"]))}
+              "val_patches": int(len(sets["val"]["x"])), "test_cases": int(len(test["seed"]))}
+    if "train" in sets:
+        report["train_patches"] = int(len(sets["train"]["x"]))
     y_case = np.stack([test["lesion"], test["spiculated"], test["washout"]], axis=1)
     lesion, label, bundle_p = test["lesion"] > 0, test["label"], test["bundle_p"]
     n, k = test["x_pred"].shape[:2]

@@ -534,7 +534,7 @@ def test_roi_loss_reads_margin_and_kinetics_only_where_a_lesion_is():
     assert net(torch.randn(2, 9, 24, 24)).shape == (2, 3)
 
 
-def test_roi_probe_trains_and_reports_end_to_end(tiny_bundle_dir, tmp_path):
+def test_roi_probe_trains_and_reports_end_to_end(tiny_bundle_dir, tmp_path, capsys):
     args = ["--model", str(tiny_bundle_dir), "--out", str(tmp_path), "--train-cases", "20", "--val-cases", "20",
             "--test-cases", "20", "--shape", "6", "48", "48", "--size", "24", "--crop", "16", "--steps", "2",
             "--batch", "4", "--workers", "1"]
@@ -546,9 +546,16 @@ def test_roi_probe_trains_and_reports_end_to_end(tiny_bundle_dir, tmp_path):
     again = tmp_path / "again"
     again.mkdir()
     for f in tmp_path.glob("*.npz"):
-        (again / f.name).symlink_to(f)
+        if not f.name.startswith("train-"):
+            (again / f.name).symlink_to(f)
     assert probe_roi.main(args[:3] + [str(again)] + args[4:] + ["--weights", str(tmp_path / "roinet.safetensors")]) == 0
-    assert json.loads((again / "report.json").read_text()) == report  # the same weights, the same cached cases
+    retested = json.loads((again / "report.json").read_text())
+    assert retested == {k: v for k, v in report.items() if k != "train_patches"}  # same weights, same cached cases
     assert not (again / "roinet.safetensors").exists()
+    assert not list(again.glob("train-*"))  # testing saved weights builds no training patches
+    for bad, why in ((tmp_path / "missing.safetensors", "no such file"), (tmp_path / "roinet.safetensors", "--context 2")):
+        with pytest.raises(SystemExit):
+            probe_roi.main(args[:3] + [str(again)] + args[4:] + ["--weights", str(bad), "--context", "2"])
+        assert why in capsys.readouterr().err
     with pytest.raises(SystemExit):
         probe_roi.main(args[:4] + ["--train-cases", "5"])
