@@ -184,12 +184,15 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
             d, h = metrics.dice(lab, case.mask), metrics.hd95(lab, case.mask, spacing=case.spacing[::-1])
         c = pred.summary["classification"]
         p = float(c["positive_probability"])
+        reader = c.get("reader") or {}
+        network_p = reader.get("network_probabilities", [None, None])[predictor.card.positive_class]
         rows.append({"seed": case.seed, "lesions": len(case.lesions), "lesion_voxels": int(case.mask.sum()),
                      "kinetics": case.lesions[0]["kinetics"] if case.lesions else None,
                      "margin": case.lesions[0]["margin"] if case.lesions else None,
                      "dice": d, "hd95_mm": h, "predicted_voxels": int((lab > 0).sum()),
                      "components_removed": int(pred.summary.get("postprocessing", {}).get("components_removed", 0)),
                      "positive_probability": p, "uncertainty": float(c["uncertainty"]),
+                     "reader_score": reader.get("score"), "network_positive_probability": network_p,
                      "label": int(case.label), "clean_label": int(case.clean_label)})
         if pixel_stats:
             sel = rng.random(lab.size) < 0.05  # deterministic 5% voxel subsample
@@ -226,6 +229,13 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
         "case_uncertainty_mean": float(np.mean(u_case)),
     }
     res["dice_by_lesion_size"] = dice_by_lesion_size(rows)
+    if any(r["network_positive_probability"] is not None for r in rows):  # a bundle with a lesion reader
+        network = np.array([r["network_positive_probability"] for r in rows], dtype=float)
+        read = np.array([r["reader_score"] is not None for r in rows])
+        alone = np.where(read, [r["reader_score"] or 0.0 for r in rows], network)
+        res["reader"] = {"cases_read": int(read.sum()),
+                         "auc_network_alone": metrics.roc_auc(network, labels_a),
+                         "auc_reader_alone": metrics.roc_auc(alone, labels_a)}
     rc = metrics.risk_coverage(np.array(u_case), np.array(correct, dtype=bool), kind="uncertainty")
     res["eaurc"] = float(rc["eaurc"])
     res["aurc"] = float(rc["aurc"])

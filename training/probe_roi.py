@@ -37,13 +37,12 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from scipy import ndimage
 
 from umlcore.bundle import ModelBundle, Normalization, load_bundle
 from umlcore.predictor import Predictor
+from umlcore.reader import READER_TARGETS, LesionReader, component_centres, cut_patch, suspicion
 from umlcore.preprocess import slice_axis_index, to_slices
 from umlcore.synthetic import generate_case
 
@@ -53,34 +52,12 @@ from slices import case_from_synthetic  # noqa: E402
 
 VAL_SEED, TEST_SEED = 1_000_000, 2_000_000
 MAX_ROIS = 4  # lesion patches per training case
-TARGETS = ("lesion", "spiculated", "washout")
 
 
-def component_centres(mask: np.ndarray, limit: int) -> list[tuple[int, int, float, float]]:
-    """``(voxels, slice, y, x)`` of the ``limit`` largest 3D components of ``mask (S, H, W)``, largest first: the
-    slice where the component is widest and its centroid there (pixels)."""
-    labels, n = ndimage.label(mask > 0)
-    if n == 0:
-        return []
-    sizes = np.bincount(labels.ravel())[1:]
-    out = []
-    for k in np.argsort(-sizes)[:limit]:
-        comp = labels == k + 1
-        area = comp.reshape(comp.shape[0], -1).sum(axis=1)
-        z = int(np.argmax(area))
-        y, x = np.argwhere(comp[z]).mean(axis=0)
-        out.append((int(sizes[k]), z, float(y), float(x)))
-    return out
-
-
-def patch(channels: np.ndarray, z: int, y: float, x: float, pixel_mm: float, size: int, context: int) -> np.ndarray:
-    """``(C (2 context + 1), size, size)`` float32 patch of 1 mm pixels around ``(z, y, x)`` of ``channels
-    (C, S, H, W)``; slices beyond the volume repeat its ends, pixels beyond it are 0."""
-    offsets = (np.arange(size) - (size - 1) / 2.0) / pixel_mm
-    yy, xx = np.meshgrid(y + offsets, x + offsets, indexing="ij")
-    zs = np.clip(np.arange(z - context, z + context + 1), 0, channels.shape[1] - 1)
-    return np.stack([ndimage.map_coordinates(channels[c, s], (yy, xx), order=1, mode="constant", cval=0.0)
-                     for c in range(channels.shape[0]) for s in zs]).astype(np.float32)
+def patch(channels: np.ndarray, z: int, y: float, x: float, spacing: float, size: int, context: int) -> np.ndarray:
+    """:func:`umlcore.reader.cut_patch` of 1 mm pixels from a synthetic case's ``(C, S, H, W)`` channels, whose
+    in-plane pixels are square (``spacing`` mm)."""
+    return cut_patch(channels, z, y, x, (spacing, spacing), size, context)
 
 
 def training_patches(job: tuple) -> list[tuple[np.ndarray, np.ndarray, int]]:
@@ -88,17 +65,17 @@ def training_patches(job: tuple) -> list[tuple[np.ndarray, np.ndarray, int]]:
     seed, shape, norm, size, context = job
     case = generate_case(seed, shape=shape, label_noise=0.02)
     vol = case_from_synthetic(case, norm)
-    pixel_mm = float(vol.spacing[0])
+    spacing = float(vol.spacing[0])
     spic, wash = phenotype(case)
     out = []
     for voxels, z, y, x in component_centres(vol.mask, MAX_ROIS):
-        out.append((patch(vol.channels, z, y, x, pixel_mm, size, context), np.array([1, spic, wash]), voxels))
+        out.append((patch(vol.channels, z, y, x, spacing, size, context), np.array([1, spic, wash]), voxels))
     if not case.lesions:  # a negative where a network is tempted: a strongly enhancing pixel
         sub = vol.channels[1] - vol.channels[0]
         rng = np.random.default_rng(seed)
         top = np.flatnonzero(sub.ravel() >= np.quantile(sub, 0.998))
         z, y, x = np.unravel_index(int(top[rng.integers(top.size)]), sub.shape)
-        out.append((patch(vol.channels, int(z), float(y), float(x), pixel_mm, size, context), np.zeros(3, int), 0))
+        out.append((patch(vol.channels, int(z), float(y), float(x), spacing, size, context), np.zeros(3, int), 0))
     return out
 
 
@@ -109,25 +86,6 @@ def build_patches(seeds: range, shape, norm: Normalization, size: int, context: 
     rows = [(s, *r) for s, rs in zip(seeds, per_case) for r in rs]
     return {"x": np.stack([r[1] for r in rows]), "y": np.stack([r[2] for r in rows]),
             "voxels": np.array([r[3] for r in rows]), "seed": np.array([r[0] for r in rows])}
-
-
-class RoiNet(nn.Module):
-    """``(B, C, size, size)`` patch -> ``(B, 3)`` logits (lesion at the centre, spiculated, washout)."""
-
-    def __init__(self, in_channels: int, width: int = 16):
-        super().__init__()
-        layers, c = [], in_channels
-        for k in (1, 2, 4):
-            layers += [nn.Conv2d(c, width * k, 3, padding=1, bias=False), nn.BatchNorm2d(width * k), nn.ReLU(True),
-                       nn.Conv2d(width * k, width * k, 3, padding=1, bias=False), nn.BatchNorm2d(width * k),
-                       nn.ReLU(True), nn.MaxPool2d(2)]
-            c = width * k
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(2 * c, len(TARGETS))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x)
-        return self.head(torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1))
 
 
 def augment(x: torch.Tensor, crop: int, phases: int, gen: torch.Generator) -> torch.Tensor:
@@ -164,10 +122,10 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(net: RoiNet, x: np.ndarray, crop: int) -> np.ndarray:
+def predict(net: LesionReader, x: np.ndarray, crop: int) -> np.ndarray:
     net.eval()
     out = [torch.sigmoid(net(centre(torch.from_numpy(x[i:i + 256]), crop))) for i in range(0, len(x), 256)]
-    return torch.cat(out).numpy() if out else np.zeros((0, len(TARGETS)))
+    return torch.cat(out).numpy() if out else np.zeros((0, len(READER_TARGETS)))
 
 
 def aucs(p: np.ndarray, y: np.ndarray) -> dict:
@@ -177,7 +135,7 @@ def aucs(p: np.ndarray, y: np.ndarray) -> dict:
             "washout": _auc(p[les, 2], y[les, 2])}
 
 
-def train(data: dict, val: dict, net: RoiNet, steps: int, batch: int, crop: int, seed: int, log) -> RoiNet:
+def train(data: dict, val: dict, net: LesionReader, steps: int, batch: int, crop: int, seed: int, log) -> LesionReader:
     """``net`` trained on ``data``'s patches (``x (N, C, S, S)``, targets ``y (N, 3)``), reporting on ``val``."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -211,13 +169,13 @@ def test_rows(bundle: ModelBundle, seeds: range, shape, size: int, context: int,
         pred = predictor.predict(case.to_sitk(), case_id=f"synthetic-{seed}")
         vol = case_from_synthetic(case, norm)
         predicted = to_slices(sitk.GetArrayFromImage(pred.labelmap), slice_axis_index(case.direction, "axial"))
-        pixel_mm = float(vol.spacing[0])
+        spacing = float(vol.spacing[0])
         x = np.zeros((components + 1, len(vol.channels) * (2 * context + 1), size, size), np.float32)
         found = component_centres(predicted, components)
         for k, (_, z, y, x_) in enumerate(found):
-            x[k] = patch(vol.channels, z, y, x_, pixel_mm, size, context)
+            x[k] = patch(vol.channels, z, y, x_, spacing, size, context)
         for _, z, y, x_ in component_centres(vol.mask, 1):
-            x[-1] = patch(vol.channels, z, y, x_, pixel_mm, size, context)
+            x[-1] = patch(vol.channels, z, y, x_, spacing, size, context)
         rows["x_pred"].append(x[:-1])
         rows["x_true"].append(x[-1])
         spic, wash = phenotype(case)
@@ -228,11 +186,6 @@ def test_rows(bundle: ModelBundle, seeds: range, shape, size: int, context: int,
         if (n + 1) % 20 == 0:
             log(f"test {n + 1}/{len(seeds)} cases, {time.time() - t0:.0f} s")
     return {k: np.array(v) for k, v in rows.items()}
-
-
-def suspicion(p: np.ndarray) -> np.ndarray:
-    """Case score of patches' ``(..., 3)`` probabilities: ``p_lesion * (1 - (1 - p_spiculated)(1 - p_washout))``."""
-    return p[..., 0] * (1 - (1 - p[..., 1]) * (1 - p[..., 2]))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -272,7 +225,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bundle = load_bundle(args.model)
     norm = bundle.card.input.normalization
     torch.manual_seed(args.seed)  # the reader's initial weights
-    net = RoiNet(3 * (2 * args.context + 1))
+    net = LesionReader(3 * (2 * args.context + 1))
     if args.weights:
         try:
             net.load_state_dict(load_file(str(args.weights)))

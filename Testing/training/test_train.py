@@ -518,7 +518,7 @@ def test_roi_probe_finds_the_largest_component_in_its_widest_slice():
 def test_roi_patch_samples_1_mm_pixels_and_repeats_the_end_slices():
     z, y, x = np.mgrid[0:4, 0:40, 0:40].astype(np.float32)
     channels = np.stack([x, 100 * z])  # (C=2, S=4, H, W): column index, slice index
-    p = probe_roi.patch(channels, 0, 20.0, 20.0, pixel_mm=2.0, size=8, context=1)
+    p = probe_roi.patch(channels, 0, 20.0, 20.0, spacing=2.0, size=8, context=1)
     assert p.shape == (2 * 3, 8, 8) and p.dtype == np.float32
     np.testing.assert_allclose(p[0, 0], 20.0 + (np.arange(8) - 3.5) / 2.0)  # 1 mm = half a 2 mm pixel
     assert [float(p[c, 4, 4]) for c in (3, 4, 5)] == [0.0, 0.0, 100.0]  # slices -1 -> 0, 0, 1
@@ -530,7 +530,7 @@ def test_roi_loss_reads_margin_and_kinetics_only_where_a_lesion_is():
     y = torch.tensor([[1, 1, 0], [0, 0, 0]])
     probe_roi.loss_fn(logits, y).backward()
     assert logits.grad[1, 1:].abs().sum() == 0 and logits.grad[0].abs().min() > 0
-    net = probe_roi.RoiNet(9)
+    net = probe_roi.LesionReader(9)
     assert net(torch.randn(2, 9, 24, 24)).shape == (2, 3)
 
 

@@ -27,11 +27,11 @@ from umlcore.preprocess import (
 
 SUMMARY_KEYS = {
     "schema_version", "case_id", "inputs", "model", "geometry", "slicing", "device", "precision", "timings_s",
-    "classification", "segments", "slices", "outputs", "postprocessing",
+    "classification", "segments", "slices", "outputs", "postprocessing", "lesions",
 }
 CLASSIFICATION_KEYS = {
     "classes", "probabilities", "belief", "uncertainty", "predicted_index", "predicted_class", "positive_class",
-    "positive_probability", "verdict", "fusion", "calibration",
+    "positive_probability", "verdict", "fusion", "calibration", "reader",
 }
 
 
@@ -134,6 +134,7 @@ def test_summary_has_the_documented_fields(base_prediction, tiny_bundle, make_vo
     assert all(v >= 0 for v in s["timings_s"].values())
     c = s["classification"]
     assert set(c) == CLASSIFICATION_KEYS
+    assert c["reader"] is None and s["lesions"] == []  # a card without a lesion reader (tests: test_reader.py)
     assert c["classes"] == ["no pCR", "pCR"] and c["positive_class"] == "pCR" and c["fusion"] == "lesion-weighted evidence pooling"
     assert sum(c["probabilities"]) == pytest.approx(1) and sum(c["belief"]) + c["uncertainty"] == pytest.approx(1)
     assert c["predicted_class"] == c["classes"][c["predicted_index"]] == c["classes"][int(np.argmax(c["probabilities"]))]

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from .config import UMLConfig
 from .errors import BundleError
 from .network import UMLNet
+from .reader import LesionReader, ReaderConfig
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -43,6 +44,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
+READER_PREFIX = "reader."  # the lesion reader's tensors in model.safetensors
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ class ModelCard:
     ``single_volume_calibration``: optional, the same kind of calibration used *instead* when the case was given as
     one volume replicated into every channel (a single DCE phase or a subtraction image), whose opinions differ
     from those of all channels; fitted by ``training/calibrate_single_volume.py``.
+    ``reader``: optional :class:`~umlcore.reader.ReaderConfig` of a lesion reader whose weights are the ``reader.*``
+    tensors of ``model.safetensors``; its score is merged into the case opinion of multi-phase inputs.
     ``component_max_uncertainty``: optional; connected components of the segmentation (6-connected, all segments
     together) whose mean voxel uncertainty exceeds it are removed from the labelmap before the case opinion is
     fused (they stay visible in the uncertainty map). Chosen on validation cases by ``training/evaluate.py``.
@@ -136,6 +140,7 @@ class ModelCard:
     case_calibration: Optional[dict[str, Any]] = None
     single_volume_calibration: Optional[dict[str, Any]] = None
     component_max_uncertainty: Optional[float] = None
+    reader: Optional[ReaderConfig] = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     license: str = "Apache-2.0"
@@ -160,6 +165,8 @@ class ModelCard:
         t = self.component_max_uncertainty
         if t is not None and not (isinstance(t, (int, float)) and 0.0 < t <= 1.0):
             raise BundleError(f"component_max_uncertainty must be a number in (0, 1] or null, got {t!r}")
+        if self.reader is not None and (arch.num_classes != 2 or not isinstance(self.reader, ReaderConfig)):
+            raise BundleError("a reader needs a binary model (its score is one class's probability) and a ReaderConfig")
         if self.input.network_channels != arch.in_channels:
             k = self.input.context_slices
             raise BundleError(
@@ -167,6 +174,11 @@ class ModelCard:
                 + (f" at {2 * k + 1} slices each ({self.input.network_channels} in all)" if k else "")
                 + f" but the architecture takes {arch.in_channels}"
             )
+
+    @property
+    def reader_channels(self) -> int:
+        """Channels of the reader's patches: every named channel at ``2 * reader.context_slices + 1`` slices."""
+        return len(self.input.channels) * (2 * self.reader.context_slices + 1) if self.reader is not None else 0
 
     def calibration_for(self, single_volume: bool) -> tuple[Optional[str], Optional[dict[str, Any]]]:
         """The case calibration to apply, and the name of its card field (``None, None`` if there is none).
@@ -213,7 +225,10 @@ class ModelCard:
                 for s in d["segments"]
             )
             known = {f.name for f in dataclasses.fields(cls)}
-            extra = {k: v for k, v in d.items() if k in known and k not in ("segments", "input", "architecture", "classes")}
+            extra = {k: v for k, v in d.items()
+                     if k in known and k not in ("segments", "input", "architecture", "classes", "reader")}
+            if d.get("reader") is not None:
+                extra["reader"] = ReaderConfig(**d["reader"])
             return cls(
                 classes=tuple(str(c) for c in d["classes"]),
                 segments=segments,
@@ -229,12 +244,14 @@ class ModelCard:
 
 @dataclass
 class ModelBundle:
-    """A loaded, verified bundle: the card, the network in eval mode, where it came from, and its hash."""
+    """A loaded, verified bundle: the card, the network in eval mode, where it came from, its hash, and the lesion
+    reader (in eval mode) when the card has one."""
 
     card: ModelCard
     model: UMLNet
     path: Path
     sha256: str
+    reader: Optional[LesionReader] = None
 
 
 def sha256_file(path: os.PathLike) -> str:
@@ -245,21 +262,27 @@ def sha256_file(path: os.PathLike) -> str:
     return h.hexdigest()
 
 
-def save_bundle(model: UMLNet, card: ModelCard, directory: os.PathLike, overwrite: bool = False) -> Path:
+def save_bundle(model: UMLNet, card: ModelCard, directory: os.PathLike, overwrite: bool = False,
+                reader: Optional[LesionReader] = None) -> Path:
     """Write ``model.safetensors`` and ``model.json`` into ``directory`` atomically.
 
     The files are written into a temporary sibling folder which then replaces ``directory``, so a
-    failure never leaves a half-written bundle.
+    failure never leaves a half-written bundle. A ``reader`` (needs ``card.reader``) is stored as the
+    ``reader.*`` tensors of ``model.safetensors``.
     """
     directory = Path(directory)
     if model.config != card.architecture:
         raise BundleError("the model's config differs from card.architecture: build the card from model.config")
+    if (reader is None) != (card.reader is None):
+        raise BundleError("give a reader exactly when the card has a reader section (and the other way round)")
     if directory.exists() and not overwrite:
         raise BundleError(f"{directory} already exists: choose another folder or pass overwrite=True")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if reader is not None:
+            state.update({f"{READER_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in reader.state_dict().items()})
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})  # one key: a deterministic header
         digest = sha256_file(tmp / WEIGHTS_FILE)
         (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(digest), indent=2) + "\n")
@@ -336,14 +359,22 @@ def load_bundle(path: os.PathLike, device: str | torch.device = "cpu") -> ModelB
             state = load_file(str(weights))
         except Exception as exc:  # safetensors raises its own error types
             raise BundleError(f"{weights} is not a readable safetensors file ({exc}): re-export the bundle") from None
+        reader_state = {k[len(READER_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(READER_PREFIX)}
         model = UMLNet(card.architecture)
+        reader = None
         try:
             model.load_state_dict(state, strict=True)
+            if card.reader is not None:
+                reader = LesionReader(card.reader_channels, card.reader.width)
+                reader.load_state_dict(reader_state, strict=True)
+                reader.eval().to(device)
+            elif reader_state:
+                raise RuntimeError("reader.* tensors but no reader section in the card")
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise BundleError(f"weights in {path} do not fit the declared architecture ({first}): re-export the bundle") from None
         model.eval().to(device)
-        return ModelBundle(card=card, model=model, path=path, sha256=digest)
+        return ModelBundle(card=card, model=model, path=path, sha256=digest, reader=reader)
     finally:
         for tmp in stack:
             tmp.cleanup()

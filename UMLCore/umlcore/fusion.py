@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["FUSION_RULE", "fuse_slice_opinions", "calibrate_case_alpha", "fit_platt"]
+__all__ = ["FUSION_RULE", "READER_FUSION_RULE", "fuse_slice_opinions", "fuse_reader_opinion", "calibrate_case_alpha",
+           "fit_platt"]
 
 #: Name of the rule, as written into the case summary (``classification.fusion``).
 FUSION_RULE = "lesion-weighted evidence pooling"
+#: The rule that merges the lesion reader's score into the case opinion (``classification.reader.fusion``).
+READER_FUSION_RULE = "averaging fusion at equal uncertainty"
 
 
 def fuse_slice_opinions(slice_alpha: np.ndarray, lesion_voxels: np.ndarray) -> np.ndarray:
@@ -59,6 +62,40 @@ def fuse_slice_opinions(slice_alpha: np.ndarray, lesion_voxels: np.ndarray) -> n
         total = float(weights.size)
     evidence = alpha - 1.0
     return 1.0 + (weights[:, None] * evidence).sum(axis=0) / total
+
+
+def fuse_reader_opinion(alpha: np.ndarray, score: float, weight: float, positive: int = 1) -> np.ndarray:
+    """Merge the lesion reader's score into a binary case opinion, keeping its strength ``S`` (and so ``u``).
+
+    The reader gives a probability, not evidence, so its opinion gets the case opinion's uncertainty: the case's
+    total evidence ``S - 2`` split as the reader's probability says, ``e_r = (S - 2) (1 - score, score)`` (in class
+    order with ``positive`` the index of ``score``). The two opinions are then averaged with weight ``weight`` on
+    the reader: ``alpha' = 1 + (1 - weight) e + weight e_r``. For two opinions of equal uncertainty this is
+    subjective logic's averaging fusion (beliefs averaged, uncertainty kept), so the verdict ``u > review`` does
+    not move, and the positive probability moves towards ``score`` by ``weight`` of the way (up to the prior's
+    ``1 / S``).
+
+    Args:
+        alpha: ``(2,)`` case Dirichlet (>= 1, finite).
+        score: The reader's probability of the positive class, in [0, 1].
+        weight: The reader's share, in [0, 1] (0 returns ``alpha`` unchanged).
+        positive: Index of the positive class.
+
+    Returns:
+        ``(2,)`` float64 Dirichlet with the same sum as ``alpha``.
+
+    Raises:
+        ValueError: a non-binary or invalid ``alpha``, or ``score`` / ``weight`` outside [0, 1].
+    """
+    alpha = np.asarray(alpha, dtype=np.float64)
+    if alpha.shape != (2,) or not np.all(np.isfinite(alpha)) or np.any(alpha < 1.0):
+        raise ValueError(f"the reader fusion is binary: alpha must be 2 finite values >= 1, got {alpha}")
+    if not (0.0 <= score <= 1.0 and 0.0 <= weight <= 1.0):
+        raise ValueError(f"score and weight must lie in [0, 1], got score {score}, weight {weight}")
+    evidence = alpha - 1.0
+    reader = np.empty(2)
+    reader[positive], reader[1 - positive] = score, 1.0 - score
+    return 1.0 + (1.0 - weight) * evidence + weight * evidence.sum() * reader
 
 
 def calibrate_case_alpha(alpha: np.ndarray, slope: float, intercept: float, positive: int = 1) -> np.ndarray:

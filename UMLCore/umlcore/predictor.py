@@ -19,6 +19,9 @@ Steps of :meth:`Predictor.predict`:
    ``1 - p_background``; the case-level opinion fuses the per-slice classification Dirichlets with
    :func:`umlcore.fusion.fuse_slice_opinions` (lesion voxels per slice from the labelmap). The summary dict
    follows ``docs/summary-schema.md`` (``schema_version`` 1).
+6. If the card has a lesion reader (:mod:`umlcore.reader`) and every channel came from its own volume, the reader
+   scores the largest components of the filtered labelmap from patches of the normalised volumes, and its score
+   is merged into the case opinion (:func:`umlcore.fusion.fuse_reader_opinion`) before the card's calibration.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 
 from .bundle import ModelBundle
 from .errors import CancelledError, UMLError, UMLInputError
-from .fusion import FUSION_RULE, calibrate_case_alpha, fuse_slice_opinions
+from .fusion import FUSION_RULE, READER_FUSION_RULE, calibrate_case_alpha, fuse_reader_opinion, fuse_slice_opinions
 from .io import MIN_INPLANE_SIZE, check_same_grid, check_volume, geometry, split_4d
 from .preprocess import (
     crop_to,
@@ -48,6 +51,7 @@ from .preprocess import (
     to_slices,
     with_context,
 )
+from .reader import READER_TARGETS, component_centres, cut_patch, suspicion
 
 __all__ = [
     "SUMMARY_SCHEMA_VERSION",
@@ -201,6 +205,8 @@ class Predictor:
         self.precision = precision
         self._device = resolve_device(device)
         self.bundle.model.eval().to(self._device)
+        if self.bundle.reader is not None:
+            self.bundle.reader.eval().to(self._device)
 
     @property
     def device(self) -> str:
@@ -300,6 +306,8 @@ class Predictor:
         if self._device.type == "cuda":
             self._device = torch.device("cpu")
             self.bundle.model.to(self._device)
+            if self.bundle.reader is not None:
+                self.bundle.reader.to(self._device)
             report("inference", fraction, "CUDA out of memory even with batch size 1: continuing on the CPU")
             return 1
         raise UMLError("out of memory on the CPU even with batch size 1: close other programs or give a smaller volume")
@@ -384,12 +392,16 @@ class Predictor:
         removed = 0
         if card.component_max_uncertainty is not None:
             labels, removed = remove_uncertain_components(labels, unc, card.component_max_uncertainty)
+        w_axis, h_axis = inplane_axes(axis)
+        spacing = ref.GetSpacing()
+        reading = self._read_lesions(stack, labels, (spacing[h_axis], spacing[w_axis]),
+                                     single_volume=len(set(source)) < len(source))
         images = []
         for array in (labels, unc, fg):
             image = sitk.GetImageFromArray(np.ascontiguousarray(from_slices(array, axis)))
             image.CopyInformation(ref)
             images.append(image)
-        summary = self._summary(case_id, ref, axis, source, labels, unc, cls_alpha)
+        summary = self._summary(case_id, ref, axis, source, labels, unc, cls_alpha, reading)
         summary["postprocessing"] = {"component_max_uncertainty": card.component_max_uncertainty,
                                      "components_removed": removed}
         t3 = time.perf_counter()
@@ -403,6 +415,34 @@ class Predictor:
         report("postprocess", 1.0, "done")
         return Prediction(labelmap=images[0], uncertainty=images[1], probability=images[2], summary=summary)
 
+    def _read_lesions(self, stack: np.ndarray, labels: np.ndarray, spacing_hw: tuple[float, float],
+                      single_volume: bool) -> Optional[dict]:
+        """The lesion reader on the largest components of ``labels (S, H, W)``, from ``stack (S, C, H, W)``.
+
+        Returns:
+            ``None`` when the card has no reader, else ``{"components": [(voxels, z, y, x), ...], "p": (N, 3)
+            probabilities, "score": the largest suspicion or None, "reason": why it was not applied or None}``.
+        """
+        cfg = self.card.reader
+        if cfg is None or self.bundle.reader is None:
+            return None
+        reading = {"components": [], "p": np.zeros((0, len(READER_TARGETS))), "score": None, "reason": None}
+        if single_volume:
+            reading["reason"] = "one volume was given: the reader needs every phase (kinetics); the network's opinion stands"
+            return reading
+        found = component_centres(labels, cfg.max_components)
+        if not found:
+            reading["reason"] = "nothing was segmented: the network's opinion stands"
+            return reading
+        channels = stack.transpose(1, 0, 2, 3)  # (C, S, H, W)
+        patches = np.stack([cut_patch(channels, z, y, x, spacing_hw, cfg.patch_size, cfg.context_slices, cfg.pixel_mm)
+                            for _, z, y, x in found])
+        with torch.inference_mode(), (strict_fp32() if self._device.type == "cuda" else contextlib.nullcontext()):
+            logits = self.bundle.reader(torch.from_numpy(patches).to(self._device))
+            p = torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
+        reading.update(components=found, p=p, score=float(suspicion(p).max()))
+        return reading
+
     def _summary(
         self,
         case_id: str,
@@ -412,10 +452,14 @@ class Predictor:
         labels: np.ndarray,
         unc: np.ndarray,
         cls_alpha: np.ndarray,
+        reading: Optional[dict] = None,
     ) -> dict:
         card = self.card
         lesion = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
         case_alpha = fuse_slice_opinions(cls_alpha, lesion)
+        network_probs = case_alpha / case_alpha.sum()
+        if reading is not None and reading["score"] is not None:
+            case_alpha = fuse_reader_opinion(case_alpha, reading["score"], card.reader.weight, card.positive_class)
         calibration_name, calibration = card.calibration_for(single_volume=len(set(source)) < len(source))
         if calibration is not None:
             case_alpha = calibrate_case_alpha(case_alpha, calibration["slope"], calibration["intercept"],
@@ -426,6 +470,27 @@ class Predictor:
         case_u = float(len(case_alpha) / strength)
         predicted = int(np.argmax(probs))
         voxel_ml = float(np.prod(ref.GetSpacing())) / 1000.0
+        reader_summary, lesions = None, []
+        if reading is not None:
+            reader_summary = {"applied": reading["score"] is not None, "reason": reading["reason"],
+                              "score": reading["score"], "weight": float(card.reader.weight),
+                              "fusion": READER_FUSION_RULE,
+                              "network_probabilities": [float(v) for v in network_probs]}
+            numpy_axis = 2 - axis  # the slice axis in the (z, y, x) array; H and W are the other two, in order
+            rest = [a for a in range(3) if a != numpy_axis]
+            for rank, ((voxels, z, y, x), p) in enumerate(zip(reading["components"], reading["p"])):
+                index = [0.0] * 3
+                index[numpy_axis], index[rest[0]], index[rest[1]] = float(z), y, x
+                ijk = index[::-1]
+                lesions.append({
+                    "rank": rank,
+                    "voxel_count": int(voxels),
+                    "volume_ml": int(voxels) * voxel_ml,
+                    "centre_index": [float(v) for v in ijk],
+                    "centre_lps": [float(v) for v in ref.TransformContinuousIndexToPhysicalPoint(ijk)],
+                    "probabilities": {t: float(v) for t, v in zip(READER_TARGETS, p)},
+                    "suspicion": float(suspicion(p)),
+                })
         segments = []
         for seg in card.segments:
             mask = labels == seg.label
@@ -471,7 +536,9 @@ class Predictor:
                 "verdict": "review" if case_u > card.review_uncertainty else "reliable",
                 "fusion": FUSION_RULE,
                 "calibration": calibration_name,
+                "reader": reader_summary,
             },
+            "lesions": lesions,
             "segments": segments,
             "slices": slices,
             "outputs": {},

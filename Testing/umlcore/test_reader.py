@@ -1,0 +1,215 @@
+"""umlcore.reader: the lesion reader's config, components, patches, suspicion; its place in bundles and the predictor."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from safetensors.torch import load_file, save_file
+
+from umlcore.bundle import CARD_FILE, WEIGHTS_FILE, load_bundle, save_bundle, sha256_file
+from umlcore.errors import BundleError
+from umlcore.fusion import calibrate_case_alpha, fuse_reader_opinion
+from umlcore.predictor import Predictor
+from umlcore.reader import READER_TARGETS, LesionReader, ReaderConfig, component_centres, cut_patch, suspicion
+
+
+def test_config_defaults_and_validation():
+    c = ReaderConfig()
+    assert (c.width, c.context_slices, c.patch_size, c.pixel_mm, c.max_components, c.weight) == (16, 1, 80, 1.0, 3, 0.5)
+    for bad, fragment in (({"patch_size": 20}, "patch_size"), ({"weight": 1.5}, "weight"), ({"width": 0}, "width"),
+                          ({"context_slices": True}, "context_slices"), ({"pixel_mm": 0}, "pixel_mm"),
+                          ({"max_components": 0}, "max_components")):
+        with pytest.raises(BundleError, match=fragment):
+            ReaderConfig(**bad)
+
+
+def test_reader_shapes_and_parameter_count():
+    net = LesionReader(9)
+    assert net(torch.zeros(2, 9, 80, 80)).shape == (2, len(READER_TARGETS))
+    assert sum(p.numel() for p in net.parameters()) == 73_555  # 9*16*9 + 16*16*9 + ... + 128*3 + 3 (3 stages 16-32-64)
+
+
+def test_component_centres_are_largest_first_with_the_widest_slice():
+    mask = np.zeros((4, 20, 20), np.uint8)
+    mask[1:3, 2:6, 2:6] = 1      # 32 voxels, both slices 16: the first slice wins the tie
+    mask[0:4, 10:13, 14:17] = 1  # 36 voxels
+    mask[3, 12:15, 14:17] = 1    # ... rows 13-14 are new there: 42 voxels, widest in slice 3 (rows 10-14)
+    (big, z1, y1, x1), (small, z2, y2, x2) = component_centres(mask, 3)
+    assert (big, z1) == (42, 3) and (y1, x1) == pytest.approx((12.0, 15.0))
+    assert (small, z2, y2, x2) == (32, 1, 3.5, 3.5)
+    assert component_centres(mask, 1) == [(42, 3, 12.0, 15.0)]
+    assert component_centres(np.zeros_like(mask), 2) == []
+
+
+def test_patches_sample_millimetres_on_anisotropic_pixels():
+    # value = row index * 10 + column index: bilinear sampling reproduces it exactly inside the volume
+    s, h, w = 3, 40, 60
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    channels = np.stack([np.broadcast_to(rows * 10.0 + cols + 1000.0 * c, (s, h, w)) for c in range(2)])
+    p = cut_patch(channels, 0, 20.0, 30.0, spacing_hw=(2.0, 0.5), size=8, context=1, pixel_mm=1.0)
+    assert p.shape == (2 * 3, 8, 8) and p.dtype == np.float32
+    offsets = np.arange(8) - 3.5  # mm from the centre
+    np.testing.assert_allclose(p[1, :, 0], (20 + offsets / 2.0) * 10 + (30 - 3.5 / 0.5), rtol=1e-6)  # rows: 2 mm
+    np.testing.assert_allclose(p[1, 0, :], (20 - 3.5 / 2.0) * 10 + 30 + offsets / 0.5, rtol=1e-6)   # cols: 0.5 mm
+    np.testing.assert_allclose(p[3:] - p[:3], 1000.0)  # channel-major: all slices of channel 0 first
+    assert cut_patch(channels, 0, 0.0, 0.0, (1.0, 1.0), 4, 0)[0, 0, 0] == 0.0  # outside the volume: 0
+
+
+def test_suspicion_is_the_label_rule():
+    p = np.array([[1.0, 0.0, 0.0], [1.0, 0.5, 0.5], [0.5, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    np.testing.assert_allclose(suspicion(p), [0.0, 0.75, 0.5, 0.0])
+
+
+def test_reader_fusion_keeps_the_strength_and_moves_the_probability_by_the_weight():
+    alpha = np.array([7.0, 3.0])  # S = 10, evidence 6 / 2
+    np.testing.assert_array_equal(fuse_reader_opinion(alpha, 0.9, 0.0), alpha)
+    np.testing.assert_allclose(fuse_reader_opinion(alpha, 0.75, 1.0), [1 + 8 * 0.25, 1 + 8 * 0.75])
+    half = fuse_reader_opinion(alpha, 0.75, 0.5)
+    np.testing.assert_allclose(half, [1 + 0.5 * 6 + 0.5 * 2, 1 + 0.5 * 2 + 0.5 * 6])
+    assert half.sum() == pytest.approx(10.0)
+    np.testing.assert_allclose(fuse_reader_opinion(alpha, 0.75, 1.0, positive=0), [1 + 8 * 0.75, 1 + 8 * 0.25])
+    for bad in ((np.array([1.0, 2.0, 3.0]), 0.5, 0.5), (np.array([0.5, 2.0]), 0.5, 0.5), (alpha, 1.2, 0.5), (alpha, 0.5, -0.1)):
+        with pytest.raises(ValueError):
+            fuse_reader_opinion(*bad)
+
+
+# ------------------------------------------------------------------------------------------- in a bundle
+
+
+@pytest.fixture(scope="module")
+def reader_bundle_dir(tiny_bundle, tmp_path_factory):
+    """The tiny bundle plus a reader whose head makes every patch a lesion (large logit bias) of known suspicion."""
+    torch.manual_seed(1)
+    reader = LesionReader(9, width=4)
+    with torch.no_grad():
+        reader.head.weight.zero_()
+        reader.head.bias.copy_(torch.tensor([8.0, 0.0, -1.0]))  # p = 0.99966, 0.5, 0.2689
+    card = dataclasses.replace(tiny_bundle.card, reader=ReaderConfig(width=4, patch_size=16, training={"note": "test"}))
+    return save_bundle(tiny_bundle.model, card, tmp_path_factory.mktemp("reader") / "bundle", reader=reader)
+
+
+def test_bundle_round_trips_the_reader(reader_bundle_dir, tiny_bundle):
+    b = load_bundle(reader_bundle_dir)
+    assert b.card.reader == ReaderConfig(width=4, patch_size=16, training={"note": "test"})
+    assert not b.reader.training and b.reader.head.bias[0].item() == 8.0
+    keys = load_file(str(reader_bundle_dir / WEIGHTS_FILE)).keys()
+    assert {k for k in keys if not k.startswith("reader.")} == set(tiny_bundle.model.state_dict())
+    with pytest.raises(BundleError, match="give a reader exactly when"):
+        save_bundle(b.model, b.card, reader_bundle_dir.parent / "x")
+
+
+def _rewrite(folder, card=None, state=None):
+    if state is not None:
+        save_file(state, str(folder / WEIGHTS_FILE))
+        card = card or json.loads((folder / CARD_FILE).read_text())
+        card["weights"]["sha256"] = sha256_file(folder / WEIGHTS_FILE)
+    (folder / CARD_FILE).write_text(json.dumps(card))
+
+
+def test_reader_weights_and_card_must_go_together(reader_bundle_dir, tmp_path):
+    no_section = tmp_path / "a"
+    shutil.copytree(reader_bundle_dir, no_section)
+    card = json.loads((no_section / CARD_FILE).read_text())
+    card["reader"] = None
+    _rewrite(no_section, card)
+    with pytest.raises(BundleError, match="reader.* tensors but no reader section"):
+        load_bundle(no_section)
+
+    no_weights = tmp_path / "b"
+    shutil.copytree(reader_bundle_dir, no_weights)
+    state = {k: v for k, v in load_file(str(no_weights / WEIGHTS_FILE)).items() if not k.startswith("reader.")}
+    _rewrite(no_weights, state=state)
+    with pytest.raises(BundleError, match="do not fit"):
+        load_bundle(no_weights)
+
+    bad = tmp_path / "c"
+    shutil.copytree(reader_bundle_dir, bad)
+    card = json.loads((bad / CARD_FILE).read_text())
+    card["reader"]["weight"] = 2
+    _rewrite(bad, card)
+    with pytest.raises(BundleError, match="reader section is invalid: weight"):
+        load_bundle(bad)
+
+
+# ------------------------------------------------------------------------------------------- in the predictor
+
+
+def _lesion_volume(make_volume):
+    """The test volume with a bright cube the tiny network is forced to segment (see ``forced``)."""
+    return make_volume(size=(48, 40, 6), spacing=(0.8, 0.6, 2.0))
+
+
+@pytest.fixture(scope="module")
+def forced(reader_bundle_dir):
+    """The reader bundle whose segmentation is fixed: label 1 in a 10 x 12 box of every slice but the first."""
+    b = load_bundle(reader_bundle_dir)
+    inner = b.model
+
+    class Boxed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, x):
+            out = self.inner(x)
+            seg = torch.ones_like(out.seg_alpha)
+            seg[:, 0] = 50.0
+            seg[1:, 1, 10:20, 20:32] = 100.0  # the predictor's batch of 8 holds all 6 slices, in order
+            return out._replace(seg_alpha=seg)
+
+    return dataclasses.replace(b, model=Boxed())
+
+
+def test_predictor_reads_the_segmented_lesions_and_merges_their_score(forced, make_volume):
+    volume = _lesion_volume(make_volume)
+    with_reader = Predictor(forced, device="cpu").predict([volume] * 3)
+    without = Predictor(dataclasses.replace(forced, card=dataclasses.replace(forced.card, reader=None), reader=None),
+                        device="cpu").predict([volume] * 3)
+    c, c0 = with_reader.summary["classification"], without.summary["classification"]
+    assert c0["reader"] is None and without.summary["lesions"] == []
+    p = np.array([1 / (1 + np.exp(-8.0)), 0.5, 1 / (1 + np.exp(1.0))])
+    score = float(suspicion(p))
+    assert c["reader"]["applied"] and c["reader"]["reason"] is None and c["reader"]["weight"] == 0.5
+    assert c["reader"]["score"] == pytest.approx(score, rel=1e-6)
+    np.testing.assert_allclose(c["reader"]["network_probabilities"], c0["probabilities"], rtol=1e-12)
+    # the strength (uncertainty, verdict) is kept; the probability moves half-way to the score (then calibrates)
+    strength = 2.0 / c0["uncertainty"]
+    expected = fuse_reader_opinion(strength * np.array(c0["probabilities"]), score, 0.5)
+    np.testing.assert_allclose(c["probabilities"], expected / strength, rtol=1e-6)
+    assert c["uncertainty"] == pytest.approx(c0["uncertainty"]) and c["verdict"] == c0["verdict"]
+    (lesion,) = with_reader.summary["lesions"]
+    assert lesion["rank"] == 0 and lesion["voxel_count"] == 5 * 10 * 12
+    assert lesion["volume_ml"] == pytest.approx(600 * 0.8 * 0.6 * 2.0 / 1000)
+    assert lesion["probabilities"] == pytest.approx(dict(zip(READER_TARGETS, p)), rel=1e-6)
+    # the centre lies on the input grid: index (x, y, z) = (25.5, 14.5, first widest slice 1), in LPS through the image
+    assert lesion["centre_index"] == pytest.approx([25.5, 14.5, 1.0])
+    assert lesion["centre_lps"] == pytest.approx(volume.TransformContinuousIndexToPhysicalPoint((25.5, 14.5, 1.0)))
+    labels = sitk.GetArrayFromImage(with_reader.labelmap)
+    assert labels[1, 14, 25] == 1 and labels[0].max() == 0
+
+
+def test_predictor_calibrates_after_the_reader(forced, make_volume):
+    volume = _lesion_volume(make_volume)
+    calibration = {"slope": 0.5, "intercept": 0.3}
+    plain = Predictor(forced, device="cpu").predict([volume] * 3).summary["classification"]
+    card = dataclasses.replace(forced.card, case_calibration=calibration)
+    got = Predictor(dataclasses.replace(forced, card=card), device="cpu").predict([volume] * 3).summary["classification"]
+    strength = 2.0 / plain["uncertainty"]
+    expected = calibrate_case_alpha(strength * np.array(plain["probabilities"]), 0.5, 0.3)
+    np.testing.assert_allclose(got["probabilities"], expected / strength, rtol=1e-9)
+
+
+def test_one_volume_or_nothing_segmented_leaves_the_network_opinion(forced, tiny_bundle, make_volume):
+    volume = _lesion_volume(make_volume)
+    one = Predictor(forced, device="cpu").predict(volume).summary
+    r = one["classification"]["reader"]
+    assert not r["applied"] and r["score"] is None and "one volume" in r["reason"] and one["lesions"] == []
+    assert one["classification"]["probabilities"] == pytest.approx(r["network_probabilities"], rel=1e-12)
+    card = dataclasses.replace(forced.card, component_max_uncertainty=1e-6)  # removes every component
+    empty = Predictor(dataclasses.replace(forced, card=card), device="cpu").predict([volume] * 3).summary
+    r = empty["classification"]["reader"]
+    assert not r["applied"] and "nothing was segmented" in r["reason"] and empty["lesions"] == []

@@ -1,0 +1,158 @@
+"""The lesion reader: a second, small network that reads each segmented lesion's margin and kinetics from a patch.
+
+The UML network's classifier pools features of whole slices; on the synthetic breast DCE-MRI it encodes washout
+kinetics but not spiculated margins (docs/model.md, "linear probes"). The reader looks where the segmentation
+found lesions instead: around each of the ``max_components`` largest connected components of the (filtered)
+labelmap it cuts an in-plane patch of ``patch_size`` x ``patch_size`` pixels of ``pixel_mm`` mm, in the
+component's widest slice, centred on the component's centroid there, with ``context_slices`` slices on either
+side, from every named channel normalised as the card declares (``len(channels) * (2 * context_slices + 1)``
+patch channels, channel-major). It gives three probabilities per patch: a lesion is at the centre, its margin is
+spiculated, its kinetics wash out. A component's suspicion is
+``p_lesion * (1 - (1 - p_spiculated) * (1 - p_washout))`` (the generator's label rule), the case's reader score
+the largest suspicion; :func:`umlcore.fusion.fuse_reader_opinion` merges it into the case opinion.
+
+Trained by ``training/probe_roi.py``; shipped inside a bundle (``reader.*`` weights in ``model.safetensors``,
+:class:`ReaderConfig` as the card's ``reader``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from scipy import ndimage
+
+from .errors import BundleError
+
+__all__ = ["READER_TARGETS", "ReaderConfig", "LesionReader", "component_centres", "cut_patch", "suspicion"]
+
+#: What the reader's three outputs mean, in order.
+READER_TARGETS = ("lesion", "spiculated", "washout")
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """The card's ``reader`` section: the reader's architecture, what it looks at, and how much it counts.
+
+    Args:
+        width: Channels of the first conv stage (then 2x and 4x).
+        context_slices: Slices on either side of the component's widest slice in each patch.
+        patch_size: Patch side in pixels (a multiple of 8, at least 16).
+        pixel_mm: Patch pixel size in mm (in-plane; patches are resampled bilinearly to it).
+        max_components: The largest connected components of the labelmap that are read.
+        weight: Share of the reader in the case opinion (``0``: off, ``1``: the reader alone where it read a lesion).
+        training: Provenance and validation figures (free form, kept in the card).
+    """
+
+    width: int = 16
+    context_slices: int = 1
+    patch_size: int = 80
+    pixel_mm: float = 1.0
+    max_components: int = 3
+    weight: float = 0.5
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        problems = []
+        if not is_int(self.width) or self.width < 1:
+            problems.append(f"width must be a positive integer, got {self.width!r}")
+        if not is_int(self.context_slices) or not 0 <= self.context_slices <= 8:
+            problems.append(f"context_slices must be an integer from 0 to 8, got {self.context_slices!r}")
+        if not is_int(self.patch_size) or self.patch_size < 16 or self.patch_size % 8:
+            problems.append(f"patch_size must be a multiple of 8 of at least 16, got {self.patch_size!r}")
+        if not isinstance(self.pixel_mm, (int, float)) or not 0 < self.pixel_mm <= 10:
+            problems.append(f"pixel_mm must be a number in (0, 10], got {self.pixel_mm!r}")
+        if not is_int(self.max_components) or self.max_components < 1:
+            problems.append(f"max_components must be a positive integer, got {self.max_components!r}")
+        if not isinstance(self.weight, (int, float)) or not 0.0 <= self.weight <= 1.0:
+            problems.append(f"weight must be a number in [0, 1], got {self.weight!r}")
+        if problems:
+            raise BundleError("the card's reader section is invalid: " + "; ".join(problems))
+
+
+class LesionReader(nn.Module):
+    """``(B, C, P, P)`` patches -> ``(B, 3)`` logits of :data:`READER_TARGETS`.
+
+    Three stages of two 3x3 conv + batch norm + ReLU (``width``, ``2 width``, ``4 width`` channels), each followed
+    by 2x2 max pooling; global average and max pooling, concatenated; one linear layer.
+
+    Args:
+        in_channels: Patch channels: named input channels x ``(2 context_slices + 1)``.
+        width: Channels of the first stage.
+    """
+
+    def __init__(self, in_channels: int, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for k in (1, 2, 4):
+            layers += [nn.Conv2d(c, width * k, 3, padding=1, bias=False), nn.BatchNorm2d(width * k), nn.ReLU(True),
+                       nn.Conv2d(width * k, width * k, 3, padding=1, bias=False), nn.BatchNorm2d(width * k),
+                       nn.ReLU(True), nn.MaxPool2d(2)]
+            c = width * k
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(2 * c, len(READER_TARGETS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        return self.head(torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1))
+
+
+def component_centres(mask: np.ndarray, limit: int) -> list[tuple[int, int, float, float]]:
+    """The ``limit`` largest 6-connected 3D components of ``mask > 0``, largest first.
+
+    Args:
+        mask: ``(S, H, W)`` labelmap in slice order.
+        limit: How many components at most.
+
+    Returns:
+        ``(voxels, slice, y, x)`` per component: its size, the slice where it has the most voxels (the first on
+        ties) and its centroid in that slice (pixels, fractional).
+    """
+    labels, n = ndimage.label(mask > 0)
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel())[1:]
+    out = []
+    for k in np.argsort(-sizes, kind="stable")[:limit]:
+        comp = labels == k + 1
+        area = comp.reshape(comp.shape[0], -1).sum(axis=1)
+        z = int(np.argmax(area))
+        y, x = np.argwhere(comp[z]).mean(axis=0)
+        out.append((int(sizes[k]), z, float(y), float(x)))
+    return out
+
+
+def cut_patch(channels: np.ndarray, z: int, y: float, x: float, spacing_hw: tuple[float, float], size: int,
+              context: int, pixel_mm: float = 1.0) -> np.ndarray:
+    """An in-plane patch around ``(z, y, x)`` resampled bilinearly to ``pixel_mm`` mm pixels.
+
+    Args:
+        channels: ``(C, S, H, W)`` normalised volumes in slice order.
+        z, y, x: Centre (slice index, fractional pixel row and column).
+        spacing_hw: In-plane pixel spacing (mm) along H and W.
+        size: Patch side in pixels.
+        context: Slices on either side; slices beyond the volume repeat its end slices.
+        pixel_mm: The patch's pixel size.
+
+    Returns:
+        ``(C * (2 context + 1), size, size)`` float32, channel-major (all slices of channel 0 first); pixels beyond
+        the volume are 0.
+    """
+    offsets = (np.arange(size) - (size - 1) / 2.0) * pixel_mm
+    yy, xx = np.meshgrid(y + offsets / spacing_hw[0], x + offsets / spacing_hw[1], indexing="ij")
+    zs = np.clip(np.arange(z - context, z + context + 1), 0, channels.shape[1] - 1)
+    return np.stack([ndimage.map_coordinates(channels[c, s], (yy, xx), order=1, mode="constant", cval=0.0)
+                     for c in range(channels.shape[0]) for s in zs]).astype(np.float32)
+
+
+def suspicion(p: np.ndarray) -> np.ndarray:
+    """A lesion's suspicion from the reader's ``(..., 3)`` probabilities: ``p_lesion (1 - (1 - p_spic)(1 - p_wash))``."""
+    p = np.asarray(p)
+    return p[..., 0] * (1 - (1 - p[..., 1]) * (1 - p[..., 2]))

@@ -1,0 +1,103 @@
+"""Put a lesion reader trained by ``probe_roi.py`` into a model bundle (and, later, its measured calibration).
+
+Two steps, because the case calibration must be refitted on opinions that include the reader:
+
+1. ``--reader``: the reader's weights become the ``reader.*`` tensors of the new bundle's ``model.safetensors``
+   and its :class:`~umlcore.reader.ReaderConfig` the card's ``reader`` (with the probe run's command and
+   validation figures from ``--reader-report``); the network's weights and everything else are copied.
+2. ``--report``: an ``evaluate.py --calibrate-cases N --component-filter bundle`` report of that bundle supplies
+   the refitted ``case_calibration`` and the measured test metrics of the card (the single-volume calibration
+   stays: the reader does not read single volumes).
+
+Example:
+    python training/add_reader.py --model Resources/Models/uml-breast-dce-small \
+        --reader docs/model-eval/roi/roinet.safetensors --reader-report docs/model-eval/roi/report.json \
+        --version 1.3.0 --out runs/v130
+    python training/evaluate.py --model runs/v130 --out runs/v130/eval --calibrate-cases 400 \
+        --component-filter bundle --cases 400 --robustness-cases 1 --mode-cases 1
+    python training/add_reader.py --model runs/v130 --report runs/v130/eval/report.json \
+        --out Resources/Models/uml-breast-dce-small --overwrite
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from safetensors.torch import load_file
+
+from umlcore.bundle import load_bundle, save_bundle
+from umlcore.errors import BundleError
+from umlcore.reader import LesionReader, ReaderConfig
+
+PROBE_COMMAND = ("python training/probe_roi.py --model Resources/Models/uml-breast-dce-small --out runs/roi "
+                 "--train-cases 1000 --val-cases 200 --test-cases 200 --steps 4000 --batch 32")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=Path, help="the bundle to start from")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    p.add_argument("--reader", type=Path, help="roinet.safetensors written by probe_roi.py")
+    p.add_argument("--reader-report", type=Path, help="that run's report.json (validation figures for the card)")
+    p.add_argument("--reader-command", default=PROBE_COMMAND, help="the command that trained the reader")
+    p.add_argument("--weight", type=float, default=0.5, help="the reader's share of the case opinion")
+    p.add_argument("--report", type=Path, help="evaluate.py report of --model: its case calibration and metrics")
+    p.add_argument("--version", help="the new bundle's version (default: --model's)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    if (args.reader is None) == (args.report is None):
+        p.error("give --reader (step 1: add a reader) or --report (step 2: its refitted calibration), one of them")
+    for path in (args.reader, args.reader_report, args.report):
+        if path is not None and not path.is_file():
+            p.error(f"{path}: no such file")
+    if args.out.exists() and not args.overwrite:
+        p.error(f"{args.out} exists: add --overwrite to replace it, or choose another --out folder")
+    try:
+        bundle = load_bundle(args.model)
+    except BundleError as err:
+        p.error(str(err))
+    card, reader = bundle.card, bundle.reader
+    if args.reader is not None:
+        if card.architecture.num_classes != 2:
+            p.error(f"{args.model} is not a binary model: the reader's score is one class's probability")
+        training = {"command": args.reader_command, "weights": args.reader.name}
+        if args.reader_report is not None:
+            rep = json.loads(args.reader_report.read_text())
+            training.update({k: rep[k] for k in ("train_patches", "val_patches", "val") if k in rep})
+        config = ReaderConfig(weight=args.weight, training=training)
+        reader = LesionReader(len(card.input.channels) * (2 * config.context_slices + 1), config.width)
+        try:
+            reader.load_state_dict(load_file(str(args.reader)))
+        except Exception as err:  # another context or width, or not a reader at all
+            p.error(f"{args.reader} does not fit a reader of {config}: {err}")
+        card = dataclasses.replace(card, reader=config)
+    else:
+        if reader is None:
+            p.error(f"{args.model} has no reader: run step 1 (--reader) first")
+        report = json.loads(args.report.read_text())
+        if report.get("model", {}).get("sha256") != bundle.sha256:
+            p.error(f"{args.report} evaluated another bundle (sha256 {report.get('model', {}).get('sha256')!r}), "
+                    f"not {args.model}: evaluate this one")
+        summary = dict(report.get("summary", {}))
+        calibration = summary.pop("case_calibration", None)
+        if calibration is None:
+            p.error(f"{args.report} has no case_calibration: run evaluate.py with --calibrate-cases N")
+        summary.pop("component_max_uncertainty", None)
+        metrics = {"test_set": report.get("dataset"), "command": report.get("command"), **summary}
+        if "single_volume" in card.metrics:  # measured without the reader, which single volumes do not use
+            metrics["single_volume"] = card.metrics["single_volume"]
+        card = dataclasses.replace(card, case_calibration=calibration, metrics=metrics)
+    if args.version:
+        card = dataclasses.replace(card, version=args.version)
+    path = save_bundle(bundle.model, card, args.out, overwrite=args.overwrite, reader=reader)
+    print(f"wrote {path} (version {card.version}, sha256 {load_bundle(path).sha256[:12]}...)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
