@@ -484,10 +484,11 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------------------------------ confidence panel
 
     def clearConfidencePanel(self) -> None:
-        for name in ("predictedClassLabel", "probabilityLabel", "verdictLabel", "lesionVolumeLabel", "lesionUncertaintyLabel"):
+        for name in ("predictedClassLabel", "probabilityLabel", "verdictLabel", "lesionVolumeLabel", "lesionUncertaintyLabel",
+                     "readerLabel"):
             getattr(self.ui, name).text = "-"
         self.ui.verdictLabel.styleSheet = ""
-        self.ui.lesionVolumeLabel.toolTip = self.ui.probabilityLabel.toolTip = ""
+        self.ui.lesionVolumeLabel.toolTip = self.ui.probabilityLabel.toolTip = self.ui.readerLabel.toolTip = ""
         self.ui.uncertaintyProgressBar.value = 0
         self.setBeliefBars(())
 
@@ -538,6 +539,8 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "Segmented regions whose mean uncertainty was above the model's threshold were removed before the "
             "case opinion; they remain visible in the uncertainty map.")
         self.ui.lesionUncertaintyLabel.text = "-" if panel.lesionMeanUncertainty is None else f"{100 * panel.lesionMeanUncertainty:.1f} %"
+        self.ui.readerLabel.text = panel.readerText or "- (this model has no lesion reader)"
+        self.ui.readerLabel.toolTip = panel.readerToolTip
 
     def updateConfidencePanelFromTable(self, tableNode=None) -> None:
         """Show the summary stored with a results table (so a restored scene shows its confidence panel)."""

@@ -93,3 +93,19 @@ def test_csv_rows_and_columns(tmp_path):
     assert [r["case_id"] for r in rows] == ["case01", "case02"]
     assert rows[1]["lesion_volume_ml"] == "" and rows[0]["verdict"] == "reliable"
     assert not (tmp_path / "r.csv.part").exists()
+
+
+def test_confidence_panel_says_what_the_lesion_reader_found():
+    assert confidencePanel(SUMMARY).readerText == ""  # a model without a reader
+    reader = {"applied": True, "reason": None, "score": 0.62, "weight": 0.5, "fusion": "averaging fusion at equal uncertainty",
+              "network_probabilities": [0.7, 0.3]}
+    lesions = [{"rank": 0, "suspicion": 0.2, "probabilities": {"lesion": 0.99, "spiculated": 0.1, "washout": 0.1}},
+               {"rank": 1, "suspicion": 0.62, "probabilities": {"lesion": 0.9, "spiculated": 0.81, "washout": 0.12}}]
+    read = {**SUMMARY, "classification": {**SUMMARY["classification"], "reader": reader}, "lesions": lesions}
+    assert unflattenRows(flattenSummary(read)) == read  # the results table keeps the reader's findings
+    panel = confidencePanel(read)
+    assert panel.readerText == "62 % suspicious (spiculated 81 %, washout 12 %); most suspicious of 2 lesions read"
+    assert "50 % of the case opinion" in panel.readerToolTip and "alone (uncalibrated) said 30 % pCR" in panel.readerToolTip
+    unused = {**reader, "applied": False, "score": None, "reason": "nothing was segmented"}
+    panel = confidencePanel({**SUMMARY, "classification": {**SUMMARY["classification"], "reader": unused}, "lesions": []})
+    assert panel.readerText == "not used: nothing was segmented" and panel.readerToolTip == ""

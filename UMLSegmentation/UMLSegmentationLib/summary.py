@@ -203,6 +203,9 @@ class ConfidencePanel:
             has no such filter; the regions stay visible in the uncertainty map).
         singleVolume: The case was given as one volume replicated into the model's several channels (a single
             DCE phase or a subtraction image): a weaker opinion than from all channels.
+        readerText: What the model's lesion reader found (``""`` when the model has none): the most suspicious
+            lesion's score and its margin and kinetics probabilities, or why the reader was not used.
+        readerToolTip: How the reader's score entered the case opinion, with the network's own probability.
     """
 
     predictedClass: str
@@ -218,9 +221,38 @@ class ConfidencePanel:
     lesionMeanUncertainty: Optional[float]
     componentsRemoved: Optional[int] = None
     singleVolume: bool = False
+    readerText: str = ""
+    readerToolTip: str = ""
 
 
 VERDICT_COLORS = {"reliable": "#2e7d32", "review": "#e65100"}
+
+
+def _readerTexts(summary: Mapping[str, Any]) -> tuple[str, str]:
+    """The reader's line and tool tip of the confidence panel (``docs/summary-schema.md``: classification.reader)."""
+    reader = summary.get("classification", {}).get("reader")
+    if not isinstance(reader, Mapping):
+        return "", ""
+    if not reader.get("applied"):
+        return f"not used: {reader.get('reason') or 'no reason given'}", ""
+    lesions = [l for l in summary.get("lesions", []) if isinstance(l, Mapping)]
+    top = max(lesions, key=lambda l: float(l.get("suspicion", 0.0)), default={})
+    p = top.get("probabilities", {})
+    text = f"{100 * float(reader.get('score', float('nan'))):.0f} % suspicious"
+    if p:
+        text += f" (spiculated {100 * float(p.get('spiculated', 0)):.0f} %, washout {100 * float(p.get('washout', 0)):.0f} %)"
+    n = len(lesions)
+    text += f"; most suspicious of {n} lesion{'s' if n != 1 else ''} read"
+    network = reader.get("network_probabilities") or []
+    positive = summary.get("classification", {}).get("positive_class")
+    classes = list(summary.get("classification", {}).get("classes", []))
+    alone = network[classes.index(positive)] if positive in classes and len(network) == len(classes) else None
+    tip = (f"A second network read the {n} largest segmented lesion{'s' if n != 1 else ''} from patches of all phases "
+           f"(margin and kinetics). Its score counts for {100 * float(reader.get('weight', 0)):.0f} % of the case "
+           "opinion; the uncertainty is the network's.")
+    if alone is not None:
+        tip += f" The network alone (uncalibrated) said {100 * float(alone):.0f} % {positive}."
+    return text, tip
 
 
 def confidencePanel(summary: Mapping[str, Any]) -> ConfidencePanel:
@@ -241,6 +273,7 @@ def confidencePanel(summary: Mapping[str, Any]) -> ConfidencePanel:
     verdict = str(cls.get("verdict", ""))
     removed = _componentsRemoved(summary)
     sources = [item.get("volume") for item in summary.get("inputs", []) if isinstance(item, Mapping)]
+    readerText, readerToolTip = _readerTexts(summary)
     return ConfidencePanel(
         predictedClass=str(cls.get("predicted_class", classes[index] if index < len(classes) else "")),
         predictedProbability=probabilities[index] if index < len(probabilities) else float("nan"),
@@ -255,4 +288,6 @@ def confidencePanel(summary: Mapping[str, Any]) -> ConfidencePanel:
         lesionMeanUncertainty=None if meanU is None else float(meanU),
         componentsRemoved=removed,
         singleVolume=len(sources) > 1 and len(set(sources)) == 1,
+        readerText=readerText,
+        readerToolTip=readerToolTip,
     )
