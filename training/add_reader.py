@@ -37,6 +37,10 @@ from umlcore.reader import LesionReader, ReaderConfig
 PROBE_COMMAND = ("python training/probe_roi.py --model Resources/Models/uml-breast-dce-small --out runs/roi "
                  "--train-cases 1000 --val-cases 200 --test-cases 200 --steps 4000 --batch 32")
 
+READER_SENTENCE = ("A lesion reader (a second, small network) reads the margin and kinetics of the largest segmented "
+                   "lesions from patches of all phases; its score is merged into the case opinion of multi-phase "
+                   "inputs.")
+
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,7 +79,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             reader.load_state_dict(load_file(str(args.reader)))
         except Exception as err:  # another context or width, or not a reader at all
             p.error(f"{args.reader} does not fit a reader of {config}: {err}")
-        card = dataclasses.replace(card, reader=config)
+        description = card.description
+        if READER_SENTENCE not in description:
+            description = description.replace(" Research use only", f" {READER_SENTENCE} Research use only", 1) \
+                if " Research use only" in description else f"{description} {READER_SENTENCE}".strip()
+        card = dataclasses.replace(card, reader=config, description=description)
     else:
         if reader is None:
             p.error(f"{args.model} has no reader: run step 1 (--reader) first")

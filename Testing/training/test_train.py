@@ -14,6 +14,7 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "training"))
 
+import add_reader  # noqa: E402
 import calibrate_single_volume  # noqa: E402
 import evaluate  # noqa: E402
 import export  # noqa: E402
@@ -503,18 +504,6 @@ def test_irregularity_is_near_zero_for_a_ball_and_large_for_a_spiky_star():
     assert probe_features.irregularity(np.zeros((4, 4, 4), bool), (1.0, 1.0, 1.0)) == 0.0
 
 
-def test_roi_probe_finds_the_largest_component_in_its_widest_slice():
-    mask = np.zeros((5, 20, 20), np.uint8)
-    mask[1:4, 2:6, 2:6] = 1  # 48 voxels, as wide in every slice
-    mask[2, 10:17, 11:16] = 1  # 35 voxels in one slice
-    mask[3, 12:15, 12:15] = 1  # ... and 9 more: the widest slice of this 44-voxel component is 2
-    (big, z1, y1, x1), (small, z2, y2, x2) = probe_roi.component_centres(mask, 2)
-    assert (big, small) == (48, 44) and z1 == 1 and (y1, x1) == (3.5, 3.5)
-    assert z2 == 2 and (y2, x2) == (13.0, 13.0)
-    assert probe_roi.component_centres(mask, 1) == [(48, 1, 3.5, 3.5)]
-    assert probe_roi.component_centres(np.zeros_like(mask), 2) == []
-
-
 def test_roi_patch_samples_1_mm_pixels_and_repeats_the_end_slices():
     z, y, x = np.mgrid[0:4, 0:40, 0:40].astype(np.float32)
     channels = np.stack([x, 100 * z])  # (C=2, S=4, H, W): column index, slice index
@@ -530,8 +519,6 @@ def test_roi_loss_reads_margin_and_kinetics_only_where_a_lesion_is():
     y = torch.tensor([[1, 1, 0], [0, 0, 0]])
     probe_roi.loss_fn(logits, y).backward()
     assert logits.grad[1, 1:].abs().sum() == 0 and logits.grad[0].abs().min() > 0
-    net = probe_roi.LesionReader(9)
-    assert net(torch.randn(2, 9, 24, 24)).shape == (2, 3)
 
 
 def test_roi_probe_trains_and_reports_end_to_end(tiny_bundle_dir, tmp_path, capsys):
@@ -559,3 +546,52 @@ def test_roi_probe_trains_and_reports_end_to_end(tiny_bundle_dir, tmp_path, caps
         assert why in capsys.readouterr().err
     with pytest.raises(SystemExit):
         probe_roi.main(args[:4] + ["--train-cases", "5"])
+
+
+def test_add_reader_puts_a_reader_in_a_bundle_then_its_refitted_calibration(tiny_bundle_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+    from umlcore.reader import LesionReader
+
+    torch.manual_seed(0)
+    reader = LesionReader(9)
+    save_file(reader.state_dict(), str(tmp_path / "roinet.safetensors"))
+    (tmp_path / "probe.json").write_text(json.dumps({"val": {"spiculated": 0.86}, "train_patches": 1831, "other": 1}))
+    step1 = tmp_path / "step1"
+    assert add_reader.main(["--model", str(tiny_bundle_dir), "--reader", str(tmp_path / "roinet.safetensors"),
+                            "--reader-report", str(tmp_path / "probe.json"), "--weight", "0.4", "--version", "2.0.0",
+                            "--out", str(step1)]) == 0
+    b = load_bundle(step1)
+    assert b.card.version == "2.0.0" and b.card.reader.weight == 0.4 and add_reader.READER_SENTENCE in b.card.description
+    assert b.card.reader.training["val"] == {"spiculated": 0.86} and b.card.reader.training["train_patches"] == 1831
+    assert "other" not in b.card.reader.training and b.card.reader.training["command"].startswith("python training/probe_roi.py")
+    for k, v in reader.state_dict().items():
+        assert torch.equal(b.reader.state_dict()[k], v)
+    original = load_bundle(tiny_bundle_dir)
+    for k, v in original.model.state_dict().items():
+        assert torch.equal(b.model.state_dict()[k], v)
+
+    report = {"model": {"sha256": b.sha256}, "command": "python training/evaluate.py ...", "dataset": "4 cases",
+              "summary": {"auc": 0.9, "case_calibration": {"slope": 0.7, "intercept": -0.2, "fitted_on": "x"},
+                          "component_max_uncertainty": None}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    step2 = tmp_path / "step2"
+    assert add_reader.main(["--model", str(step1), "--report", str(tmp_path / "report.json"), "--out", str(step2)]) == 0
+    c = load_bundle(step2).card
+    assert c.case_calibration == {"slope": 0.7, "intercept": -0.2, "fitted_on": "x"} and c.reader == b.card.reader
+    assert c.metrics == {"test_set": "4 cases", "command": "python training/evaluate.py ...", "auc": 0.9}
+    assert c.version == "2.0.0"
+
+    (tmp_path / "other.json").write_text(json.dumps({**report, "model": {"sha256": "0" * 64}}))
+    for argv, why in (
+        (["--model", str(step1), "--out", str(tmp_path / "x")], "give --reader"),
+        (["--model", str(step1), "--report", str(tmp_path / "report.json"), "--out", str(step2)], "add --overwrite"),
+        (["--model", str(step1), "--report", str(tmp_path / "other.json"), "--out", str(tmp_path / "y")], "evaluated another bundle"),
+        (["--model", str(tiny_bundle_dir), "--report", str(tmp_path / "report.json"), "--out", str(tmp_path / "y")], "has no reader"),
+        (["--model", str(tiny_bundle_dir), "--reader", str(tmp_path / "probe.json"), "--out", str(tmp_path / "y")], "does not fit"),
+        (["--model", str(tiny_bundle_dir), "--reader", str(tmp_path / "none"), "--out", str(tmp_path / "y")], "no such file"),
+    ):
+        with pytest.raises(SystemExit):
+            add_reader.main(argv)
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+

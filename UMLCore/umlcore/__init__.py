@@ -15,6 +15,7 @@ from .synthetic import SyntheticCase, case_label, generate_case
 from .io import read_case, read_volume, write_image_atomic
 from .fusion import fuse_slice_opinions
 from .predictor import Prediction, Predictor
+from .reader import LesionReader, ReaderConfig
 
 __version__ = "0.1.0"
 
@@ -55,5 +56,7 @@ __all__ = [
     "fuse_slice_opinions",
     "Predictor",
     "Prediction",
+    "LesionReader",
+    "ReaderConfig",
     "__version__",
 ]
