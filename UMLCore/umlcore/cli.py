@@ -363,6 +363,12 @@ def _card_text(bundle: ModelBundle) -> str:
     ]
     if card.component_max_uncertainty is not None:
         lines.append(f"  postprocess:   drop segmentation components with mean uncertainty > {card.component_max_uncertainty:g}")
+    if card.reader is not None:
+        r = card.reader
+        params = sum(p.numel() for p in bundle.reader.parameters()) if bundle.reader is not None else 0
+        lines.append(f"  lesion reader: {params:,} parameters, {r.patch_size} x {r.patch_size} patches of {r.pixel_mm:g} mm "
+                     f"(+-{r.context_slices} slices) at the {r.max_components} largest components; "
+                     f"weight {r.weight:g} in the case opinion of multi-phase inputs")
     if card.case_calibration is not None:
         c = card.case_calibration
         lines.append(f"  calibration:   case opinion, Platt slope {c['slope']:.3f}, intercept {c['intercept']:.3f}")
