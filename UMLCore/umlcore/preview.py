@@ -103,7 +103,7 @@ def write_preview(volumes: Union[sitk.Image, Sequence[sitk.Image]], labelmap: si
     if reader and reader.get("applied") and summary.get("lesions"):
         top = max(summary["lesions"], key=lambda l: l["suspicion"])
         pr = top["probabilities"]
-        lines.append(f"lesion reader: {reader['score']:.2f} (spiculated {pr['spiculated']:.2f}, washout {pr['washout']:.2f})")
+        lines += [f"lesion reader: {reader['score']:.2f}", f"  (spiculated {pr['spiculated']:.2f}, washout {pr['washout']:.2f})"]
     ax.set_title("\n".join(lines), fontsize=10, color="#1a7f37" if verdict == "reliable" else "#b35900", loc="left")
     model = summary.get("model", {})
     fig.suptitle(f"UML — {summary.get('case_id', '')}   model {model.get('id', '')} {model.get('version', '')}   "
