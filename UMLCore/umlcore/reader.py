@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn as nn
-from scipy import ndimage
 
 from .errors import BundleError
 
@@ -113,20 +113,39 @@ def component_centres(mask: np.ndarray, limit: int) -> list[tuple[int, int, floa
 
     Returns:
         ``(voxels, slice, y, x)`` per component: its size, the slice where it has the most voxels (the first on
-        ties) and its centroid in that slice (pixels, fractional).
+        ties) and its centroid in that slice (pixels, fractional). Components of equal size come in the order of
+        their first voxel in ``mask``'s memory order.
     """
-    labels, n = ndimage.label(mask > 0)
-    if n == 0:
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((mask > 0).astype(np.uint8)), False))
+    ids, first = np.unique(labels.ravel(), return_index=True)
+    if ids[-1] == 0:
         return []
-    sizes = np.bincount(labels.ravel())[1:]
+    sizes = np.bincount(labels.ravel())[ids]
+    keep = ids > 0
+    ids, first, sizes = ids[keep], first[keep], sizes[keep]
     out = []
-    for k in np.argsort(-sizes, kind="stable")[:limit]:
-        comp = labels == k + 1
+    for k in np.lexsort((first, -sizes))[:limit]:
+        comp = labels == ids[k]
         area = comp.reshape(comp.shape[0], -1).sum(axis=1)
         z = int(np.argmax(area))
         y, x = np.argwhere(comp[z]).mean(axis=0)
         out.append((int(sizes[k]), z, float(y), float(x)))
     return out
+
+
+def _bilinear(image: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """``image (H, W)`` sampled bilinearly at ``(yy, xx)``; points outside ``[0, H-1] x [0, W-1]`` give 0."""
+    h, w = image.shape
+    inside = (yy >= 0) & (yy <= h - 1) & (xx >= 0) & (xx <= w - 1)
+    y = np.clip(yy, 0, h - 1)
+    x = np.clip(xx, 0, w - 1)
+    y0, x0 = np.floor(y).astype(int), np.floor(x).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = y - y0, x - x0
+    img = image.astype(np.float64, copy=False)
+    top = img[y0, x0] * (1 - fx) + img[y0, x1] * fx
+    bottom = img[y1, x0] * (1 - fx) + img[y1, x1] * fx
+    return np.where(inside, top * (1 - fy) + bottom * fy, 0.0)
 
 
 def cut_patch(channels: np.ndarray, z: int, y: float, x: float, spacing_hw: tuple[float, float], size: int,
@@ -148,8 +167,7 @@ def cut_patch(channels: np.ndarray, z: int, y: float, x: float, spacing_hw: tupl
     offsets = (np.arange(size) - (size - 1) / 2.0) * pixel_mm
     yy, xx = np.meshgrid(y + offsets / spacing_hw[0], x + offsets / spacing_hw[1], indexing="ij")
     zs = np.clip(np.arange(z - context, z + context + 1), 0, channels.shape[1] - 1)
-    return np.stack([ndimage.map_coordinates(channels[c, s], (yy, xx), order=1, mode="constant", cval=0.0)
-                     for c in range(channels.shape[0]) for s in zs]).astype(np.float32)
+    return np.stack([_bilinear(channels[c, s], yy, xx) for c in range(channels.shape[0]) for s in zs]).astype(np.float32)
 
 
 def suspicion(p: np.ndarray) -> np.ndarray:
