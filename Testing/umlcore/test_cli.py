@@ -441,3 +441,4 @@ def test_info_shows_the_shipped_cards_post_processing_and_calibration(capsys):
     assert f"postprocess:   drop segmentation components with mean uncertainty > {card.component_max_uncertainty:g}" in text
     assert "calibration:   case opinion, Platt slope" in text
     assert card.single_volume_calibration is not None and "one volume given: Platt slope" in text
+    assert card.reader is not None and "lesion reader: 73,555 parameters, 80 x 80 patches of 1 mm" in text
