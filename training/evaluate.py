@@ -398,6 +398,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "seconds": round(time.time() - t0, 1),
         "cases": main_res["_rows"],  # one row per test case (all three phases, no added noise)
     }
+    if val is not None:  # the rows the calibration was fitted on (uncalibrated), e.g. to choose a reader weight
+        report["validation_cases"] = val["_rows"]
     (args.out / "report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     write_markdown(report, args.out / "report.md")
     print(json.dumps(json_safe(summary), indent=2))

@@ -91,6 +91,7 @@ def test_evaluate_writes_reports_and_export_takes_its_metrics(run_dir, tmp_path)
     assert report["summary"]["cases"] == 4 and [r["sigma"] for r in report["robustness"]] == [0.0, 0.05, 0.1, 0.2]
     assert set(report["input_modes"]) == {"phases", "early", "subtraction"}
     assert [r["seed"] for r in report["cases"]] == [2_000_000 + i for i in range(4)]
+    assert [r["seed"] for r in report["validation_cases"]] == [1_000_000, 1_000_001]  # what the calibration saw
     assert sum(b["cases"] for b in report["summary"]["dice_by_lesion_size"].values()) == \
         report["summary"]["cases_with_lesion"] == sum(r["lesion_voxels"] > 0 for r in report["cases"])
     assert (out / "report.md").read_text().startswith("# Evaluation of")
