@@ -392,16 +392,16 @@ class Predictor:
         removed = 0
         if card.component_max_uncertainty is not None:
             labels, removed = remove_uncertain_components(labels, unc, card.component_max_uncertainty)
+        single_volume = len(set(source)) < len(source)  # one volume replicated into every channel
         w_axis, h_axis = inplane_axes(axis)
         spacing = ref.GetSpacing()
-        reading = self._read_lesions(stack, labels, (spacing[h_axis], spacing[w_axis]),
-                                     single_volume=len(set(source)) < len(source))
+        reading = self._read_lesions(stack, labels, (spacing[h_axis], spacing[w_axis]), single_volume)
         images = []
         for array in (labels, unc, fg):
             image = sitk.GetImageFromArray(np.ascontiguousarray(from_slices(array, axis)))
             image.CopyInformation(ref)
             images.append(image)
-        summary = self._summary(case_id, ref, axis, source, labels, unc, cls_alpha, reading)
+        summary = self._summary(case_id, ref, axis, source, single_volume, labels, unc, cls_alpha, reading)
         summary["postprocessing"] = {"component_max_uncertainty": card.component_max_uncertainty,
                                      "components_removed": removed}
         t3 = time.perf_counter()
@@ -449,6 +449,7 @@ class Predictor:
         ref: sitk.Image,
         axis: int,
         source: list[int],
+        single_volume: bool,
         labels: np.ndarray,
         unc: np.ndarray,
         cls_alpha: np.ndarray,
@@ -460,7 +461,7 @@ class Predictor:
         network_probs = case_alpha / case_alpha.sum()
         if reading is not None and reading["score"] is not None:
             case_alpha = fuse_reader_opinion(case_alpha, reading["score"], card.reader.weight, card.positive_class)
-        calibration_name, calibration = card.calibration_for(single_volume=len(set(source)) < len(source))
+        calibration_name, calibration = card.calibration_for(single_volume=single_volume)
         if calibration is not None:
             case_alpha = calibrate_case_alpha(case_alpha, calibration["slope"], calibration["intercept"],
                                               card.positive_class)
