@@ -31,7 +31,7 @@ import SimpleITK as sitk
 
 from umlcore import metrics
 from umlcore.bundle import load_bundle
-from umlcore.fusion import fit_platt
+from umlcore.fusion import calibrate_case_alpha, fit_platt, fuse_reader_opinion
 from umlcore.predictor import Predictor, label_components
 from umlcore.synthetic import generate_case
 
@@ -251,6 +251,56 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
     return res
 
 
+READER_WEIGHTS = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+def reader_merged_alphas(rows: list[dict], weight: float, positive: int = 1) -> np.ndarray:
+    """Each row's uncalibrated case Dirichlet had the reader had ``weight``, as the predictor fuses it.
+
+    A row keeps the network's opinion (its ``network_positive_probability`` with strength ``S = 2 / uncertainty``,
+    which the fusion and the calibration do not change) and, where the reader read a lesion (``reader_score`` not
+    ``None``), merges the reader's score by :func:`umlcore.fusion.fuse_reader_opinion`.
+
+    Returns:
+        ``(N, 2)`` Dirichlet parameters.
+    """
+    out = np.empty((len(rows), 2))
+    for i, r in enumerate(rows):
+        strength = 2.0 / r["uncertainty"]
+        alpha = np.empty(2)
+        alpha[positive] = strength * r["network_positive_probability"]
+        alpha[1 - positive] = strength - alpha[positive]
+        alpha = np.maximum(alpha, 1.0)  # float round-off around the prior
+        if r["reader_score"] is not None:
+            alpha = fuse_reader_opinion(alpha, r["reader_score"], weight, positive)
+        out[i] = alpha
+    return out
+
+
+def choose_reader_weight(rows: list[dict], positive: int = 1) -> tuple[float, dict[str, dict]]:
+    """The reader weight (of :data:`READER_WEIGHTS`) whose merged, Platt-calibrated validation opinions have the
+    lowest NLL (a proper score: discrimination and calibration together), and per weight that NLL and the AUC.
+
+    Args:
+        rows: Validation rows of :func:`evaluate_cases` for a bundle with a reader, run without a case calibration.
+        positive: Index of the positive class.
+
+    Returns:
+        The weight and ``{str(weight): {"nll": ..., "auc": ...}}``.
+    """
+    labels = np.array([r["label"] for r in rows], dtype=int)
+    table = {}
+    for w in READER_WEIGHTS:
+        alphas = reader_merged_alphas(rows, w, positive)
+        p = alphas[:, positive] / alphas.sum(axis=1)
+        slope, intercept = fit_platt(p, labels)
+        calibrated = np.array([calibrate_case_alpha(a, slope, intercept, positive) for a in alphas])
+        table[str(w)] = {"nll": metrics.nll(calibrated[:, positive] / calibrated.sum(axis=1), labels),
+                         "auc": metrics.roc_auc(p, labels)}
+    best = min(READER_WEIGHTS, key=lambda w: table[str(w)]["nll"])
+    return best, table
+
+
 def suggest_review_uncertainty(u: np.ndarray, correct: np.ndarray) -> float:
     """The case-uncertainty threshold above which cases are flagged 'review': the smallest threshold whose
     retained (u <= t) cases reach the error rate of the best half, so 'reliable' means measurably safer."""
@@ -327,13 +377,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--component-filter", default="fit", choices=["fit", "bundle"],
                    help="with --calibrate-cases: 'fit' chooses the uncertain-component filter on the validation "
                         "cases first (two validation passes); 'bundle' keeps the bundle's filter (one pass)")
+    p.add_argument("--reader-weight", default="bundle", choices=["bundle", "fit"],
+                   help="with --calibrate-cases and a bundle with a lesion reader: 'fit' chooses the reader's share "
+                        "of the case opinion on the validation cases (lowest NLL after calibration) before the "
+                        "calibration is fitted; 'bundle' keeps the card's")
     args = p.parse_args(argv)
     if args.component_filter == "bundle" and not args.calibrate_cases:
         p.error("--component-filter bundle only applies to the calibration fit: add --calibrate-cases N")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.reader_weight == "fit" and not args.calibrate_cases:
+        p.error("--reader-weight fit chooses the weight on validation cases: add --calibrate-cases N")
     bundle = load_bundle(args.model)
+    if args.reader_weight == "fit" and bundle.card.reader is None:
+        p.error(f"--reader-weight fit: {args.model} has no lesion reader (training/add_reader.py adds one)")
+    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     calibration, val, threshold, threshold_table = None, None, bundle.card.component_max_uncertainty, None
+    reader_fit = None
     if args.calibrate_cases:
         # 1. on validation cases, without post-processing: which component-uncertainty filter helps the Dice most
         def on_validation(card) -> dict:
@@ -354,6 +413,24 @@ def main(argv: Optional[list[str]] = None) -> int:
             val = on_validation(dataclasses.replace(bundle.card, case_calibration=None,
                                                     component_max_uncertainty=threshold))
         bundle = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, component_max_uncertainty=threshold))
+        if args.reader_weight == "fit":
+            reader_weight, reader_table = choose_reader_weight(val["_rows"], bundle.card.positive_class)
+            pos = bundle.card.positive_class
+            again = reader_merged_alphas(val["_rows"], bundle.card.reader.weight, pos)
+            if not np.allclose(again[:, pos] / again.sum(axis=1), val["_probs"], atol=1e-6):
+                raise RuntimeError("the validation rows do not reproduce the predictor's reader fusion: "
+                                   "reader_merged_alphas and Predictor have drifted apart")
+            merged = reader_merged_alphas(val["_rows"], reader_weight, pos)
+            val["_probs"] = merged[:, pos] / merged.sum(axis=1)
+            val["_correct"] = ((val["_probs"] >= 0.5) == val["_labels"].astype(bool)).astype(int)
+            val["ece"] = metrics.expected_calibration_error(val["_probs"], val["_labels"])
+            bundle = dataclasses.replace(bundle, card=dataclasses.replace(
+                bundle.card, reader=dataclasses.replace(bundle.card.reader, weight=reader_weight)))
+            reader_fit = {"weight": reader_weight, "fitted_on": f"{args.calibrate_cases} validation cases, seeds "
+                          f"{VAL_SEED_BASE}..{VAL_SEED_BASE + args.calibrate_cases - 1}",
+                          "criterion": "lowest NLL after the Platt calibration", "validation": reader_table}
+            print(f"reader weight: {reader_weight} (validation NLL / AUC by weight: "
+                  f"{ {k: (round(v['nll'], 4), round(v['auc'], 4)) for k, v in reader_table.items()} })")
         slope, intercept = fit_platt(val["_probs"], val["_labels"])
         calibration = {"slope": slope, "intercept": intercept,
                        "fitted_on": f"{args.calibrate_cases} validation cases, seeds {VAL_SEED_BASE}.."
@@ -386,6 +463,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary["component_max_uncertainty"] = threshold
     if threshold_table is not None:
         summary["component_filter_validation_dice"] = threshold_table
+    if reader_fit is not None:
+        summary["reader_weight"] = reader_fit
     report = {
         "model": {"id": bundle.card.id, "version": bundle.card.version, "sha256": bundle.sha256},
         "command": "python training/evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),

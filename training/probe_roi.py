@@ -11,7 +11,8 @@ all from the images at the cases' resolution, by a network small enough to train
    patch centred on a strongly enhancing pixel (the kind of place a network puts a false lesion) as a negative.
 2. **Network.** Three conv stages (16-32-64 channels), global average + max pool, three logits: "a lesion is at
    the centre", "spiculated", "washout" (the last two trained on lesion patches only). Dihedral flips, +-4 px
-   shifts, a shared gamma and per-phase +-3 % intensity jitter, Gaussian noise up to 0.03.
+   shifts, a shared gamma and per-phase +-3 % intensity jitter, Gaussian noise up to 0.03 (``--noise-max``: up to
+   that for half the patches).
 3. **Test.** On test cases (seeds 2,000,000..) the bundle's predictor runs end to end; the patches of its
    ``--components`` largest predicted lesions are scored, and a case's score is the most suspicious one's
    ``p_lesion * (1 - (1 - p_spiculated) (1 - p_washout))`` (the generator's label rule); where nothing was
@@ -88,8 +89,11 @@ def build_patches(seeds: range, shape, norm: Normalization, size: int, context: 
             "voxels": np.array([r[3] for r in rows]), "seed": np.array([r[0] for r in rows])}
 
 
-def augment(x: torch.Tensor, crop: int, phases: int, gen: torch.Generator) -> torch.Tensor:
-    """Random crop (shift), dihedral flip, shared gamma, per-phase jitter and noise of a ``(B, C, S, S)`` batch."""
+def augment(x: torch.Tensor, crop: int, phases: int, gen: torch.Generator, noise_max: float = 0.03) -> torch.Tensor:
+    """Random crop (shift), dihedral flip, shared gamma, per-phase jitter and noise of a ``(B, C, S, S)`` batch.
+
+    The noise's sigma is drawn up to 0.03 for half the patches and up to ``noise_max`` for the other half (the same
+    when ``noise_max`` is 0.03), so a reader trained for noisy inputs still sees clean ones."""
     b, c, s, _ = x.shape
     out = torch.empty(b, c, crop, crop)
     for i in range(b):
@@ -103,7 +107,8 @@ def augment(x: torch.Tensor, crop: int, phases: int, gen: torch.Generator) -> to
             p = p.transpose(-1, -2)
         gamma = float(torch.empty(1).uniform_(0.8, 1.25, generator=gen))
         scale = torch.empty(phases).uniform_(0.97, 1.03, generator=gen).repeat_interleave(c // phases)
-        sigma = float(torch.empty(1).uniform_(0.0, 0.03, generator=gen))
+        high = noise_max if torch.rand(1, generator=gen) < 0.5 else 0.03
+        sigma = float(torch.empty(1).uniform_(0.0, high, generator=gen))
         out[i] = p.clamp(min=0).pow(gamma) * scale[:, None, None] + sigma * torch.randn(p.shape, generator=gen)
     return out
 
@@ -135,7 +140,8 @@ def aucs(p: np.ndarray, y: np.ndarray) -> dict:
             "washout": _auc(p[les, 2], y[les, 2])}
 
 
-def train(data: dict, val: dict, net: LesionReader, steps: int, batch: int, crop: int, seed: int, log) -> LesionReader:
+def train(data: dict, val: dict, net: LesionReader, steps: int, batch: int, crop: int, seed: int, log,
+          noise_max: float = 0.03) -> LesionReader:
     """``net`` trained on ``data``'s patches (``x (N, C, S, S)``, targets ``y (N, 3)``), reporting on ``val``."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -145,7 +151,7 @@ def train(data: dict, val: dict, net: LesionReader, steps: int, batch: int, crop
     for step in range(1, steps + 1):
         net.train()
         idx = torch.randint(0, len(x), (batch,), generator=gen)
-        loss = loss_fn(net(augment(x[idx], crop, 3, gen)), y[idx])
+        loss = loss_fn(net(augment(x[idx], crop, 3, gen, noise_max)), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -200,6 +206,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--crop", type=int, default=80)
     p.add_argument("--context", type=int, default=1, help="slices on either side")
     p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--noise-max", type=float, default=0.03,
+                   help="training noise: sigma up to 0.03 for half the patches, up to this for the other half")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -207,8 +215,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--weights", type=Path, help="a roinet.safetensors of an earlier run with the same --context: "
                                                 "test it (no training patches, no training)")
     args = p.parse_args(argv)
-    if min(args.train_cases, args.val_cases, args.test_cases) < 20:
-        p.error("--train-cases, --val-cases and --test-cases must be at least 20 each")
+    if min(args.train_cases, args.val_cases) < 20 or 0 < args.test_cases < 20:
+        p.error("--train-cases and --val-cases must be at least 20 each, --test-cases 0 (no test) or at least 20")
+    if not 0.0 <= args.noise_max <= 1.0:
+        p.error(f"--noise-max must lie in [0, 1] (a fraction of the normalised range), got {args.noise_max}")
     if not 8 <= args.crop <= args.size:
         p.error(f"--crop must lie in [8, --size={args.size}]")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -246,20 +256,25 @@ def main(argv: Optional[list[str]] = None) -> int:
             log(f"{name}: {len(data['x'])} patches from {n} cases in {time.time() - t0:.0f} s")
         sets[name] = dict(np.load(path))
     test_path = args.out / f"test-{args.test_cases}-{args.components}-{key}-{bundle.sha256[:12]}.npz"
-    if not test_path.is_file():
+    if args.test_cases and not test_path.is_file():
         data = test_rows(bundle, range(TEST_SEED, TEST_SEED + args.test_cases), args.shape, args.size,
                          args.context, args.components, log)
         np.savez(args.out / "partial.npz", **data)
         (args.out / "partial.npz").replace(test_path)
-    test = dict(np.load(test_path))
+    test = dict(np.load(test_path)) if args.test_cases else None
 
     if not args.weights:
-        net = train(sets["train"], sets["val"], net, args.steps, args.batch, args.crop, args.seed, log)
+        net = train(sets["train"], sets["val"], net, args.steps, args.batch, args.crop, args.seed, log,
+                    args.noise_max)
         save_file(net.state_dict(), str(args.out / "roinet.safetensors"))
     report = {"val": aucs(predict(net, sets["val"]["x"], args.crop), sets["val"]["y"]),
-              "val_patches": int(len(sets["val"]["x"])), "test_cases": int(len(test["seed"]))}
+              "val_patches": int(len(sets["val"]["x"])), "noise_max": args.noise_max, "steps": args.steps}
     if "train" in sets:
         report["train_patches"] = int(len(sets["train"]["x"]))
+    if test is None:  # --test-cases 0: the reader is tested end to end by evaluate.py once it is in a bundle
+        (args.out / "report.json").write_text(json.dumps(report, indent=2))
+        return 0
+    report["test_cases"] = int(len(test["seed"]))
     y_case = np.stack([test["lesion"], test["spiculated"], test["washout"]], axis=1)
     lesion, label, bundle_p = test["lesion"] > 0, test["label"], test["bundle_p"]
     n, k = test["x_pred"].shape[:2]

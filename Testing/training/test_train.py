@@ -596,3 +596,84 @@ def test_add_reader_puts_a_reader_in_a_bundle_then_its_refitted_calibration(tiny
         assert why in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
+
+
+def test_reader_merged_alphas_reproduce_the_predictors_fusion():
+    from umlcore.fusion import fuse_reader_opinion
+
+    rows = [{"network_positive_probability": 0.3, "uncertainty": 0.2, "reader_score": 0.9},
+            {"network_positive_probability": 0.6, "uncertainty": 0.5, "reader_score": None}]
+    np.testing.assert_allclose(evaluate.reader_merged_alphas(rows, 0.0), [[7.0, 3.0], [1.6, 2.4]])
+    merged = evaluate.reader_merged_alphas(rows, 0.4)
+    np.testing.assert_allclose(merged[0], fuse_reader_opinion(np.array([7.0, 3.0]), 0.9, 0.4))
+    np.testing.assert_allclose(merged[0], [1 + 0.6 * 6 + 0.4 * 8 * 0.1, 1 + 0.6 * 2 + 0.4 * 8 * 0.9])
+    np.testing.assert_allclose(merged[1], [1.6, 2.4])  # nothing read: the network's opinion stands
+    np.testing.assert_allclose(evaluate.reader_merged_alphas(rows, 1.0, positive=0)[0], [1 + 8 * 0.9, 1 + 8 * 0.1])
+
+
+def test_choose_reader_weight_follows_the_informative_opinion():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    good = np.where(labels == 1, 0.8, 0.2) + rng.normal(0, 0.15, 300)  # separates the labels
+    noise = rng.random(300)  # does not
+    def rows(network, reader):
+        return [{"network_positive_probability": float(np.clip(n, 0.15, 0.85)), "uncertainty": 0.1,
+                 "reader_score": float(np.clip(r, 0, 1)), "label": int(y)} for n, r, y in zip(network, reader, labels)]
+    w, table = evaluate.choose_reader_weight(rows(noise, good))
+    assert w >= 0.8 and set(table) == set(map(str, evaluate.READER_WEIGHTS))
+    assert table["1.0"]["auc"] > 0.9 > 0.6 > table["0.0"]["auc"]
+    w, table = evaluate.choose_reader_weight(rows(good, noise))
+    assert w <= 0.2 and table[str(w)]["nll"] == min(v["nll"] for v in table.values())
+
+
+def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+    from umlcore.reader import LesionReader
+
+    torch.manual_seed(0)
+    save_file(LesionReader(9).state_dict(), str(tmp_path / "roinet.safetensors"))
+    with_reader = tmp_path / "with-reader"
+    assert add_reader.main(["--model", str(tiny_bundle_dir), "--reader", str(tmp_path / "roinet.safetensors"),
+                            "--out", str(with_reader)]) == 0
+    out = tmp_path / "eval"
+    assert evaluate.main(["--model", str(with_reader), "--out", str(out), "--cases", "2", "--shape", "6", "32", "32",
+                          "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
+                          "--calibrate-cases", "2", "--component-filter", "bundle", "--reader-weight", "fit"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    fit = report["summary"]["reader_weight"]
+    assert fit["weight"] in evaluate.READER_WEIGHTS and fit["fitted_on"].startswith("2 validation cases")
+    assert set(fit["validation"]) == set(map(str, evaluate.READER_WEIGHTS))
+    final = tmp_path / "final"
+    assert add_reader.main(["--model", str(with_reader), "--report", str(out / "report.json"), "--out", str(final)]) == 0
+    card = load_bundle(final).card
+    assert card.reader.weight == fit["weight"] and card.reader.training["weight_fit"]["validation"] == fit["validation"]
+    assert "reader_weight" not in card.metrics
+    for argv, why in ((["--calibrate-cases", "0"], "add --calibrate-cases"), (["--calibrate-cases", "2"], "has no lesion reader")):
+        model = with_reader if why.startswith("add") else tiny_bundle_dir
+        with pytest.raises(SystemExit):
+            evaluate.main(["--model", str(model), "--out", str(tmp_path / "bad"), "--reader-weight", "fit", *argv])
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_roi_augment_noise_reaches_noise_max_for_half_the_patches():
+    gen = torch.Generator().manual_seed(0)
+    zeros = torch.zeros(400, 3, 12, 12)  # gamma and intensity jitter leave zeros at zero: only the noise remains
+    plain = probe_roi.augment(zeros, 8, 3, gen).flatten(1).std(dim=1)
+    noisy = probe_roi.augment(zeros, 8, 3, gen, noise_max=0.5).flatten(1).std(dim=1)
+    assert plain.max() < 0.04 and noisy.max() > 0.4
+    assert 0.35 < (noisy < 0.04).float().mean() < 0.65  # about half keep the clean range (0.03: 0.5 + 0.5 * 0.06)
+
+
+def test_roi_probe_without_a_test_only_trains(tiny_bundle_dir, tmp_path, capsys):
+    args = ["--model", str(tiny_bundle_dir), "--out", str(tmp_path), "--train-cases", "20", "--val-cases", "20",
+            "--test-cases", "0", "--shape", "6", "48", "48", "--size", "24", "--crop", "16", "--steps", "2",
+            "--batch", "4", "--workers", "1", "--noise-max", "0.2"]
+    assert probe_roi.main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["noise_max"] == 0.2 and report["steps"] == 2 and "test_cases" not in report and "pred" not in report
+    assert (tmp_path / "roinet.safetensors").is_file() and not list(tmp_path.glob("test-*"))
+    for bad, why in ((["--test-cases", "5"], "--test-cases 0"), (["--noise-max", "2"], "--noise-max must lie")):
+        with pytest.raises(SystemExit):
+            probe_roi.main(args + bad)
+        assert why in capsys.readouterr().err
