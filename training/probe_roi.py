@@ -107,7 +107,9 @@ def augment(x: torch.Tensor, crop: int, phases: int, gen: torch.Generator, noise
             p = p.transpose(-1, -2)
         gamma = float(torch.empty(1).uniform_(0.8, 1.25, generator=gen))
         scale = torch.empty(phases).uniform_(0.97, 1.03, generator=gen).repeat_interleave(c // phases)
-        high = noise_max if torch.rand(1, generator=gen) < 0.5 else 0.03
+        high = 0.03  # no extra random draw at the default, so 1.3.0's reader command still reproduces its weights
+        if noise_max != 0.03 and torch.rand(1, generator=gen) < 0.5:
+            high = noise_max
         sigma = float(torch.empty(1).uniform_(0.0, high, generator=gen))
         out[i] = p.clamp(min=0).pow(gamma) * scale[:, None, None] + sigma * torch.randn(p.shape, generator=gen)
     return out
@@ -200,7 +202,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--train-cases", type=int, default=1000)
     p.add_argument("--val-cases", type=int, default=200)
-    p.add_argument("--test-cases", type=int, default=200)
+    p.add_argument("--test-cases", type=int, default=200,
+                   help="0: no test (evaluate.py tests the reader once add_reader.py put it in a bundle)")
     p.add_argument("--shape", type=int, nargs=3, default=(24, 256, 256))
     p.add_argument("--size", type=int, default=88, help="patch side in 1 mm pixels (training crops --crop of it)")
     p.add_argument("--crop", type=int, default=80)
