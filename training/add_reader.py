@@ -8,7 +8,7 @@ Two steps, because the case calibration must be refitted on opinions that includ
 2. ``--report``: an ``evaluate.py --calibrate-cases N --component-filter bundle`` report of that bundle supplies
    the refitted ``case_calibration`` and the measured test metrics of the card (the single-volume calibration
    stays: the reader does not read single volumes), and, from ``--reader-weight fit``, the reader weight chosen on
-   the validation cases (its table goes to the reader's ``training.weight_fit``).
+   the validation cases, and its fusion rule (the table goes to the reader's ``training.weight_fit``).
 
 Example:
     python training/add_reader.py --model Resources/Models/uml-breast-dce-small \
@@ -100,9 +100,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         weight_fit = summary.pop("reader_weight", None)  # evaluate.py --reader-weight fit
         if weight_fit is not None:
             training = {**card.reader.training, "weight_fit": {k: v for k, v in weight_fit.items()
-                                                                         if k != "weight"}}
-            card = dataclasses.replace(card, reader=dataclasses.replace(card.reader, weight=weight_fit["weight"],
-                                                                        training=training))
+                                                                         if k not in ("weight", "fusion")}}
+            card = dataclasses.replace(card, reader=dataclasses.replace(
+                card.reader, weight=weight_fit["weight"], fusion=weight_fit.get("fusion", "average"), training=training))
         metrics = {"test_set": report.get("dataset"), "command": report.get("command"), **summary}
         if "single_volume" in card.metrics:  # measured without the reader, which single volumes do not use
             metrics["single_volume"] = card.metrics["single_volume"]

@@ -31,7 +31,7 @@ import SimpleITK as sitk
 
 from umlcore import metrics
 from umlcore.bundle import load_bundle
-from umlcore.fusion import calibrate_case_alpha, fit_platt, fuse_reader_opinion
+from umlcore.fusion import READER_FUSION_RULES, calibrate_case_alpha, fit_platt, fuse_reader_opinion
 from umlcore.predictor import Predictor, label_components
 from umlcore.synthetic import generate_case
 
@@ -251,11 +251,14 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
     return res
 
 
-READER_WEIGHTS = tuple(round(0.05 * i, 2) for i in range(21))
+#: The reader weights ``--reader-weight fit`` tries, per fusion rule (``"logit"`` is a log-odds factor, not a share).
+READER_WEIGHTS = {"average": tuple(round(0.05 * i, 2) for i in range(21)),
+                  "logit": tuple(round(0.05 * i, 2) for i in range(41))}
 
 
-def reader_merged_alphas(rows: list[dict], weight: float, positive: int = 1) -> np.ndarray:
-    """Each row's uncalibrated case Dirichlet had the reader had ``weight``, as the predictor fuses it.
+def reader_merged_alphas(rows: list[dict], weight: float, positive: int = 1, fusion: str = "average") -> np.ndarray:
+    """Each row's uncalibrated case Dirichlet had the reader had ``weight`` and rule ``fusion``, as the predictor
+    fuses it.
 
     A row keeps the network's opinion (its ``network_positive_probability`` with strength ``S = 2 / uncertainty``,
     which the fusion and the calibration do not change) and, where the reader read a lesion (``reader_score`` not
@@ -272,33 +275,38 @@ def reader_merged_alphas(rows: list[dict], weight: float, positive: int = 1) -> 
         alpha[1 - positive] = strength - alpha[positive]
         alpha = np.maximum(alpha, 1.0)  # float round-off around the prior
         if r["reader_score"] is not None:
-            alpha = fuse_reader_opinion(alpha, r["reader_score"], weight, positive)
+            alpha = fuse_reader_opinion(alpha, r["reader_score"], weight, positive, fusion)
         out[i] = alpha
     return out
 
 
-def choose_reader_weight(rows: list[dict], positive: int = 1) -> tuple[float, dict[str, dict]]:
-    """The reader weight (of :data:`READER_WEIGHTS`) whose merged, Platt-calibrated validation opinions have the
-    lowest NLL (a proper score: discrimination and calibration together), and per weight that NLL and the AUC.
+def choose_reader_weight(rows: list[dict], positive: int = 1,
+                         fusions: tuple[str, ...] = ("average",)) -> tuple[str, float, dict[str, dict]]:
+    """The fusion rule and reader weight (of :data:`READER_WEIGHTS`) whose merged, Platt-calibrated validation
+    opinions have the lowest NLL (a proper score: discrimination and calibration together), and per rule and weight
+    that NLL and the AUC.
 
     Args:
         rows: Validation rows of :func:`evaluate_cases` for a bundle with a reader, run without a case calibration.
         positive: Index of the positive class.
+        fusions: The rules to try (keys of :data:`READER_WEIGHTS`).
 
     Returns:
-        The weight and ``{str(weight): {"nll": ..., "auc": ...}}``.
+        The rule, the weight and ``{rule: {str(weight): {"nll": ..., "auc": ...}}}``.
     """
     labels = np.array([r["label"] for r in rows], dtype=int)
-    table = {}
-    for w in READER_WEIGHTS:
-        alphas = reader_merged_alphas(rows, w, positive)
-        p = alphas[:, positive] / alphas.sum(axis=1)
-        slope, intercept = fit_platt(p, labels)
-        calibrated = np.array([calibrate_case_alpha(a, slope, intercept, positive) for a in alphas])
-        table[str(w)] = {"nll": metrics.nll(calibrated[:, positive] / calibrated.sum(axis=1), labels),
-                         "auc": metrics.roc_auc(p, labels)}
-    best = min(READER_WEIGHTS, key=lambda w: table[str(w)]["nll"])
-    return best, table
+    table: dict[str, dict] = {}
+    for fusion in fusions:
+        table[fusion] = {}
+        for w in READER_WEIGHTS[fusion]:
+            alphas = reader_merged_alphas(rows, w, positive, fusion)
+            p = alphas[:, positive] / alphas.sum(axis=1)
+            slope, intercept = fit_platt(p, labels)
+            calibrated = np.array([calibrate_case_alpha(a, slope, intercept, positive) for a in alphas])
+            table[fusion][str(w)] = {"nll": metrics.nll(calibrated[:, positive] / calibrated.sum(axis=1), labels),
+                                     "auc": metrics.roc_auc(p, labels)}
+    fusion, w = min(((f, w) for f in fusions for w in READER_WEIGHTS[f]), key=lambda fw: table[fw[0]][str(fw[1])]["nll"])
+    return fusion, w, table
 
 
 def suggest_review_uncertainty(u: np.ndarray, correct: np.ndarray) -> float:
@@ -378,20 +386,28 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="with --calibrate-cases: 'fit' chooses the uncertain-component filter on the validation "
                         "cases first (two validation passes); 'bundle' keeps the bundle's filter (one pass)")
     p.add_argument("--reader-weight", default="bundle", choices=["bundle", "fit"],
-                   help="with --calibrate-cases and a bundle with a lesion reader: 'fit' chooses the reader's share "
-                        "of the case opinion on the validation cases (lowest NLL after calibration) before the "
+                   help="with --calibrate-cases and a bundle with a lesion reader: 'fit' chooses the reader's weight "
+                        "in the case opinion on the validation cases (lowest NLL after calibration) before the "
                         "calibration is fitted; 'bundle' keeps the card's")
+    p.add_argument("--reader-fusion", default="bundle", choices=["bundle", *READER_FUSION_RULES, "fit"],
+                   help="with --reader-weight fit: the rule whose weight is fitted ('bundle': the card's; 'fit': "
+                        "every rule, keeping the lowest validation NLL)")
     args = p.parse_args(argv)
     if args.component_filter == "bundle" and not args.calibrate_cases:
         p.error("--component-filter bundle only applies to the calibration fit: add --calibrate-cases N")
     if args.reader_weight == "fit" and not args.calibrate_cases:
         p.error("--reader-weight fit chooses the weight on validation cases: add --calibrate-cases N")
+    if args.reader_fusion != "bundle" and args.reader_weight != "fit":
+        p.error("--reader-fusion chooses the rule whose weight is fitted: add --reader-weight fit")
     bundle = load_bundle(args.model)
     if args.reader_weight == "fit" and bundle.card.reader is None:
         p.error(f"--reader-weight fit: {args.model} has no lesion reader (training/add_reader.py adds one)")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     calibration, val, threshold, threshold_table = None, None, bundle.card.component_max_uncertainty, None
+    # what the validation rows' positive_probability were made with (before any --reader-weight fit)
+    validation_reader = (None if bundle.card.reader is None else
+                         {"fusion": bundle.card.reader.fusion, "weight": bundle.card.reader.weight})
     reader_fit = None
     if args.calibrate_cases:
         # 1. on validation cases, without post-processing: which component-uncertainty filter helps the Dice most
@@ -414,23 +430,29 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                     component_max_uncertainty=threshold))
         bundle = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, component_max_uncertainty=threshold))
         if args.reader_weight == "fit":
-            reader_weight, reader_table = choose_reader_weight(val["_rows"], bundle.card.positive_class)
+            fusions = ((bundle.card.reader.fusion,) if args.reader_fusion == "bundle" else
+                       tuple(READER_FUSION_RULES) if args.reader_fusion == "fit" else (args.reader_fusion,))
+            fusion, reader_weight, reader_table = choose_reader_weight(val["_rows"], bundle.card.positive_class,
+                                                                       fusions)
             pos = bundle.card.positive_class
-            again = reader_merged_alphas(val["_rows"], bundle.card.reader.weight, pos)
+            again = reader_merged_alphas(val["_rows"], bundle.card.reader.weight, pos, bundle.card.reader.fusion)
             if not np.allclose(again[:, pos] / again.sum(axis=1), val["_probs"], atol=1e-6):
                 raise RuntimeError("the validation rows do not reproduce the predictor's reader fusion: "
                                    "reader_merged_alphas and Predictor have drifted apart")
-            merged = reader_merged_alphas(val["_rows"], reader_weight, pos)
+            merged = reader_merged_alphas(val["_rows"], reader_weight, pos, fusion)
             val["_probs"] = merged[:, pos] / merged.sum(axis=1)
             val["_correct"] = ((val["_probs"] >= 0.5) == val["_labels"].astype(bool)).astype(int)
             val["ece"] = metrics.expected_calibration_error(val["_probs"], val["_labels"])
             bundle = dataclasses.replace(bundle, card=dataclasses.replace(
-                bundle.card, reader=dataclasses.replace(bundle.card.reader, weight=reader_weight)))
-            reader_fit = {"weight": reader_weight, "fitted_on": f"{args.calibrate_cases} validation cases, seeds "
-                          f"{VAL_SEED_BASE}..{VAL_SEED_BASE + args.calibrate_cases - 1}",
+                bundle.card, reader=dataclasses.replace(bundle.card.reader, weight=reader_weight, fusion=fusion)))
+            reader_fit = {"fusion": fusion, "weight": reader_weight,
+                          "fitted_on": f"{args.calibrate_cases} validation cases, seeds "
+                                       f"{VAL_SEED_BASE}..{VAL_SEED_BASE + args.calibrate_cases - 1}",
                           "criterion": "lowest NLL after the Platt calibration", "validation": reader_table}
-            print(f"reader weight: {reader_weight} (validation NLL / AUC by weight: "
-                  f"{ {k: (round(v['nll'], 4), round(v['auc'], 4)) for k, v in reader_table.items()} })")
+            for f, t in reader_table.items():
+                print(f"reader fusion {f!r}: validation NLL / AUC by weight: "
+                      f"{ {k: (round(v['nll'], 4), round(v['auc'], 4)) for k, v in t.items()} }")
+            print(f"reader: fusion {fusion!r}, weight {reader_weight}")
         slope, intercept = fit_platt(val["_probs"], val["_labels"])
         calibration = {"slope": slope, "intercept": intercept,
                        "fitted_on": f"{args.calibrate_cases} validation cases, seeds {VAL_SEED_BASE}.."
@@ -479,6 +501,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     if val is not None:  # the rows the calibration was fitted on (uncalibrated), e.g. to choose a reader weight
         report["validation_cases"] = val["_rows"]
+        if validation_reader is not None:  # their positive_probability: this reader rule, uncalibrated
+            report["validation_cases_reader"] = validation_reader
     (args.out / "report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     write_markdown(report, args.out / "report.md")
     print(json.dumps(json_safe(summary), indent=2))

@@ -106,6 +106,9 @@ def test_confidence_panel_says_what_the_lesion_reader_found():
     panel = confidencePanel(read)
     assert panel.readerText == "62 % suspicious (spiculated 81 %, washout 12 %); most suspicious of 2 lesions read"
     assert "50 % of the case opinion" in panel.readerToolTip and "alone (uncalibrated) said 30 % pCR" in panel.readerToolTip
+    logit = {**reader, "weight": 0.6, "fusion": "log-odds pooling at equal uncertainty"}
+    tip = confidencePanel({**read, "classification": {**read["classification"], "reader": logit}}).readerToolTip
+    assert "log-odds are added to the case's, times 0.60" in tip and "% of the case opinion" not in tip
     unused = {**reader, "applied": False, "score": None, "reason": "nothing was segmented"}
     panel = confidencePanel({**SUMMARY, "classification": {**SUMMARY["classification"], "reader": unused}, "lesions": []})
     assert panel.readerText == "not used: nothing was segmented" and panel.readerToolTip == ""

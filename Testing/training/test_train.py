@@ -609,6 +609,8 @@ def test_reader_merged_alphas_reproduce_the_predictors_fusion():
     np.testing.assert_allclose(merged[0], [1 + 0.6 * 6 + 0.4 * 8 * 0.1, 1 + 0.6 * 2 + 0.4 * 8 * 0.9])
     np.testing.assert_allclose(merged[1], [1.6, 2.4])  # nothing read: the network's opinion stands
     np.testing.assert_allclose(evaluate.reader_merged_alphas(rows, 1.0, positive=0)[0], [1 + 8 * 0.9, 1 + 8 * 0.1])
+    logit = evaluate.reader_merged_alphas(rows, 1.0, fusion="logit")  # odds 3/7 * 9 = 27/7: p = 27/34
+    np.testing.assert_allclose(logit, [[10 * 7 / 34, 10 * 27 / 34], [1.6, 2.4]])
 
 
 def test_choose_reader_weight_follows_the_informative_opinion():
@@ -619,11 +621,22 @@ def test_choose_reader_weight_follows_the_informative_opinion():
     def rows(network, reader):
         return [{"network_positive_probability": float(np.clip(n, 0.15, 0.85)), "uncertainty": 0.1,
                  "reader_score": float(np.clip(r, 0, 1)), "label": int(y)} for n, r, y in zip(network, reader, labels)]
-    w, table = evaluate.choose_reader_weight(rows(noise, good))
-    assert w >= 0.8 and set(table) == set(map(str, evaluate.READER_WEIGHTS))
-    assert table["1.0"]["auc"] > 0.9 > 0.6 > table["0.0"]["auc"]
-    w, table = evaluate.choose_reader_weight(rows(good, noise))
-    assert w <= 0.2 and table[str(w)]["nll"] == min(v["nll"] for v in table.values())
+    fusion, w, table = evaluate.choose_reader_weight(rows(noise, good))
+    assert fusion == "average" and w >= 0.8 and set(table) == {"average"}
+    assert set(table["average"]) == set(map(str, evaluate.READER_WEIGHTS["average"]))
+    assert table["average"]["1.0"]["auc"] > 0.9 > 0.6 > table["average"]["0.0"]["auc"]
+    fusion, w, table = evaluate.choose_reader_weight(rows(good, noise), fusions=("average", "logit"))
+    assert w <= 0.2 and set(table) == {"average", "logit"}
+    assert table[fusion][str(w)]["nll"] == min(v["nll"] for t in table.values() for v in t.values())
+    # two independent calibrated opinions (x ~ N(+-1, 1) gives log-odds 2x; x ~ N(+-2, 1) gives 4x): the true
+    # posterior log-odds are their sum, which log-odds pooling with weight 1 reproduces and averaging cannot
+    sign = 2 * labels - 1
+    net, read = 2 * (sign + rng.normal(0, 1, 300)), 4 * (2 * sign + rng.normal(0, 1, 300))
+    both = [{"network_positive_probability": float(1 / (1 + np.exp(-a))), "uncertainty": 0.01,
+             "reader_score": float(1 / (1 + np.exp(-b))), "label": int(y)} for a, b, y in zip(net, read, labels)]
+    fusion, w, table = evaluate.choose_reader_weight(both, fusions=("average", "logit"))
+    assert fusion == "logit" and 0.7 <= w <= 1.3
+    assert table["logit"][str(w)]["nll"] < min(v["nll"] for v in table["average"].values())
 
 
 def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_dir, tmp_path, capsys):
@@ -638,21 +651,28 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
     out = tmp_path / "eval"
     assert evaluate.main(["--model", str(with_reader), "--out", str(out), "--cases", "2", "--shape", "6", "32", "32",
                           "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
-                          "--calibrate-cases", "2", "--component-filter", "bundle", "--reader-weight", "fit"]) == 0
+                          "--calibrate-cases", "2", "--component-filter", "bundle", "--reader-weight", "fit",
+                          "--reader-fusion", "fit"]) == 0
     report = json.loads((out / "report.json").read_text())
     fit = report["summary"]["reader_weight"]
-    assert fit["weight"] in evaluate.READER_WEIGHTS and fit["fitted_on"].startswith("2 validation cases")
-    assert set(fit["validation"]) == set(map(str, evaluate.READER_WEIGHTS))
+    assert fit["weight"] in evaluate.READER_WEIGHTS[fit["fusion"]] and fit["fitted_on"].startswith("2 validation cases")
+    assert {f: set(t) for f, t in fit["validation"].items()} == {f: set(map(str, w))
+                                                                  for f, w in evaluate.READER_WEIGHTS.items()}
+    assert report["validation_cases_reader"] == {"fusion": "average", "weight": 0.5}  # the bundle's, before the fit
     final = tmp_path / "final"
     assert add_reader.main(["--model", str(with_reader), "--report", str(out / "report.json"), "--out", str(final)]) == 0
     card = load_bundle(final).card
-    assert card.reader.weight == fit["weight"] and card.reader.training["weight_fit"]["validation"] == fit["validation"]
+    assert card.reader.weight == fit["weight"] and card.reader.fusion == fit["fusion"]
+    assert card.reader.training["weight_fit"]["validation"] == fit["validation"]
     assert "reader_weight" not in card.metrics
     for argv, why in ((["--calibrate-cases", "0"], "add --calibrate-cases"), (["--calibrate-cases", "2"], "has no lesion reader")):
         model = with_reader if why.startswith("add") else tiny_bundle_dir
         with pytest.raises(SystemExit):
             evaluate.main(["--model", str(model), "--out", str(tmp_path / "bad"), "--reader-weight", "fit", *argv])
         assert why in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(with_reader), "--out", str(tmp_path / "bad"), "--reader-fusion", "logit"])
+    assert "add --reader-weight fit" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 

@@ -12,17 +12,21 @@ from safetensors.torch import load_file, save_file
 
 from umlcore.bundle import CARD_FILE, WEIGHTS_FILE, load_bundle, save_bundle, sha256_file
 from umlcore.errors import BundleError
-from umlcore.fusion import calibrate_case_alpha, fuse_reader_opinion
+from umlcore.fusion import READER_FUSION_RULES, READER_SCORE_CLIP, calibrate_case_alpha, fuse_reader_opinion
 from umlcore.predictor import Predictor
 from umlcore.reader import READER_TARGETS, LesionReader, ReaderConfig, component_centres, cut_patch, suspicion
 
 
 def test_config_defaults_and_validation():
     c = ReaderConfig()
-    assert (c.width, c.context_slices, c.patch_size, c.pixel_mm, c.max_components, c.weight) == (16, 1, 80, 1.0, 3, 0.5)
-    for bad, fragment in (({"patch_size": 20}, "patch_size"), ({"weight": 1.5}, "weight"), ({"width": 0}, "width"),
-                          ({"context_slices": True}, "context_slices"), ({"pixel_mm": 0}, "pixel_mm"),
-                          ({"max_components": 0}, "max_components")):
+    assert (c.width, c.context_slices, c.patch_size, c.pixel_mm, c.max_components, c.weight, c.fusion) == \
+        (16, 1, 80, 1.0, 3, 0.5, "average")
+    assert ReaderConfig(fusion="logit", weight=2.5).weight == 2.5  # a log-odds factor may exceed 1
+    for bad, fragment in (({"patch_size": 20}, "patch_size"), ({"weight": 1.5}, r"weight must be a number in \[0, 1\]"),
+                          ({"width": 0}, "width"), ({"context_slices": True}, "context_slices"),
+                          ({"pixel_mm": 0}, "pixel_mm"), ({"max_components": 0}, "max_components"),
+                          ({"fusion": "mean"}, "fusion must be one of"), ({"weight": True}, "weight"),
+                          ({"fusion": "logit", "weight": 4.5}, r"weight must be a number in \[0, 4\]")):
         with pytest.raises(BundleError, match=fragment):
             ReaderConfig(**bad)
 
@@ -74,6 +78,27 @@ def test_reader_fusion_keeps_the_strength_and_moves_the_probability_by_the_weigh
     np.testing.assert_allclose(fuse_reader_opinion(alpha, 0.75, 1.0, positive=0), [1 + 8 * 0.75, 1 + 8 * 0.25])
     for bad in ((np.array([1.0, 2.0, 3.0]), 0.5, 0.5), (np.array([0.5, 2.0]), 0.5, 0.5), (alpha, 1.2, 0.5), (alpha, 0.5, -0.1)):
         with pytest.raises(ValueError):
+            fuse_reader_opinion(*bad)
+
+
+def test_logit_fusion_adds_the_weighted_log_odds_of_the_score():
+    alpha = np.array([7.0, 3.0])  # S = 10, p = 0.3
+    logit = lambda q: np.log(q / (1 - q))
+    got = fuse_reader_opinion(alpha, 0.9, 0.5, mode="logit")
+    p = 1 / (1 + np.exp(-(logit(0.3) + 0.5 * logit(0.9))))  # odds 3/7 * 3 = 9/7: p = 9/16
+    assert p == pytest.approx(9 / 16) and got.sum() == pytest.approx(10.0)
+    np.testing.assert_allclose(got, [10 * (1 - p), 10 * p])
+    np.testing.assert_allclose(fuse_reader_opinion(alpha, 0.5, 2.0, mode="logit"), alpha)  # 0.5 says nothing
+    np.testing.assert_array_equal(fuse_reader_opinion(alpha, 0.9, 0.0, mode="logit"), alpha)
+    # the score is clipped to [1e-3, 1 - 1e-3], the result to [1 / S, 1 - 1 / S] (alpha >= 1)
+    np.testing.assert_allclose(fuse_reader_opinion(alpha, 1.0, 1.0, mode="logit"),
+                               fuse_reader_opinion(alpha, 1 - READER_SCORE_CLIP, 1.0, mode="logit"))
+    np.testing.assert_allclose(fuse_reader_opinion(alpha, 1.0, 4.0, mode="logit"), [1.0, 9.0])
+    np.testing.assert_allclose(fuse_reader_opinion(alpha, 0.9, 0.5, positive=0, mode="logit")[0],
+                               10 / (1 + np.exp(-(logit(0.7) + 0.5 * logit(0.9)))))
+    for bad, fragment in (((alpha, 0.5, 4.5, 1, "logit"), r"\[0, 4\]"), ((alpha, 0.5, 1.5), r"\[0, 1\]"),
+                          ((alpha, 0.5, 0.5, 1, "mean"), "unknown reader fusion")):
+        with pytest.raises(ValueError, match=fragment):
             fuse_reader_opinion(*bad)
 
 
@@ -190,6 +215,17 @@ def test_predictor_reads_the_segmented_lesions_and_merges_their_score(forced, ma
     assert lesion["centre_lps"] == pytest.approx(volume.TransformContinuousIndexToPhysicalPoint((25.5, 14.5, 1.0)))
     labels = sitk.GetArrayFromImage(with_reader.labelmap)
     assert labels[1, 14, 25] == 1 and labels[0].max() == 0
+
+
+def test_predictor_applies_the_cards_fusion_rule(forced, make_volume):
+    volume = _lesion_volume(make_volume)
+    card = dataclasses.replace(forced.card, reader=dataclasses.replace(forced.card.reader, fusion="logit", weight=1.5))
+    c = Predictor(dataclasses.replace(forced, card=card), device="cpu").predict([volume] * 3).summary["classification"]
+    r = c["reader"]
+    assert r["applied"] and r["weight"] == 1.5 and r["fusion"] == READER_FUSION_RULES["logit"]
+    strength = 2.0 / c["uncertainty"]
+    expected = fuse_reader_opinion(strength * np.array(r["network_probabilities"]), r["score"], 1.5, mode="logit")
+    np.testing.assert_allclose(c["probabilities"], expected / strength, rtol=1e-6)
 
 
 def test_predictor_calibrates_after_the_reader(forced, make_volume):

@@ -21,15 +21,28 @@ Why this rule:
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 
-__all__ = ["FUSION_RULE", "READER_FUSION_RULE", "fuse_slice_opinions", "fuse_reader_opinion", "calibrate_case_alpha",
-           "fit_platt"]
+__all__ = ["FUSION_RULE", "READER_FUSION_RULE", "READER_FUSION_RULES", "READER_SCORE_CLIP", "ReaderFusion",
+           "fuse_slice_opinions", "fuse_reader_opinion", "calibrate_case_alpha", "fit_platt"]
 
 #: Name of the rule, as written into the case summary (``classification.fusion``).
 FUSION_RULE = "lesion-weighted evidence pooling"
-#: The rule that merges the lesion reader's score into the case opinion (``classification.reader.fusion``).
-READER_FUSION_RULE = "averaging fusion at equal uncertainty"
+#: How the lesion reader's score enters the case opinion (the card's ``reader.fusion``):
+#: ``"average"`` moves the probability a share ``weight`` of the way to the score (models 1.3.0);
+#: ``"logit"`` adds ``weight * logit(score)`` to the opinion's log-odds (models from 1.3.1).
+ReaderFusion = Literal["average", "logit"]
+#: The rule of each mode, as written into the case summary (``classification.reader.fusion``).
+READER_FUSION_RULES = {"average": "averaging fusion at equal uncertainty",
+                       "logit": "log-odds pooling at equal uncertainty"}
+assert set(READER_FUSION_RULES) == set(get_args(ReaderFusion))
+#: The ``"average"`` rule's name (the only rule of models 1.3.0).
+READER_FUSION_RULE = READER_FUSION_RULES["average"]
+#: ``"logit"`` clips the reader's score to ``[clip, 1 - clip]``: one patch moves the log-odds by at most
+#: ``weight * 6.9``, however sure the reader is.
+READER_SCORE_CLIP = 1e-3
 
 
 def fuse_slice_opinions(slice_alpha: np.ndarray, lesion_voxels: np.ndarray) -> np.ndarray:
@@ -64,34 +77,58 @@ def fuse_slice_opinions(slice_alpha: np.ndarray, lesion_voxels: np.ndarray) -> n
     return 1.0 + (weights[:, None] * evidence).sum(axis=0) / total
 
 
-def fuse_reader_opinion(alpha: np.ndarray, score: float, weight: float, positive: int = 1) -> np.ndarray:
+def fuse_reader_opinion(alpha: np.ndarray, score: float, weight: float, positive: int = 1,
+                        mode: ReaderFusion = "average") -> np.ndarray:
     """Merge the lesion reader's score into a binary case opinion, keeping its strength ``S`` (and so ``u``).
 
-    The reader gives a probability, not evidence, so its opinion gets the case opinion's uncertainty: the case's
-    total evidence ``S - 2`` split as the reader's probability says, ``e_r = (S - 2) (1 - score, score)`` (in class
-    order with ``positive`` the index of ``score``). The two opinions are then averaged with weight ``weight`` on
-    the reader: ``alpha' = 1 + (1 - weight) e + weight e_r``. For two opinions of equal uncertainty this is
-    subjective logic's averaging fusion (beliefs averaged, uncertainty kept), so the verdict ``u > review`` does
-    not move, and the positive probability moves towards ``score`` by ``weight`` of the way (up to the prior's
-    ``1 / S``).
+    The reader gives a probability, not evidence, so only the split of the case's evidence between the classes
+    moves; ``S`` stays, so the uncertainty ``u = 2 / S`` and the verdict ``u > review`` do not move.
+
+    - ``"average"``: the reader's opinion gets the case opinion's uncertainty, the case's total evidence ``S - 2``
+      split as the reader's probability says, ``e_r = (S - 2) (1 - score, score)``, and the two are averaged with
+      weight ``weight`` on the reader: ``alpha' = 1 + (1 - weight) e + weight e_r``. For two opinions of equal
+      uncertainty this is subjective logic's averaging fusion (beliefs averaged, uncertainty kept); the positive
+      probability moves towards ``score`` by ``weight`` of the way (up to the prior's ``1 / S``).
+    - ``"logit"``: the reader's score counts as independent evidence about the case, tempered by ``weight``:
+      ``logit(p') = logit(p) + weight * logit(score)`` (a naive-Bayes update of the odds; the score clipped to
+      ``[READER_SCORE_CLIP, 1 - READER_SCORE_CLIP]``), then ``alpha' = S (1 - p', p')`` kept >= 1. A sure reader
+      overrides an undecided network, and a score of 0.5 changes nothing.
 
     Args:
         alpha: ``(2,)`` case Dirichlet (>= 1, finite).
         score: The reader's probability of the positive class, in [0, 1].
-        weight: The reader's share, in [0, 1] (0 returns ``alpha`` unchanged).
+        weight: The reader's share (``"average"``, in [0, 1]) or its log-odds factor (``"logit"``, in [0, 4]);
+            0 returns ``alpha`` unchanged.
         positive: Index of the positive class.
+        mode: The rule (the card's ``reader.fusion``).
 
     Returns:
         ``(2,)`` float64 Dirichlet with the same sum as ``alpha``.
 
     Raises:
-        ValueError: a non-binary or invalid ``alpha``, or ``score`` / ``weight`` outside [0, 1].
+        ValueError: a non-binary or invalid ``alpha``, ``score`` outside [0, 1], ``weight`` outside its mode's range,
+            or an unknown ``mode``.
     """
     alpha = np.asarray(alpha, dtype=np.float64)
     if alpha.shape != (2,) or not np.all(np.isfinite(alpha)) or np.any(alpha < 1.0):
         raise ValueError(f"the reader fusion is binary: alpha must be 2 finite values >= 1, got {alpha}")
-    if not (0.0 <= score <= 1.0 and 0.0 <= weight <= 1.0):
-        raise ValueError(f"score and weight must lie in [0, 1], got score {score}, weight {weight}")
+    if mode not in READER_FUSION_RULES:
+        raise ValueError(f"unknown reader fusion {mode!r}: use one of {sorted(READER_FUSION_RULES)}")
+    top = 1.0 if mode == "average" else 4.0
+    if not (0.0 <= score <= 1.0 and 0.0 <= weight <= top):
+        raise ValueError(f"the score must lie in [0, 1] and a {mode!r} weight in [0, {top:g}], "
+                         f"got score {score}, weight {weight}")
+    if weight == 0.0:
+        return alpha.copy()
+    if mode == "logit":
+        strength = float(alpha.sum())
+        p = float(np.clip(alpha[positive] / strength, 1e-6, 1 - 1e-6))
+        s = float(np.clip(score, READER_SCORE_CLIP, 1 - READER_SCORE_CLIP))
+        z = np.log(p / (1 - p)) + weight * np.log(s / (1 - s))
+        p_new = float(np.clip(1.0 / (1.0 + np.exp(-z)), 1.0 / strength, 1.0 - 1.0 / strength))
+        out = np.empty(2)
+        out[positive], out[1 - positive] = strength * p_new, strength * (1.0 - p_new)
+        return out
     evidence = alpha - 1.0
     reader = np.empty(2)
     reader[positive], reader[1 - positive] = score, 1.0 - score

@@ -37,7 +37,7 @@ import torch
 
 from .bundle import ModelBundle
 from .errors import CancelledError, UMLError, UMLInputError
-from .fusion import FUSION_RULE, READER_FUSION_RULE, calibrate_case_alpha, fuse_reader_opinion, fuse_slice_opinions
+from .fusion import FUSION_RULE, READER_FUSION_RULES, calibrate_case_alpha, fuse_reader_opinion, fuse_slice_opinions
 from .io import MIN_INPLANE_SIZE, check_same_grid, check_volume, geometry, split_4d
 from .preprocess import (
     crop_to,
@@ -460,7 +460,8 @@ class Predictor:
         case_alpha = fuse_slice_opinions(cls_alpha, lesion)
         network_probs = case_alpha / case_alpha.sum()
         if reading is not None and reading["score"] is not None:
-            case_alpha = fuse_reader_opinion(case_alpha, reading["score"], card.reader.weight, card.positive_class)
+            case_alpha = fuse_reader_opinion(case_alpha, reading["score"], card.reader.weight, card.positive_class,
+                                             card.reader.fusion)
         calibration_name, calibration = card.calibration_for(single_volume=single_volume)
         if calibration is not None:
             case_alpha = calibrate_case_alpha(case_alpha, calibration["slope"], calibration["intercept"],
@@ -475,7 +476,7 @@ class Predictor:
         if reading is not None:
             reader_summary = {"applied": reading["score"] is not None, "reason": reading["reason"],
                               "score": reading["score"], "weight": float(card.reader.weight),
-                              "fusion": READER_FUSION_RULE,
+                              "fusion": READER_FUSION_RULES[card.reader.fusion],
                               "network_probabilities": [float(v) for v in network_probs]}
             numpy_axis = 2 - axis  # the slice axis in the (z, y, x) array; H and W are the other two, in order
             rest = [a for a in range(3) if a != numpy_axis]

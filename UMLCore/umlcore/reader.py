@@ -9,7 +9,8 @@ side, from every named channel normalised as the card declares (``len(channels) 
 patch channels, channel-major). It gives three probabilities per patch: a lesion is at the centre, its margin is
 spiculated, its kinetics wash out. A component's suspicion is
 ``p_lesion * (1 - (1 - p_spiculated) * (1 - p_washout))`` (the generator's label rule), the case's reader score
-the largest suspicion; :func:`umlcore.fusion.fuse_reader_opinion` merges it into the case opinion.
+the largest suspicion; :func:`umlcore.fusion.fuse_reader_opinion` merges it into the case opinion by the card's
+``fusion`` rule and ``weight``.
 
 Trained by ``training/probe_roi.py``; shipped inside a bundle (``reader.*`` weights in ``model.safetensors``,
 :class:`ReaderConfig` as the card's ``reader``).
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .errors import BundleError
+from .fusion import READER_FUSION_RULES, ReaderFusion
 
 __all__ = ["READER_TARGETS", "ReaderConfig", "LesionReader", "component_centres", "cut_patch", "suspicion"]
 
@@ -43,7 +45,11 @@ class ReaderConfig:
         patch_size: Patch side in pixels (a multiple of 8, at least 16).
         pixel_mm: Patch pixel size in mm (in-plane; patches are resampled bilinearly to it).
         max_components: The largest connected components of the labelmap that are read.
-        weight: Share of the reader in the case opinion (``0``: off, ``1``: the reader alone where it read a lesion).
+        weight: How much the reader counts (``0``: not at all). With ``fusion="average"`` its share of the case
+            opinion, in [0, 1] (``1``: the reader alone where it read a lesion); with ``"logit"`` the factor of
+            its score's log-odds, in [0, 4].
+        fusion: The rule of :func:`umlcore.fusion.fuse_reader_opinion`: ``"average"`` (the default, and the rule
+            of cards written before the field existed) or ``"logit"``.
         training: Provenance and validation figures (free form, kept in the card).
     """
 
@@ -53,6 +59,7 @@ class ReaderConfig:
     pixel_mm: float = 1.0
     max_components: int = 3
     weight: float = 0.5
+    fusion: ReaderFusion = "average"
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,8 +77,11 @@ class ReaderConfig:
             problems.append(f"pixel_mm must be a number in (0, 10], got {self.pixel_mm!r}")
         if not is_int(self.max_components) or self.max_components < 1:
             problems.append(f"max_components must be a positive integer, got {self.max_components!r}")
-        if not isinstance(self.weight, (int, float)) or not 0.0 <= self.weight <= 1.0:
-            problems.append(f"weight must be a number in [0, 1], got {self.weight!r}")
+        if self.fusion not in READER_FUSION_RULES:
+            problems.append(f"fusion must be one of {sorted(READER_FUSION_RULES)}, got {self.fusion!r}")
+        top = 4.0 if self.fusion == "logit" else 1.0
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0.0 <= self.weight <= top:
+            problems.append(f"weight must be a number in [0, {top:g}] (fusion {self.fusion!r}), got {self.weight!r}")
         if problems:
             raise BundleError("the card's reader section is invalid: " + "; ".join(problems))
 

@@ -247,9 +247,13 @@ def _readerTexts(summary: Mapping[str, Any]) -> tuple[str, str]:
     positive = summary.get("classification", {}).get("positive_class")
     classes = list(summary.get("classification", {}).get("classes", []))
     alone = network[classes.index(positive)] if positive in classes and len(network) == len(classes) else None
+    weight = float(reader.get("weight", 0))
+    if "log-odds" in str(reader.get("fusion", "")):  # models from 1.3.1
+        share = f"Its score's log-odds are added to the case's, times {weight:.2f}"
+    else:
+        share = f"Its score counts for {100 * weight:.0f} % of the case opinion"
     tip = (f"A second network read the {n} largest segmented lesion{'s' if n != 1 else ''} from patches of all phases "
-           f"(margin and kinetics). Its score counts for {100 * float(reader.get('weight', 0)):.0f} % of the case "
-           "opinion; the uncertainty is the network's.")
+           f"(margin and kinetics). {share}; the uncertainty is the network's.")
     if alone is not None:
         tip += f" The network alone (uncalibrated) said {100 * float(alone):.0f} % {positive}."
     return text, tip
