@@ -309,6 +309,47 @@ def choose_reader_weight(rows: list[dict], positive: int = 1,
     return fusion, w, table
 
 
+def validation_from_report(path: Path, bundle, n_cases: int, shape, label_noise: float, error) -> dict:
+    """The first ``n_cases`` validation rows of an earlier ``evaluate.py --calibrate-cases`` report of the same
+    weights, as :func:`evaluate_cases` would return them (what the calibration and the weight fit need).
+
+    The rows depend on the network's and the reader's weights, the component filter, the reader's rule and weight
+    (their ``positive_probability``), the case shape and the label noise; each must match ``bundle`` and the
+    arguments, else ``error`` (argparse's) is called with what differs.
+    """
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        error(f"--validation-from {path}: cannot read it as JSON ({e})")
+    rows = report.get("validation_cases") or []
+    card = bundle.card
+    reader = None if card.reader is None else {"fusion": card.reader.fusion, "weight": card.reader.weight}
+    problems = []
+    if report.get("model", {}).get("sha256") != bundle.sha256:
+        problems.append(f"it evaluated other weights (sha256 {report.get('model', {}).get('sha256')!r}, this bundle's "
+                        f"{bundle.sha256!r})")
+    if len(rows) < n_cases or [r.get("seed") for r in rows[:n_cases]] != list(range(VAL_SEED_BASE, VAL_SEED_BASE + n_cases)):
+        problems.append(f"it lacks validation rows for seeds {VAL_SEED_BASE}..{VAL_SEED_BASE + n_cases - 1} "
+                        f"(it has {len(rows)})")
+    if report.get("summary", {}).get("component_max_uncertainty") != card.component_max_uncertainty:
+        problems.append(f"its component filter was {report.get('summary', {}).get('component_max_uncertainty')!r}, "
+                        f"this bundle's is {card.component_max_uncertainty!r}")
+    if report.get("validation_cases_reader") != reader:
+        problems.append(f"its rows were fused with reader {report.get('validation_cases_reader')!r}, this bundle's is "
+                        f"{reader!r}")
+    if f"shape {tuple(shape)}, label noise {label_noise} " not in str(report.get("dataset", "")):
+        problems.append(f"its cases were not of shape {tuple(shape)} with label noise {label_noise}")
+    if problems:
+        error(f"--validation-from {path}: " + "; ".join(problems) + ". Run the validation pass (drop --validation-from)")
+    rows = rows[:n_cases]
+    probs = np.array([r["positive_probability"] for r in rows], dtype=float)
+    labels = np.array([r["label"] for r in rows], dtype=int)
+    return {"_rows": rows, "_probs": probs, "_labels": labels,
+            "_u": np.array([r["uncertainty"] for r in rows], dtype=float),
+            "_correct": ((probs >= 0.5) == labels.astype(bool)).astype(int),
+            "ece": metrics.expected_calibration_error(probs, labels)}
+
+
 def suggest_review_uncertainty(u: np.ndarray, correct: np.ndarray) -> float:
     """The case-uncertainty threshold above which cases are flagged 'review': the smallest threshold whose
     retained (u <= t) cases reach the error rate of the best half, so 'reliable' means measurably safer."""
@@ -389,6 +430,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="with --calibrate-cases and a bundle with a lesion reader: 'fit' chooses the reader's weight "
                         "in the case opinion on the validation cases (lowest NLL after calibration) before the "
                         "calibration is fitted; 'bundle' keeps the card's")
+    p.add_argument("--validation-from", type=Path, default=None,
+                   help="with --calibrate-cases N --component-filter bundle: take the N validation rows from this "
+                        "earlier report.json of the same weights (and reader rule and filter) instead of running the "
+                        "validation pass again (they depend on nothing the calibration changes)")
+    p.add_argument("--test-seeds-from", type=int, default=TEST_SEED_BASE,
+                   help=f"first test seed (default {TEST_SEED_BASE:,}; a later one gives test cases that an earlier "
+                        "report has not seen)")
     p.add_argument("--reader-fusion", default="bundle", choices=["bundle", *READER_FUSION_RULES, "fit"],
                    help="with --reader-weight fit: the rule whose weight is fitted ('bundle': the card's; 'fit': "
                         "every rule, keeping the lowest validation NLL)")
@@ -399,9 +447,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error("--reader-weight fit chooses the weight on validation cases: add --calibrate-cases N")
     if args.reader_fusion != "bundle" and args.reader_weight != "fit":
         p.error("--reader-fusion chooses the rule whose weight is fitted: add --reader-weight fit")
+    if args.validation_from is not None and (not args.calibrate_cases or args.component_filter != "bundle"):
+        p.error("--validation-from replaces the validation pass of --calibrate-cases N --component-filter bundle: "
+                "add both")
+    if args.test_seeds_from < TEST_SEED_BASE:
+        p.error(f"--test-seeds-from {args.test_seeds_from}: test seeds start at {TEST_SEED_BASE:,} or later (lower "
+                "seeds are training and validation cases)")
     bundle = load_bundle(args.model)
     if args.reader_weight == "fit" and bundle.card.reader is None:
         p.error(f"--reader-weight fit: {args.model} has no lesion reader (training/add_reader.py adds one)")
+    reused = None if args.validation_from is None else validation_from_report(
+        args.validation_from, bundle, args.calibrate_cases, args.shape, args.label_noise, p.error)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     calibration, val, threshold, threshold_table = None, None, bundle.card.component_max_uncertainty, None
@@ -425,7 +481,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"component filter: max mean uncertainty {threshold} (validation mean Dice by threshold: "
                   f"{ {k: round(v, 3) for k, v in threshold_table.items()} })")
         # 2. the case calibration is fitted on the opinions the filtered labelmap gives (fusion weights change)
-        if args.component_filter == "bundle" or threshold is not None:
+        if reused is not None:
+            val = reused
+        elif args.component_filter == "bundle" or threshold is not None:
             val = on_validation(dataclasses.replace(bundle.card, case_calibration=None,
                                                     component_max_uncertainty=threshold))
         bundle = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, component_max_uncertainty=threshold))
@@ -461,17 +519,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         bundle = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, case_calibration=calibration))
         print(f"case calibration: slope {slope:.3f}, intercept {intercept:.3f} (validation ECE before {val['ece']:.3f})")
     predictor = Predictor(bundle, device=args.device, batch_size=16, precision=args.precision)
+    first = args.test_seeds_from
     main_res = evaluate_cases(predictor, args.cases, args.shape, args.label_noise, 0.0, "phases", pixel_stats=True,
-                              workers=args.workers)
+                              seed_base=first, workers=args.workers)
     robustness = [{"sigma": 0.0, **{k: v for k, v in main_res.items() if not k.startswith("_")}}]
     for sigma in SIGMAS[1:]:
         r = evaluate_cases(predictor, args.robustness_cases, args.shape, args.label_noise, sigma, "phases", True,
-                           workers=args.workers)
+                           seed_base=first, workers=args.workers)
         robustness.append({"sigma": sigma, **{k: v for k, v in r.items() if not k.startswith("_")}})
     modes = {}
     for mode in ("early", "subtraction"):
         r = evaluate_cases(predictor, args.mode_cases, args.shape, args.label_noise, 0.0, mode, False,
-                           workers=args.workers)
+                           seed_base=first, workers=args.workers)
         modes[mode] = {k: v for k, v in r.items() if not k.startswith("_")}
     modes["phases"] = robustness[0]
     metrics.plot_reliability_diagram(main_res["_probs"], main_res["_labels"], path=str(args.out / "reliability.png"))
@@ -490,7 +549,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = {
         "model": {"id": bundle.card.id, "version": bundle.card.version, "sha256": bundle.sha256},
         "command": "python training/evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "dataset": f"{args.cases} synthetic cases, seeds {TEST_SEED_BASE}..{TEST_SEED_BASE + args.cases - 1}, "
+        "dataset": f"{args.cases} synthetic cases, seeds {first}..{first + args.cases - 1}, "
                    f"shape {tuple(args.shape)}, label noise {args.label_noise} (metrics vs reported labels unless "
                    "named *_clean_labels)",
         "summary": summary,
@@ -503,6 +562,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         report["validation_cases"] = val["_rows"]
         if validation_reader is not None:  # their positive_probability: this reader rule, uncalibrated
             report["validation_cases_reader"] = validation_reader
+        if args.validation_from is not None:
+            report["validation_cases_from"] = str(args.validation_from)
     (args.out / "report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     write_markdown(report, args.out / "report.md")
     print(json.dumps(json_safe(summary), indent=2))

@@ -673,6 +673,31 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
     with pytest.raises(SystemExit):
         evaluate.main(["--model", str(with_reader), "--out", str(tmp_path / "bad"), "--reader-fusion", "logit"])
     assert "add --reader-weight fit" in capsys.readouterr().err
+    # the same fit from the first report's validation rows, tested on later seeds
+    again = tmp_path / "again"
+    assert evaluate.main(["--model", str(with_reader), "--out", str(again), "--cases", "1", "--shape", "6", "32", "32",
+                          "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
+                          "--calibrate-cases", "2", "--component-filter", "bundle", "--reader-weight", "fit",
+                          "--reader-fusion", "fit", "--validation-from", str(out / "report.json"),
+                          "--test-seeds-from", str(evaluate.TEST_SEED_BASE + 5)]) == 0
+    second = json.loads((again / "report.json").read_text())
+    assert second["validation_cases"] == report["validation_cases"] and second["summary"]["reader_weight"] == fit
+    assert second["summary"]["case_calibration"] == report["summary"]["case_calibration"]
+    assert [c["seed"] for c in second["cases"]] == [evaluate.TEST_SEED_BASE + 5]
+    assert second["validation_cases_from"] == str(out / "report.json")
+    common = ["--out", str(tmp_path / "bad"), "--cases", "1", "--shape", "6", "32", "32", "--label-noise", "0.0",
+              "--component-filter", "bundle", "--validation-from", str(out / "report.json")]
+    other = tmp_path / "other-weight"  # the same weights, another reader weight
+    assert add_reader.main(["--model", str(tiny_bundle_dir), "--reader", str(tmp_path / "roinet.safetensors"),
+                            "--weight", "0.3", "--out", str(other)]) == 0
+    for argv, why in (([str(other), "--calibrate-cases", "2"], "fused with reader"),
+                      ([str(with_reader), "--calibrate-cases", "3"], "lacks validation rows"),
+                      ([str(tiny_bundle_dir), "--calibrate-cases", "2"], "other weights"),
+                      ([str(with_reader), "--calibrate-cases", "2", "--test-seeds-from", "5"], "test seeds start")):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--model", *argv, *common])
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     assert not (tmp_path / "bad").exists()
 
 
