@@ -25,7 +25,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
-__all__ = ["FUSION_RULE", "READER_FUSION_RULE", "READER_FUSION_RULES", "READER_SCORE_CLIP", "ReaderFusion",
+__all__ = ["FUSION_RULE", "READER_FUSION_RULE", "READER_FUSION_RULES", "READER_SCORE_CLIP", "READER_WEIGHT_MAX",
+           "ReaderFusion",
            "fuse_slice_opinions", "fuse_reader_opinion", "calibrate_case_alpha", "fit_platt"]
 
 #: Name of the rule, as written into the case summary (``classification.fusion``).
@@ -38,6 +39,8 @@ ReaderFusion = Literal["average", "logit"]
 READER_FUSION_RULES = {"average": "averaging fusion at equal uncertainty",
                        "logit": "log-odds pooling at equal uncertainty"}
 assert set(READER_FUSION_RULES) == set(get_args(ReaderFusion))
+#: The largest reader weight of each rule (a share for ``"average"``, a log-odds factor for ``"logit"``).
+READER_WEIGHT_MAX = {"average": 1.0, "logit": 4.0}
 #: The ``"average"`` rule's name (the only rule of models 1.3.0).
 READER_FUSION_RULE = READER_FUSION_RULES["average"]
 #: ``"logit"`` clips the reader's score to ``[clip, 1 - clip]``: one patch moves the log-odds by at most
@@ -114,7 +117,7 @@ def fuse_reader_opinion(alpha: np.ndarray, score: float, weight: float, positive
         raise ValueError(f"the reader fusion is binary: alpha must be 2 finite values >= 1, got {alpha}")
     if mode not in READER_FUSION_RULES:
         raise ValueError(f"unknown reader fusion {mode!r}: use one of {sorted(READER_FUSION_RULES)}")
-    top = 1.0 if mode == "average" else 4.0
+    top = READER_WEIGHT_MAX[mode]
     if not (0.0 <= score <= 1.0 and 0.0 <= weight <= top):
         raise ValueError(f"the score must lie in [0, 1] and a {mode!r} weight in [0, {top:g}], "
                          f"got score {score}, weight {weight}")

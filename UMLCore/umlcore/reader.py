@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .errors import BundleError
-from .fusion import READER_FUSION_RULES, ReaderFusion
+from .fusion import READER_FUSION_RULES, READER_WEIGHT_MAX, ReaderFusion
 
 __all__ = ["READER_TARGETS", "ReaderConfig", "LesionReader", "component_centres", "cut_patch", "suspicion"]
 
@@ -79,7 +79,7 @@ class ReaderConfig:
             problems.append(f"max_components must be a positive integer, got {self.max_components!r}")
         if self.fusion not in READER_FUSION_RULES:
             problems.append(f"fusion must be one of {sorted(READER_FUSION_RULES)}, got {self.fusion!r}")
-        top = 4.0 if self.fusion == "logit" else 1.0
+        top = READER_WEIGHT_MAX.get(self.fusion, 1.0)
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0.0 <= self.weight <= top:
             problems.append(f"weight must be a number in [0, {top:g}] (fusion {self.fusion!r}), got {self.weight!r}")
         if problems:
