@@ -693,9 +693,10 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
     for argv, why in (([str(other), "--calibrate-cases", "2"], "fused with reader"),
                       ([str(with_reader), "--calibrate-cases", "3"], "lacks validation rows"),
                       ([str(tiny_bundle_dir), "--calibrate-cases", "2"], "other weights"),
-                      ([str(with_reader), "--calibrate-cases", "2", "--test-seeds-from", "5"], "test seeds start")):
+                      ([str(with_reader), "--calibrate-cases", "2", "--test-seeds-from", "5"], "test seeds start"),
+                      ([str(with_reader), "--calibrate-cases", "2", "--shape", "6", "32", "40"], "not of shape")):
         with pytest.raises(SystemExit):
-            evaluate.main(["--model", *argv, *common])
+            evaluate.main(["--model", argv[0], *common, *argv[1:]])  # argv's options win over common's
         assert why in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert not (tmp_path / "bad").exists()

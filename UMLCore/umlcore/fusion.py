@@ -32,8 +32,9 @@ __all__ = ["FUSION_RULE", "READER_FUSION_RULE", "READER_FUSION_RULES", "READER_S
 #: Name of the rule, as written into the case summary (``classification.fusion``).
 FUSION_RULE = "lesion-weighted evidence pooling"
 #: How the lesion reader's score enters the case opinion (the card's ``reader.fusion``):
-#: ``"average"`` moves the probability a share ``weight`` of the way to the score (models 1.3.0);
-#: ``"logit"`` adds ``weight * logit(score)`` to the opinion's log-odds (models from 1.3.1).
+#: ``"average"`` moves the probability a share ``weight`` of the way to the score (models 1.3.0 and 1.3.1);
+#: ``"logit"`` adds ``weight * logit(score)`` to the opinion's log-odds (built for 1.3.1, not chosen:
+#: inside the kept strength it lost on validation; docs/model.md "What changed in 1.3.1").
 ReaderFusion = Literal["average", "logit"]
 #: The rule of each mode, as written into the case summary (``classification.reader.fusion``).
 READER_FUSION_RULES = {"average": "averaging fusion at equal uncertainty",
@@ -41,7 +42,7 @@ READER_FUSION_RULES = {"average": "averaging fusion at equal uncertainty",
 assert set(READER_FUSION_RULES) == set(get_args(ReaderFusion))
 #: The largest reader weight of each rule (a share for ``"average"``, a log-odds factor for ``"logit"``).
 READER_WEIGHT_MAX = {"average": 1.0, "logit": 4.0}
-#: The ``"average"`` rule's name (the only rule of models 1.3.0).
+#: The ``"average"`` rule's name (the rule of every shipped model so far).
 READER_FUSION_RULE = READER_FUSION_RULES["average"]
 #: ``"logit"`` clips the reader's score to ``[clip, 1 - clip]``: one patch moves the log-odds by at most
 #: ``weight * 6.9``, however sure the reader is.

@@ -248,7 +248,7 @@ def _readerTexts(summary: Mapping[str, Any]) -> tuple[str, str]:
     classes = list(summary.get("classification", {}).get("classes", []))
     alone = network[classes.index(positive)] if positive in classes and len(network) == len(classes) else None
     weight = float(reader.get("weight", 0))
-    if "log-odds" in str(reader.get("fusion", "")):  # models from 1.3.1
+    if "log-odds" in str(reader.get("fusion", "")):  # a card with reader.fusion "logit" (no shipped model yet)
         share = f"Its score's log-odds are added to the case's, times {weight:.2f}"
     else:
         share = f"Its score counts for {100 * weight:.0f} % of the case opinion"
