@@ -82,3 +82,22 @@ def test_platt_calibration_keeps_strength_and_identity():
     p = np.clip(0.5 + (y - 0.5) * 0.3 + rng.normal(0, 0.1, 400), 0.01, 0.99)  # underconfident scores
     slope, intercept = fit_platt(p, y)
     assert slope > 1.0  # sharpening an underconfident score
+
+
+def test_platt_fit_converges_where_plain_newton_diverged():
+    """Eight opinions with large log-odds, not separable: plain Newton steps from (1, 0) ran off to ~1e7; the
+    line search reaches the finite optimum (zero gradient, NLL below the identity's)."""
+    import numpy as np
+    from umlcore.fusion import fit_platt
+
+    z = np.array([0.75, -0.79, 3.84, 0.63, -3.21, 2.17, 7.82, 5.68])
+    y = np.array([1, 0, 0, 1, 0, 1, 1, 1])
+    slope, intercept = fit_platt(1 / (1 + np.exp(-z)), y)
+    assert abs(slope) < 10 and abs(intercept) < 10
+    q = 1 / (1 + np.exp(-(slope * z + intercept)))
+    assert np.allclose([np.sum((q - y) * z), np.sum(q - y)], 0.0, atol=1e-6)
+
+    def nll(a, b):
+        return np.sum(np.logaddexp(0, a * z + b) - y * (a * z + b))
+
+    assert nll(slope, intercept) < nll(1.0, 0.0)

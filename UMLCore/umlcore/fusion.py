@@ -166,19 +166,41 @@ def calibrate_case_alpha(alpha: np.ndarray, slope: float, intercept: float, posi
 
 
 def fit_platt(probs: np.ndarray, labels: np.ndarray, iterations: int = 200) -> tuple[float, float]:
-    """``(slope, intercept)`` minimising the NLL of ``sigmoid(slope * logit(p) + intercept)`` (Newton steps)."""
+    """``(slope, intercept)`` minimising the NLL of ``sigmoid(slope * logit(p) + intercept)``.
+
+    Newton steps with a backtracking line search (a step is halved until the NLL does not rise): plain Newton
+    steps diverge from the identity start when some logits are large, e.g. fused opinions far from 0.5.
+
+    Args:
+        probs: ``(N,)`` positive-class probabilities (clipped to ``[1e-6, 1 - 1e-6]``).
+        labels: ``(N,)`` 0/1 labels, both present.
+        iterations: The most Newton steps.
+
+    Raises:
+        ValueError: shapes differ, or one class is missing.
+    """
     p = np.clip(np.asarray(probs, dtype=np.float64), 1e-6, 1 - 1e-6)
     y = np.asarray(labels, dtype=np.float64)
     if p.shape != y.shape or p.ndim != 1 or len(np.unique(y)) < 2:
         raise ValueError("fit_platt needs (N,) probabilities and (N,) labels with both classes present")
     x = np.stack([np.log(p / (1 - p)), np.ones_like(p)], axis=1)
+
+    def loss(w: np.ndarray) -> float:  # the summed NLL, overflow-free
+        z = x @ w
+        return float(np.sum(np.logaddexp(0.0, z) - y * z))
+
     w = np.array([1.0, 0.0])
+    current = loss(w)
     for _ in range(iterations):
-        q = 1.0 / (1.0 + np.exp(-(x @ w)))
+        q = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))  # the sigmoid, overflow-free
         grad = x.T @ (q - y)
         hess = (x * (q * (1 - q))[:, None]).T @ x + 1e-6 * np.eye(2)
         step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-9:
+        t = 1.0
+        while t > 1e-10 and loss(w - t * step) > current:
+            t *= 0.5
+        w = w - t * step
+        current = loss(w)
+        if np.abs(t * step).max() < 1e-9:
             break
     return float(w[0]), float(w[1])
