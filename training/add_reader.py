@@ -8,7 +8,9 @@ Two steps, because the case calibration must be refitted on opinions that includ
 2. ``--report``: an ``evaluate.py --calibrate-cases N --component-filter bundle`` report of that bundle supplies
    the refitted ``case_calibration`` and the measured test metrics of the card (the single-volume calibration
    stays: the reader does not read single volumes), and, from ``--reader-weight fit``, the reader weight chosen on
-   the validation cases, and its fusion rule (the table goes to the reader's ``training.weight_fit``).
+   the validation cases, and its fusion rule (the table goes to the reader's ``training.weight_fit``). With the
+   rule ``"evidence"`` (the reader may lower the case uncertainty) the card's ``review_uncertainty`` becomes the
+   report's suggestion from the validation cases too.
 
 Example:
     python training/add_reader.py --model Resources/Models/uml-breast-dce-small \
@@ -107,6 +109,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "single_volume" in card.metrics:  # measured without the reader, which single volumes do not use
             metrics["single_volume"] = card.metrics["single_volume"]
         card = dataclasses.replace(card, case_calibration=calibration, metrics=metrics)
+        if card.reader.fusion == "evidence":  # the reader moves the case uncertainty: the threshold moves with it
+            review = summary.get("suggested_review_uncertainty")
+            if review is None or summary.get("suggested_review_uncertainty_from") != "validation":
+                p.error(f"{args.report} suggests no review threshold from validation cases, which the 'evidence' "
+                        "rule needs (it changes the case uncertainty): run evaluate.py with --calibrate-cases N")
+            card = dataclasses.replace(card, review_uncertainty=float(review))
     if args.version:
         card = dataclasses.replace(card, version=args.version)
     path = save_bundle(bundle.model, card, args.out, overwrite=args.overwrite, reader=reader)

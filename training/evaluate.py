@@ -193,6 +193,7 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
                      "components_removed": int(pred.summary.get("postprocessing", {}).get("components_removed", 0)),
                      "positive_probability": p, "uncertainty": float(c["uncertainty"]),
                      "reader_score": reader.get("score"), "network_positive_probability": network_p,
+                     "network_uncertainty": reader.get("network_uncertainty"),
                      "label": int(case.label), "clean_label": int(case.clean_label)})
         if pixel_stats:
             sel = rng.random(lab.size) < 0.05  # deterministic 5% voxel subsample
@@ -251,25 +252,55 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
     return res
 
 
-#: The reader weights ``--reader-weight fit`` tries, per fusion rule (``"logit"`` is a log-odds factor, not a share).
+#: The reader weights ``--reader-weight fit`` tries, per fusion rule (``"logit"`` and ``"evidence"``: a log-odds
+#: factor, not a share).
 READER_WEIGHTS = {"average": tuple(round(0.05 * i, 2) for i in range(21)),
-                  "logit": tuple(round(0.05 * i, 2) for i in range(41))}
+                  "logit": tuple(round(0.05 * i, 2) for i in range(41)),
+                  "evidence": tuple(round(0.05 * i, 2) for i in range(41))}
+#: ``--reader-weight fit`` keeps the lowest validation NLL among the weights whose calibrated validation ECE is at
+#: most this (the model's calibration target), or the lowest NLL if none is.
+READER_WEIGHT_ECE_MAX = 0.05
+
+
+def network_strengths(rows: list[dict]) -> np.ndarray:
+    """``(N,)`` the network's case strength ``S = 2 / u`` of each row, before the reader.
+
+    Rows of a model whose reader may add evidence carry ``network_uncertainty``; rows written before that field
+    existed came from rules that keep ``S``, so their ``uncertainty`` is the network's."""
+    return np.array([2.0 / (r.get("network_uncertainty") or r["uncertainty"]) for r in rows], dtype=float)
+
+
+def calibrated_alphas(alphas: np.ndarray, rows: list[dict], slope: float, intercept: float, positive: int,
+                      fusion: Optional[str]) -> np.ndarray:
+    """``(N, 2)`` the predictor's calibrated case opinions from the uncalibrated ``alphas`` of ``rows``
+    (:func:`umlcore.fusion.calibrate_case_alpha`; with rule ``"evidence"``, the network's strength as the least)."""
+    floors = network_strengths(rows) if fusion == "evidence" else [None] * len(rows)
+    return np.array([calibrate_case_alpha(a, slope, intercept, positive, f) for a, f in zip(alphas, floors)])
+
+
+def row_alphas(rows: list[dict], positive: int = 1) -> np.ndarray:
+    """``(N, 2)`` each row's case Dirichlet as the predictor gave it (``positive_probability``, ``S = 2 / u``)."""
+    out = np.empty((len(rows), 2))
+    for i, r in enumerate(rows):
+        strength = 2.0 / r["uncertainty"]
+        out[i, positive] = strength * r["positive_probability"]
+        out[i, 1 - positive] = strength - out[i, positive]
+    return np.maximum(out, 1.0)  # float round-off around the prior
 
 
 def reader_merged_alphas(rows: list[dict], weight: float, positive: int = 1, fusion: str = "average") -> np.ndarray:
     """Each row's uncalibrated case Dirichlet had the reader had ``weight`` and rule ``fusion``, as the predictor
     fuses it.
 
-    A row keeps the network's opinion (its ``network_positive_probability`` with strength ``S = 2 / uncertainty``,
-    which the fusion and the calibration do not change) and, where the reader read a lesion (``reader_score`` not
-    ``None``), merges the reader's score by :func:`umlcore.fusion.fuse_reader_opinion`.
+    A row keeps the network's opinion (its ``network_positive_probability`` with the strength of
+    :func:`network_strengths`) and, where the reader read a lesion (``reader_score`` not ``None``), merges the
+    reader's score by :func:`umlcore.fusion.fuse_reader_opinion`.
 
     Returns:
         ``(N, 2)`` Dirichlet parameters.
     """
     out = np.empty((len(rows), 2))
-    for i, r in enumerate(rows):
-        strength = 2.0 / r["uncertainty"]
+    for i, (r, strength) in enumerate(zip(rows, network_strengths(rows))):
         alpha = np.empty(2)
         alpha[positive] = strength * r["network_positive_probability"]
         alpha[1 - positive] = strength - alpha[positive]
@@ -283,8 +314,8 @@ def reader_merged_alphas(rows: list[dict], weight: float, positive: int = 1, fus
 def choose_reader_weight(rows: list[dict], positive: int = 1,
                          fusions: tuple[str, ...] = ("average",)) -> tuple[str, float, dict[str, dict]]:
     """The fusion rule and reader weight (of :data:`READER_WEIGHTS`) whose merged, Platt-calibrated validation
-    opinions have the lowest NLL (a proper score: discrimination and calibration together), and per rule and weight
-    that NLL and the AUC.
+    opinions have the lowest NLL (a proper score: discrimination and calibration together) among those whose ECE is
+    at most :data:`READER_WEIGHT_ECE_MAX` (all, if none is), and per rule and weight that NLL, the ECE and the AUC.
 
     Args:
         rows: Validation rows of :func:`evaluate_cases` for a bundle with a reader, run without a case calibration.
@@ -292,7 +323,7 @@ def choose_reader_weight(rows: list[dict], positive: int = 1,
         fusions: The rules to try (keys of :data:`READER_WEIGHTS`).
 
     Returns:
-        The rule, the weight and ``{rule: {str(weight): {"nll": ..., "auc": ...}}}``.
+        The rule, the weight and ``{rule: {str(weight): {"nll": ..., "ece": ..., "auc": ...}}}``.
     """
     labels = np.array([r["label"] for r in rows], dtype=int)
     table: dict[str, dict] = {}
@@ -302,10 +333,13 @@ def choose_reader_weight(rows: list[dict], positive: int = 1,
             alphas = reader_merged_alphas(rows, w, positive, fusion)
             p = alphas[:, positive] / alphas.sum(axis=1)
             slope, intercept = fit_platt(p, labels)
-            calibrated = np.array([calibrate_case_alpha(a, slope, intercept, positive) for a in alphas])
-            table[fusion][str(w)] = {"nll": metrics.nll(calibrated[:, positive] / calibrated.sum(axis=1), labels),
+            calibrated = calibrated_alphas(alphas, rows, slope, intercept, positive, fusion)
+            q = calibrated[:, positive] / calibrated.sum(axis=1)
+            table[fusion][str(w)] = {"nll": metrics.nll(q, labels), "ece": metrics.expected_calibration_error(q, labels),
                                      "auc": metrics.roc_auc(p, labels)}
-    fusion, w = min(((f, w) for f in fusions for w in READER_WEIGHTS[f]), key=lambda fw: table[fw[0]][str(fw[1])]["nll"])
+    candidates = [(f, w) for f in fusions for w in READER_WEIGHTS[f]]
+    calibrated_enough = [fw for fw in candidates if table[fw[0]][str(fw[1])]["ece"] <= READER_WEIGHT_ECE_MAX]
+    fusion, w = min(calibrated_enough or candidates, key=lambda fw: table[fw[0]][str(fw[1])]["nll"])
     return fusion, w, table
 
 
@@ -506,12 +540,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             reader_fit = {"fusion": fusion, "weight": reader_weight,
                           "fitted_on": f"{args.calibrate_cases} validation cases, seeds "
                                        f"{VAL_SEED_BASE}..{VAL_SEED_BASE + args.calibrate_cases - 1}",
-                          "criterion": "lowest NLL after the Platt calibration", "validation": reader_table}
+                          "criterion": f"lowest NLL after the Platt calibration among ECE <= {READER_WEIGHT_ECE_MAX}",
+                          "validation": reader_table}
             for f, t in reader_table.items():
                 print(f"reader fusion {f!r}: validation NLL / AUC by weight: "
                       f"{ {k: (round(v['nll'], 4), round(v['auc'], 4)) for k, v in t.items()} }")
             print(f"reader: fusion {fusion!r}, weight {reader_weight}")
         slope, intercept = fit_platt(val["_probs"], val["_labels"])
+        # the review threshold is suggested from the opinions the predictor will give: calibrated (and with rule
+        # "evidence", the strength the calibrated probability needs)
+        pos = bundle.card.positive_class
+        uncalibrated = merged if args.reader_weight == "fit" else row_alphas(val["_rows"], pos)
+        final = calibrated_alphas(uncalibrated, val["_rows"], slope, intercept, pos,
+                                  None if bundle.card.reader is None else bundle.card.reader.fusion)
+        val["_u"] = 2.0 / final.sum(axis=1)
+        val["_correct"] = ((final[:, pos] / final.sum(axis=1) >= 0.5) == val["_labels"].astype(bool)).astype(int)
         calibration = {"slope": slope, "intercept": intercept,
                        "fitted_on": f"{args.calibrate_cases} validation cases, seeds {VAL_SEED_BASE}.."
                                     f"{VAL_SEED_BASE + args.calibrate_cases - 1}",

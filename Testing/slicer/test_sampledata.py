@@ -82,7 +82,7 @@ def third_party_imports(folder: Path) -> set[str]:
     """Third-party modules imported at module level (imports inside functions are optional extras)."""
     names = set()
     for path in folder.rglob("*.py"):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         top = [n for n in tree.body] + [c for n in tree.body if isinstance(n, (ast.Try, ast.If)) for c in ast.walk(n)]
         for node in top:
             if isinstance(node, ast.Import):

@@ -109,6 +109,12 @@ def test_confidence_panel_says_what_the_lesion_reader_found():
     logit = {**reader, "weight": 0.6, "fusion": "log-odds pooling at equal uncertainty"}
     tip = confidencePanel({**read, "classification": {**read["classification"], "reader": logit}}).readerToolTip
     assert "log-odds are added to the case's, times 0.60" in tip and "% of the case opinion" not in tip
+    assert "the uncertainty is the network's" in tip
+    evidence = {**reader, "weight": 0.7, "fusion": "log-odds pooling, the reader adding evidence",
+                "network_uncertainty": 0.39}
+    tip = confidencePanel({**read, "classification": {**read["classification"], "reader": evidence}}).readerToolTip
+    assert "times 0.70" in tip and "may lower the uncertainty (the network alone: 39 %)" in tip
+    assert "the uncertainty is the network's" not in tip
     unused = {**reader, "applied": False, "score": None, "reason": "nothing was segmented"}
     panel = confidencePanel({**SUMMARY, "classification": {**SUMMARY["classification"], "reader": unused}, "lesions": []})
     assert panel.readerText == "not used: nothing was segmented" and panel.readerToolTip == ""

@@ -611,6 +611,13 @@ def test_reader_merged_alphas_reproduce_the_predictors_fusion():
     np.testing.assert_allclose(evaluate.reader_merged_alphas(rows, 1.0, positive=0)[0], [1 + 8 * 0.9, 1 + 8 * 0.1])
     logit = evaluate.reader_merged_alphas(rows, 1.0, fusion="logit")  # odds 3/7 * 9 = 27/7: p = 27/34
     np.testing.assert_allclose(logit, [[10 * 7 / 34, 10 * 27 / 34], [1.6, 2.4]])
+    # "evidence" rows: the final uncertainty is the fused one; the network's (u = 0.2, S = 10) is its own field
+    ev = [{**rows[0], "uncertainty": 0.05, "network_uncertainty": 0.2}, {**rows[1], "network_uncertainty": None}]
+    np.testing.assert_allclose(evaluate.network_strengths(ev), [10.0, 4.0])
+    np.testing.assert_allclose(evaluate.reader_merged_alphas(ev, 2.0, fusion="evidence")[0],
+                               fuse_reader_opinion(np.array([7.0, 3.0]), 0.9, 2.0, mode="evidence"))
+    final = evaluate.calibrated_alphas(np.array([[1.0, 243 / 7]]), ev[:1], 1.0, 0.0, 1, "evidence")
+    np.testing.assert_allclose(final, [[1.0, 243 / 7]])  # identity calibration: the fused opinion stands
 
 
 def test_choose_reader_weight_follows_the_informative_opinion():
@@ -637,6 +644,24 @@ def test_choose_reader_weight_follows_the_informative_opinion():
     fusion, w, table = evaluate.choose_reader_weight(both, fusions=("average", "logit"))
     assert fusion == "logit" and 0.7 <= w <= 1.3
     assert table["logit"][str(w)]["nll"] < min(v["nll"] for v in table["average"].values())
+
+
+def test_choose_reader_weight_keeps_to_the_calibration_target(monkeypatch):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 200)
+    rows = [{"network_positive_probability": float(np.clip(0.5 + 0.2 * (y - 0.5) + rng.normal(0, 0.2), 0.1, 0.9)),
+             "uncertainty": 0.2, "reader_score": float(np.clip(0.5 + 0.6 * (y - 0.5) + rng.normal(0, 0.3), 0, 1)),
+             "label": int(y)} for y in labels]
+    _, _, table = evaluate.choose_reader_weight(rows, fusions=("evidence",))
+    eces = sorted(v["ece"] for v in table["evidence"].values())
+    limit = eces[len(eces) // 2]  # half the weights meet this target
+    monkeypatch.setattr(evaluate, "READER_WEIGHT_ECE_MAX", limit)
+    _, w, _ = evaluate.choose_reader_weight(rows, fusions=("evidence",))
+    eligible = {k: v["nll"] for k, v in table["evidence"].items() if v["ece"] <= limit}
+    assert str(w) == min(eligible, key=eligible.get)
+    monkeypatch.setattr(evaluate, "READER_WEIGHT_ECE_MAX", -1.0)  # none meets it: the lowest NLL of all
+    _, w, _ = evaluate.choose_reader_weight(rows, fusions=("evidence",))
+    assert table["evidence"][str(w)]["nll"] == min(v["nll"] for v in table["evidence"].values())
 
 
 def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_dir, tmp_path, capsys):
@@ -699,7 +724,26 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
             evaluate.main(["--model", argv[0], *common, *argv[1:]])  # argv's options win over common's
         assert why in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
-    assert not (tmp_path / "bad").exists()
+    # the rule "evidence" moves the case uncertainty, so add_reader takes the review threshold suggested on validation
+    ev = tmp_path / "ev"
+    assert evaluate.main(["--model", str(with_reader), "--out", str(ev), "--cases", "1", "--shape", "6", "32", "32",
+                          "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
+                          "--calibrate-cases", "2", "--component-filter", "bundle", "--reader-weight", "fit",
+                          "--reader-fusion", "evidence", "--validation-from", str(out / "report.json"),
+                          "--test-seeds-from", str(evaluate.TEST_SEED_BASE + 5)]) == 0
+    third = json.loads((ev / "report.json").read_text())["summary"]
+    assert third["reader_weight"]["fusion"] == "evidence" and set(third["reader_weight"]["validation"]) == {"evidence"}
+    assert add_reader.main(["--model", str(with_reader), "--report", str(ev / "report.json"),
+                            "--out", str(tmp_path / "final-ev")]) == 0
+    card = load_bundle(tmp_path / "final-ev").card
+    assert card.reader.fusion == "evidence" and card.review_uncertainty == third["suggested_review_uncertainty"]
+    # its rows carry the network's own uncertainty, from which the next fit rebuilds the fused opinions
+    assert evaluate.main(["--model", str(tmp_path / "final-ev"), "--out", str(tmp_path / "ev2"), "--cases", "1",
+                          "--shape", "6", "32", "32", "--robustness-cases", "1", "--mode-cases", "1",
+                          "--label-noise", "0.0", "--calibrate-cases", "2", "--component-filter", "bundle",
+                          "--reader-weight", "fit", "--reader-fusion", "evidence"]) == 0
+    rows = json.loads((tmp_path / "ev2" / "report.json").read_text())["validation_cases"]
+    assert all(0 < r["network_uncertainty"] <= 1 for r in rows)
 
 
 def test_roi_augment_noise_reaches_noise_max_for_half_the_patches():

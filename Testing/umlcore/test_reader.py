@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from umlcore.bundle import CARD_FILE, WEIGHTS_FILE, load_bundle, save_bundle, sha256_file
 from umlcore.errors import BundleError
-from umlcore.fusion import READER_FUSION_RULES, READER_SCORE_CLIP, calibrate_case_alpha, fuse_reader_opinion
+from umlcore.fusion import (EVIDENCE_PROBABILITY_CLIP, READER_FUSION_RULES, READER_SCORE_CLIP, calibrate_case_alpha,
+                            fuse_reader_opinion)
 from umlcore.predictor import Predictor
 from umlcore.reader import READER_TARGETS, LesionReader, ReaderConfig, component_centres, cut_patch, suspicion
 
@@ -115,6 +116,39 @@ def reader_bundle_dir(tiny_bundle, tmp_path_factory):
         reader.head.bias.copy_(torch.tensor([8.0, 0.0, -1.0]))  # p = 0.99966, 0.5, 0.2689
     card = dataclasses.replace(tiny_bundle.card, reader=ReaderConfig(width=4, patch_size=16, training={"note": "test"}))
     return save_bundle(tiny_bundle.model, card, tmp_path_factory.mktemp("reader") / "bundle", reader=reader)
+
+
+def test_evidence_fusion_pools_log_odds_and_adds_only_the_evidence_the_result_needs():
+    alpha = np.array([7.0, 3.0])  # S = 10, u = 0.2, p = 0.3: the bounds [0.1, 0.9]
+    inside = fuse_reader_opinion(alpha, 0.9, 0.5, mode="evidence")  # p' = 9/16 lies inside: S kept, as "logit"
+    np.testing.assert_allclose(inside, fuse_reader_opinion(alpha, 0.9, 0.5, mode="logit"))
+    # odds 3/7 * 9^2 = 243/7: p' = 243/250 needs S' = 250/7 (u' = 2 * 7/250 = 0.056); "logit" stops at p = 0.9
+    got = fuse_reader_opinion(alpha, 0.9, 2.0, mode="evidence")
+    np.testing.assert_allclose(got, [1.0, 243 / 7])
+    assert fuse_reader_opinion(alpha, 0.9, 2.0, mode="logit")[1] == pytest.approx(9.0)
+    # the other way round (odds 3/7 / 81 = 1/189: S' = 190); the least strength makes the smaller alpha exactly 1
+    np.testing.assert_allclose(fuse_reader_opinion(alpha, 0.1, 2.0, mode="evidence"), [189.0, 1.0])
+    # a sure reader with the largest weight: p' is clipped, so S stays below 1 / clip
+    sure = fuse_reader_opinion(alpha, 1.0, 4.0, mode="evidence")
+    assert sure.sum() == pytest.approx(1 / EVIDENCE_PROBABILITY_CLIP) and sure.min() == pytest.approx(1.0)
+    np.testing.assert_array_equal(fuse_reader_opinion(alpha, 0.9, 0.0, mode="evidence"), alpha)
+    assert ReaderConfig(fusion="evidence", weight=0.7).fusion == "evidence"
+    with pytest.raises(BundleError, match=r"\[0, 4\]"):
+        ReaderConfig(fusion="evidence", weight=5.0)
+
+
+def test_calibration_with_a_least_strength_holds_the_calibrated_probability():
+    alpha = np.array([8.0, 2.0])  # S = 10, p = 0.2
+    q = 1 / (1 + np.exp(-(np.log(0.25) - np.log(9.0))))  # slope 1, intercept -log 9: odds 1/4 / 9 = 1/36
+    assert q == pytest.approx(1 / 37)
+    kept = calibrate_case_alpha(alpha, 1.0, -np.log(9.0))  # S kept: q clipped to 1 / S = 0.1
+    np.testing.assert_allclose(kept, [9.0, 1.0])
+    raised = calibrate_case_alpha(alpha, 1.0, -np.log(9.0), min_strength=10.0)  # S' = 37: u' = 2/37
+    np.testing.assert_allclose(raised, [36.0, 1.0])
+    # where q lies inside the bounds of min_strength, the result has that strength (even below alpha's own)
+    np.testing.assert_allclose(calibrate_case_alpha(np.array([80.0, 20.0]), 1.0, 0.0, min_strength=10.0), [8.0, 2.0])
+    with pytest.raises(ValueError, match="min_strength must be >= 2"):
+        calibrate_case_alpha(alpha, 1.0, 0.0, min_strength=1.0)
 
 
 def test_bundle_round_trips_the_reader(reader_bundle_dir, tiny_bundle):
@@ -237,6 +271,23 @@ def test_predictor_calibrates_after_the_reader(forced, make_volume):
     strength = 2.0 / plain["uncertainty"]
     expected = calibrate_case_alpha(strength * np.array(plain["probabilities"]), 0.5, 0.3)
     np.testing.assert_allclose(got["probabilities"], expected / strength, rtol=1e-9)
+
+
+def test_predictor_with_the_evidence_rule_calibrates_from_the_networks_strength(forced, make_volume):
+    volume = _lesion_volume(make_volume)
+    reader = dataclasses.replace(forced.card.reader, fusion="evidence", weight=4.0)
+    calibration = {"slope": 0.5, "intercept": 0.3}
+    card = dataclasses.replace(forced.card, reader=reader, case_calibration=calibration)
+    c = Predictor(dataclasses.replace(forced, card=card), device="cpu").predict([volume] * 3).summary["classification"]
+    r = c["reader"]
+    assert r["applied"] and r["fusion"] == READER_FUSION_RULES["evidence"] and r["weight"] == 4.0
+    strength = 2.0 / r["network_uncertainty"]  # the network's own, before the reader
+    fused = fuse_reader_opinion(strength * np.array(r["network_probabilities"]), r["score"], 4.0, mode="evidence")
+    expected = calibrate_case_alpha(fused, 0.5, 0.3, min_strength=strength)
+    np.testing.assert_allclose(c["probabilities"], expected / expected.sum(), rtol=1e-6)
+    assert c["uncertainty"] == pytest.approx(2.0 / expected.sum(), rel=1e-6)
+    assert c["uncertainty"] <= r["network_uncertainty"] + 1e-12
+    np.testing.assert_allclose(sum(c["belief"]) + c["uncertainty"], 1.0)
 
 
 def test_one_volume_or_nothing_segmented_leaves_the_network_opinion(forced, tiny_bundle, make_volume):

@@ -21,11 +21,12 @@ Why this rule:
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, Optional, get_args
 
 import numpy as np
 
-__all__ = ["FUSION_RULE", "READER_FUSION_RULE", "READER_FUSION_RULES", "READER_SCORE_CLIP", "READER_WEIGHT_MAX",
+__all__ = ["EVIDENCE_PROBABILITY_CLIP", "FUSION_RULE", "READER_FUSION_RULE", "READER_FUSION_RULES", "READER_SCORE_CLIP",
+           "READER_WEIGHT_MAX",
            "ReaderFusion",
            "fuse_slice_opinions", "fuse_reader_opinion", "calibrate_case_alpha", "fit_platt"]
 
@@ -34,19 +35,25 @@ FUSION_RULE = "lesion-weighted evidence pooling"
 #: How the lesion reader's score enters the case opinion (the card's ``reader.fusion``):
 #: ``"average"`` moves the probability a share ``weight`` of the way to the score (models 1.3.0 and 1.3.1);
 #: ``"logit"`` adds ``weight * logit(score)`` to the opinion's log-odds (built for 1.3.1, not chosen:
-#: inside the kept strength it lost on validation; docs/model.md "What changed in 1.3.1").
-ReaderFusion = Literal["average", "logit"]
+#: inside the kept strength it lost on validation; docs/model.md "What changed in 1.3.1");
+#: ``"evidence"`` pools the log-odds the same way and lets the reader add the evidence that the pooled (and the
+#: calibrated) probability needs, so the case uncertainty may fall below the network's (models from 1.4.0).
+ReaderFusion = Literal["average", "logit", "evidence"]
 #: The rule of each mode, as written into the case summary (``classification.reader.fusion``).
 READER_FUSION_RULES = {"average": "averaging fusion at equal uncertainty",
-                       "logit": "log-odds pooling at equal uncertainty"}
+                       "logit": "log-odds pooling at equal uncertainty",
+                       "evidence": "log-odds pooling, the reader adding evidence"}
 assert set(READER_FUSION_RULES) == set(get_args(ReaderFusion))
-#: The largest reader weight of each rule (a share for ``"average"``, a log-odds factor for ``"logit"``).
-READER_WEIGHT_MAX = {"average": 1.0, "logit": 4.0}
+#: The largest reader weight of each rule (a share for ``"average"``, a log-odds factor for the others).
+READER_WEIGHT_MAX = {"average": 1.0, "logit": 4.0, "evidence": 4.0}
 #: The ``"average"`` rule's name (the rule of every shipped model so far).
 READER_FUSION_RULE = READER_FUSION_RULES["average"]
 #: ``"logit"`` clips the reader's score to ``[clip, 1 - clip]``: one patch moves the log-odds by at most
 #: ``weight * 6.9``, however sure the reader is.
 READER_SCORE_CLIP = 1e-3
+#: ``"evidence"`` and a calibration with ``min_strength`` keep the probability in ``[clip, 1 - clip]``: the case
+#: strength stays below ``1 / clip`` (the uncertainty above ``2 * clip``).
+EVIDENCE_PROBABILITY_CLIP = 1e-4
 
 
 def fuse_slice_opinions(slice_alpha: np.ndarray, lesion_voxels: np.ndarray) -> np.ndarray:
@@ -83,10 +90,11 @@ def fuse_slice_opinions(slice_alpha: np.ndarray, lesion_voxels: np.ndarray) -> n
 
 def fuse_reader_opinion(alpha: np.ndarray, score: float, weight: float, positive: int = 1,
                         mode: ReaderFusion = "average") -> np.ndarray:
-    """Merge the lesion reader's score into a binary case opinion, keeping its strength ``S`` (and so ``u``).
+    """Merge the lesion reader's score into a binary case opinion.
 
-    The reader gives a probability, not evidence, so only the split of the case's evidence between the classes
-    moves; ``S`` stays, so the uncertainty ``u = 2 / S`` and the verdict ``u > review`` do not move.
+    ``"average"`` and ``"logit"`` keep the opinion's strength ``S``: the reader gives a probability, not evidence,
+    so only the split of the case's evidence between the classes moves, and the uncertainty ``u = 2 / S`` and the
+    verdict ``u > review`` do not move. ``"evidence"`` may raise ``S``.
 
     - ``"average"``: the reader's opinion gets the case opinion's uncertainty, the case's total evidence ``S - 2``
       split as the reader's probability says, ``e_r = (S - 2) (1 - score, score)``, and the two are averaged with
@@ -97,17 +105,22 @@ def fuse_reader_opinion(alpha: np.ndarray, score: float, weight: float, positive
       ``logit(p') = logit(p) + weight * logit(score)`` (a naive-Bayes update of the odds; the score clipped to
       ``[READER_SCORE_CLIP, 1 - READER_SCORE_CLIP]``), then ``alpha' = S (1 - p', p')`` kept >= 1. A sure reader
       overrides an undecided network, and a score of 0.5 changes nothing.
+    - ``"evidence"``: the same pooled ``p'`` (clipped to ``[EVIDENCE_PROBABILITY_CLIP, 1 - ...]`` only), with the
+      strength the network had or, where ``p'`` leaves ``[1/S, 1 - 1/S]``, the least strength that holds it:
+      ``S' = max(S, 1 / min(p', 1 - p'))``, ``alpha' = S' (1 - p', p')``. The reader adds evidence only as far as
+      its pooled opinion needs, so ``u' = min(u, 2 min(p', 1 - p'))``: a sure reader makes a sure case. (The
+      predictor then calibrates with ``min_strength = S``, see :func:`calibrate_case_alpha`.)
 
     Args:
         alpha: ``(2,)`` case Dirichlet (>= 1, finite).
         score: The reader's probability of the positive class, in [0, 1].
-        weight: The reader's share (``"average"``, in [0, 1]) or its log-odds factor (``"logit"``, in [0, 4]);
-            0 returns ``alpha`` unchanged.
+        weight: The reader's share (``"average"``, in [0, 1]) or its log-odds factor (``"logit"``, ``"evidence"``,
+            in [0, 4]); 0 returns ``alpha`` unchanged.
         positive: Index of the positive class.
         mode: The rule (the card's ``reader.fusion``).
 
     Returns:
-        ``(2,)`` float64 Dirichlet with the same sum as ``alpha``.
+        ``(2,)`` float64 Dirichlet with the same sum as ``alpha`` (``"evidence"``: the same or a larger sum).
 
     Raises:
         ValueError: a non-binary or invalid ``alpha``, ``score`` outside [0, 1], ``weight`` outside its mode's range,
@@ -124,45 +137,68 @@ def fuse_reader_opinion(alpha: np.ndarray, score: float, weight: float, positive
                          f"got score {score}, weight {weight}")
     if weight == 0.0:
         return alpha.copy()
-    if mode == "logit":
+    if mode in ("logit", "evidence"):
         strength = float(alpha.sum())
         p = float(np.clip(alpha[positive] / strength, 1e-6, 1 - 1e-6))
         s = float(np.clip(score, READER_SCORE_CLIP, 1 - READER_SCORE_CLIP))
         z = np.log(p / (1 - p)) + weight * np.log(s / (1 - s))
-        p_new = float(np.clip(1.0 / (1.0 + np.exp(-z)), 1.0 / strength, 1.0 - 1.0 / strength))
+        p_new = 1.0 / (1.0 + np.exp(-z))
+        if mode == "logit":
+            p_new = float(np.clip(p_new, 1.0 / strength, 1.0 - 1.0 / strength))
+        else:
+            p_new = float(np.clip(p_new, EVIDENCE_PROBABILITY_CLIP, 1.0 - EVIDENCE_PROBABILITY_CLIP))
+            strength = max(strength, 1.0 / min(p_new, 1.0 - p_new))
         out = np.empty(2)
         out[positive], out[1 - positive] = strength * p_new, strength * (1.0 - p_new)
-        return out
+        return np.maximum(out, 1.0)  # round-off at the bound
     evidence = alpha - 1.0
     reader = np.empty(2)
     reader[positive], reader[1 - positive] = score, 1.0 - score
     return 1.0 + (1.0 - weight) * evidence + weight * evidence.sum() * reader
 
 
-def calibrate_case_alpha(alpha: np.ndarray, slope: float, intercept: float, positive: int = 1) -> np.ndarray:
-    """Binary post-hoc (Platt) calibration of a case opinion that keeps its strength ``S``.
+def calibrate_case_alpha(alpha: np.ndarray, slope: float, intercept: float, positive: int = 1,
+                         min_strength: Optional[float] = None) -> np.ndarray:
+    """Binary post-hoc (Platt) calibration of a case opinion.
 
-    ``p' = sigmoid(slope * logit(p_pos) + intercept)`` with ``p_pos = alpha_pos / S``; then
-    ``alpha'_pos = S p'`` and ``alpha'_neg = S (1 - p')``, each kept >= 1. The uncertainty ``u = K / S`` is
-    unchanged, so the "review" verdict does not move; only the split of the evidence between the classes is
-    recalibrated. ``slope = 1, intercept = 0`` is the identity.
+    ``p' = sigmoid(slope * logit(p_pos) + intercept)`` with ``p_pos = alpha_pos / S``. ``slope = 1, intercept = 0``
+    is the identity.
+
+    - ``min_strength=None`` keeps the strength ``S``: ``alpha'_pos = S p'``, ``alpha'_neg = S (1 - p')``, each kept
+      >= 1 (``p'`` clipped to ``[1/S, 1 - 1/S]``). The uncertainty ``u = K / S`` is unchanged, so the "review"
+      verdict does not move; only the split of the evidence between the classes is recalibrated.
+    - ``min_strength=S0`` (the reader rule ``"evidence"``, with ``S0`` the network's strength before the reader):
+      the calibrated opinion gets ``S0``, raised as far as ``p'`` needs, ``S' = max(S0, 1 / min(p', 1 - p'))``;
+      ``p'`` is not clipped to the bounds (only to ``[EVIDENCE_PROBABILITY_CLIP, 1 - ...]``), so
+      ``u' = min(2 / S0, 2 min(p', 1 - p'))``: the evidence the reader added is what the final probability needs.
 
     Args:
         alpha: ``(2,)`` case Dirichlet.
         slope, intercept: Fitted on validation cases (``training/evaluate.py --calibrate-cases``).
         positive: Index of the positive class.
+        min_strength: ``None``, or the strength the result has at least (>= 2).
+
+    Raises:
+        ValueError: a non-binary ``alpha`` or a ``min_strength`` below 2.
     """
     alpha = np.asarray(alpha, dtype=np.float64)
     if alpha.shape != (2,):
         raise ValueError(f"Platt calibration is binary: alpha must have shape (2,), got {alpha.shape}")
+    if min_strength is not None and not min_strength >= 2.0:
+        raise ValueError(f"min_strength must be >= 2 (a binary Dirichlet's least strength), got {min_strength}")
     strength = float(alpha.sum())
     p = float(np.clip(alpha[positive] / strength, 1e-6, 1 - 1e-6))
     z = slope * np.log(p / (1 - p)) + intercept
-    p_new = float(np.clip(1.0 / (1.0 + np.exp(-z)), 1.0 / strength, 1.0 - 1.0 / strength))
+    p_new = 1.0 / (1.0 + np.exp(-z))
+    if min_strength is None:
+        p_new = float(np.clip(p_new, 1.0 / strength, 1.0 - 1.0 / strength))
+    else:
+        p_new = float(np.clip(p_new, EVIDENCE_PROBABILITY_CLIP, 1.0 - EVIDENCE_PROBABILITY_CLIP))
+        strength = max(float(min_strength), 1.0 / min(p_new, 1.0 - p_new))
     out = np.empty(2)
     out[positive] = strength * p_new
     out[1 - positive] = strength * (1.0 - p_new)
-    return out
+    return out if min_strength is None else np.maximum(out, 1.0)
 
 
 def fit_platt(probs: np.ndarray, labels: np.ndarray, iterations: int = 200) -> tuple[float, float]:

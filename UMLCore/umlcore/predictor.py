@@ -458,14 +458,18 @@ class Predictor:
         card = self.card
         lesion = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
         case_alpha = fuse_slice_opinions(cls_alpha, lesion)
-        network_probs = case_alpha / case_alpha.sum()
+        network_strength = float(case_alpha.sum())
+        network_probs = case_alpha / network_strength
         if reading is not None and reading["score"] is not None:
             case_alpha = fuse_reader_opinion(case_alpha, reading["score"], card.reader.weight, card.positive_class,
                                              card.reader.fusion)
         calibration_name, calibration = card.calibration_for(single_volume=single_volume)
         if calibration is not None:
+            # "evidence": the calibrated probability gets the network's strength, raised as far as it needs (not
+            # for one volume, which the reader does not read: its calibration was fitted keeping the strength)
+            adds_evidence = card.reader is not None and card.reader.fusion == "evidence" and not single_volume
             case_alpha = calibrate_case_alpha(case_alpha, calibration["slope"], calibration["intercept"],
-                                              card.positive_class)
+                                              card.positive_class, network_strength if adds_evidence else None)
         strength = case_alpha.sum()
         probs = case_alpha / strength
         belief = (case_alpha - 1.0) / strength
@@ -477,7 +481,8 @@ class Predictor:
             reader_summary = {"applied": reading["score"] is not None, "reason": reading["reason"],
                               "score": reading["score"], "weight": float(card.reader.weight),
                               "fusion": READER_FUSION_RULES[card.reader.fusion],
-                              "network_probabilities": [float(v) for v in network_probs]}
+                              "network_probabilities": [float(v) for v in network_probs],
+                              "network_uncertainty": float(len(network_probs) / network_strength)}
             numpy_axis = 2 - axis  # the slice axis in the (z, y, x) array; H and W are the other two, in order
             rest = [a for a in range(3) if a != numpy_axis]
             for rank, ((voxels, z, y, x), p) in enumerate(zip(reading["components"], reading["p"])):

@@ -46,10 +46,11 @@ class ReaderConfig:
         pixel_mm: Patch pixel size in mm (in-plane; patches are resampled bilinearly to it).
         max_components: The largest connected components of the labelmap that are read.
         weight: How much the reader counts (``0``: not at all). With ``fusion="average"`` its share of the case
-            opinion, in [0, 1] (``1``: the reader alone where it read a lesion); with ``"logit"`` the factor of
-            its score's log-odds, in [0, 4].
+            opinion, in [0, 1] (``1``: the reader alone where it read a lesion); with ``"logit"`` or
+            ``"evidence"`` the factor of its score's log-odds, in [0, 4].
         fusion: The rule of :func:`umlcore.fusion.fuse_reader_opinion`: ``"average"`` (the default, and the rule
-            of cards written before the field existed) or ``"logit"``.
+            of cards written before the field existed), ``"logit"``, or ``"evidence"`` (log-odds pooling that may
+            lower the case uncertainty; the predictor then calibrates with the network's strength as the least).
         training: Provenance and validation figures (free form, kept in the card).
     """
 

@@ -248,12 +248,19 @@ def _readerTexts(summary: Mapping[str, Any]) -> tuple[str, str]:
     classes = list(summary.get("classification", {}).get("classes", []))
     alone = network[classes.index(positive)] if positive in classes and len(network) == len(classes) else None
     weight = float(reader.get("weight", 0))
-    if "log-odds" in str(reader.get("fusion", "")):  # a card with reader.fusion "logit" (no shipped model yet)
+    rule = str(reader.get("fusion", ""))
+    if "log-odds" in rule:  # reader.fusion "logit" or "evidence"
         share = f"Its score's log-odds are added to the case's, times {weight:.2f}"
     else:
         share = f"Its score counts for {100 * weight:.0f} % of the case opinion"
+    if "adding evidence" in rule:  # "evidence": a sure reader may lower the case uncertainty
+        network_u = reader.get("network_uncertainty")
+        own = f" (the network alone: {100 * float(network_u):.0f} %)" if network_u is not None else ""
+        share += f"; the evidence it adds may lower the uncertainty{own}."
+    else:
+        share += "; the uncertainty is the network's."
     tip = (f"A second network read the {n} largest segmented lesion{'s' if n != 1 else ''} from patches of all phases "
-           f"(margin and kinetics). {share}; the uncertainty is the network's.")
+           f"(margin and kinetics). {share}")
     if alone is not None:
         tip += f" The network alone (uncalibrated) said {100 * float(alone):.0f} % {positive}."
     return text, tip
