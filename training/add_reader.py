@@ -8,9 +8,10 @@ Two steps, because the case calibration must be refitted on opinions that includ
 2. ``--report``: an ``evaluate.py --calibrate-cases N --component-filter bundle`` report of that bundle supplies
    the refitted ``case_calibration`` and the measured test metrics of the card (the single-volume calibration
    stays: the reader does not read single volumes), and, from ``--reader-weight fit``, the reader weight chosen on
-   the validation cases, and its fusion rule (the table goes to the reader's ``training.weight_fit``). With the
-   rule ``"evidence"`` (the reader may lower the case uncertainty) the card's ``review_uncertainty`` becomes the
-   report's suggestion from the validation cases too.
+   the validation cases, and its fusion rule (the table goes to the reader's ``training.weight_fit``). The card's
+   ``review_uncertainty`` stays, also with the rule ``"evidence"`` (which may lower the case uncertainty): it is the
+   threshold of the network's uncertainty, which single volumes and foreign images are judged by (the report's
+   ``suggested_review_uncertainty`` is printed for comparison).
 
 Example:
     python training/add_reader.py --model Resources/Models/uml-breast-dce-small \
@@ -109,12 +110,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "single_volume" in card.metrics:  # measured without the reader, which single volumes do not use
             metrics["single_volume"] = card.metrics["single_volume"]
         card = dataclasses.replace(card, case_calibration=calibration, metrics=metrics)
-        if card.reader.fusion == "evidence":  # the reader moves the case uncertainty: the threshold moves with it
-            review = summary.get("suggested_review_uncertainty")
-            if review is None or summary.get("suggested_review_uncertainty_from") != "validation":
-                p.error(f"{args.report} suggests no review threshold from validation cases, which the 'evidence' "
-                        "rule needs (it changes the case uncertainty): run evaluate.py with --calibrate-cases N")
-            card = dataclasses.replace(card, review_uncertainty=float(review))
+        if summary.get("suggested_review_uncertainty") is not None:
+            print(f"review_uncertainty stays {card.review_uncertainty:g} (the report suggests "
+                  f"{summary['suggested_review_uncertainty']:g} from its {summary.get('suggested_review_uncertainty_from')} "
+                  "cases)")
     if args.version:
         card = dataclasses.replace(card, version=args.version)
     path = save_bundle(bundle.model, card, args.out, overwrite=args.overwrite, reader=reader)

@@ -724,7 +724,7 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
             evaluate.main(["--model", argv[0], *common, *argv[1:]])  # argv's options win over common's
         assert why in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
-    # the rule "evidence" moves the case uncertainty, so add_reader takes the review threshold suggested on validation
+    # the rule "evidence" (the reader may lower the case uncertainty); the review threshold stays the card's
     ev = tmp_path / "ev"
     assert evaluate.main(["--model", str(with_reader), "--out", str(ev), "--cases", "1", "--shape", "6", "32", "32",
                           "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
@@ -736,7 +736,8 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
     assert add_reader.main(["--model", str(with_reader), "--report", str(ev / "report.json"),
                             "--out", str(tmp_path / "final-ev")]) == 0
     card = load_bundle(tmp_path / "final-ev").card
-    assert card.reader.fusion == "evidence" and card.review_uncertainty == third["suggested_review_uncertainty"]
+    assert card.reader.fusion == "evidence" and card.review_uncertainty == load_bundle(with_reader).card.review_uncertainty
+    assert "review_uncertainty stays" in capsys.readouterr().out
     # its rows carry the network's own uncertainty, from which the next fit rebuilds the fused opinions
     assert evaluate.main(["--model", str(tmp_path / "final-ev"), "--out", str(tmp_path / "ev2"), "--cases", "1",
                           "--shape", "6", "32", "32", "--robustness-cases", "1", "--mode-cases", "1",
