@@ -543,8 +543,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                           "criterion": f"lowest NLL after the Platt calibration among ECE <= {READER_WEIGHT_ECE_MAX}",
                           "validation": reader_table}
             for f, t in reader_table.items():
-                print(f"reader fusion {f!r}: validation NLL / AUC by weight: "
-                      f"{ {k: (round(v['nll'], 4), round(v['auc'], 4)) for k, v in t.items()} }")
+                print(f"reader fusion {f!r}: validation NLL / ECE / AUC by weight: "
+                      f"{ {k: (round(v['nll'], 4), round(v['ece'], 3), round(v['auc'], 4)) for k, v in t.items()} }")
             print(f"reader: fusion {fusion!r}, weight {reader_weight}")
         slope, intercept = fit_platt(val["_probs"], val["_labels"])
         # the review threshold is suggested from the opinions the predictor will give: calibrated (and with rule
