@@ -1,0 +1,150 @@
+"""Fit a bundle's reader weight and case calibration on the case rows of several ``evaluate.py`` reports.
+
+``evaluate.py --reader-weight fit`` chooses the reader's weight and fits the case calibration on one validation pass
+(400 cases take about 40 CPU minutes). Each report also keeps, per case, what the fit needs (the network's opinion
+and strength, the reader's score, the label), so the rows of reports already made with the same weights can be
+pooled into a larger fitting set at no cost. The pooled cases are fitting data from then on: test on new seeds.
+
+Rows are taken from each report's ``validation_cases`` and ``cases`` (a seed that appears twice must have the same
+row), grouped by report section (every report's ``cases`` is a group; all ``validation_cases`` one more). The weight
+of ``--fusion`` (one of :data:`evaluate.READER_WEIGHTS`) is the one with the lowest pooled NLL after a Platt fit on
+the pool among those whose calibrated ECE is at most ``--ece-max`` on the pool and on every group; the case
+calibration is that Platt fit. Nothing is written when no weight qualifies.
+
+Example (the second fit of 1.4.0; docs/model-eval/v140/decision.txt):
+    python training/fit_reader_fusion.py --model Resources/Models/uml-breast-dce-small \
+        --reports runs/v131/evalL/report.json runs/v131/eval-fresh/report.json runs/v140/eval/report.json \
+        --fusion evidence --version 1.4.0 --out runs/v140b
+    python training/evaluate.py --model runs/v140b --out runs/v140b/eval --cases 400 --test-seeds-from 2001200 \
+        --robustness-cases 20 --mode-cases 1 --workers 2
+    python training/add_reader.py --model runs/v140b --report runs/v140b/eval/report.json \
+        --out Resources/Models/uml-breast-dce-small --overwrite
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from umlcore import metrics
+from umlcore.bundle import load_bundle, save_bundle
+from umlcore.fusion import READER_FUSION_RULES, fit_platt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate import READER_WEIGHTS, calibrated_alphas, reader_merged_alphas  # noqa: E402
+
+
+def pooled_rows(paths: list[Path], bundle, error) -> tuple[list[dict], dict[str, list[int]]]:
+    """The distinct case rows of the reports (checked against ``bundle``) and the row indices of each group."""
+    rows: list[dict] = []
+    by_seed: dict[int, int] = {}
+    groups: dict[str, list[int]] = {}
+    dataset = None
+    for path in paths:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            error(f"--reports {path}: cannot read it as JSON ({e})")
+        problems = []
+        if report.get("model", {}).get("sha256") != bundle.sha256:
+            problems.append(f"it evaluated other weights (sha256 {report.get('model', {}).get('sha256')!r})")
+        if report.get("summary", {}).get("component_max_uncertainty") != bundle.card.component_max_uncertainty:
+            problems.append("its component filter is not the bundle's")
+        shape = str(report.get("dataset", "")).partition("shape ")[2]
+        if dataset is not None and shape != dataset:
+            problems.append(f"its cases differ in shape or label noise from the first report's ({shape!r})")
+        dataset = shape if dataset is None else dataset
+        for section in ("validation_cases", "cases"):
+            for r in report.get(section) or []:
+                if r.get("network_positive_probability") is None:
+                    problems.append(f"its {section} lack the network's opinion (a bundle without a reader?)")
+                    break
+        if problems:
+            error(f"--reports {path}: " + "; ".join(problems))
+        for section, group in (("validation_cases", "validation"), ("cases", f"{path}: test cases")):
+            for r in report.get(section) or []:
+                if r["seed"] in by_seed:
+                    old = rows[by_seed[r["seed"]]]
+                    if (old["network_positive_probability"], old["reader_score"], old["label"]) != \
+                            (r["network_positive_probability"], r["reader_score"], r["label"]):
+                        error(f"--reports {path}: seed {r['seed']} has another row in an earlier report")
+                    continue
+                by_seed[r["seed"]] = len(rows)
+                groups.setdefault(group, []).append(len(rows))
+                rows.append(r)
+    return rows, groups
+
+
+def choose(rows: list[dict], groups: dict[str, list[int]], fusion: str, ece_max: float, positive: int = 1):
+    """``(weight or None, slope, intercept, table)``: see the module docstring."""
+    labels = np.array([r["label"] for r in rows], dtype=int)
+    table, best = {}, None
+    for w in READER_WEIGHTS[fusion]:
+        alphas = reader_merged_alphas(rows, w, positive, fusion)
+        slope, intercept = fit_platt(alphas[:, positive] / alphas.sum(axis=1), labels)
+        final = calibrated_alphas(alphas, rows, slope, intercept, positive, fusion)
+        q = final[:, positive] / final.sum(axis=1)
+        row = {"nll": metrics.nll(q, labels), "ece": metrics.expected_calibration_error(q, labels),
+               "auc": metrics.roc_auc(q, labels), "slope": slope, "intercept": intercept,
+               "group_ece": {g: metrics.expected_calibration_error(q[i], labels[i]) for g, i in groups.items()}}
+        table[str(w)] = row
+        ok = row["ece"] <= ece_max and all(e <= ece_max for e in row["group_ece"].values())
+        if ok and (best is None or row["nll"] < table[str(best)]["nll"]):
+            best = w
+    if best is None:
+        return None, None, None, table
+    return best, table[str(best)]["slope"], table[str(best)]["intercept"], table
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=Path, help="the bundle whose weights the reports evaluated")
+    p.add_argument("--reports", required=True, type=Path, nargs="+", help="evaluate.py report.json files")
+    p.add_argument("--fusion", default="evidence", choices=sorted(READER_FUSION_RULES))
+    p.add_argument("--ece-max", type=float, default=0.05)
+    p.add_argument("--version", help="the new bundle's version (default: --model's)")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    bundle = load_bundle(args.model)
+    if bundle.card.reader is None:
+        p.error(f"{args.model} has no lesion reader (training/add_reader.py adds one)")
+    rows, groups = pooled_rows(args.reports, bundle, p.error)
+    labels = np.array([r["label"] for r in rows])
+    if len(np.unique(labels)) < 2:
+        p.error("the pooled rows hold one class only: a calibration needs both")
+    weight, slope, intercept, table = choose(rows, groups, args.fusion, args.ece_max, bundle.card.positive_class)
+    for w, row in table.items():
+        print(f"{args.fusion} {w}: NLL {row['nll']:.4f}  ECE {row['ece']:.3f}  AUC {row['auc']:.4f}  group ECE "
+              f"{[round(e, 3) for e in row['group_ece'].values()]}")
+    if weight is None:
+        print(f"no weight has a calibrated ECE <= {args.ece_max} on the pool and on every group: nothing written")
+        return 1
+    seeds = sorted(r["seed"] for r in rows)
+    fitted_on = (f"{len(rows)} cases pooled from {len(args.reports)} evaluate.py reports (seeds "
+                 f"{seeds[0]}..{seeds[-1]}, groups: " + ", ".join(f"{g} ({len(i)})" for g, i in groups.items()) + ")")
+    print(f"{args.fusion} weight {weight}: case calibration slope {slope:.3f}, intercept {intercept:.3f}; {fitted_on}")
+    card = bundle.card
+    fit = {"fitted_on": fitted_on, "criterion": f"lowest pooled NLL after the Platt fit among ECE <= {args.ece_max} "
+                                                "on the pool and on every group",
+           "command": "python training/fit_reader_fusion.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "validation": {args.fusion: {w: {k: v for k, v in row.items() if k in ("nll", "ece", "auc")}
+                                        for w, row in table.items()}}}
+    reader = dataclasses.replace(card.reader, fusion=args.fusion, weight=weight,
+                                 training={**card.reader.training, "weight_fit": fit})
+    calibration = {"slope": slope, "intercept": intercept, "fitted_on": fitted_on}
+    card = dataclasses.replace(card, reader=reader, case_calibration=calibration,
+                               version=args.version or card.version)
+    path = save_bundle(bundle.model, card, args.out, overwrite=args.overwrite, reader=bundle.reader)
+    print(f"wrote {path} (version {card.version}); test it on new seeds: evaluate.py --test-seeds-from ...")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
