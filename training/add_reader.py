@@ -11,7 +11,9 @@ Two steps, because the case calibration must be refitted on opinions that includ
    the validation cases, and its fusion rule (the table goes to the reader's ``training.weight_fit``). The card's
    ``review_uncertainty`` stays, also with the rule ``"evidence"`` (which may lower the case uncertainty): it is the
    threshold of the network's uncertainty, which single volumes and foreign images are judged by (the report's
-   ``suggested_review_uncertainty`` is printed for comparison).
+   ``suggested_review_uncertainty`` is printed for comparison). A test-only report (no ``--calibrate-cases``) of a
+   bundle whose reader weight and calibration ``training/fit_reader_fusion.py`` fitted together keeps that
+   calibration.
 
 Example:
     python training/add_reader.py --model Resources/Models/uml-breast-dce-small \
@@ -97,8 +99,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                     f"not {args.model}: evaluate this one")
         summary = dict(report.get("summary", {}))
         calibration = summary.pop("case_calibration", None)
-        if calibration is None:
-            p.error(f"{args.report} has no case_calibration: run evaluate.py with --calibrate-cases N")
+        if calibration is None:  # a test-only report: the card's calibration stands if it was fitted with the reader
+            fit = card.reader.training.get("weight_fit") or {}
+            calibration = card.case_calibration
+            if calibration is None or calibration.get("fitted_on") != fit.get("fitted_on"):
+                p.error(f"{args.report} has no case_calibration and the card's was not fitted together with its reader "
+                        "weight (training/fit_reader_fusion.py does both): run evaluate.py with --calibrate-cases N")
         summary.pop("component_max_uncertainty", None)
         weight_fit = summary.pop("reader_weight", None)  # evaluate.py --reader-weight fit
         if weight_fit is not None:
