@@ -698,13 +698,15 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
     with pytest.raises(SystemExit):
         evaluate.main(["--model", str(with_reader), "--out", str(tmp_path / "bad"), "--reader-fusion", "logit"])
     assert "add --reader-weight fit" in capsys.readouterr().err
-    # the same fit from the first report's validation rows, tested on later seeds
+    def refit_from_first_report(dest, fusion):  # the first report's validation rows, tested on later seeds
+        return evaluate.main(["--model", str(with_reader), "--out", str(dest), "--cases", "1", "--shape", "6", "32",
+                              "32", "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
+                              "--calibrate-cases", "2", "--component-filter", "bundle", "--reader-weight", "fit",
+                              "--reader-fusion", fusion, "--validation-from", str(out / "report.json"),
+                              "--test-seeds-from", str(evaluate.TEST_SEED_BASE + 5)])
+
     again = tmp_path / "again"
-    assert evaluate.main(["--model", str(with_reader), "--out", str(again), "--cases", "1", "--shape", "6", "32", "32",
-                          "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
-                          "--calibrate-cases", "2", "--component-filter", "bundle", "--reader-weight", "fit",
-                          "--reader-fusion", "fit", "--validation-from", str(out / "report.json"),
-                          "--test-seeds-from", str(evaluate.TEST_SEED_BASE + 5)]) == 0
+    assert refit_from_first_report(again, "fit") == 0
     second = json.loads((again / "report.json").read_text())
     assert second["validation_cases"] == report["validation_cases"] and second["summary"]["reader_weight"] == fit
     assert second["summary"]["case_calibration"] == report["summary"]["case_calibration"]
@@ -726,11 +728,7 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
     assert not (tmp_path / "bad").exists()
     # the rule "evidence" (the reader may lower the case uncertainty); the review threshold stays the card's
     ev = tmp_path / "ev"
-    assert evaluate.main(["--model", str(with_reader), "--out", str(ev), "--cases", "1", "--shape", "6", "32", "32",
-                          "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
-                          "--calibrate-cases", "2", "--component-filter", "bundle", "--reader-weight", "fit",
-                          "--reader-fusion", "evidence", "--validation-from", str(out / "report.json"),
-                          "--test-seeds-from", str(evaluate.TEST_SEED_BASE + 5)]) == 0
+    assert refit_from_first_report(ev, "evidence") == 0
     third = json.loads((ev / "report.json").read_text())["summary"]
     assert third["reader_weight"]["fusion"] == "evidence" and set(third["reader_weight"]["validation"]) == {"evidence"}
     assert add_reader.main(["--model", str(with_reader), "--report", str(ev / "report.json"),
