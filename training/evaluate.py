@@ -278,14 +278,18 @@ def calibrated_alphas(alphas: np.ndarray, rows: list[dict], slope: float, interc
     return np.array([calibrate_case_alpha(a, slope, intercept, positive, f) for a, f in zip(alphas, floors)])
 
 
+def _alphas(p: np.ndarray, strength: np.ndarray, positive: int) -> np.ndarray:
+    """``(N, 2)`` Dirichlets ``strength * (1 - p, p)``, kept >= 1 (float round-off around the prior)."""
+    out = np.empty((len(p), 2))
+    out[:, positive] = strength * p
+    out[:, 1 - positive] = strength - out[:, positive]
+    return np.maximum(out, 1.0)
+
+
 def row_alphas(rows: list[dict], positive: int = 1) -> np.ndarray:
     """``(N, 2)`` each row's case Dirichlet as the predictor gave it (``positive_probability``, ``S = 2 / u``)."""
-    out = np.empty((len(rows), 2))
-    for i, r in enumerate(rows):
-        strength = 2.0 / r["uncertainty"]
-        out[i, positive] = strength * r["positive_probability"]
-        out[i, 1 - positive] = strength - out[i, positive]
-    return np.maximum(out, 1.0)  # float round-off around the prior
+    return _alphas(np.array([r["positive_probability"] for r in rows], dtype=float),
+                   np.array([2.0 / r["uncertainty"] for r in rows], dtype=float), positive)
 
 
 def reader_merged_alphas(rows: list[dict], weight: float, positive: int = 1, fusion: str = "average") -> np.ndarray:
@@ -299,15 +303,11 @@ def reader_merged_alphas(rows: list[dict], weight: float, positive: int = 1, fus
     Returns:
         ``(N, 2)`` Dirichlet parameters.
     """
-    out = np.empty((len(rows), 2))
-    for i, (r, strength) in enumerate(zip(rows, network_strengths(rows))):
-        alpha = np.empty(2)
-        alpha[positive] = strength * r["network_positive_probability"]
-        alpha[1 - positive] = strength - alpha[positive]
-        alpha = np.maximum(alpha, 1.0)  # float round-off around the prior
+    out = _alphas(np.array([r["network_positive_probability"] for r in rows], dtype=float), network_strengths(rows),
+                  positive)
+    for i, r in enumerate(rows):
         if r["reader_score"] is not None:
-            alpha = fuse_reader_opinion(alpha, r["reader_score"], weight, positive, fusion)
-        out[i] = alpha
+            out[i] = fuse_reader_opinion(out[i], r["reader_score"], weight, positive, fusion)
     return out
 
 

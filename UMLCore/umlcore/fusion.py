@@ -46,7 +46,7 @@ READER_FUSION_RULES = {"average": "averaging fusion at equal uncertainty",
 assert set(READER_FUSION_RULES) == set(get_args(ReaderFusion))
 #: The largest reader weight of each rule (a share for ``"average"``, a log-odds factor for the others).
 READER_WEIGHT_MAX = {"average": 1.0, "logit": 4.0, "evidence": 4.0}
-#: The ``"average"`` rule's name (the rule of every shipped model so far).
+#: The ``"average"`` rule's name (the rule of the shipped models 1.3.0 and 1.3.1).
 READER_FUSION_RULE = READER_FUSION_RULES["average"]
 #: ``"logit"`` clips the reader's score to ``[clip, 1 - clip]``: one patch moves the log-odds by at most
 #: ``weight * 6.9``, however sure the reader is.
@@ -54,6 +54,18 @@ READER_SCORE_CLIP = 1e-3
 #: ``"evidence"`` and a calibration with ``min_strength`` keep the probability in ``[clip, 1 - clip]``: the case
 #: strength stays below ``1 / clip`` (the uncertainty above ``2 * clip``).
 EVIDENCE_PROBABILITY_CLIP = 1e-4
+
+
+def _binary_alpha(p: float, strength: float, positive: int, least: Optional[float] = None) -> np.ndarray:
+    """``strength * (1 - p, p)`` (positive class at ``positive``); with ``least`` given, ``p`` clipped to
+    ``[EVIDENCE_PROBABILITY_CLIP, 1 - ...]`` and the strength ``max(least, 1 / min(p, 1 - p))``, the least that
+    holds ``p`` (each parameter then >= 1)."""
+    if least is not None:
+        p = float(np.clip(p, EVIDENCE_PROBABILITY_CLIP, 1.0 - EVIDENCE_PROBABILITY_CLIP))
+        strength = max(float(least), 1.0 / min(p, 1.0 - p))
+    out = np.empty(2)
+    out[positive], out[1 - positive] = strength * p, strength * (1.0 - p)
+    return out if least is None else np.maximum(out, 1.0)  # round-off at the bound
 
 
 def fuse_slice_opinions(slice_alpha: np.ndarray, lesion_voxels: np.ndarray) -> np.ndarray:
@@ -143,14 +155,10 @@ def fuse_reader_opinion(alpha: np.ndarray, score: float, weight: float, positive
         s = float(np.clip(score, READER_SCORE_CLIP, 1 - READER_SCORE_CLIP))
         z = np.log(p / (1 - p)) + weight * np.log(s / (1 - s))
         p_new = 1.0 / (1.0 + np.exp(-z))
-        if mode == "logit":
-            p_new = float(np.clip(p_new, 1.0 / strength, 1.0 - 1.0 / strength))
-        else:
-            p_new = float(np.clip(p_new, EVIDENCE_PROBABILITY_CLIP, 1.0 - EVIDENCE_PROBABILITY_CLIP))
-            strength = max(strength, 1.0 / min(p_new, 1.0 - p_new))
-        out = np.empty(2)
-        out[positive], out[1 - positive] = strength * p_new, strength * (1.0 - p_new)
-        return np.maximum(out, 1.0)  # round-off at the bound
+        if mode == "evidence":
+            return _binary_alpha(p_new, strength, positive, least=strength)
+        return np.maximum(_binary_alpha(float(np.clip(p_new, 1.0 / strength, 1.0 - 1.0 / strength)), strength,
+                                        positive), 1.0)  # round-off at the bound
     evidence = alpha - 1.0
     reader = np.empty(2)
     reader[positive], reader[1 - positive] = score, 1.0 - score
@@ -190,15 +198,9 @@ def calibrate_case_alpha(alpha: np.ndarray, slope: float, intercept: float, posi
     p = float(np.clip(alpha[positive] / strength, 1e-6, 1 - 1e-6))
     z = slope * np.log(p / (1 - p)) + intercept
     p_new = 1.0 / (1.0 + np.exp(-z))
-    if min_strength is None:
-        p_new = float(np.clip(p_new, 1.0 / strength, 1.0 - 1.0 / strength))
-    else:
-        p_new = float(np.clip(p_new, EVIDENCE_PROBABILITY_CLIP, 1.0 - EVIDENCE_PROBABILITY_CLIP))
-        strength = max(float(min_strength), 1.0 / min(p_new, 1.0 - p_new))
-    out = np.empty(2)
-    out[positive] = strength * p_new
-    out[1 - positive] = strength * (1.0 - p_new)
-    return out if min_strength is None else np.maximum(out, 1.0)
+    if min_strength is not None:
+        return _binary_alpha(p_new, strength, positive, least=min_strength)
+    return _binary_alpha(float(np.clip(p_new, 1.0 / strength, 1.0 - 1.0 / strength)), strength, positive)
 
 
 def fit_platt(probs: np.ndarray, labels: np.ndarray, iterations: int = 200) -> tuple[float, float]:
