@@ -10,13 +10,17 @@ Reports (``report.json`` + ``report.md`` + ``reliability.png`` in ``--out``):
   reported (noisy) labels and against the clean labels; risk-coverage of the case uncertainty;
 - pixel level: ECE of the foreground probability, uncertainty-error AUROC (does high u flag wrong voxels?);
 - robustness: the same under Gaussian noise of sigma = 0, 0.05, 0.1, 0.2 of each phase's 0.5-99.5 percentile range;
-- input modes: all three phases vs. a single volume (early phase, subtraction) replicated.
+- input modes: all three phases vs. a single volume (early phase, subtraction) replicated;
+- with ``--compare-model``: another bundle of the same network with another lesion reader (e.g. the shipped one),
+  whose reader reads the same lesions of every test case; its calibrated case opinion on the same cases
+  (``summary.compare``), so two readers are compared without running the network twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -28,9 +32,11 @@ from typing import Iterator, Optional
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from umlcore import metrics
 from umlcore.bundle import load_bundle
+from umlcore.errors import BundleError
 from umlcore.fusion import READER_FUSION_RULES, calibrate_case_alpha, fit_platt, fuse_reader_opinion
 from umlcore.predictor import Predictor, label_components
 from umlcore.synthetic import generate_case
@@ -166,15 +172,58 @@ def dice_by_lesion_size(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+@contextlib.contextmanager
+def second_reader(predictor: Predictor, other: Optional[Predictor]) -> Iterator[list]:
+    """While open, ``other``'s lesion reader also reads the lesions ``predictor``'s reader reads (the same volumes,
+    segmentation and components; ``other``'s own patch settings); yields the list each reading is appended to.
+
+    ``other`` must share ``predictor``'s network (see :func:`check_comparable`); ``None`` yields an empty list."""
+    readings: list = []
+    if other is None:
+        yield readings
+        return
+    own = predictor._read_lesions
+
+    def read(stack, labels, spacing_hw, single_volume):
+        readings.append(other._read_lesions(stack, labels, spacing_hw, single_volume))
+        return own(stack, labels, spacing_hw, single_volume)
+
+    predictor._read_lesions = read
+    try:
+        yield readings
+    finally:
+        del predictor._read_lesions  # the class's method again
+
+
+def check_comparable(bundle, other) -> list[str]:
+    """Why ``other`` cannot be compared with ``bundle`` by :func:`second_reader` (empty if it can): it needs a
+    reader and the same network weights, labels and component filter, so both read the same segmentation."""
+    problems = []
+    if other.reader is None or other.card.reader is None:
+        problems.append("it has no lesion reader")
+    if other.card.positive_class != bundle.card.positive_class or other.card.classes != bundle.card.classes:
+        problems.append("its classes differ")
+    if other.card.input != bundle.card.input:
+        problems.append("its input (channels, normalisation, slices) differs")
+    if other.card.component_max_uncertainty != bundle.card.component_max_uncertainty:
+        problems.append(f"its component filter {other.card.component_max_uncertainty} differs from "
+                        f"{bundle.card.component_max_uncertainty}")
+    ours, theirs = bundle.model.state_dict(), other.model.state_dict()
+    if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
+        problems.append("its network weights differ")
+    return problems
+
+
 def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float, sigma: float, mode: str,
                    pixel_stats: bool, seed_base: int = TEST_SEED_BASE, components: bool = False,
-                   workers: int = 1) -> dict:
+                   workers: int = 1, compare: Optional[Predictor] = None) -> dict:
     rng = np.random.default_rng(12345)
     comps, rows = [], []
     pix_u, pix_err, pix_p, pix_y = [], [], [], []
     for case in synthetic_stream(range(seed_base, seed_base + n_cases), shape, label_noise, workers):
         images = input_views(add_noise(case.to_sitk(), sigma, rng), mode)
-        pred = predictor.predict(images, case_id=f"synthetic-{case.seed}")
+        with second_reader(predictor, compare) as readings:
+            pred = predictor.predict(images, case_id=f"synthetic-{case.seed}")
         lab = sitk.GetArrayFromImage(pred.labelmap)
         unc = sitk.GetArrayFromImage(pred.uncertainty)
         if components:
@@ -195,6 +244,8 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
                      "reader_score": reader.get("score"), "network_positive_probability": network_p,
                      "network_uncertainty": reader.get("network_uncertainty"),
                      "label": int(case.label), "clean_label": int(case.clean_label)})
+        if compare is not None:
+            rows[-1]["compare_reader_score"] = readings[0]["score"] if readings and readings[0] else None
         if pixel_stats:
             sel = rng.random(lab.size) < 0.05  # deterministic 5% voxel subsample
             err = (lab != case.mask).ravel()[sel]
@@ -384,6 +435,28 @@ def validation_from_report(path: Path, bundle, n_cases: int, shape, label_noise:
             "ece": metrics.expected_calibration_error(probs, labels)}
 
 
+def compare_opinions(rows: list[dict], card) -> dict:
+    """The case metrics of ``card``'s opinion on ``rows`` (its reader's ``compare_reader_score``, rule, weight and
+    case calibration on each row's network opinion), as its predictor would have given them.
+
+    Returns:
+        ``{"auc", "auc_clean_labels", "accuracy", "ece", "brier", "nll", "eaurc"}`` of the calibrated opinions."""
+    pos = card.positive_class
+    swapped = [{**r, "reader_score": r["compare_reader_score"]} for r in rows]
+    alphas = reader_merged_alphas(swapped, card.reader.weight, pos, card.reader.fusion)
+    if card.case_calibration is not None:
+        c = card.case_calibration
+        alphas = calibrated_alphas(alphas, swapped, c["slope"], c["intercept"], pos, card.reader.fusion)
+    q = alphas[:, pos] / alphas.sum(axis=1)
+    labels = np.array([r["label"] for r in rows], dtype=int)
+    clean = np.array([r["clean_label"] for r in rows], dtype=int)
+    correct = (q >= 0.5) == labels.astype(bool)
+    return {"auc": metrics.roc_auc(q, labels), "auc_clean_labels": metrics.roc_auc(q, clean),
+            "accuracy": metrics.accuracy(q, labels), "ece": metrics.expected_calibration_error(q, labels),
+            "brier": metrics.brier_score(q, labels), "nll": metrics.nll(q, labels),
+            "eaurc": float(metrics.risk_coverage(2.0 / alphas.sum(axis=1), correct, kind="uncertainty")["eaurc"])}
+
+
 def suggest_review_uncertainty(u: np.ndarray, correct: np.ndarray) -> float:
     """The case-uncertainty threshold above which cases are flagged 'review': the smallest threshold whose
     retained (u <= t) cases reach the error rate of the best half, so 'reliable' means measurably safer."""
@@ -474,6 +547,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--reader-fusion", default="bundle", choices=["bundle", *READER_FUSION_RULES, "fit"],
                    help="with --reader-weight fit: the rule whose weight is fitted ('bundle': the card's; 'fit': "
                         "every rule, keeping the lowest validation NLL)")
+    p.add_argument("--compare-model", type=Path, default=None,
+                   help="a bundle of the same network with another lesion reader (e.g. the shipped model): its reader "
+                        "also reads each test case's lesions, and the report gives its calibrated case opinion's "
+                        "metrics on the same cases (summary.compare)")
     args = p.parse_args(argv)
     if args.component_filter == "bundle" and not args.calibrate_cases:
         p.error("--component-filter bundle only applies to the calibration fit: add --calibrate-cases N")
@@ -492,6 +569,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--reader-weight fit: {args.model} has no lesion reader (training/add_reader.py adds one)")
     reused = None if args.validation_from is None else validation_from_report(
         args.validation_from, bundle, args.calibrate_cases, args.shape, args.label_noise, p.error)
+    other = None
+    if args.compare_model is not None and args.calibrate_cases and args.component_filter == "fit":
+        p.error("--compare-model needs the same segmentation as --model: add --component-filter bundle (a fitted "
+                "filter could change it)")
+    if args.compare_model is not None:
+        try:
+            other = load_bundle(args.compare_model)
+        except BundleError as err:
+            p.error(f"--compare-model: {err}")
+        problems = check_comparable(bundle, other)
+        if problems:
+            p.error(f"--compare-model {args.compare_model} cannot read the same lesions as {args.model}: "
+                    + "; ".join(problems))
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     calibration, val, threshold, threshold_table = None, None, bundle.card.component_max_uncertainty, None
@@ -562,9 +652,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         bundle = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, case_calibration=calibration))
         print(f"case calibration: slope {slope:.3f}, intercept {intercept:.3f} (validation ECE before {val['ece']:.3f})")
     predictor = Predictor(bundle, device=args.device, batch_size=16, precision=args.precision)
+    compare = None if other is None else Predictor(other, device=args.device, precision=args.precision)
     first = args.test_seeds_from
     main_res = evaluate_cases(predictor, args.cases, args.shape, args.label_noise, 0.0, "phases", pixel_stats=True,
-                              seed_base=first, workers=args.workers)
+                              seed_base=first, workers=args.workers, compare=compare)
     robustness = [{"sigma": 0.0, **{k: v for k, v in main_res.items() if not k.startswith("_")}}]
     for sigma in SIGMAS[1:]:
         r = evaluate_cases(predictor, args.robustness_cases, args.shape, args.label_noise, sigma, "phases", True,
@@ -589,6 +680,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         summary["component_filter_validation_dice"] = threshold_table
     if reader_fit is not None:
         summary["reader_weight"] = reader_fit
+    if other is not None:
+        summary["compare"] = {"model": {"id": other.card.id, "version": other.card.version,
+                                        "path": str(args.compare_model), "reader_fusion": other.card.reader.fusion,
+                                        "reader_weight": other.card.reader.weight},
+                              **compare_opinions(main_res["_rows"], other.card)}
+        print(f"compare {other.card.id} {other.card.version} on the same cases: "
+              f"{ {k: round(v, 4) for k, v in summary['compare'].items() if k != 'model'} }")
     report = {
         "model": {"id": bundle.card.id, "version": bundle.card.version, "sha256": bundle.sha256},
         "command": "python training/evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),

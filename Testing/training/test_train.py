@@ -1,6 +1,8 @@
 """A few training steps on tiny synthetic data lower the loss and give a bundle that loads and predicts."""
 
+import copy
 import csv
+import dataclasses
 import json
 import multiprocessing
 import sys
@@ -766,3 +768,51 @@ def test_roi_probe_without_a_test_only_trains(tiny_bundle_dir, tmp_path, capsys)
         with pytest.raises(SystemExit):
             probe_roi.main(args + bad)
         assert why in capsys.readouterr().err
+
+
+def test_evaluate_compares_another_reader_on_the_same_cases(tiny_bundle_dir, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+    import umlcore.predictor
+    from umlcore.reader import LesionReader
+
+    # the untrained network segments nothing: let the readers read one component at the centre of every case
+    monkeypatch.setattr(umlcore.predictor, "component_centres", lambda labels, n: [(10, 3, 16, 16)])
+
+    readers = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_file(LesionReader(9).state_dict(), str(tmp_path / f"roinet{seed}.safetensors"))
+        readers[seed] = tmp_path / f"reader{seed}"
+        assert add_reader.main(["--model", str(tiny_bundle_dir), "--reader", str(tmp_path / f"roinet{seed}.safetensors"),
+                                "--out", str(readers[seed])]) == 0
+    common = ["--cases", "3", "--shape", "6", "32", "32", "--robustness-cases", "1", "--mode-cases", "1",
+              "--label-noise", "0.0"]
+    # compared with itself, the recomputed opinion is the predictor's, case by case
+    assert evaluate.main(["--model", str(readers[0]), "--out", str(tmp_path / "self"), *common,
+                          "--compare-model", str(readers[0])]) == 0
+    report = json.loads((tmp_path / "self" / "report.json").read_text())
+    assert [r["compare_reader_score"] for r in report["cases"]] == [r["reader_score"] for r in report["cases"]]
+    assert all(r["reader_score"] is not None for r in report["cases"])
+    s = report["summary"]
+    for k in ("auc", "accuracy", "ece", "brier", "nll", "eaurc"):
+        assert s["compare"][k] == pytest.approx(s[k], abs=1e-9), k
+    # another reader reads the same lesions: other scores, the same network opinion
+    assert evaluate.main(["--model", str(readers[0]), "--out", str(tmp_path / "other"), *common,
+                          "--compare-model", str(readers[1])]) == 0
+    rows = json.loads((tmp_path / "other" / "report.json").read_text())["cases"]
+    assert [r["network_positive_probability"] for r in rows] == [r["network_positive_probability"] for r in report["cases"]]
+    assert [r["reader_score"] for r in rows] == [r["reader_score"] for r in report["cases"]]
+    assert all(r["compare_reader_score"] != r["reader_score"] for r in rows)
+    for model, extra, why in ((tiny_bundle_dir, [], "has no lesion reader"),
+                              (readers[1], ["--calibrate-cases", "2"], "add --component-filter bundle")):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--model", str(readers[0]), "--out", str(tmp_path / "bad"), *common,
+                           "--compare-model", str(model), *extra])
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    a, b = load_bundle(readers[0]), load_bundle(readers[1])
+    assert evaluate.check_comparable(a, b) == []
+    changed = copy.deepcopy(b.model)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1.0)
+    assert evaluate.check_comparable(a, dataclasses.replace(b, model=changed)) == ["its network weights differ"]
