@@ -9,6 +9,10 @@ all from the images at the cases' resolution, by a network small enough to train
    component's centroid in its largest slice, with ``--context`` slices on either side: ``3 x (2 context + 1)``
    channels (pre, early, late), normalised as the bundle's predictor normalises them. Lesion-free cases add one
    patch centred on a strongly enhancing pixel (the kind of place a network puts a false lesion) as a negative.
+   ``--hard-cases N`` adds the patches the shipped predictor really makes the reader read: the bundle's predictor
+   runs end to end on the first ``N`` training cases, and each of its ``--components`` largest predicted lesions
+   becomes a patch, a negative where it touches no true lesion (vessels, heart, parenchyma the network took for a
+   lesion), else a lesion patch centred where the network put it (about 4 s a case on the CPU; cached).
 2. **Network.** Three conv stages (16-32-64 channels), global average + max pool, three logits: "a lesion is at
    the centre", "spiculated", "washout" (the last two trained on lesion patches only). Dihedral flips, +-4 px
    shifts, a shared gamma and per-phase +-3 % intensity jitter, Gaussian noise up to 0.03 (``--noise-max``: up to
@@ -42,7 +46,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from umlcore.bundle import ModelBundle, Normalization, load_bundle
-from umlcore.predictor import Predictor
+from umlcore.predictor import Predictor, label_components
 from umlcore.reader import READER_TARGETS, LesionReader, component_centres, cut_patch, suspicion
 from umlcore.preprocess import slice_axis_index, to_slices
 from umlcore.synthetic import generate_case
@@ -85,6 +89,43 @@ def build_patches(seeds: range, shape, norm: Normalization, size: int, context: 
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         per_case = pool.map(training_patches, jobs, chunksize=4)
     rows = [(s, *r) for s, rs in zip(seeds, per_case) for r in rs]
+    return {"x": np.stack([r[1] for r in rows]), "y": np.stack([r[2] for r in rows]),
+            "voxels": np.array([r[3] for r in rows]), "seed": np.array([r[0] for r in rows])}
+
+
+def predicted_patches(bundle: ModelBundle, seeds: range, shape, size: int, context: int, components: int,
+                      log) -> dict:
+    """Patches at the ``components`` largest lesions the bundle's predictor segments in each case of ``seeds``.
+
+    A predicted component that overlaps no voxel of the true mask is a negative (targets ``(0, 0, 0)``); one that
+    does is a lesion patch with the case's phenotype (as :func:`training_patches` labels every lesion of a case).
+
+    Returns:
+        ``{"x": (N, C, size, size), "y": (N, 3), "voxels": (N,), "seed": (N,)}`` (``N`` may be 0).
+    """
+    predictor = Predictor(bundle, device="cpu", batch_size=8)
+    norm = bundle.card.input.normalization
+    channels = 3 * (2 * context + 1)
+    rows: list[tuple] = []
+    t0 = time.time()
+    for n, seed in enumerate(seeds):
+        case = generate_case(seed, shape=tuple(shape), label_noise=0.02)
+        pred = predictor.predict(case.to_sitk(), case_id=f"synthetic-{seed}")
+        vol = case_from_synthetic(case, norm)
+        predicted = to_slices(sitk.GetArrayFromImage(pred.labelmap), slice_axis_index(case.direction, "axial"))
+        comps, sizes, _ = label_components(predicted, np.zeros(predicted.shape, np.float32))
+        spic, wash = phenotype(case)
+        spacing = float(vol.spacing[0])
+        for cid in (np.argsort(-sizes[1:], kind="stable")[:components] + 1):
+            comp = comps == cid
+            (voxels, z, y, x), = component_centres(comp, 1)
+            target = np.array([1, spic, wash]) if vol.mask[comp].any() else np.zeros(3, int)
+            rows.append((seed, patch(vol.channels, z, y, x, spacing, size, context), target, voxels))
+        if (n + 1) % 50 == 0:
+            log(f"hard: {n + 1}/{len(seeds)} cases, {time.time() - t0:.0f} s")
+    if not rows:
+        return {"x": np.zeros((0, channels, size, size), np.float32), "y": np.zeros((0, 3), int),
+                "voxels": np.zeros(0, int), "seed": np.zeros(0, int)}
     return {"x": np.stack([r[1] for r in rows]), "y": np.stack([r[2] for r in rows]),
             "voxels": np.array([r[3] for r in rows]), "seed": np.array([r[0] for r in rows])}
 
@@ -214,7 +255,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--components", type=int, default=3, help="predicted lesions scored per test case")
+    p.add_argument("--components", type=int, default=3,
+                   help="predicted lesions scored per test case (and per --hard-cases case)")
+    p.add_argument("--hard-cases", type=int, default=0,
+                   help="add the patches of the bundle's predicted lesions on the first N training cases (those "
+                        "touching no true lesion as negatives): what the reader reads in the predictor")
     p.add_argument("--weights", type=Path, help="a roinet.safetensors of an earlier run with the same --context: "
                                                 "test it (no training patches, no training)")
     args = p.parse_args(argv)
@@ -222,6 +267,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error("--train-cases and --val-cases must be at least 20 each, --test-cases 0 (no test) or at least 20")
     if not 0.0 <= args.noise_max <= 1.0:
         p.error(f"--noise-max must lie in [0, 1] (a fraction of the normalised range), got {args.noise_max}")
+    if not 0 <= args.hard_cases <= args.train_cases:
+        p.error(f"--hard-cases must lie in [0, --train-cases={args.train_cases}] (they are training cases)")
     if not 8 <= args.crop <= args.size:
         p.error(f"--crop must lie in [8, --size={args.size}]")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -258,6 +305,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             (args.out / "partial.npz").replace(path)
             log(f"{name}: {len(data['x'])} patches from {n} cases in {time.time() - t0:.0f} s")
         sets[name] = dict(np.load(path))
+    hard_stats = None
+    if args.hard_cases and not args.weights:
+        path = args.out / f"hard-{args.hard_cases}-{args.components}-{key}-{bundle.sha256[:12]}.npz"
+        if not path.is_file():
+            t0 = time.time()
+            data = predicted_patches(bundle, range(args.hard_cases), args.shape, args.size, args.context,
+                                     args.components, log)
+            np.savez(args.out / "partial.npz", **data)
+            (args.out / "partial.npz").replace(path)
+            log(f"hard: {len(data['x'])} patches ({int((data['y'][:, 0] == 0).sum())} negatives) from "
+                f"{args.hard_cases} cases in {time.time() - t0:.0f} s")
+        hard = dict(np.load(path))
+        hard_stats = {"hard_cases": args.hard_cases, "hard_patches": int(len(hard["x"])),
+                      "hard_negatives": int((hard["y"][:, 0] == 0).sum())}
+        sets["train"] = {k: np.concatenate([sets["train"][k], hard[k]]) for k in sets["train"]}
     test_path = args.out / f"test-{args.test_cases}-{args.components}-{key}-{bundle.sha256[:12]}.npz"
     if args.test_cases and not test_path.is_file():
         data = test_rows(bundle, range(TEST_SEED, TEST_SEED + args.test_cases), args.shape, args.size,
@@ -274,6 +336,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "val_patches": int(len(sets["val"]["x"])), "noise_max": args.noise_max, "steps": args.steps}
     if "train" in sets:
         report["train_patches"] = int(len(sets["train"]["x"]))
+    if hard_stats is not None:  # the hard patches are counted in train_patches too
+        report.update(hard_stats)
     if test is None:  # --test-cases 0: the reader is tested end to end by evaluate.py once it is in a bundle
         (args.out / "report.json").write_text(json.dumps(report, indent=2))
         return 0

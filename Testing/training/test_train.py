@@ -816,3 +816,54 @@ def test_evaluate_compares_another_reader_on_the_same_cases(tiny_bundle_dir, tmp
     with torch.no_grad():
         next(changed.parameters()).add_(1.0)
     assert evaluate.check_comparable(a, dataclasses.replace(b, model=changed)) == ["its network weights differ"]
+
+
+def test_hard_patches_are_the_predicted_lesions_negative_where_they_miss_the_truth(tiny_bundle, monkeypatch):
+    from umlcore.predictor import Prediction, label_components
+    from umlcore.synthetic import generate_case
+
+    shape = (6, 48, 48)
+
+    def free_corner(case) -> bool:  # no lesion in or next to the corner blob
+        return not case.mask[:3, :5, :5].any()
+
+    class StandIn:  # segments every true lesion, and a false 2 x 4 x 4 blob in a lesion-free corner
+        def __init__(self, bundle, **kw):
+            pass
+
+        def predict(self, images, case_id):
+            case = generate_case(int(case_id.split("-")[1]), shape=shape, label_noise=0.02)
+            lab = case.mask.astype(np.uint8)
+            if free_corner(case):
+                lab[:2, :4, :4] = 1
+            image = sitk.GetImageFromArray(lab)
+            image.CopyInformation(images[0])
+            return Prediction(labelmap=image, uncertainty=image, probability=None, summary={})
+
+    monkeypatch.setattr(probe_roi, "Predictor", StandIn)
+    seeds = range(8)
+    data = probe_roi.predicted_patches(tiny_bundle, seeds, shape, 24, 1, 10, lambda msg: None)
+    assert data["x"].shape[1:] == (9, 24, 24) and len(data["x"]) == len(data["y"]) == len(data["seed"])
+    for s in seeds:
+        case = generate_case(s, shape=shape, label_noise=0.02)
+        y, voxels = data["y"][data["seed"] == s], data["voxels"][data["seed"] == s]
+        lesion_components = len(label_components(case.mask, np.zeros(shape))[1]) - 1
+        assert int((y[:, 0] == 1).sum()) == lesion_components
+        assert (y[y[:, 0] == 1, 1:] == probe_roi.phenotype(case)).all()
+        assert (y[y[:, 0] == 0] == 0).all() and int((y[:, 0] == 0).sum()) == int(free_corner(case))
+        assert (voxels[y[:, 0] == 0] == 32).all()
+    assert (data["y"][:, 0] == 0).any() and (data["y"][:, 0] == 1).any()
+    assert len(probe_roi.predicted_patches(tiny_bundle, range(0), shape, 24, 1, 3, print)["x"]) == 0
+
+
+def test_roi_probe_adds_hard_patches_to_the_training_set(tiny_bundle_dir, tmp_path, capsys):
+    args = ["--model", str(tiny_bundle_dir), "--out", str(tmp_path), "--train-cases", "20", "--val-cases", "20",
+            "--test-cases", "0", "--shape", "6", "48", "48", "--size", "24", "--crop", "16", "--steps", "2",
+            "--batch", "4", "--workers", "1", "--hard-cases", "3"]
+    assert probe_roi.main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["hard_cases"] == 3 and report["hard_patches"] == report["hard_negatives"] == 0  # untrained: nothing
+    assert len(list(tmp_path.glob("hard-3-3-*.npz"))) == 1
+    with pytest.raises(SystemExit):
+        probe_roi.main(args[:-1] + ["21"])
+    assert "--hard-cases must lie" in capsys.readouterr().err
