@@ -172,6 +172,29 @@ def dice_by_lesion_size(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def phenotype_group(row: dict) -> str:
+    """The case's group by its (first) lesion's phenotype, in the terms of the label rule."""
+    if not row["lesions"]:
+        return "no lesion"
+    if row["kinetics"] == "washout":
+        return "washout"
+    return "spiculated, no washout" if row["margin"] == "spiculated" else "smooth/lobulated, no washout"
+
+
+def errors_by_phenotype(rows: list[dict]) -> dict[str, dict]:
+    """Per :func:`phenotype_group`: the cases, how many have a suspicious clean label, the accuracy (reported labels,
+    threshold 0.5), the mean positive probability, and how many the lesion reader read with its median score."""
+    out = {}
+    for group in ("no lesion", "smooth/lobulated, no washout", "spiculated, no washout", "washout"):
+        sel = [r for r in rows if phenotype_group(r) == group]
+        scores = [r["reader_score"] for r in sel if r.get("reader_score") is not None]
+        out[group] = {"cases": len(sel), "suspicious": sum(r["clean_label"] for r in sel),
+                      "accuracy": _stat(np.mean, [(r["positive_probability"] >= 0.5) == bool(r["label"]) for r in sel]),
+                      "mean_probability": _stat(np.mean, [r["positive_probability"] for r in sel]),
+                      "reader_read": len(scores), "reader_score_median": _stat(np.median, scores)}
+    return out
+
+
 @contextlib.contextmanager
 def second_reader(predictor: Predictor, other: Optional[Predictor]) -> Iterator[list]:
     """While open, ``other``'s lesion reader also reads the lesions ``predictor``'s reader reads (the same volumes,
@@ -281,6 +304,7 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
         "case_uncertainty_mean": float(np.mean(u_case)),
     }
     res["dice_by_lesion_size"] = dice_by_lesion_size(rows)
+    res["errors_by_phenotype"] = errors_by_phenotype(rows)
     if any(r["network_positive_probability"] is not None for r in rows):  # a bundle with a lesion reader
         network = np.array([r["network_positive_probability"] for r in rows], dtype=float)
         read = np.array([r["reader_score"] is not None for r in rows])
@@ -472,6 +496,10 @@ def suggest_review_uncertainty(u: np.ndarray, correct: np.ndarray) -> float:
     return round(best, 4)
 
 
+def _fmt(v: Optional[float]) -> str:
+    return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+
 def write_markdown(report: dict, path: Path) -> None:
     s = report["summary"]
     lines = [
@@ -497,6 +525,12 @@ def write_markdown(report: dict, path: Path) -> None:
         lines += ["", "Lesion Dice by the case's true lesion size (voxels):", "",
                   "| lesion voxels | cases | mean Dice | nothing predicted |", "|---|---|---|---|"]
         lines += [f"| {k} | {b['cases']} | {b['dice_mean']:.3f} | {b['nothing_predicted']} |" for k, b in bins.items()]
+    if s.get("errors_by_phenotype"):
+        lines += ["", "Case opinions by the (first) lesion's phenotype (accuracy against the reported labels):", "",
+                  "| group | cases | suspicious | accuracy | mean probability | read by the reader | median reader score |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {g} | {b['cases']} | {b['suspicious']} | {_fmt(b['accuracy'])} | {_fmt(b['mean_probability'])} | "
+                  f"{b['reader_read']} | {_fmt(b['reader_score_median'])} |" for g, b in s["errors_by_phenotype"].items()]
     if s.get("component_filter_validation_dice"):
         table = s["component_filter_validation_dice"]
         lines += ["", "Component filter chosen on the same validation cases (mean lesion Dice by "

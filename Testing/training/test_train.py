@@ -314,6 +314,24 @@ def test_dice_by_lesion_size_bins_cases_by_their_true_lesion():
                     ">=1000": {"cases": 1, "dice_mean": 0.9, "nothing_predicted": 0}}
 
 
+def test_errors_by_phenotype_groups_cases_by_the_label_rule():
+    def row(lesions, margin, kinetics, p, label, score):
+        return {"lesions": lesions, "margin": margin, "kinetics": kinetics, "positive_probability": p,
+                "label": label, "clean_label": label, "reader_score": score}
+
+    rows = [row(0, None, None, 0.2, 0, None), row(0, None, None, 0.7, 0, 0.9),
+            row(1, "spiculated", "persistent", 0.4, 1, 0.3), row(2, "spiculated", "washout", 0.9, 1, 0.99),
+            row(1, "smooth", "plateau", 0.1, 0, 0.1), row(1, "lobulated", "persistent", 0.6, 0, 0.5)]
+    t = evaluate.errors_by_phenotype(rows)
+    assert list(t) == ["no lesion", "smooth/lobulated, no washout", "spiculated, no washout", "washout"]
+    assert t["no lesion"] == {"cases": 2, "suspicious": 0, "accuracy": 0.5, "mean_probability": pytest.approx(0.45),
+                              "reader_read": 1, "reader_score_median": 0.9}
+    assert t["smooth/lobulated, no washout"]["accuracy"] == 0.5
+    assert t["smooth/lobulated, no washout"]["reader_score_median"] == pytest.approx(0.3)
+    assert t["spiculated, no washout"]["accuracy"] == 0.0 and t["washout"]["suspicious"] == 1
+    assert np.isnan(evaluate.errors_by_phenotype(rows[:1])["washout"]["accuracy"])
+
+
 def test_ece_sampling_floor_is_the_noise_of_a_calibrated_model():
     # p = 0.5 everywhere: the ECE is |fraction of positives - 0.5|, whose median over Binomial(100, 0.5) draws is 0.03
     assert evaluate.ece_sampling_floor(np.full(100, 0.5)) == pytest.approx(0.03, abs=0.011)
