@@ -205,6 +205,7 @@ def second_reader(predictor: Predictor, other: Optional[Predictor]) -> Iterator[
     if other is None:
         yield readings
         return
+    before = vars(predictor).get("_read_lesions")  # an instance's own wrapper, if it had one
     own = predictor._read_lesions
 
     def read(stack, labels, spacing_hw, single_volume):
@@ -215,13 +216,18 @@ def second_reader(predictor: Predictor, other: Optional[Predictor]) -> Iterator[
     try:
         yield readings
     finally:
-        del predictor._read_lesions  # the class's method again
+        if before is None:
+            del predictor._read_lesions  # the class's method again
+        else:
+            predictor._read_lesions = before
 
 
 def check_comparable(bundle, other) -> list[str]:
     """Why ``other`` cannot be compared with ``bundle`` by :func:`second_reader` (empty if it can): it needs a
     reader and the same network weights, labels and component filter, so both read the same segmentation."""
     problems = []
+    if bundle.reader is None or bundle.card.reader is None:
+        problems.append("the evaluated model has no lesion reader (its rows would lack the network's own opinion)")
     if other.reader is None or other.card.reader is None:
         problems.append("it has no lesion reader")
     if other.card.positive_class != bundle.card.positive_class or other.card.classes != bundle.card.classes:
@@ -464,7 +470,8 @@ def compare_opinions(rows: list[dict], card) -> dict:
     case calibration on each row's network opinion), as its predictor would have given them.
 
     Returns:
-        ``{"auc", "auc_clean_labels", "accuracy", "ece", "brier", "nll", "eaurc"}`` of the calibrated opinions."""
+        ``{"auc", "auc_clean_labels", "accuracy", "ece", "brier", "nll", "eaurc"}`` of the calibrated opinions, and
+        ``"probabilities"``: the positive probability of each row."""
     pos = card.positive_class
     swapped = [{**r, "reader_score": r["compare_reader_score"]} for r in rows]
     alphas = reader_merged_alphas(swapped, card.reader.weight, pos, card.reader.fusion)
@@ -478,7 +485,8 @@ def compare_opinions(rows: list[dict], card) -> dict:
     return {"auc": metrics.roc_auc(q, labels), "auc_clean_labels": metrics.roc_auc(q, clean),
             "accuracy": metrics.accuracy(q, labels), "ece": metrics.expected_calibration_error(q, labels),
             "brier": metrics.brier_score(q, labels), "nll": metrics.nll(q, labels),
-            "eaurc": float(metrics.risk_coverage(2.0 / alphas.sum(axis=1), correct, kind="uncertainty")["eaurc"])}
+            "eaurc": float(metrics.risk_coverage(2.0 / alphas.sum(axis=1), correct, kind="uncertainty")["eaurc"]),
+            "probabilities": q.tolist()}
 
 
 def suggest_review_uncertainty(u: np.ndarray, correct: np.ndarray) -> float:
@@ -520,6 +528,14 @@ def write_markdown(report: dict, path: Path) -> None:
         c = s["case_calibration"]
         lines += ["", f"Case calibration (Platt, fitted on {c['fitted_on']}): slope {c['slope']:.3f}, intercept "
                       f"{c['intercept']:.3f}; validation ECE before it {c['validation_ece_before']:.3f}."]
+    if s.get("compare"):
+        c, m = s["compare"], s["compare"]["model"]
+        lines += ["", f"Compared on the same cases (the same segmentation; its reader, rule and calibration): "
+                      f"`{m['id']}` {m['version']} ({m['path']}, reader `{m['reader_fusion']}` {m['reader_weight']}):", "",
+                  "| model | AUC | AUC clean | ECE | accuracy | Brier | NLL | eAURC |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in ("auc", "auc_clean_labels", "ece", "accuracy",
+                                                                        "brier", "nll", "eaurc")) + " |"
+                  for name, r in ((f"{report['model']['version']} (this)", s), (m["version"], c))]
     if s.get("dice_by_lesion_size"):
         bins = s["dice_by_lesion_size"]
         lines += ["", "Lesion Dice by the case's true lesion size (voxels):", "",
@@ -715,10 +731,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if reader_fit is not None:
         summary["reader_weight"] = reader_fit
     if other is not None:
-        summary["compare"] = {"model": {"id": other.card.id, "version": other.card.version,
+        theirs = compare_opinions(main_res["_rows"], other.card)
+        for row, q in zip(main_res["_rows"], theirs.pop("probabilities")):
+            row["compare_positive_probability"] = q
+        summary["compare"] = {"model": {"id": other.card.id, "version": other.card.version, "sha256": other.sha256,
                                         "path": str(args.compare_model), "reader_fusion": other.card.reader.fusion,
-                                        "reader_weight": other.card.reader.weight},
-                              **compare_opinions(main_res["_rows"], other.card)}
+                                        "reader_weight": other.card.reader.weight}, **theirs}
         print(f"compare {other.card.id} {other.card.version} on the same cases: "
               f"{ {k: round(v, 4) for k, v in summary['compare'].items() if k != 'model'} }")
     report = {

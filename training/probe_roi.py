@@ -12,7 +12,8 @@ all from the images at the cases' resolution, by a network small enough to train
    ``--hard-cases N`` adds the patches the shipped predictor really makes the reader read: the bundle's predictor
    runs end to end on the first ``N`` training cases, and each of its ``--components`` largest predicted lesions
    becomes a patch, a negative where it touches no true lesion (vessels, heart, parenchyma the network took for a
-   lesion), else a lesion patch centred where the network put it (about 4 s a case on the CPU; cached).
+   lesion), a lesion patch centred where the network put it where at least half of it is lesion (those in
+   between are left out; about 4 s a case on the CPU; cached).
 2. **Network.** Three conv stages (16-32-64 channels), global average + max pool, three logits: "a lesion is at
    the centre", "spiculated", "washout" (the last two trained on lesion patches only). Dihedral flips, +-4 px
    shifts, a shared gamma and per-phase +-3 % intensity jitter, Gaussian noise up to 0.03 (``--noise-max``: up to
@@ -97,8 +98,9 @@ def predicted_patches(bundle: ModelBundle, seeds: range, shape, size: int, conte
                       log) -> dict:
     """Patches at the ``components`` largest lesions the bundle's predictor segments in each case of ``seeds``.
 
-    A predicted component that overlaps no voxel of the true mask is a negative (targets ``(0, 0, 0)``); one that
-    does is a lesion patch with the case's phenotype (as :func:`training_patches` labels every lesion of a case).
+    A predicted component that overlaps no voxel of the true mask is a negative (targets ``(0, 0, 0)``); one at
+    least half inside it is a lesion patch with the case's phenotype (as :func:`training_patches` labels every
+    lesion of a case); one in between (e.g. a vessel grown into a lesion, centred off it) is left out.
 
     Returns:
         ``{"x": (N, C, size, size), "y": (N, 3), "voxels": (N,), "seed": (N,)}`` (``N`` may be 0).
@@ -118,8 +120,11 @@ def predicted_patches(bundle: ModelBundle, seeds: range, shape, size: int, conte
         spacing = float(vol.spacing[0])
         for cid in (np.argsort(-sizes[1:], kind="stable")[:components] + 1):
             comp = comps == cid
+            inside = float(vol.mask[comp].astype(bool).mean())
+            if 0.0 < inside < 0.5:
+                continue
             (voxels, z, y, x), = component_centres(comp, 1)
-            target = np.array([1, spic, wash]) if vol.mask[comp].any() else np.zeros(3, int)
+            target = np.array([1, spic, wash]) if inside else np.zeros(3, int)
             rows.append((seed, patch(vol.channels, z, y, x, spacing, size, context), target, voxels))
         if (n + 1) % 50 == 0:
             log(f"hard: {n + 1}/{len(seeds)} cases, {time.time() - t0:.0f} s")
@@ -267,6 +272,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error("--train-cases and --val-cases must be at least 20 each, --test-cases 0 (no test) or at least 20")
     if not 0.0 <= args.noise_max <= 1.0:
         p.error(f"--noise-max must lie in [0, 1] (a fraction of the normalised range), got {args.noise_max}")
+    if args.hard_cases and args.weights:
+        p.error("--hard-cases adds training patches, --weights trains nothing: give one of them")
     if not 0 <= args.hard_cases <= args.train_cases:
         p.error(f"--hard-cases must lie in [0, --train-cases={args.train_cases}] (they are training cases)")
     if not 8 <= args.crop <= args.size:

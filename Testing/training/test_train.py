@@ -24,7 +24,7 @@ import probe_features  # noqa: E402
 import probe_roi  # noqa: E402
 import train  # noqa: E402
 
-from umlcore.bundle import load_bundle  # noqa: E402
+from umlcore.bundle import load_bundle, save_bundle  # noqa: E402
 from umlcore.predictor import Predictor  # noqa: E402
 
 
@@ -814,6 +814,22 @@ def test_evaluate_compares_another_reader_on_the_same_cases(tiny_bundle_dir, tmp
     s = report["summary"]
     for k in ("auc", "accuracy", "ece", "brier", "nll", "eaurc"):
         assert s["compare"][k] == pytest.approx(s[k], abs=1e-9), k
+    for r in report["cases"]:
+        assert r["compare_positive_probability"] == pytest.approx(r["positive_probability"], abs=1e-9)
+    assert s["compare"]["model"]["sha256"] == load_bundle(readers[0]).sha256
+    assert "Compared on the same cases" in (tmp_path / "self" / "report.md").read_text()
+    # the same with the rule "evidence" and a case calibration (the calibrated strength has a least value)
+    b = load_bundle(readers[1])
+    card = dataclasses.replace(b.card, reader=dataclasses.replace(b.card.reader, fusion="evidence", weight=2.0),
+                               case_calibration={"slope": 0.7, "intercept": -0.3, "fitted_on": "a test"})
+    save_bundle(b.model, card, tmp_path / "evidence", reader=b.reader)
+    assert evaluate.main(["--model", str(tmp_path / "evidence"), "--out", str(tmp_path / "self-ev"), *common,
+                          "--compare-model", str(tmp_path / "evidence")]) == 0
+    ev = json.loads((tmp_path / "self-ev" / "report.json").read_text())
+    for r in ev["cases"]:
+        assert r["compare_positive_probability"] == pytest.approx(r["positive_probability"], abs=1e-9)
+    for k in ("auc", "ece", "nll", "eaurc"):
+        assert ev["summary"]["compare"][k] == pytest.approx(ev["summary"][k], abs=1e-9), k
     # another reader reads the same lesions: other scores, the same network opinion
     assert evaluate.main(["--model", str(readers[0]), "--out", str(tmp_path / "other"), *common,
                           "--compare-model", str(readers[1])]) == 0
@@ -821,14 +837,15 @@ def test_evaluate_compares_another_reader_on_the_same_cases(tiny_bundle_dir, tmp
     assert [r["network_positive_probability"] for r in rows] == [r["network_positive_probability"] for r in report["cases"]]
     assert [r["reader_score"] for r in rows] == [r["reader_score"] for r in report["cases"]]
     assert all(r["compare_reader_score"] != r["reader_score"] for r in rows)
-    for model, extra, why in ((tiny_bundle_dir, [], "has no lesion reader"),
-                              (readers[1], ["--calibrate-cases", "2"], "add --component-filter bundle")):
+    for model, other, extra, why in ((readers[0], tiny_bundle_dir, [], "it has no lesion reader"),
+                                     (tiny_bundle_dir, readers[0], [], "the evaluated model has no lesion reader"),
+                                     (readers[0], readers[1], ["--calibrate-cases", "2"], "add --component-filter bundle")):
         with pytest.raises(SystemExit):
-            evaluate.main(["--model", str(readers[0]), "--out", str(tmp_path / "bad"), *common,
-                           "--compare-model", str(model), *extra])
+            evaluate.main(["--model", str(model), "--out", str(tmp_path / "bad"), *common,
+                           "--compare-model", str(other), *extra])
         assert why in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
-    a, b = load_bundle(readers[0]), load_bundle(readers[1])
+    a = load_bundle(readers[0])
     assert evaluate.check_comparable(a, b) == []
     changed = copy.deepcopy(b.model)
     with torch.no_grad():
@@ -836,29 +853,38 @@ def test_evaluate_compares_another_reader_on_the_same_cases(tiny_bundle_dir, tmp
     assert evaluate.check_comparable(a, dataclasses.replace(b, model=changed)) == ["its network weights differ"]
 
 
+def _free_corner(case) -> bool:
+    """No lesion in or next to the corner blob of :class:`_HardStandIn`."""
+    return not case.mask[:3, :5, :5].any()
+
+
+class _HardStandIn:
+    """A predictor for 6 x 48 x 48 synthetic cases that segments every true lesion and a false 2 x 4 x 4 blob in a
+    lesion-free corner (the untrained test bundle segments nothing)."""
+
+    def __init__(self, bundle, **kw):
+        pass
+
+    def predict(self, images, case_id):
+        from umlcore.predictor import Prediction
+        from umlcore.synthetic import generate_case
+
+        case = generate_case(int(case_id.split("-")[1]), shape=(6, 48, 48), label_noise=0.02)
+        lab = case.mask.astype(np.uint8)
+        if _free_corner(case):
+            lab[:2, :4, :4] = 1
+        image = sitk.GetImageFromArray(lab)
+        image.CopyInformation(images[0])
+        return Prediction(labelmap=image, uncertainty=image, probability=None, summary={})
+
+
 def test_hard_patches_are_the_predicted_lesions_negative_where_they_miss_the_truth(tiny_bundle, monkeypatch):
-    from umlcore.predictor import Prediction, label_components
+    from umlcore.predictor import label_components
     from umlcore.synthetic import generate_case
 
     shape = (6, 48, 48)
-
-    def free_corner(case) -> bool:  # no lesion in or next to the corner blob
-        return not case.mask[:3, :5, :5].any()
-
-    class StandIn:  # segments every true lesion, and a false 2 x 4 x 4 blob in a lesion-free corner
-        def __init__(self, bundle, **kw):
-            pass
-
-        def predict(self, images, case_id):
-            case = generate_case(int(case_id.split("-")[1]), shape=shape, label_noise=0.02)
-            lab = case.mask.astype(np.uint8)
-            if free_corner(case):
-                lab[:2, :4, :4] = 1
-            image = sitk.GetImageFromArray(lab)
-            image.CopyInformation(images[0])
-            return Prediction(labelmap=image, uncertainty=image, probability=None, summary={})
-
-    monkeypatch.setattr(probe_roi, "Predictor", StandIn)
+    free_corner = _free_corner
+    monkeypatch.setattr(probe_roi, "Predictor", _HardStandIn)
     seeds = range(8)
     data = probe_roi.predicted_patches(tiny_bundle, seeds, shape, 24, 1, 10, lambda msg: None)
     assert data["x"].shape[1:] == (9, 24, 24) and len(data["x"]) == len(data["y"]) == len(data["seed"])
@@ -874,14 +900,20 @@ def test_hard_patches_are_the_predicted_lesions_negative_where_they_miss_the_tru
     assert len(probe_roi.predicted_patches(tiny_bundle, range(0), shape, 24, 1, 3, print)["x"]) == 0
 
 
-def test_roi_probe_adds_hard_patches_to_the_training_set(tiny_bundle_dir, tmp_path, capsys):
+def test_roi_probe_adds_hard_patches_to_the_training_set(tiny_bundle_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(probe_roi, "Predictor", _HardStandIn)
     args = ["--model", str(tiny_bundle_dir), "--out", str(tmp_path), "--train-cases", "20", "--val-cases", "20",
             "--test-cases", "0", "--shape", "6", "48", "48", "--size", "24", "--crop", "16", "--steps", "2",
-            "--batch", "4", "--workers", "1", "--hard-cases", "3"]
+            "--batch", "4", "--workers", "1"]
     assert probe_roi.main(args) == 0
+    plain = json.loads((tmp_path / "report.json").read_text())["train_patches"]
+    assert probe_roi.main(args + ["--hard-cases", "8"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["hard_cases"] == 3 and report["hard_patches"] == report["hard_negatives"] == 0  # untrained: nothing
-    assert len(list(tmp_path.glob("hard-3-3-*.npz"))) == 1
-    with pytest.raises(SystemExit):
-        probe_roi.main(args[:-1] + ["21"])
-    assert "--hard-cases must lie" in capsys.readouterr().err
+    assert report["hard_cases"] == 8 and report["hard_negatives"] > 0
+    assert report["train_patches"] == plain + report["hard_patches"]
+    assert len(list(tmp_path.glob("hard-8-3-*.npz"))) == 1
+    for bad, why in ((["--hard-cases", "21"], "--hard-cases must lie"),
+                     (["--hard-cases", "2", "--weights", str(tmp_path / "roinet.safetensors")], "give one of them")):
+        with pytest.raises(SystemExit):
+            probe_roi.main(args + bad)
+        assert why in capsys.readouterr().err
