@@ -22,6 +22,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -44,6 +45,11 @@ from umlcore.synthetic import generate_case
 TEST_SEED_BASE = 2_000_000
 VAL_SEED_BASE = 1_000_000  # validation seeds (as in train.py): used only to fit the case calibration
 SIGMAS = (0.0, 0.05, 0.1, 0.2)
+#: ``--keep-reader-patches`` writes this into ``--out``: per case the reader read, ``"validation-<seed>"`` /
+#: ``"test-<seed>"`` -> its input patches ``(N, C, P, P)`` float32.
+READER_PATCHES_FILE = "reader_patches.npz"
+#: The reader settings that make its patches: another reader can score kept patches only if these are equal.
+READER_INPUT_FIELDS = ("patch_size", "context_slices", "pixel_mm", "max_components")
 
 
 def _generate(args: tuple[int, tuple[int, int, int], float]):
@@ -222,6 +228,34 @@ def second_reader(predictor: Predictor, other: Optional[Predictor]) -> Iterator[
             predictor._read_lesions = before
 
 
+@contextlib.contextmanager
+def reader_inputs(predictor: Predictor, enabled: bool = True) -> Iterator[list]:
+    """While open, every input batch of ``predictor``'s lesion reader (``(N, C, P, P)`` float32 patches, one per
+    component read) is appended, as a numpy copy, to the yielded list (a forward pre-hook; nothing when
+    ``enabled`` is false or the bundle has no reader)."""
+    captured: list = []
+    reader = predictor.bundle.reader
+    hook = None
+    if enabled and reader is not None:
+        hook = reader.register_forward_pre_hook(
+            lambda module, args: captured.append(args[0].detach().cpu().numpy().copy()))
+    try:
+        yield captured
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def network_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of a network's tensors (names and bytes in name order): equal for bundles that share the network
+    whatever their readers."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def check_comparable(bundle, other) -> list[str]:
     """Why ``other`` cannot be compared with ``bundle`` by :func:`second_reader` (empty if it can): it needs a
     reader and the same network weights, labels and component filter, so both read the same segmentation."""
@@ -243,16 +277,66 @@ def check_comparable(bundle, other) -> list[str]:
     return problems
 
 
+def case_metrics(rows: list[dict]) -> tuple[dict, tuple[np.ndarray, ...]]:
+    """The case-level figures of :func:`evaluate_cases` rows (their ``positive_probability`` and ``uncertainty``):
+    accuracy, balanced accuracy, AUC, ECE (and its sampling floor), Brier, NLL, the same against the clean labels,
+    the mean case uncertainty, :func:`errors_by_phenotype`, the reader's own AUCs (rows of a bundle with a reader)
+    and risk-coverage of the uncertainty.
+
+    Returns:
+        The figures and ``(probabilities, labels, uncertainties, correct)`` arrays ``(N,)``.
+    """
+    probs_a, labels_a, clean_a, u_case = (np.array([r[k] for r in rows], dtype=dt) for k, dt in
+                                          (("positive_probability", float), ("label", int), ("clean_label", int),
+                                           ("uncertainty", float)))
+    correct = ((probs_a >= 0.5) == labels_a.astype(bool)).astype(int)
+    res = {
+        "accuracy": metrics.accuracy(probs_a, labels_a),
+        "balanced_accuracy": metrics.balanced_accuracy(probs_a, labels_a),
+        "auc": metrics.roc_auc(probs_a, labels_a),
+        "ece": metrics.expected_calibration_error(probs_a, labels_a),
+        "ece_sampling_floor": ece_sampling_floor(probs_a) if len(probs_a) else float("nan"),
+        "brier": metrics.brier_score(probs_a, labels_a),
+        "nll": metrics.nll(probs_a, labels_a),
+        "auc_clean_labels": metrics.roc_auc(probs_a, clean_a),
+        "accuracy_clean_labels": metrics.accuracy(probs_a, clean_a),
+        "ece_clean_labels": metrics.expected_calibration_error(probs_a, clean_a),
+        "case_uncertainty_mean": float(np.mean(u_case)),
+        "errors_by_phenotype": errors_by_phenotype(rows),
+    }
+    if any(r["network_positive_probability"] is not None for r in rows):  # a bundle with a lesion reader
+        network = np.array([r["network_positive_probability"] for r in rows], dtype=float)
+        read = np.array([r["reader_score"] is not None for r in rows])
+        alone = np.where(read, [r["reader_score"] or 0.0 for r in rows], network)
+        res["reader"] = {"cases_read": int(read.sum()),
+                         "auc_network_alone": metrics.roc_auc(network, labels_a),
+                         "auc_reader_alone": metrics.roc_auc(alone, labels_a)}
+    rc = metrics.risk_coverage(u_case, correct.astype(bool), kind="uncertainty")
+    res["eaurc"] = float(rc["eaurc"])
+    res["aurc"] = float(rc["aurc"])
+    return res, (probs_a, labels_a, u_case, correct)
+
+
 def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float, sigma: float, mode: str,
                    pixel_stats: bool, seed_base: int = TEST_SEED_BASE, components: bool = False,
-                   workers: int = 1, compare: Optional[Predictor] = None) -> dict:
+                   workers: int = 1, compare: Optional[Predictor] = None, patches: Optional[dict] = None) -> dict:
+    """``predictor`` end to end on ``n_cases`` synthetic cases from ``seed_base``: one row per case (Dice, HD95,
+    the case opinion, the network's and the reader's parts of it, the labels) and the figures over them.
+
+    ``compare``: another bundle's predictor whose reader reads the same lesions (:func:`second_reader`; rows get
+    ``compare_reader_score``). ``patches``: a dict that receives, per seed of a case the reader read, its input
+    patches ``(N, C, P, P)`` (:func:`reader_inputs`; ``training/rescore_reader.py`` scores them with another reader).
+    """
     rng = np.random.default_rng(12345)
     comps, rows = [], []
     pix_u, pix_err, pix_p, pix_y = [], [], [], []
     for case in synthetic_stream(range(seed_base, seed_base + n_cases), shape, label_noise, workers):
         images = input_views(add_noise(case.to_sitk(), sigma, rng), mode)
-        with second_reader(predictor, compare) as readings:
+        with second_reader(predictor, compare) as readings, \
+                reader_inputs(predictor, patches is not None) as captured:
             pred = predictor.predict(images, case_id=f"synthetic-{case.seed}")
+        if captured:
+            patches[case.seed] = captured[-1]
         lab = sitk.GetArrayFromImage(pred.labelmap)
         unc = sitk.GetArrayFromImage(pred.uncertainty)
         if components:
@@ -286,10 +370,6 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
                 pix_y.append(case.mask.ravel()[sel])
     dices = [r["dice"] for r in rows if r["dice"] is not None]
     hds = [r["hd95_mm"] for r in rows if r["dice"] is not None]
-    probs_a, labels_a, clean_a, u_case = (np.array([r[k] for r in rows], dtype=dt) for k, dt in
-                                          (("positive_probability", float), ("label", int), ("clean_label", int),
-                                           ("uncertainty", float)))
-    correct = ((probs_a >= 0.5) == labels_a.astype(bool)).astype(int)
     res = {
         "cases": n_cases,
         "cases_with_lesion": len(dices),
@@ -297,37 +377,17 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
         "dice_median": _stat(np.median, dices),
         "hd95_mm_median": _stat(np.median, [h for h in hds if np.isfinite(h)]),
         "hd95_inf_cases": int(sum(not np.isfinite(h) for h in hds)),
-        "accuracy": metrics.accuracy(probs_a, labels_a),
-        "balanced_accuracy": metrics.balanced_accuracy(probs_a, labels_a),
-        "auc": metrics.roc_auc(probs_a, labels_a),
-        "ece": metrics.expected_calibration_error(probs_a, labels_a),
-        "ece_sampling_floor": ece_sampling_floor(probs_a) if len(probs_a) else float("nan"),
-        "brier": metrics.brier_score(probs_a, labels_a),
-        "nll": metrics.nll(probs_a, labels_a),
-        "auc_clean_labels": metrics.roc_auc(probs_a, clean_a),
-        "accuracy_clean_labels": metrics.accuracy(probs_a, clean_a),
-        "ece_clean_labels": metrics.expected_calibration_error(probs_a, clean_a),
-        "case_uncertainty_mean": float(np.mean(u_case)),
     }
+    case, arrays = case_metrics(rows)
+    res.update(case)
     res["dice_by_lesion_size"] = dice_by_lesion_size(rows)
-    res["errors_by_phenotype"] = errors_by_phenotype(rows)
-    if any(r["network_positive_probability"] is not None for r in rows):  # a bundle with a lesion reader
-        network = np.array([r["network_positive_probability"] for r in rows], dtype=float)
-        read = np.array([r["reader_score"] is not None for r in rows])
-        alone = np.where(read, [r["reader_score"] or 0.0 for r in rows], network)
-        res["reader"] = {"cases_read": int(read.sum()),
-                         "auc_network_alone": metrics.roc_auc(network, labels_a),
-                         "auc_reader_alone": metrics.roc_auc(alone, labels_a)}
-    rc = metrics.risk_coverage(np.array(u_case), np.array(correct, dtype=bool), kind="uncertainty")
-    res["eaurc"] = float(rc["eaurc"])
-    res["aurc"] = float(rc["aurc"])
     if pixel_stats:
         u, e = np.concatenate(pix_u), np.concatenate(pix_err)
         res["pixel_uncertainty_error_auroc"] = metrics.uncertainty_error_auroc(u, e)
         res["pixel_error_rate"] = float(e.mean())
         if pix_p:
             res["pixel_ece"] = metrics.expected_calibration_error(np.concatenate(pix_p), np.concatenate(pix_y))
-    res["_probs"], res["_labels"], res["_u"], res["_correct"] = probs_a, labels_a, np.array(u_case), np.array(correct)
+    res["_probs"], res["_labels"], res["_u"], res["_correct"] = arrays
     res["_rows"] = rows
     res["_components"] = comps
     return res
@@ -540,7 +600,7 @@ def write_markdown(report: dict, path: Path) -> None:
         bins = s["dice_by_lesion_size"]
         lines += ["", "Lesion Dice by the case's true lesion size (voxels):", "",
                   "| lesion voxels | cases | mean Dice | nothing predicted |", "|---|---|---|---|"]
-        lines += [f"| {k} | {b['cases']} | {b['dice_mean']:.3f} | {b['nothing_predicted']} |" for k, b in bins.items()]
+        lines += [f"| {k} | {b['cases']} | {_fmt(b['dice_mean'])} | {b['nothing_predicted']} |" for k, b in bins.items()]
     if s.get("errors_by_phenotype"):
         lines += ["", "Case opinions by the (first) lesion's phenotype (accuracy against the reported labels):", "",
                   "| group | cases | suspicious | accuracy | mean probability | read by the reader | median reader score |",
@@ -555,11 +615,11 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += ["", "## Robustness (Gaussian noise, sigma as a fraction of the 0.5-99.5 percentile range)", "",
               "| sigma | Dice | AUC | ECE | accuracy | pixel u-error AUROC |", "|---|---|---|---|---|---|"]
     for r in report["robustness"]:
-        lines.append(f"| {r['sigma']} | {r['dice_mean']:.3f} | {r['auc']:.3f} | {r['ece']:.3f} | {r['accuracy']:.3f} | "
-                     f"{r.get('pixel_uncertainty_error_auroc', float('nan')):.3f} |")
+        lines.append(f"| {r['sigma']} | " + " | ".join(_fmt(r.get(k)) for k in (
+            "dice_mean", "auc", "ece", "accuracy", "pixel_uncertainty_error_auroc")) + " |")
     lines += ["", "## Input modes (no added noise)", "", "| input | Dice | AUC | ECE | accuracy |", "|---|---|---|---|---|"]
     for name, r in report["input_modes"].items():
-        lines.append(f"| {name} | {r['dice_mean']:.3f} | {r['auc']:.3f} | {r['ece']:.3f} | {r['accuracy']:.3f} |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in ("dice_mean", "auc", "ece", "accuracy")) + " |")
     lines += ["", "![reliability diagram](reliability.png)", ""]
     path.write_text("\n".join(lines))
 
@@ -601,6 +661,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="a bundle of the same network with another lesion reader (e.g. the shipped model): its reader "
                         "also reads each test case's lesions, and the report gives its calibrated case opinion's "
                         "metrics on the same cases (summary.compare)")
+    p.add_argument("--keep-reader-patches", action="store_true",
+                   help="keep the lesion reader's input patches of the validation and test cases "
+                        "(reader_patches.npz in --out), so training/rescore_reader.py can score another reader of "
+                        "the same network on the same cases in minutes")
     args = p.parse_args(argv)
     if args.component_filter == "bundle" and not args.calibrate_cases:
         p.error("--component-filter bundle only applies to the calibration fit: add --calibrate-cases N")
@@ -615,6 +679,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--test-seeds-from {args.test_seeds_from}: test seeds start at {TEST_SEED_BASE:,} or later (lower "
                 "seeds are training and validation cases)")
     bundle = load_bundle(args.model)
+    if args.keep_reader_patches and bundle.card.reader is None:
+        p.error(f"--keep-reader-patches: {args.model} has no lesion reader (training/add_reader.py adds one)")
     if args.reader_weight == "fit" and bundle.card.reader is None:
         p.error(f"--reader-weight fit: {args.model} has no lesion reader (training/add_reader.py adds one)")
     reused = None if args.validation_from is None else validation_from_report(
@@ -639,14 +705,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     validation_reader = (None if bundle.card.reader is None else
                          {"fusion": bundle.card.reader.fusion, "weight": bundle.card.reader.weight})
     reader_fit = None
+    kept: Optional[dict[str, dict]] = {"validation": {}, "test": {}} if args.keep_reader_patches else None
     if args.calibrate_cases:
         # 1. on validation cases, without post-processing: which component-uncertainty filter helps the Dice most
         def on_validation(card) -> dict:
+            if kept is not None:
+                kept["validation"] = {}  # the last pass's (the one the calibration is fitted on)
             return evaluate_cases(Predictor(dataclasses.replace(bundle, card=card), device=args.device, batch_size=16,
                                             precision=args.precision),
                                   args.calibrate_cases, args.shape, args.label_noise, 0.0, "phases", False,
                                   seed_base=VAL_SEED_BASE, components=args.component_filter == "fit",
-                                  workers=args.workers)
+                                  workers=args.workers, patches=None if kept is None else kept["validation"])
 
         if args.component_filter == "fit":
             plain = dataclasses.replace(bundle.card, case_calibration=None, component_max_uncertainty=None)
@@ -705,7 +774,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     compare = None if other is None else Predictor(other, device=args.device, precision=args.precision)
     first = args.test_seeds_from
     main_res = evaluate_cases(predictor, args.cases, args.shape, args.label_noise, 0.0, "phases", pixel_stats=True,
-                              seed_base=first, workers=args.workers, compare=compare)
+                              seed_base=first, workers=args.workers, compare=compare,
+                              patches=None if kept is None else kept["test"])
     robustness = [{"sigma": 0.0, **{k: v for k, v in main_res.items() if not k.startswith("_")}}]
     for sigma in SIGMAS[1:]:
         r = evaluate_cases(predictor, args.robustness_cases, args.shape, args.label_noise, sigma, "phases", True,
@@ -757,6 +827,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             report["validation_cases_reader"] = validation_reader
         if args.validation_from is not None:
             report["validation_cases_from"] = str(args.validation_from)
+    if kept is not None:
+        np.savez(args.out / "partial-reader-patches.npz",
+                 **{f"{section}-{seed}": x for section, by_seed in kept.items() for seed, x in by_seed.items()})
+        (args.out / "partial-reader-patches.npz").replace(args.out / READER_PATCHES_FILE)
+        cfg = bundle.card.reader
+        report["reader_patches"] = {
+            "file": READER_PATCHES_FILE, "network_sha256": network_sha256(bundle.model),
+            "reader_input": {k: getattr(cfg, k) for k in READER_INPUT_FIELDS},
+            "cases": {section: len(by_seed) for section, by_seed in kept.items()}}
     (args.out / "report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     write_markdown(report, args.out / "report.md")
     print(json.dumps(json_safe(summary), indent=2))

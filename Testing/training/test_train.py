@@ -917,3 +917,81 @@ def test_roi_probe_adds_hard_patches_to_the_training_set(tiny_bundle_dir, tmp_pa
         with pytest.raises(SystemExit):
             probe_roi.main(args + bad)
         assert why in capsys.readouterr().err
+
+
+def test_rescore_reader_reproduces_evaluate_and_scores_another_reader_from_kept_patches(tiny_bundle_dir, tmp_path,
+                                                                                        capsys, monkeypatch):
+    from safetensors.torch import save_file
+    import rescore_reader
+    import umlcore.predictor
+    from umlcore.reader import LesionReader
+
+    monkeypatch.setattr(umlcore.predictor, "component_centres", lambda labels, n: [(10, 3, 16, 16), (4, 1, 8, 20)])
+    readers = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_file(LesionReader(9).state_dict(), str(tmp_path / f"roinet{seed}.safetensors"))
+        readers[seed] = tmp_path / f"reader{seed}"
+        assert add_reader.main(["--model", str(tiny_bundle_dir), "--reader", str(tmp_path / f"roinet{seed}.safetensors"),
+                                "--out", str(readers[seed])]) == 0
+    run = tmp_path / "run"
+    assert evaluate.main(["--model", str(readers[0]), "--out", str(run), "--cases", "3", "--shape", "6", "32", "32",
+                          "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
+                          "--calibrate-cases", "4", "--component-filter", "bundle", "--reader-weight", "fit",
+                          "--reader-fusion", "evidence", "--keep-reader-patches",
+                          "--compare-model", str(readers[1])]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["reader_patches"]["cases"] == {"validation": 4, "test": 3}
+    with np.load(run / "reader_patches.npz") as kept:
+        assert sorted(kept.files) == sorted([f"validation-{1_000_000 + i}" for i in range(4)] +
+                                            [f"test-{evaluate.TEST_SEED_BASE + i}" for i in range(3)])
+        assert kept[f"test-{evaluate.TEST_SEED_BASE}"].shape == (2, 9, 80, 80)
+
+    # the same reader: the same fit and the same test opinions as evaluate.py
+    same = tmp_path / "same"
+    assert rescore_reader.main(["--report", str(run / "report.json"), "--model", str(readers[0]), "--out", str(same),
+                                "--reader-weight", "fit", "--reader-fusion", "evidence"]) == 0
+    again = json.loads((same / "report.json").read_text())
+    s, t = report["summary"], again["summary"]
+    assert t["reader_weight"]["weight"] == s["reader_weight"]["weight"]
+    for k in ("slope", "intercept"):
+        assert t["case_calibration"][k] == pytest.approx(s["case_calibration"][k], abs=1e-9)
+    for a, b in zip(report["cases"], again["cases"]):
+        for k in ("reader_score", "positive_probability", "uncertainty"):
+            assert b[k] == pytest.approx(a[k], abs=1e-9), k
+    for k in ("auc", "ece", "nll", "brier", "eaurc", "dice_mean", "pixel_uncertainty_error_auroc"):
+        assert t[k] == pytest.approx(s[k], abs=1e-9), k
+    assert (same / "report.md").is_file() and (same / "reliability.png").is_file()
+
+    # another reader: its scores are those it gave reading the same lesions beside the first (--compare-model)
+    other = tmp_path / "other"
+    assert rescore_reader.main(["--report", str(run / "report.json"), "--model", str(readers[1]), "--out",
+                                str(other)]) == 0
+    scored = json.loads((other / "report.json").read_text())
+    assert scored["model"]["sha256"] == load_bundle(readers[1]).sha256
+    for a, b in zip(report["cases"], scored["cases"]):
+        assert b["reader_score"] == pytest.approx(a["compare_reader_score"], abs=1e-9)
+        assert b["positive_probability"] == pytest.approx(a["compare_positive_probability"], abs=1e-9)
+    with pytest.raises(SystemExit):
+        add_reader.main(["--model", str(readers[1]), "--report", str(same / "report.json"), "--out", str(tmp_path / "x")])
+    assert "evaluated another bundle" in capsys.readouterr().err
+
+    # refusals: no kept patches, another network, no reader, no validation rows to fit on
+    plain = tmp_path / "plain"
+    assert evaluate.main(["--model", str(readers[0]), "--out", str(plain), "--cases", "1", "--shape", "6", "32", "32",
+                          "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0"]) == 0
+    b = load_bundle(readers[1])
+    changed = copy.deepcopy(b.model)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1.0)
+    save_bundle(changed, b.card, tmp_path / "changed", reader=b.reader)
+    for rep, model, extra, why in (
+            (plain, readers[1], [], "--keep-reader-patches"),
+            (run, tmp_path / "changed", [], "its network is not the one"),
+            (run, tiny_bundle_dir, [], "it has no lesion reader"),
+            (run, readers[1], ["--reader-fusion", "logit"], "add --reader-weight fit")):
+        with pytest.raises(SystemExit):
+            rescore_reader.main(["--report", str(rep / "report.json"), "--model", str(model),
+                                 "--out", str(tmp_path / "bad"), *extra])
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
