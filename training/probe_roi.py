@@ -38,7 +38,7 @@ import multiprocessing
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -94,6 +94,19 @@ def build_patches(seeds: range, shape, norm: Normalization, size: int, context: 
             "voxels": np.array([r[3] for r in rows]), "seed": np.array([r[0] for r in rows])}
 
 
+def predicted_cases(bundle: ModelBundle, seeds: range, shape) -> Iterator[tuple]:
+    """``(seed, case, prediction, normalised case, predicted labelmap (S, H, W) in slice order)`` for each seed: the
+    bundle's predictor end to end on the generated case."""
+    predictor = Predictor(bundle, device="cpu", batch_size=8)
+    norm = bundle.card.input.normalization
+    for seed in seeds:
+        case = generate_case(seed, shape=tuple(shape), label_noise=0.02)
+        pred = predictor.predict(case.to_sitk(), case_id=f"synthetic-{seed}")
+        vol = case_from_synthetic(case, norm)
+        yield seed, case, pred, vol, to_slices(sitk.GetArrayFromImage(pred.labelmap),
+                                               slice_axis_index(case.direction, "axial"))
+
+
 def predicted_patches(bundle: ModelBundle, seeds: range, shape, size: int, context: int, components: int,
                       log) -> dict:
     """Patches at the ``components`` largest lesions the bundle's predictor segments in each case of ``seeds``.
@@ -105,16 +118,10 @@ def predicted_patches(bundle: ModelBundle, seeds: range, shape, size: int, conte
     Returns:
         ``{"x": (N, C, size, size), "y": (N, 3), "voxels": (N,), "seed": (N,)}`` (``N`` may be 0).
     """
-    predictor = Predictor(bundle, device="cpu", batch_size=8)
-    norm = bundle.card.input.normalization
     channels = 3 * (2 * context + 1)
     rows: list[tuple] = []
     t0 = time.time()
-    for n, seed in enumerate(seeds):
-        case = generate_case(seed, shape=tuple(shape), label_noise=0.02)
-        pred = predictor.predict(case.to_sitk(), case_id=f"synthetic-{seed}")
-        vol = case_from_synthetic(case, norm)
-        predicted = to_slices(sitk.GetArrayFromImage(pred.labelmap), slice_axis_index(case.direction, "axial"))
+    for n, (seed, case, _, vol, predicted) in enumerate(predicted_cases(bundle, seeds, shape)):
         comps, sizes, _ = label_components(predicted, np.zeros(predicted.shape, np.float32))
         spic, wash = phenotype(case)
         spacing = float(vol.spacing[0])
@@ -213,16 +220,10 @@ def train(data: dict, val: dict, net: LesionReader, steps: int, batch: int, crop
 def test_rows(bundle: ModelBundle, seeds: range, shape, size: int, context: int, components: int, log) -> dict:
     """The bundle's predictor end to end on each test case; the patches at its ``components`` largest predicted
     lesions (zeros beyond those found) and at the largest true lesion."""
-    predictor = Predictor(bundle, device="cpu", batch_size=8)
-    norm = bundle.card.input.normalization
     rows = {k: [] for k in ("seed", "label", "lesion", "spiculated", "washout", "true_voxels", "predicted_components",
                             "bundle_p", "x_pred", "x_true")}
     t0 = time.time()
-    for n, seed in enumerate(seeds):
-        case = generate_case(seed, shape=tuple(shape), label_noise=0.02)
-        pred = predictor.predict(case.to_sitk(), case_id=f"synthetic-{seed}")
-        vol = case_from_synthetic(case, norm)
-        predicted = to_slices(sitk.GetArrayFromImage(pred.labelmap), slice_axis_index(case.direction, "axial"))
+    for n, (seed, case, pred, vol, predicted) in enumerate(predicted_cases(bundle, seeds, shape)):
         spacing = float(vol.spacing[0])
         x = np.zeros((components + 1, len(vol.channels) * (2 * context + 1), size, size), np.float32)
         found = component_centres(predicted, components)

@@ -788,21 +788,28 @@ def test_roi_probe_without_a_test_only_trains(tiny_bundle_dir, tmp_path, capsys)
         assert why in capsys.readouterr().err
 
 
-def test_evaluate_compares_another_reader_on_the_same_cases(tiny_bundle_dir, tmp_path, capsys, monkeypatch):
+def _two_reader_bundles(base: Path, folder: Path) -> dict[int, Path]:
+    """Bundles of ``base``'s network with two untrained readers (torch seeds 0 and 1)."""
     from safetensors.torch import save_file
-    import umlcore.predictor
     from umlcore.reader import LesionReader
-
-    # the untrained network segments nothing: let the readers read one component at the centre of every case
-    monkeypatch.setattr(umlcore.predictor, "component_centres", lambda labels, n: [(10, 3, 16, 16)])
 
     readers = {}
     for seed in (0, 1):
         torch.manual_seed(seed)
-        save_file(LesionReader(9).state_dict(), str(tmp_path / f"roinet{seed}.safetensors"))
-        readers[seed] = tmp_path / f"reader{seed}"
-        assert add_reader.main(["--model", str(tiny_bundle_dir), "--reader", str(tmp_path / f"roinet{seed}.safetensors"),
+        save_file(LesionReader(9).state_dict(), str(folder / f"roinet{seed}.safetensors"))
+        readers[seed] = folder / f"reader{seed}"
+        assert add_reader.main(["--model", str(base), "--reader", str(folder / f"roinet{seed}.safetensors"),
                                 "--out", str(readers[seed])]) == 0
+    return readers
+
+
+def test_evaluate_compares_another_reader_on_the_same_cases(tiny_bundle_dir, tmp_path, capsys, monkeypatch):
+    import umlcore.predictor
+
+    # the untrained network segments nothing: let the readers read one component at the centre of every case
+    monkeypatch.setattr(umlcore.predictor, "component_centres", lambda labels, n: [(10, 3, 16, 16)])
+
+    readers = _two_reader_bundles(tiny_bundle_dir, tmp_path)
     common = ["--cases", "3", "--shape", "6", "32", "32", "--robustness-cases", "1", "--mode-cases", "1",
               "--label-noise", "0.0"]
     # compared with itself, the recomputed opinion is the predictor's, case by case
@@ -921,19 +928,11 @@ def test_roi_probe_adds_hard_patches_to_the_training_set(tiny_bundle_dir, tmp_pa
 
 def test_rescore_reader_reproduces_evaluate_and_scores_another_reader_from_kept_patches(tiny_bundle_dir, tmp_path,
                                                                                         capsys, monkeypatch):
-    from safetensors.torch import save_file
     import rescore_reader
     import umlcore.predictor
-    from umlcore.reader import LesionReader
 
     monkeypatch.setattr(umlcore.predictor, "component_centres", lambda labels, n: [(10, 3, 16, 16), (4, 1, 8, 20)])
-    readers = {}
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        save_file(LesionReader(9).state_dict(), str(tmp_path / f"roinet{seed}.safetensors"))
-        readers[seed] = tmp_path / f"reader{seed}"
-        assert add_reader.main(["--model", str(tiny_bundle_dir), "--reader", str(tmp_path / f"roinet{seed}.safetensors"),
-                                "--out", str(readers[seed])]) == 0
+    readers = _two_reader_bundles(tiny_bundle_dir, tmp_path)
     run = tmp_path / "run"
     assert evaluate.main(["--model", str(readers[0]), "--out", str(run), "--cases", "3", "--shape", "6", "32", "32",
                           "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
