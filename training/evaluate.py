@@ -401,6 +401,7 @@ READER_WEIGHTS = {"average": tuple(round(0.05 * i, 2) for i in range(21)),
 #: ``--reader-weight fit`` keeps the lowest validation NLL among the weights whose calibrated validation ECE is at
 #: most this (the model's calibration target), or the lowest NLL if none is.
 READER_WEIGHT_ECE_MAX = 0.05
+READER_WEIGHT_CRITERION = f"lowest NLL after the Platt calibration among ECE <= {READER_WEIGHT_ECE_MAX}"
 
 
 def network_strengths(rows: list[dict]) -> np.ndarray:
@@ -525,6 +526,20 @@ def validation_from_report(path: Path, bundle, n_cases: int, shape, label_noise:
             "ece": metrics.expected_calibration_error(probs, labels)}
 
 
+def card_opinions(rows: list[dict], card, calibrated: bool = True) -> list[dict]:
+    """``rows`` with the ``positive_probability`` and ``uncertainty`` that ``card``'s predictor gives them: each row's
+    network opinion merged with its ``reader_score`` by the card's reader rule and weight, and calibrated by the
+    card's case calibration if ``calibrated``."""
+    pos = card.positive_class
+    alphas = reader_merged_alphas(rows, card.reader.weight, pos, card.reader.fusion)
+    if calibrated and card.case_calibration is not None:
+        c = card.case_calibration
+        alphas = calibrated_alphas(alphas, rows, c["slope"], c["intercept"], pos, card.reader.fusion)
+    strength = alphas.sum(axis=1)
+    return [{**r, "positive_probability": float(a[pos] / s), "uncertainty": float(2.0 / s)}
+            for r, a, s in zip(rows, alphas, strength)]
+
+
 def compare_opinions(rows: list[dict], card) -> dict:
     """The case metrics of ``card``'s opinion on ``rows`` (its reader's ``compare_reader_score``, rule, weight and
     case calibration on each row's network opinion), as its predictor would have given them.
@@ -532,20 +547,16 @@ def compare_opinions(rows: list[dict], card) -> dict:
     Returns:
         ``{"auc", "auc_clean_labels", "accuracy", "ece", "brier", "nll", "eaurc"}`` of the calibrated opinions, and
         ``"probabilities"``: the positive probability of each row."""
-    pos = card.positive_class
-    swapped = [{**r, "reader_score": r["compare_reader_score"]} for r in rows]
-    alphas = reader_merged_alphas(swapped, card.reader.weight, pos, card.reader.fusion)
-    if card.case_calibration is not None:
-        c = card.case_calibration
-        alphas = calibrated_alphas(alphas, swapped, c["slope"], c["intercept"], pos, card.reader.fusion)
-    q = alphas[:, pos] / alphas.sum(axis=1)
+    theirs = card_opinions([{**r, "reader_score": r["compare_reader_score"]} for r in rows], card)
+    q = np.array([r["positive_probability"] for r in theirs])
+    u = np.array([r["uncertainty"] for r in theirs])
     labels = np.array([r["label"] for r in rows], dtype=int)
     clean = np.array([r["clean_label"] for r in rows], dtype=int)
     correct = (q >= 0.5) == labels.astype(bool)
     return {"auc": metrics.roc_auc(q, labels), "auc_clean_labels": metrics.roc_auc(q, clean),
             "accuracy": metrics.accuracy(q, labels), "ece": metrics.expected_calibration_error(q, labels),
             "brier": metrics.brier_score(q, labels), "nll": metrics.nll(q, labels),
-            "eaurc": float(metrics.risk_coverage(2.0 / alphas.sum(axis=1), correct, kind="uncertainty")["eaurc"]),
+            "eaurc": float(metrics.risk_coverage(u, correct, kind="uncertainty")["eaurc"]),
             "probabilities": q.tolist()}
 
 
@@ -749,7 +760,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             reader_fit = {"fusion": fusion, "weight": reader_weight,
                           "fitted_on": f"{args.calibrate_cases} validation cases, seeds "
                                        f"{VAL_SEED_BASE}..{VAL_SEED_BASE + args.calibrate_cases - 1}",
-                          "criterion": f"lowest NLL after the Platt calibration among ECE <= {READER_WEIGHT_ECE_MAX}",
+                          "criterion": READER_WEIGHT_CRITERION,
                           "validation": reader_table}
             for f, t in reader_table.items():
                 print(f"reader fusion {f!r}: validation NLL / ECE / AUC by weight: "

@@ -47,7 +47,7 @@ from umlcore.fusion import READER_FUSION_RULES, fit_platt
 from umlcore.reader import suspicion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import (READER_INPUT_FIELDS, calibrated_alphas, case_metrics,  # noqa: E402
+from evaluate import (READER_INPUT_FIELDS, READER_WEIGHT_CRITERION, card_opinions, case_metrics,  # noqa: E402
                       choose_reader_weight, json_safe, network_sha256, reader_merged_alphas,
                       suggest_review_uncertainty, write_markdown)
 
@@ -76,19 +76,6 @@ def rescored_rows(rows: list[dict], kept, section: str, reader: torch.nn.Module,
         row["reader_score"] = score_patches(reader, kept[key]) if key in kept else None
         out.append(row)
     return out
-
-
-def with_opinions(rows: list[dict], card, calibrated: bool) -> list[dict]:
-    """``rows`` with the ``positive_probability`` and ``uncertainty`` that ``card``'s predictor gives them (its reader
-    rule and weight; its case calibration too if ``calibrated``)."""
-    pos = card.positive_class
-    alphas = reader_merged_alphas(rows, card.reader.weight, pos, card.reader.fusion)
-    if calibrated and card.case_calibration is not None:
-        c = card.case_calibration
-        alphas = calibrated_alphas(alphas, rows, c["slope"], c["intercept"], pos, card.reader.fusion)
-    strength = alphas.sum(axis=1)
-    return [{**r, "positive_probability": float(a[pos] / s), "uncertainty": float(2.0 / s)}
-            for r, a, s in zip(rows, alphas, strength)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -160,16 +147,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         calibration = {"slope": slope, "intercept": intercept, "fitted_on": fitted_on,
                        "validation_ece_before": metrics.expected_calibration_error(p_val, labels)}
         reader_fit = {"fusion": fusion, "weight": weight, "fitted_on": fitted_on,
-                      "criterion": "lowest NLL after the Platt calibration among ECE <= 0.05", "validation": table}
+                      "criterion": READER_WEIGHT_CRITERION, "validation": table}
         card = dataclasses.replace(card, case_calibration=calibration,
                                    reader=dataclasses.replace(card.reader, weight=weight, fusion=fusion))
         print(f"reader: fusion {fusion!r}, weight {weight}; case calibration: slope {slope:.3f}, intercept "
               f"{intercept:.3f}")
-    test = with_opinions(test, card, calibrated=True)
+    test = card_opinions(test, card, calibrated=True)
     figures, (probs, labels, _, _) = case_metrics(test)
     summary.update(figures)
     if val:  # the review threshold is suggested from the calibrated validation opinions, as evaluate.py does
-        final = with_opinions(val, card, calibrated=True)
+        final = card_opinions(val, card, calibrated=True)
         u = np.array([r["uncertainty"] for r in final])
         correct = np.array([(r["positive_probability"] >= 0.5) == bool(r["label"]) for r in final], dtype=int)
         summary["suggested_review_uncertainty"] = suggest_review_uncertainty(u, correct)
@@ -192,7 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "cases": test,
     }
     if val:  # uncalibrated, with the bundle's own rule and weight (as evaluate.py keeps them)
-        out["validation_cases"] = with_opinions(val, bundle.card, calibrated=False)
+        out["validation_cases"] = card_opinions(val, bundle.card, calibrated=False)
         out["validation_cases_reader"] = {"fusion": bundle.card.reader.fusion, "weight": bundle.card.reader.weight}
     args.out.mkdir(parents=True, exist_ok=True)
     metrics.plot_reliability_diagram(probs, labels, path=str(args.out / "reliability.png"))
