@@ -19,13 +19,10 @@ Reports (``report.json`` + ``report.md`` + ``reliability.png`` in ``--out``):
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
-import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -41,6 +38,7 @@ from umlcore.errors import BundleError
 from umlcore.fusion import READER_FUSION_RULES, calibrate_case_alpha, fit_platt, fuse_reader_opinion
 from umlcore.predictor import Predictor, label_components
 from umlcore.synthetic import generate_case
+from workers import ordered_map
 
 TEST_SEED_BASE = 2_000_000
 VAL_SEED_BASE = 1_000_000  # validation seeds (as in train.py): used only to fit the case calibration
@@ -60,17 +58,7 @@ def _generate(args: tuple[int, tuple[int, int, int], float]):
 def synthetic_stream(seeds: range, shape, label_noise: float, workers: int = 1) -> Iterator:
     """The synthetic cases of ``seeds`` in order; ``workers > 1`` generates up to ``2 * workers`` of them ahead
     in that many processes (bounded, so a slow predictor does not pile finished cases up in memory)."""
-    jobs = iter([(s, tuple(shape), label_noise) for s in seeds])
-    if workers <= 1:
-        yield from map(_generate, jobs)
-        return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pending = collections.deque(pool.apply_async(_generate, (j,)) for j in itertools.islice(jobs, 2 * workers))
-        while pending:
-            case = pending.popleft().get()
-            for j in itertools.islice(jobs, 1):
-                pending.append(pool.apply_async(_generate, (j,)))
-            yield case
+    return ordered_map(_generate, [(s, tuple(shape), label_noise) for s in seeds], workers)
 
 
 def add_noise(images: list[sitk.Image], sigma: float, rng: np.random.Generator) -> list[sitk.Image]:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -55,6 +54,7 @@ from umlcore.synthetic import generate_case
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe_features import _auc, phenotype  # noqa: E402  (_auc: the AUC, null for one class)
 from slices import case_from_synthetic  # noqa: E402
+from workers import ordered_map  # noqa: E402
 
 VAL_SEED, TEST_SEED = 1_000_000, 2_000_000
 MAX_ROIS = 4  # lesion patches per training case
@@ -87,8 +87,7 @@ def training_patches(job: tuple) -> list[tuple[np.ndarray, np.ndarray, int]]:
 
 def build_patches(seeds: range, shape, norm: Normalization, size: int, context: int, workers: int) -> dict:
     jobs = [(s, tuple(shape), norm, size, context) for s in seeds]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        per_case = pool.map(training_patches, jobs, chunksize=4)
+    per_case = list(ordered_map(training_patches, jobs, workers))
     rows = [(s, *r) for s, rs in zip(seeds, per_case) for r in rs]
     return {"x": np.stack([r[1] for r in rows]), "y": np.stack([r[2] for r in rows]),
             "voxels": np.array([r[3] for r in rows]), "seed": np.array([r[0] for r in rows])}

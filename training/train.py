@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import json
 import math
-import multiprocessing
 import sys
 import time
 import typing
@@ -38,6 +37,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from slices import LesionSampling, SliceSampler, VolumeCase, case_from_synthetic, predict_volume  # noqa: E402
+from workers import ordered_map  # noqa: E402
 from umlcore import metrics  # noqa: E402
 from umlcore.bundle import Normalization, load_bundle  # noqa: E402
 from umlcore.config import UMLConfig  # noqa: E402
@@ -157,11 +157,7 @@ def _make_case(args: tuple[int, tuple[int, int, int], float]) -> VolumeCase:
 
 
 def synthetic_cases(seeds: range, shape: tuple[int, int, int], noise: float, workers: int) -> list[VolumeCase]:
-    jobs = [(s, shape, noise) for s in seeds]
-    if workers <= 1:
-        return [_make_case(j) for j in jobs]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return pool.map(_make_case, jobs, chunksize=4)
+    return list(ordered_map(_make_case, [(s, shape, noise) for s in seeds], workers))
 
 
 # ------------------------------------------------------------------------------------------- validation
