@@ -473,6 +473,39 @@ def choose_reader_weight(rows: list[dict], positive: int = 1,
     return fusion, w, table
 
 
+def fitted_on(rows: list[dict]) -> str:
+    """How a fit names its data: ``"<N> validation cases, seeds <first>..<last>"``."""
+    seeds = sorted(r["seed"] for r in rows)
+    return f"{len(rows)} validation cases, seeds {seeds[0]}..{seeds[-1]}"
+
+
+def fit_reader(rows: list[dict], card, mode: str) -> tuple[dict, np.ndarray]:
+    """``--reader-weight fit``: the reader's rule and weight chosen on validation rows (:func:`choose_reader_weight`).
+
+    Args:
+        rows: Validation rows of a bundle with a reader, without a case calibration.
+        card: That bundle's card (its positive class and reader rule).
+        mode: ``--reader-fusion``: ``"bundle"`` (the card's rule), ``"fit"`` (every rule) or one rule.
+
+    Returns:
+        The card's ``reader_fit`` record (rule, weight, data, criterion, the validation table) and the rows'
+        uncalibrated merged Dirichlets ``(N, 2)`` under that rule and weight.
+    """
+    fusions = ((card.reader.fusion,) if mode == "bundle" else tuple(READER_FUSION_RULES) if mode == "fit" else (mode,))
+    fusion, weight, table = choose_reader_weight(rows, card.positive_class, fusions)
+    record = {"fusion": fusion, "weight": weight, "fitted_on": fitted_on(rows), "criterion": READER_WEIGHT_CRITERION,
+              "validation": table}
+    return record, reader_merged_alphas(rows, weight, card.positive_class, fusion)
+
+
+def fit_calibration(probs: np.ndarray, labels: np.ndarray, rows: list[dict]) -> dict:
+    """The card's ``case_calibration`` record: the Platt fit of validation opinions ``probs`` ``(N,)`` to ``labels``
+    ``(N,)`` (the cases of ``rows``), with the ECE before it."""
+    slope, intercept = fit_platt(probs, labels)
+    return {"slope": slope, "intercept": intercept, "fitted_on": fitted_on(rows),
+            "validation_ece_before": metrics.expected_calibration_error(probs, labels)}
+
+
 def validation_from_report(path: Path, bundle, n_cases: int, shape, label_noise: float, error) -> dict:
     """The first ``n_cases`` validation rows of an earlier ``evaluate.py --calibrate-cases`` report of the same
     weights, as :func:`evaluate_cases` would return them (what the calibration and the weight fit need).
@@ -730,31 +763,21 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                     component_max_uncertainty=threshold))
         bundle = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, component_max_uncertainty=threshold))
         if args.reader_weight == "fit":
-            fusions = ((bundle.card.reader.fusion,) if args.reader_fusion == "bundle" else
-                       tuple(READER_FUSION_RULES) if args.reader_fusion == "fit" else (args.reader_fusion,))
-            fusion, reader_weight, reader_table = choose_reader_weight(val["_rows"], bundle.card.positive_class,
-                                                                       fusions)
             pos = bundle.card.positive_class
             again = reader_merged_alphas(val["_rows"], bundle.card.reader.weight, pos, bundle.card.reader.fusion)
             if not np.allclose(again[:, pos] / again.sum(axis=1), val["_probs"], atol=1e-6):
                 raise RuntimeError("the validation rows do not reproduce the predictor's reader fusion: "
                                    "reader_merged_alphas and Predictor have drifted apart")
-            merged = reader_merged_alphas(val["_rows"], reader_weight, pos, fusion)
+            reader_fit, merged = fit_reader(val["_rows"], bundle.card, args.reader_fusion)
             val["_probs"] = merged[:, pos] / merged.sum(axis=1)
-            val["_correct"] = ((val["_probs"] >= 0.5) == val["_labels"].astype(bool)).astype(int)
-            val["ece"] = metrics.expected_calibration_error(val["_probs"], val["_labels"])
-            bundle = dataclasses.replace(bundle, card=dataclasses.replace(
-                bundle.card, reader=dataclasses.replace(bundle.card.reader, weight=reader_weight, fusion=fusion)))
-            reader_fit = {"fusion": fusion, "weight": reader_weight,
-                          "fitted_on": f"{args.calibrate_cases} validation cases, seeds "
-                                       f"{VAL_SEED_BASE}..{VAL_SEED_BASE + args.calibrate_cases - 1}",
-                          "criterion": READER_WEIGHT_CRITERION,
-                          "validation": reader_table}
-            for f, t in reader_table.items():
+            bundle = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, reader=dataclasses.replace(
+                bundle.card.reader, weight=reader_fit["weight"], fusion=reader_fit["fusion"])))
+            for f, t in reader_fit["validation"].items():
                 print(f"reader fusion {f!r}: validation NLL / ECE / AUC by weight: "
                       f"{ {k: (round(v['nll'], 4), round(v['ece'], 3), round(v['auc'], 4)) for k, v in t.items()} }")
-            print(f"reader: fusion {fusion!r}, weight {reader_weight}")
-        slope, intercept = fit_platt(val["_probs"], val["_labels"])
+            print(f"reader: fusion {reader_fit['fusion']!r}, weight {reader_fit['weight']}")
+        calibration = fit_calibration(val["_probs"], val["_labels"], val["_rows"])
+        slope, intercept = calibration["slope"], calibration["intercept"]
         # the review threshold is suggested from the opinions the predictor will give: calibrated (and with rule
         # "evidence", the strength the calibrated probability needs)
         pos = bundle.card.positive_class
@@ -763,12 +786,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                   None if bundle.card.reader is None else bundle.card.reader.fusion)
         val["_u"] = 2.0 / final.sum(axis=1)
         val["_correct"] = ((final[:, pos] / final.sum(axis=1) >= 0.5) == val["_labels"].astype(bool)).astype(int)
-        calibration = {"slope": slope, "intercept": intercept,
-                       "fitted_on": f"{args.calibrate_cases} validation cases, seeds {VAL_SEED_BASE}.."
-                                    f"{VAL_SEED_BASE + args.calibrate_cases - 1}",
-                       "validation_ece_before": val["ece"]}
         bundle = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, case_calibration=calibration))
-        print(f"case calibration: slope {slope:.3f}, intercept {intercept:.3f} (validation ECE before {val['ece']:.3f})")
+        print(f"case calibration: slope {slope:.3f}, intercept {intercept:.3f} "
+              f"(validation ECE before {calibration['validation_ece_before']:.3f})")
     predictor = Predictor(bundle, device=args.device, batch_size=16, precision=args.precision)
     compare = None if other is None else Predictor(other, device=args.device, precision=args.precision)
     first = args.test_seeds_from

@@ -43,13 +43,12 @@ import torch
 from umlcore import metrics
 from umlcore.bundle import load_bundle
 from umlcore.errors import BundleError
-from umlcore.fusion import READER_FUSION_RULES, fit_platt
+from umlcore.fusion import READER_FUSION_RULES
 from umlcore.reader import suspicion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import (READER_INPUT_FIELDS, READER_WEIGHT_CRITERION, card_opinions, case_metrics,  # noqa: E402
-                      choose_reader_weight, json_safe, network_sha256, reader_merged_alphas,
-                      suggest_review_uncertainty, write_markdown)
+from evaluate import (READER_INPUT_FIELDS, card_opinions, case_metrics, fit_calibration, fit_reader,  # noqa: E402
+                      json_safe, network_sha256, suggest_review_uncertainty, write_markdown)
 
 #: Figures of an evaluate.py summary that the reader does not change (segmentation and voxels), copied as they are.
 SEGMENTATION_KEYS = ("cases", "cases_with_lesion", "dice_mean", "dice_median", "hd95_mm_median", "hd95_inf_cases",
@@ -135,23 +134,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary: dict = {k: report["summary"][k] for k in SEGMENTATION_KEYS if k in report.get("summary", {})}
     reader_fit = calibration = None
     if args.reader_weight == "fit":
-        fusions = ((card.reader.fusion,) if args.reader_fusion == "bundle" else
-                   tuple(READER_FUSION_RULES) if args.reader_fusion == "fit" else (args.reader_fusion,))
-        fusion, weight, table = choose_reader_weight(val, pos, fusions)
-        merged = reader_merged_alphas(val, weight, pos, fusion)
-        labels = np.array([r["label"] for r in val], dtype=int)
-        p_val = merged[:, pos] / merged.sum(axis=1)
-        slope, intercept = fit_platt(p_val, labels)
-        seeds = sorted(r["seed"] for r in val)
-        fitted_on = f"{len(val)} validation cases, seeds {seeds[0]}..{seeds[-1]}"
-        calibration = {"slope": slope, "intercept": intercept, "fitted_on": fitted_on,
-                       "validation_ece_before": metrics.expected_calibration_error(p_val, labels)}
-        reader_fit = {"fusion": fusion, "weight": weight, "fitted_on": fitted_on,
-                      "criterion": READER_WEIGHT_CRITERION, "validation": table}
-        card = dataclasses.replace(card, case_calibration=calibration,
-                                   reader=dataclasses.replace(card.reader, weight=weight, fusion=fusion))
-        print(f"reader: fusion {fusion!r}, weight {weight}; case calibration: slope {slope:.3f}, intercept "
-              f"{intercept:.3f}")
+        reader_fit, merged = fit_reader(val, card, args.reader_fusion)
+        calibration = fit_calibration(merged[:, pos] / merged.sum(axis=1),
+                                      np.array([r["label"] for r in val], dtype=int), val)
+        card = dataclasses.replace(card, case_calibration=calibration, reader=dataclasses.replace(
+            card.reader, weight=reader_fit["weight"], fusion=reader_fit["fusion"]))
+        print(f"reader: fusion {reader_fit['fusion']!r}, weight {reader_fit['weight']}; case calibration: slope "
+              f"{calibration['slope']:.3f}, intercept {calibration['intercept']:.3f}")
     test = card_opinions(test, card, calibrated=True)
     figures, (probs, labels, _, _) = case_metrics(test)
     summary.update(figures)
