@@ -1,7 +1,8 @@
 """Worker processes for the training scripts: one ordered, bounded map that cannot hang.
 
 ``multiprocessing.Pool`` loses a task when its worker dies (killed, out of memory, a failed import in a spawned
-child) and then waits for that result forever; a CI run of the test suite once hung that way for 90 minutes.
+child) and then waits for that result forever; a CI run of the test suite once hung for 90 minutes in the test of
+evaluate's case pool (the exact trigger was not reproduced).
 :func:`ordered_map` uses :class:`concurrent.futures.ProcessPoolExecutor`, which notices a dead worker and raises,
 and spawned children (no forked copy of PyTorch's threads).
 """
