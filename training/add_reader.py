@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 
 from umlcore.bundle import load_bundle, save_bundle
 from umlcore.errors import BundleError
-from umlcore.reader import LesionReader, ReaderConfig
+from umlcore.reader import READER_TTA_MODES, LesionReader, ReaderConfig
 
 PROBE_COMMAND = ("python training/probe_roi.py --model Resources/Models/uml-breast-dce-small --out runs/roi "
                  "--train-cases 1000 --val-cases 200 --test-cases 200 --steps 4000 --batch 32")
@@ -56,10 +56,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--reader-report", type=Path, help="that run's report.json (validation figures for the card)")
     p.add_argument("--reader-command", default=PROBE_COMMAND, help="the command that trained the reader")
     p.add_argument("--weight", type=float, default=0.5, help="the reader's share of the case opinion")
+    p.add_argument("--test-time-augmentation", default="none", choices=READER_TTA_MODES,
+                   help="step 1: 'dihedral' reads each patch in its 8 flips and transposes and averages (the weight "
+                        "and calibration must then be fitted with it)")
     p.add_argument("--report", type=Path, help="evaluate.py report of --model: its case calibration and metrics")
     p.add_argument("--version", help="the new bundle's version (default: --model's)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
+    if args.test_time_augmentation != "none" and args.reader is None:
+        p.error("--test-time-augmentation belongs to step 1 (--reader): the report of step 2 was measured with the "
+                "card's setting")
     if (args.reader is None) == (args.report is None):
         p.error("give --reader (step 1: add a reader) or --report (step 2: its refitted calibration), one of them")
     for path in (args.reader, args.reader_report, args.report):
@@ -79,7 +85,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.reader_report is not None:
             rep = json.loads(args.reader_report.read_text())
             training.update({k: rep[k] for k in ("train_patches", "val_patches", "val") if k in rep})
-        config = ReaderConfig(weight=args.weight, training=training)
+        config = ReaderConfig(weight=args.weight, test_time_augmentation=args.test_time_augmentation, training=training)
         reader = LesionReader(len(card.input.channels) * (2 * config.context_slices + 1), config.width)
         try:
             reader.load_state_dict(load_file(str(args.reader)))

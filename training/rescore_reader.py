@@ -44,7 +44,7 @@ from umlcore import metrics
 from umlcore.bundle import load_bundle
 from umlcore.errors import BundleError
 from umlcore.fusion import READER_FUSION_RULES
-from umlcore.reader import suspicion
+from umlcore.reader import read_patches, suspicion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import (READER_INPUT_FIELDS, card_opinions, case_metrics, fit_calibration, fit_reader,  # noqa: E402
@@ -55,16 +55,17 @@ SEGMENTATION_KEYS = ("cases", "cases_with_lesion", "dice_mean", "dice_median", "
                      "dice_by_lesion_size", "pixel_uncertainty_error_auroc", "pixel_error_rate", "pixel_ece")
 
 
-@torch.inference_mode()
-def score_patches(reader: torch.nn.Module, patches: np.ndarray) -> float:
+def score_patches(reader: torch.nn.Module, patches: np.ndarray, tta: str = "none") -> float:
     """The case score the predictor gives from the reader's input ``patches (N, C, P, P)``: the most suspicious
-    component's :func:`umlcore.reader.suspicion` (the same computation as ``Predictor._read_lesions``, on the CPU)."""
-    p = torch.sigmoid(reader(torch.from_numpy(patches)).float()).cpu().numpy().astype(np.float64)
+    component's :func:`umlcore.reader.suspicion` (the same computation as ``Predictor._read_lesions``, on the CPU),
+    with the card's test-time augmentation ``tta``."""
+    p = read_patches(reader, torch.from_numpy(patches), tta).cpu().numpy().astype(np.float64)
     return float(suspicion(p).max())
 
 
-def rescored_rows(rows: list[dict], kept, section: str, reader: torch.nn.Module, error) -> list[dict]:
-    """Copies of ``rows`` whose ``reader_score`` is ``reader``'s, from the kept patches of ``section``."""
+def rescored_rows(rows: list[dict], kept, section: str, reader: torch.nn.Module, error, tta: str = "none") -> list[dict]:
+    """Copies of ``rows`` whose ``reader_score`` is ``reader``'s (with test-time augmentation ``tta``), from the
+    kept patches of ``section``."""
     out = []
     for r in rows:
         key = f"{section}-{r['seed']}"
@@ -72,7 +73,7 @@ def rescored_rows(rows: list[dict], kept, section: str, reader: torch.nn.Module,
             error(f"the kept patches do not match the report's {section} rows (seed {r['seed']}): keep the "
                   "reader_patches.npz that evaluate.py wrote with this report.json")
         row = {k: v for k, v in r.items() if not k.startswith("compare_")}
-        row["reader_score"] = score_patches(reader, kept[key]) if key in kept else None
+        row["reader_score"] = score_patches(reader, kept[key], tta) if key in kept else None
         out.append(row)
     return out
 
@@ -127,8 +128,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     reader = bundle.reader.cpu().eval()
     with np.load(kept_path) as npz:
         kept = {k: npz[k] for k in npz.files}
-    test = rescored_rows(report["cases"], kept, "test", reader, p.error)
-    val = rescored_rows(validation, kept, "validation", reader, p.error) if validation else []
+    tta = card.reader.test_time_augmentation
+    test = rescored_rows(report["cases"], kept, "test", reader, p.error, tta)
+    val = rescored_rows(validation, kept, "validation", reader, p.error, tta) if validation else []
     pos = card.positive_class
 
     summary: dict = {k: report["summary"][k] for k in SEGMENTATION_KEYS if k in report.get("summary", {})}

@@ -51,7 +51,7 @@ from .preprocess import (
     to_slices,
     with_context,
 )
-from .reader import READER_TARGETS, component_centres, cut_patch, suspicion
+from .reader import READER_TARGETS, component_centres, cut_patch, read_patches, suspicion
 
 __all__ = [
     "SUMMARY_SCHEMA_VERSION",
@@ -438,8 +438,8 @@ class Predictor:
         patches = np.stack([cut_patch(channels, z, y, x, spacing_hw, cfg.patch_size, cfg.context_slices, cfg.pixel_mm)
                             for _, z, y, x in found])
         with torch.inference_mode(), (strict_fp32() if self._device.type == "cuda" else contextlib.nullcontext()):
-            logits = self.bundle.reader(torch.from_numpy(patches).to(self._device))
-            p = torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
+            p = read_patches(self.bundle.reader, torch.from_numpy(patches).to(self._device),
+                             cfg.test_time_augmentation).cpu().numpy().astype(np.float64)
         reading.update(components=found, p=p, score=float(suspicion(p).max()))
         return reading
 

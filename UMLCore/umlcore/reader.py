@@ -19,7 +19,7 @@ Trained by ``training/probe_roi.py``; shipped inside a bundle (``reader.*`` weig
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,10 +29,16 @@ import torch.nn as nn
 from .errors import BundleError
 from .fusion import READER_FUSION_RULES, READER_WEIGHT_MAX, ReaderFusion
 
-__all__ = ["READER_TARGETS", "ReaderConfig", "LesionReader", "component_centres", "cut_patch", "suspicion"]
+__all__ = ["READER_TARGETS", "READER_TTA_MODES", "ReaderConfig", "LesionReader", "component_centres", "cut_patch",
+           "read_patches", "suspicion"]
 
 #: What the reader's three outputs mean, in order.
 READER_TARGETS = ("lesion", "spiculated", "washout")
+
+ReaderTTA = Literal["none", "dihedral"]
+#: Test-time augmentation of the reader's patches: ``"none"``, or ``"dihedral"``: the mean probability over the
+#: patch's 8 flips and transposes (the symmetries the reader was trained with).
+READER_TTA_MODES: tuple[str, ...] = ("none", "dihedral")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,9 @@ class ReaderConfig:
         weight: How much the reader counts (``0``: not at all). With ``fusion="average"`` its share of the case
             opinion, in [0, 1] (``1``: the reader alone where it read a lesion); with ``"logit"`` or
             ``"evidence"`` the factor of its score's log-odds, in [0, 4].
+        test_time_augmentation: ``"none"`` (the default, and the rule of cards written before the field existed)
+            or ``"dihedral"``: each patch is read in its 8 flips and transposes and the probabilities averaged
+            (:func:`read_patches`). The weight and calibration are fitted for one setting; changing it needs a refit.
         fusion: The rule of :func:`umlcore.fusion.fuse_reader_opinion`: ``"average"`` (the default, and the rule
             of cards written before the field existed), ``"logit"``, or ``"evidence"`` (log-odds pooling that may
             lower the case uncertainty; the predictor then calibrates with the network's strength as the least).
@@ -61,6 +70,7 @@ class ReaderConfig:
     max_components: int = 3
     weight: float = 0.5
     fusion: ReaderFusion = "average"
+    test_time_augmentation: ReaderTTA = "none"
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -80,6 +90,9 @@ class ReaderConfig:
             problems.append(f"max_components must be a positive integer, got {self.max_components!r}")
         if self.fusion not in READER_FUSION_RULES:
             problems.append(f"fusion must be one of {sorted(READER_FUSION_RULES)}, got {self.fusion!r}")
+        if self.test_time_augmentation not in READER_TTA_MODES:
+            problems.append(f"test_time_augmentation must be one of {list(READER_TTA_MODES)}, "
+                            f"got {self.test_time_augmentation!r}")
         top = READER_WEIGHT_MAX.get(self.fusion, 1.0)
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0.0 <= self.weight <= top:
             problems.append(f"weight must be a number in [0, {top:g}] (fusion {self.fusion!r}), got {self.weight!r}")
@@ -179,6 +192,26 @@ def cut_patch(channels: np.ndarray, z: int, y: float, x: float, spacing_hw: tupl
     yy, xx = np.meshgrid(y + offsets / spacing_hw[0], x + offsets / spacing_hw[1], indexing="ij")
     zs = np.clip(np.arange(z - context, z + context + 1), 0, channels.shape[1] - 1)
     return np.stack([_bilinear(channels[c, s], yy, xx) for c in range(channels.shape[0]) for s in zs]).astype(np.float32)
+
+
+@torch.inference_mode()
+def read_patches(reader: nn.Module, patches: torch.Tensor, tta: ReaderTTA = "none") -> torch.Tensor:
+    """The reader's probabilities of :data:`READER_TARGETS` for ``patches (N, C, P, P)``: ``(N, 3)`` float32.
+
+    Args:
+        reader: A :class:`LesionReader` in eval mode, on ``patches``' device.
+        patches: Square patches as :func:`cut_patch` cuts them.
+        tta: ``"none"``: one pass; ``"dihedral"``: the mean probability over the 8 flips and transposes of each
+            patch (one batched pass of ``8 N`` patches).
+    """
+    if tta not in READER_TTA_MODES:
+        raise ValueError(f"tta must be one of {list(READER_TTA_MODES)}, got {tta!r}")
+    if tta == "none":
+        return torch.sigmoid(reader(patches).float())
+    views = [patches, patches.flip(-1), patches.flip(-2), patches.flip(-2).flip(-1)]
+    views += [v.transpose(-1, -2) for v in views]
+    p = torch.sigmoid(reader(torch.cat(views)).float())
+    return p.view(len(views), patches.shape[0], -1).mean(dim=0)
 
 
 def suspicion(p: np.ndarray) -> np.ndarray:
