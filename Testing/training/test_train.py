@@ -788,8 +788,9 @@ def test_roi_probe_without_a_test_only_trains(tiny_bundle_dir, tmp_path, capsys)
         assert why in capsys.readouterr().err
 
 
-def _two_reader_bundles(base: Path, folder: Path) -> dict[int, Path]:
-    """Bundles of ``base``'s network with two untrained readers (torch seeds 0 and 1)."""
+def _two_reader_bundles(base: Path, folder: Path, tta1: str = "none") -> dict[int, Path]:
+    """Bundles of ``base``'s network with two untrained readers (torch seeds 0 and 1; the second reads with the
+    test-time augmentation ``tta1``)."""
     from safetensors.torch import save_file
     from umlcore.reader import LesionReader
 
@@ -799,7 +800,7 @@ def _two_reader_bundles(base: Path, folder: Path) -> dict[int, Path]:
         save_file(LesionReader(9).state_dict(), str(folder / f"roinet{seed}.safetensors"))
         readers[seed] = folder / f"reader{seed}"
         assert add_reader.main(["--model", str(base), "--reader", str(folder / f"roinet{seed}.safetensors"),
-                                "--out", str(readers[seed])]) == 0
+                                "--out", str(readers[seed]), *(["--test-time-augmentation", tta1] if seed else [])]) == 0
     return readers
 
 
@@ -932,7 +933,8 @@ def test_rescore_reader_reproduces_evaluate_and_scores_another_reader_from_kept_
     import umlcore.predictor
 
     monkeypatch.setattr(umlcore.predictor, "component_centres", lambda labels, n: [(10, 3, 16, 16), (4, 1, 8, 20)])
-    readers = _two_reader_bundles(tiny_bundle_dir, tmp_path)
+    readers = _two_reader_bundles(tiny_bundle_dir, tmp_path, tta1="dihedral")  # the second reads 8 views
+    assert load_bundle(readers[1]).card.reader.test_time_augmentation == "dihedral"
     run = tmp_path / "run"
     assert evaluate.main(["--model", str(readers[0]), "--out", str(run), "--cases", "3", "--shape", "6", "32", "32",
                           "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
@@ -962,7 +964,8 @@ def test_rescore_reader_reproduces_evaluate_and_scores_another_reader_from_kept_
         assert t[k] == pytest.approx(s[k], abs=1e-9), k
     assert (same / "report.md").is_file() and (same / "reliability.png").is_file()
 
-    # another reader: its scores are those it gave reading the same lesions beside the first (--compare-model)
+    # another reader (with test-time augmentation): its scores are those it gave reading the same lesions beside the
+    # first (--compare-model), so the predictor and the rescoring read the kept patches the same way
     other = tmp_path / "other"
     assert rescore_reader.main(["--report", str(run / "report.json"), "--model", str(readers[1]), "--out",
                                 str(other)]) == 0

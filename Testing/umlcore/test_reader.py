@@ -15,7 +15,8 @@ from umlcore.errors import BundleError
 from umlcore.fusion import (EVIDENCE_PROBABILITY_CLIP, READER_FUSION_RULES, READER_SCORE_CLIP, calibrate_case_alpha,
                             fuse_reader_opinion)
 from umlcore.predictor import Predictor
-from umlcore.reader import READER_TARGETS, LesionReader, ReaderConfig, component_centres, cut_patch, suspicion
+from umlcore.reader import (READER_TARGETS, LesionReader, ReaderConfig, component_centres, cut_patch, read_patches,
+                            suspicion)
 
 
 def test_config_defaults_and_validation():
@@ -27,7 +28,8 @@ def test_config_defaults_and_validation():
                           ({"width": 0}, "width"), ({"context_slices": True}, "context_slices"),
                           ({"pixel_mm": 0}, "pixel_mm"), ({"max_components": 0}, "max_components"),
                           ({"fusion": "mean"}, "fusion must be one of"), ({"weight": True}, "weight"),
-                          ({"fusion": "logit", "weight": 4.5}, r"weight must be a number in \[0, 4\]")):
+                          ({"fusion": "logit", "weight": 4.5}, r"weight must be a number in \[0, 4\]"),
+                          ({"test_time_augmentation": "flips"}, r"test_time_augmentation must be one of \['none', 'dihedral'\]")):
         with pytest.raises(BundleError, match=fragment):
             ReaderConfig(**bad)
 
@@ -36,6 +38,29 @@ def test_reader_shapes_and_parameter_count():
     net = LesionReader(9)
     assert net(torch.zeros(2, 9, 80, 80)).shape == (2, len(READER_TARGETS))
     assert sum(p.numel() for p in net.parameters()) == 73_555  # 9*16*9 + 16*16*9 + ... + 128*3 + 3 (3 stages 16-32-64)
+
+
+def test_read_patches_averages_the_eight_flips_and_transposes():
+    torch.manual_seed(0)
+    net = LesionReader(3, width=4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        one = torch.sigmoid(net(x))
+        views = [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2), x.transpose(-1, -2), x.flip(-1).transpose(-1, -2),
+                 x.flip(-2).transpose(-1, -2), x.flip(-1).flip(-2).transpose(-1, -2)]
+        mean = torch.stack([torch.sigmoid(net(v)) for v in views]).mean(0)
+    torch.testing.assert_close(read_patches(net, x), one)
+    got = read_patches(net, x, "dihedral")
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got, mean, rtol=1e-5, atol=1e-6)
+    assert (got - one).abs().max() > 1e-4  # an untrained reader is not flip-invariant: the views differ
+    symmetric = x + x.flip(-1)
+    symmetric = symmetric + symmetric.flip(-2)
+    symmetric = symmetric + symmetric.transpose(-1, -2)  # invariant under all eight: the mean is the one pass
+    torch.testing.assert_close(read_patches(net, symmetric, "dihedral"), read_patches(net, symmetric),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="tta must be one of"):
+        read_patches(net, x, "flips")
 
 
 def test_component_centres_are_largest_first_with_the_widest_slice():
@@ -249,6 +274,24 @@ def test_predictor_reads_the_segmented_lesions_and_merges_their_score(forced, ma
     assert lesion["centre_lps"] == pytest.approx(volume.TransformContinuousIndexToPhysicalPoint((25.5, 14.5, 1.0)))
     labels = sitk.GetArrayFromImage(with_reader.labelmap)
     assert labels[1, 14, 25] == 1 and labels[0].max() == 0
+
+
+def test_predictor_reads_eight_views_with_dihedral_test_time_augmentation(forced, make_volume):
+    volume = _lesion_volume(make_volume)
+    seen = []
+    reader = forced.reader
+    hook = reader.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    try:
+        card = dataclasses.replace(forced.card, reader=dataclasses.replace(forced.card.reader,
+                                                                           test_time_augmentation="dihedral"))
+        c = Predictor(dataclasses.replace(forced, card=card), device="cpu").predict([volume] * 3).summary
+        Predictor(forced, device="cpu").predict([volume] * 3)
+    finally:
+        hook.remove()
+    assert seen == [8, 1]  # one component: 8 views of its patch, then the card without it reads 1
+    # this reader's head is constant, so the mean of the views is its one answer
+    p = np.array([1 / (1 + np.exp(-8.0)), 0.5, 1 / (1 + np.exp(1.0))])
+    assert c["lesions"][0]["probabilities"] == pytest.approx(dict(zip(READER_TARGETS, p)), rel=1e-6)
 
 
 def test_predictor_applies_the_cards_fusion_rule(forced, make_volume):
