@@ -22,6 +22,7 @@ import evaluate  # noqa: E402
 import export  # noqa: E402
 import probe_features  # noqa: E402
 import probe_roi  # noqa: E402
+import probe_single_volume  # noqa: E402
 import train  # noqa: E402
 
 from umlcore.bundle import load_bundle, save_bundle  # noqa: E402
@@ -925,6 +926,30 @@ def test_roi_probe_adds_hard_patches_to_the_training_set(tiny_bundle_dir, tmp_pa
         with pytest.raises(SystemExit):
             probe_roi.main(args + bad)
         assert why in capsys.readouterr().err
+
+
+def test_probe_single_volume_reads_every_input_and_restores_the_predictor(tiny_bundle_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    import umlcore.predictor
+
+    monkeypatch.setattr(umlcore.predictor, "component_centres", lambda labels, n: [(10, 3, 16, 16)])
+    readers = _two_reader_bundles(tiny_bundle_dir, tmp_path)
+    out = tmp_path / "probe.json"
+    assert probe_single_volume.main(["--model", str(readers[0]), "--cases", "2", "--shape", "6", "32", "32",
+                                     "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert [r["mode"] for r in got["rows"]] == list(probe_single_volume.INPUTS) * 2
+    assert {r["components"] for r in got["rows"]} == {1} and all(len(r["reader_p"]) == 1 for r in got["rows"])
+    # one volume: the predictor itself left the reader out, the probe read it anyway (as phases)
+    assert [t["input"] for t in got["table"]] == list(probe_single_volume.INPUTS)
+    assert "| input | cases |" in capsys.readouterr().out
+    bundle = load_bundle(readers[0])
+    predictor = umlcore.predictor.Predictor(bundle, device="cpu")
+    rows = probe_single_volume.probe_case(predictor, 1_200_000, (6, 32, 32), ("early",))
+    assert rows[0]["seed"] == 1_200_000 and predictor._read_lesions.__func__ is umlcore.predictor.Predictor._read_lesions
+    with pytest.raises(SystemExit):
+        probe_single_volume.main(["--model", str(tiny_bundle_dir), "--cases", "1"])
+    assert "has no lesion reader" in capsys.readouterr().err
 
 
 def test_rescore_reader_reproduces_evaluate_and_scores_another_reader_from_kept_patches(tiny_bundle_dir, tmp_path,
