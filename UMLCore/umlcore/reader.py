@@ -54,12 +54,12 @@ class ReaderConfig:
         weight: How much the reader counts (``0``: not at all). With ``fusion="average"`` its share of the case
             opinion, in [0, 1] (``1``: the reader alone where it read a lesion); with ``"logit"`` or
             ``"evidence"`` the factor of its score's log-odds, in [0, 4].
-        test_time_augmentation: ``"none"`` (the default, and the rule of cards written before the field existed)
-            or ``"dihedral"``: each patch is read in its 8 flips and transposes and the probabilities averaged
-            (:func:`read_patches`). The weight and calibration are fitted for one setting; changing it needs a refit.
         fusion: The rule of :func:`umlcore.fusion.fuse_reader_opinion`: ``"average"`` (the default, and the rule
             of cards written before the field existed), ``"logit"``, or ``"evidence"`` (log-odds pooling that may
             lower the case uncertainty; the predictor then calibrates with the network's strength as the least).
+        test_time_augmentation: ``"none"`` (the default, and the rule of cards written before the field existed)
+            or ``"dihedral"``: each patch is read in its 8 flips and transposes and the probabilities averaged
+            (:func:`read_patches`). The weight and calibration are fitted for one setting; changing it needs a refit.
         training: Provenance and validation figures (free form, kept in the card).
     """
 
