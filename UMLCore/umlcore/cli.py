@@ -368,7 +368,8 @@ def _card_text(bundle: ModelBundle) -> str:
         params = sum(p.numel() for p in bundle.reader.parameters()) if bundle.reader is not None else 0
         lines.append(f"  lesion reader: {params:,} parameters, {r.patch_size} x {r.patch_size} patches of {r.pixel_mm:g} mm "
                      f"(+-{r.context_slices} slices) at the {r.max_components} largest components; "
-                     f"weight {r.weight:g} in the case opinion of multi-phase inputs")
+                     + ("each read in its 8 flips and transposes; " if r.test_time_augmentation == "dihedral" else "")
+                     + f"rule {r.fusion}, weight {r.weight:g} in the case opinion of multi-phase inputs")
     if card.case_calibration is not None:
         c = card.case_calibration
         lines.append(f"  calibration:   case opinion, Platt slope {c['slope']:.3f}, intercept {c['intercept']:.3f}")
