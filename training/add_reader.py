@@ -4,7 +4,8 @@ Two steps, because the case calibration must be refitted on opinions that includ
 
 1. ``--reader``: the reader's weights become the ``reader.*`` tensors of the new bundle's ``model.safetensors``
    and its :class:`~umlcore.reader.ReaderConfig` the card's ``reader`` (with the probe run's command and
-   validation figures from ``--reader-report``); the network's weights and everything else are copied.
+   validation figures from ``--reader-report``, and ``--test-time-augmentation``); the network's weights and
+   everything else are copied.
 2. ``--report``: an ``evaluate.py --calibrate-cases N --component-filter bundle`` report of that bundle supplies
    the refitted ``case_calibration`` and the measured test metrics of the card (the single-volume calibration
    stays: the reader does not read single volumes), and, from ``--reader-weight fit``, the reader weight chosen on
