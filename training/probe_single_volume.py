@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from umlcore import metrics
 from umlcore.bundle import load_bundle
 from umlcore.errors import BundleError
 from umlcore.predictor import Predictor
@@ -45,7 +46,7 @@ INPUTS = (*SINGLE_VOLUME_MODES, "phases")
 def probe_case(predictor: Predictor, seed: int, shape: tuple[int, int, int], modes: tuple[str, ...]) -> list[dict]:
     """One row per input mode of the case of ``seed``: Dice, what was found, the network's and the reader's view."""
     case = generate_case(seed, shape=shape, label_noise=0.02)
-    images, truth = case.to_sitk(), case.mask > 0
+    images, truth = case.to_sitk(), case.mask > 0  # as evaluate.py: Dice of label 1 where the case has a lesion
     spic, wash = phenotype(case)
     own = predictor._read_lesions
     readings: list = []
@@ -60,8 +61,7 @@ def probe_case(predictor: Predictor, seed: int, shape: tuple[int, int, int], mod
         for mode in modes:
             readings.clear()
             pred = predictor.predict(input_views(images, mode), case_id=f"synthetic-{seed}")
-            found = sitk.GetArrayFromImage(pred.labelmap) > 0
-            dice = (2 * float((found & truth).sum()) / float(found.sum() + truth.sum())) if truth.any() else None
+            dice = metrics.dice(sitk.GetArrayFromImage(pred.labelmap), case.mask) if truth.any() else None
             reading = readings[0]
             rows.append({"seed": seed, "mode": mode, "label": int(case.label), "lesion": int(truth.any()),
                          "spiculated": spic, "washout": wash, "dice": dice,
