@@ -1002,6 +1002,10 @@ def test_rescore_reader_reproduces_evaluate_and_scores_another_reader_from_kept_
     with pytest.raises(SystemExit):
         add_reader.main(["--model", str(readers[1]), "--report", str(same / "report.json"), "--out", str(tmp_path / "x")])
     assert "evaluated another bundle" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the setting belongs to step 1: a report was measured with the card's
+        add_reader.main(["--model", str(readers[1]), "--report", str(other / "report.json"), "--out", str(tmp_path / "x"),
+                         "--test-time-augmentation", "dihedral"])
+    assert "--test-time-augmentation belongs to step 1" in capsys.readouterr().err
 
     # refusals: no kept patches, another network, no reader, no validation rows to fit on
     plain = tmp_path / "plain"
