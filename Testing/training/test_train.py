@@ -911,6 +911,7 @@ def test_hard_patches_are_the_predicted_lesions_negative_where_they_miss_the_tru
 
 def test_roi_probe_adds_hard_patches_to_the_training_set(tiny_bundle_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(probe_roi, "Predictor", _HardStandIn)
+    real_predicted_patches = probe_roi.predicted_patches
     args = ["--model", str(tiny_bundle_dir), "--out", str(tmp_path), "--train-cases", "20", "--val-cases", "20",
             "--test-cases", "0", "--shape", "6", "48", "48", "--size", "24", "--crop", "16", "--steps", "2",
             "--batch", "4", "--workers", "1"]
@@ -921,6 +922,16 @@ def test_roi_probe_adds_hard_patches_to_the_training_set(tiny_bundle_dir, tmp_pa
     assert report["hard_cases"] == 8 and report["hard_negatives"] > 0
     assert report["train_patches"] == plain + report["hard_patches"]
     assert len(list(tmp_path.glob("hard-8-3-*.npz"))) == 1
+    # a larger --hard-cases extends the cached 8 cases by the 4 new ones instead of recomputing them
+    predicted = []
+    monkeypatch.setattr(probe_roi, "predicted_patches",
+                        lambda bundle, seeds, *a: predicted.append(seeds) or real_predicted_patches(bundle, seeds, *a))
+    assert probe_roi.main(args + ["--hard-cases", "12"]) == 0
+    assert predicted == [range(8, 12)]
+    extended = np.load(next(tmp_path.glob("hard-12-3-*.npz")))
+    fresh = real_predicted_patches(load_bundle(tiny_bundle_dir), range(12), (6, 48, 48), 24, 1, 3, print)
+    assert set(extended.files) == set(fresh) and all(np.array_equal(extended[k], fresh[k]) for k in fresh)
+    assert json.loads((tmp_path / "report.json").read_text())["hard_cases"] == 12
     for bad, why in ((["--hard-cases", "21"], "--hard-cases must lie"),
                      (["--hard-cases", "2", "--weights", str(tmp_path / "roinet.safetensors")], "give one of them")):
         with pytest.raises(SystemExit):
