@@ -13,7 +13,7 @@ all from the images at the cases' resolution, by a network small enough to train
    runs end to end on the first ``N`` training cases, and each of its ``--components`` largest predicted lesions
    becomes a patch, a negative where it touches no true lesion (vessels, heart, parenchyma the network took for a
    lesion), a lesion patch centred where the network put it where at least half of it is lesion (those in
-   between are left out; about 4 s a case on the CPU; cached, and a cached smaller ``N`` is extended).
+   between are left out; about 3 s a case on the CPU; cached, and a cached smaller ``N`` is extended).
 2. **Network.** Three conv stages (16-32-64 channels), global average + max pool, three logits: "a lesion is at
    the centre", "spiculated", "washout" (the last two trained on lesion patches only). Dihedral flips, +-4 px
    shifts, a shared gamma and per-phase +-3 % intensity jitter, Gaussian noise up to 0.03 (``--noise-max``: up to
@@ -147,7 +147,7 @@ def cached_hard_patches(bundle: ModelBundle, n: int, out: Path, key: str, shape,
 
     The cache file names the cases, patch settings, normalisation and the bundle's weights (``key`` and its
     sha256). Where only a shorter prefix ``hard-{m}-...npz`` (``m < n``) of the same settings is cached, it is
-    extended by cases ``m..n-1`` instead of recomputed (about 3-4 s a case on the CPU).
+    extended by cases ``m..n-1`` instead of recomputed (about 3 s a case on the CPU).
     """
     suffix = f"-{components}-{key}-{bundle.sha256[:12]}.npz"
     path = out / f"hard-{n}{suffix}"
