@@ -35,8 +35,9 @@ import torch
 from umlcore import metrics
 from umlcore.bundle import load_bundle
 from umlcore.errors import BundleError
-from umlcore.fusion import READER_FUSION_RULES, calibrate_case_alpha, fit_platt, fuse_reader_opinion
+from umlcore.fusion import calibrate_case_alpha, fit_platt, fuse_reader_opinion, stack_reader_opinion
 from umlcore.predictor import Predictor, label_components
+from umlcore.reader import READER_TARGETS, suspicion
 from umlcore.synthetic import generate_case
 from workers import ordered_map
 
@@ -336,17 +337,23 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
         p = float(c["positive_probability"])
         reader = c.get("reader") or {}
         network_p = reader.get("network_probabilities", [None, None])[predictor.card.positive_class]
+        top = max(pred.summary.get("lesions") or [], key=lambda x: x["suspicion"], default=None)
         rows.append({"seed": case.seed, "lesions": len(case.lesions), "lesion_voxels": int(case.mask.sum()),
                      "kinetics": case.lesions[0]["kinetics"] if case.lesions else None,
                      "margin": case.lesions[0]["margin"] if case.lesions else None,
                      "dice": d, "hd95_mm": h, "predicted_voxels": int((lab > 0).sum()),
                      "components_removed": int(pred.summary.get("postprocessing", {}).get("components_removed", 0)),
                      "positive_probability": p, "uncertainty": float(c["uncertainty"]),
-                     "reader_score": reader.get("score"), "network_positive_probability": network_p,
+                     "reader_score": reader.get("score"),
+                     "reader_probabilities": None if top is None else [top["probabilities"][t] for t in READER_TARGETS],
+                     "network_positive_probability": network_p,
                      "network_uncertainty": reader.get("network_uncertainty"),
                      "label": int(case.label), "clean_label": int(case.clean_label)})
         if compare is not None:
-            rows[-1]["compare_reader_score"] = readings[0]["score"] if readings and readings[0] else None
+            theirs = readings[0] if readings and readings[0] and readings[0]["score"] is not None else None
+            rows[-1]["compare_reader_score"] = None if theirs is None else theirs["score"]
+            rows[-1]["compare_reader_probabilities"] = (None if theirs is None else [
+                float(v) for v in theirs["p"][int(np.argmax(suspicion(theirs["p"])))]])
         if pixel_stats:
             sel = rng.random(lab.size) < 0.05  # deterministic 5% voxel subsample
             err = (lab != case.mask).ravel()[sel]
@@ -403,8 +410,9 @@ def network_strengths(rows: list[dict]) -> np.ndarray:
 def calibrated_alphas(alphas: np.ndarray, rows: list[dict], slope: float, intercept: float, positive: int,
                       fusion: Optional[str]) -> np.ndarray:
     """``(N, 2)`` the predictor's calibrated case opinions from the uncalibrated ``alphas`` of ``rows``
-    (:func:`umlcore.fusion.calibrate_case_alpha`; with rule ``"evidence"``, the network's strength as the least)."""
-    floors = network_strengths(rows) if fusion == "evidence" else [None] * len(rows)
+    (:func:`umlcore.fusion.calibrate_case_alpha`; with rules ``"evidence"`` and ``"stacked"``, the network's strength
+    as the least)."""
+    floors = network_strengths(rows) if fusion in ("evidence", "stacked") else [None] * len(rows)
     return np.array([calibrate_case_alpha(a, slope, intercept, positive, f) for a, f in zip(alphas, floors)])
 
 
@@ -422,19 +430,29 @@ def row_alphas(rows: list[dict], positive: int = 1) -> np.ndarray:
                    np.array([2.0 / r["uncertainty"] for r in rows], dtype=float), positive)
 
 
-def reader_merged_alphas(rows: list[dict], weight: float, positive: int = 1, fusion: str = "average") -> np.ndarray:
+def reader_merged_alphas(rows: list[dict], weight: float, positive: int = 1, fusion: str = "average",
+                         stacking: Optional[dict] = None) -> np.ndarray:
     """Each row's uncalibrated case Dirichlet had the reader had ``weight`` and rule ``fusion``, as the predictor
     fuses it.
 
     A row keeps the network's opinion (its ``network_positive_probability`` with the strength of
     :func:`network_strengths`) and, where the reader read a lesion (``reader_score`` not ``None``), merges the
-    reader's score by :func:`umlcore.fusion.fuse_reader_opinion`.
+    reader's score by :func:`umlcore.fusion.fuse_reader_opinion`. With rule ``"stacked"`` every row's opinion is
+    :func:`umlcore.fusion.stack_reader_opinion` of the network's and the row's ``reader_probabilities`` (the most
+    suspicious component's) with the coefficients ``stacking``.
 
     Returns:
         ``(N, 2)`` Dirichlet parameters.
     """
     out = _alphas(np.array([r["network_positive_probability"] for r in rows], dtype=float), network_strengths(rows),
                   positive)
+    if fusion == "stacked":
+        missing = [r["seed"] for r in rows if r["reader_score"] is not None and r.get("reader_probabilities") is None]
+        if missing:
+            raise ValueError(f"rule 'stacked' needs each read row's reader_probabilities; rows of seeds {missing[:3]} "
+                             "lack them (rows written before the field existed: rescore them with rescore_reader.py)")
+        return np.array([stack_reader_opinion(a, None if r["reader_score"] is None else r["reader_probabilities"],
+                                              stacking, positive) for a, r in zip(out, rows)])
     for i, r in enumerate(rows):
         if r["reader_score"] is not None:
             out[i] = fuse_reader_opinion(out[i], r["reader_score"], weight, positive, fusion)
@@ -491,7 +509,7 @@ def fit_reader(rows: list[dict], card, mode: str) -> tuple[dict, np.ndarray]:
         The card's ``reader_fit`` record (rule, weight, data, criterion, the validation table) and the rows'
         uncalibrated merged Dirichlets ``(N, 2)`` under that rule and weight.
     """
-    fusions = ((card.reader.fusion,) if mode == "bundle" else tuple(READER_FUSION_RULES) if mode == "fit" else (mode,))
+    fusions = ((card.reader.fusion,) if mode == "bundle" else tuple(READER_WEIGHTS) if mode == "fit" else (mode,))
     fusion, weight, table = choose_reader_weight(rows, card.positive_class, fusions)
     record = {"fusion": fusion, "weight": weight, "fitted_on": fitted_on(rows), "criterion": READER_WEIGHT_CRITERION,
               "validation": table}
@@ -552,7 +570,7 @@ def card_opinions(rows: list[dict], card, calibrated: bool = True) -> list[dict]
     network opinion merged with its ``reader_score`` by the card's reader rule and weight, and calibrated by the
     card's case calibration if ``calibrated``."""
     pos = card.positive_class
-    alphas = reader_merged_alphas(rows, card.reader.weight, pos, card.reader.fusion)
+    alphas = reader_merged_alphas(rows, card.reader.weight, pos, card.reader.fusion, card.reader.stacking)
     if calibrated and card.case_calibration is not None:
         c = card.case_calibration
         alphas = calibrated_alphas(alphas, rows, c["slope"], c["intercept"], pos, card.reader.fusion)
@@ -568,7 +586,8 @@ def compare_opinions(rows: list[dict], card) -> dict:
     Returns:
         ``{"auc", "auc_clean_labels", "accuracy", "ece", "brier", "nll", "eaurc"}`` of the calibrated opinions, and
         ``"probabilities"``: the positive probability of each row."""
-    theirs = card_opinions([{**r, "reader_score": r["compare_reader_score"]} for r in rows], card)
+    theirs = card_opinions([{**r, "reader_score": r["compare_reader_score"],
+                             "reader_probabilities": r.get("compare_reader_probabilities")} for r in rows], card)
     q = np.array([r["positive_probability"] for r in theirs])
     u = np.array([r["uncertainty"] for r in theirs])
     labels = np.array([r["label"] for r in rows], dtype=int)
@@ -686,7 +705,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--test-seeds-from", type=int, default=TEST_SEED_BASE,
                    help=f"first test seed (default {TEST_SEED_BASE:,}; a later one gives test cases that an earlier "
                         "report has not seen)")
-    p.add_argument("--reader-fusion", default="bundle", choices=["bundle", *READER_FUSION_RULES, "fit"],
+    p.add_argument("--reader-fusion", default="bundle", choices=["bundle", *READER_WEIGHTS, "fit"],
                    help="with --reader-weight fit: the rule whose weight is fitted ('bundle': the card's; 'fit': "
                         "every rule, keeping the lowest validation NLL)")
     p.add_argument("--compare-model", type=Path, default=None,
@@ -715,6 +734,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--keep-reader-patches: {args.model} has no lesion reader (training/add_reader.py adds one)")
     if args.reader_weight == "fit" and bundle.card.reader is None:
         p.error(f"--reader-weight fit: {args.model} has no lesion reader (training/add_reader.py adds one)")
+    if args.reader_weight == "fit" and args.reader_fusion == "bundle" and bundle.card.reader.fusion == "stacked":
+        p.error(f"--reader-weight fit: {args.model}'s rule 'stacked' has coefficients, not a weight: fit them with "
+                "training/fit_reader_fusion.py --fusion stacked, or name another rule with --reader-fusion")
     reused = None if args.validation_from is None else validation_from_report(
         args.validation_from, bundle, args.calibrate_cases, args.shape, args.label_noise, p.error)
     other = None

@@ -43,29 +43,30 @@ import torch
 from umlcore import metrics
 from umlcore.bundle import load_bundle
 from umlcore.errors import BundleError
-from umlcore.fusion import READER_FUSION_RULES
 from umlcore.reader import read_patches, suspicion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import (READER_INPUT_FIELDS, card_opinions, case_metrics, fit_calibration, fit_reader,  # noqa: E402
-                      json_safe, network_sha256, suggest_review_uncertainty, write_markdown)
+from evaluate import (READER_INPUT_FIELDS, READER_WEIGHTS, card_opinions, case_metrics, fit_calibration,  # noqa: E402
+                      fit_reader, json_safe, network_sha256, suggest_review_uncertainty, write_markdown)
 
 #: Figures of an evaluate.py summary that the reader does not change (segmentation and voxels), copied as they are.
 SEGMENTATION_KEYS = ("cases", "cases_with_lesion", "dice_mean", "dice_median", "hd95_mm_median", "hd95_inf_cases",
                      "dice_by_lesion_size", "pixel_uncertainty_error_auroc", "pixel_error_rate", "pixel_ece")
 
 
-def score_patches(reader: torch.nn.Module, patches: np.ndarray, tta: str = "none") -> float:
+def score_patches(reader: torch.nn.Module, patches: np.ndarray, tta: str = "none") -> tuple[float, list[float]]:
     """The case score the predictor gives from the reader's input ``patches (N, C, P, P)``: the most suspicious
     component's :func:`umlcore.reader.suspicion` (the same computation as ``Predictor._read_lesions``, on the CPU),
-    with the card's test-time augmentation ``tta``."""
+    with the card's test-time augmentation ``tta``, and that component's three probabilities (what rule
+    ``"stacked"`` reads)."""
     p = read_patches(reader, torch.from_numpy(patches), tta).cpu().numpy().astype(np.float64)
-    return float(suspicion(p).max())
+    s = suspicion(p)
+    return float(s.max()), [float(v) for v in p[int(np.argmax(s))]]
 
 
 def rescored_rows(rows: list[dict], kept, section: str, reader: torch.nn.Module, error, tta: str = "none") -> list[dict]:
-    """Copies of ``rows`` whose ``reader_score`` is ``reader``'s (with test-time augmentation ``tta``), from the
-    kept patches of ``section``."""
+    """Copies of ``rows`` whose ``reader_score`` and ``reader_probabilities`` are ``reader``'s (with test-time
+    augmentation ``tta``), from the kept patches of ``section``."""
     out = []
     for r in rows:
         key = f"{section}-{r['seed']}"
@@ -73,7 +74,8 @@ def rescored_rows(rows: list[dict], kept, section: str, reader: torch.nn.Module,
             error(f"the kept patches do not match the report's {section} rows (seed {r['seed']}): keep the "
                   "reader_patches.npz that evaluate.py wrote with this report.json")
         row = {k: v for k, v in r.items() if not k.startswith("compare_")}
-        row["reader_score"] = score_patches(reader, kept[key], tta) if key in kept else None
+        row["reader_score"], row["reader_probabilities"] = (score_patches(reader, kept[key], tta) if key in kept
+                                                            else (None, None))
         out.append(row)
     return out
 
@@ -86,11 +88,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--reader-weight", default="bundle", choices=["bundle", "fit"],
                    help="'fit': the rule's weight and the case calibration fitted on the report's validation rows "
                         "(as evaluate.py --reader-weight fit); 'bundle': the card's weight and calibration")
-    p.add_argument("--reader-fusion", default="bundle", choices=["bundle", *READER_FUSION_RULES, "fit"],
+    p.add_argument("--reader-fusion", default="bundle", choices=["bundle", *READER_WEIGHTS, "fit"],
                    help="with --reader-weight fit: the rule whose weight is fitted ('bundle': the card's; 'fit': all)")
     args = p.parse_args(argv)
     if args.reader_fusion != "bundle" and args.reader_weight != "fit":
         p.error("--reader-fusion chooses the rule whose weight is fitted: add --reader-weight fit")
+    stacked_fit = args.reader_weight == "fit" and args.reader_fusion == "bundle"  # checked once the card is read
     try:
         report = json.loads(args.report.read_text())
     except (OSError, ValueError) as e:
@@ -120,6 +123,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         problems.append("its component filter is not the report's")
     if problems:
         p.error(f"--model {args.model} cannot be scored on {args.report}: " + "; ".join(problems))
+    if stacked_fit and card.reader.fusion == "stacked":
+        p.error(f"--reader-weight fit: {args.model}'s rule 'stacked' has coefficients, not a weight: fit them with "
+                "training/fit_reader_fusion.py --fusion stacked, or name another rule with --reader-fusion")
     # validation rows taken from an earlier report (--validation-from) have no kept patches
     validation = [] if "validation_cases_from" in report else report.get("validation_cases") or []
     if args.reader_weight == "fit" and not validation:

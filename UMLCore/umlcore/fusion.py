@@ -26,9 +26,10 @@ from typing import Literal, Optional, get_args
 import numpy as np
 
 __all__ = ["EVIDENCE_PROBABILITY_CLIP", "FUSION_RULE", "READER_FUSION_RULE", "READER_FUSION_RULES", "READER_SCORE_CLIP",
-           "READER_WEIGHT_MAX",
+           "READER_WEIGHT_MAX", "STACKING_PROBABILITY_CLIP", "STACKING_TERMS",
            "ReaderFusion",
-           "fuse_slice_opinions", "fuse_reader_opinion", "calibrate_case_alpha", "fit_platt"]
+           "fuse_slice_opinions", "fuse_reader_opinion", "stack_reader_opinion", "stacking_features",
+           "calibrate_case_alpha", "fit_platt"]
 
 #: Name of the rule, as written into the case summary (``classification.fusion``).
 FUSION_RULE = "lesion-weighted evidence pooling"
@@ -37,15 +38,19 @@ FUSION_RULE = "lesion-weighted evidence pooling"
 #: ``"logit"`` adds ``weight * logit(score)`` to the opinion's log-odds (built for 1.3.1, not chosen:
 #: inside the kept strength it lost on validation; docs/model.md "What changed in 1.3.1");
 #: ``"evidence"`` pools the log-odds the same way and lets the reader add the evidence that the pooled (and the
-#: calibrated) probability needs, so the case uncertainty may fall below the network's (models from 1.4.0).
-ReaderFusion = Literal["average", "logit", "evidence"]
+#: calibrated) probability needs, so the case uncertainty may fall below the network's (models from 1.4.0);
+#: ``"stacked"`` replaces the pooling and the Platt step by a fitted logistic model of the network's log-odds and of
+#: the most suspicious lesion's suspicion and three reader outputs (:func:`stack_reader_opinion`; models from 1.8.0).
+ReaderFusion = Literal["average", "logit", "evidence", "stacked"]
 #: The rule of each mode, as written into the case summary (``classification.reader.fusion``).
 READER_FUSION_RULES = {"average": "averaging fusion at equal uncertainty",
                        "logit": "log-odds pooling at equal uncertainty",
-                       "evidence": "log-odds pooling, the reader adding evidence"}
+                       "evidence": "log-odds pooling, the reader adding evidence",
+                       "stacked": "logistic stacking of the network and the reader outputs, the reader adding evidence"}
 assert set(READER_FUSION_RULES) == set(get_args(ReaderFusion))
 #: The largest reader weight of each rule (a share for ``"average"``, a log-odds factor for the others).
-READER_WEIGHT_MAX = {"average": 1.0, "logit": 4.0, "evidence": 4.0}
+#: ``"stacked"`` keeps its weights in the card's ``reader.stacking`` coefficients; its ``weight`` must be 1.
+READER_WEIGHT_MAX = {"average": 1.0, "logit": 4.0, "evidence": 4.0, "stacked": 1.0}
 #: The ``"average"`` rule's name (the rule of the shipped models 1.3.0 and 1.3.1).
 READER_FUSION_RULE = READER_FUSION_RULES["average"]
 #: ``"logit"`` clips the reader's score to ``[clip, 1 - clip]``: one patch moves the log-odds by at most
@@ -66,6 +71,79 @@ def _binary_alpha(p: float, strength: float, positive: int, least: Optional[floa
     out = np.empty(2)
     out[positive], out[1 - positive] = strength * p, strength * (1.0 - p)
     return out if least is None else np.maximum(out, 1.0)  # round-off at the bound
+
+
+#: The terms of the ``"stacked"`` rule, in order: its constant, the network's log-odds, and the log-odds of the most
+#: suspicious read lesion's suspicion and of its reader outputs (:data:`umlcore.reader.READER_TARGETS`).
+STACKING_TERMS = ("intercept", "network", "suspicion", "lesion", "spiculated", "washout")
+#: ``"stacked"`` clips the reader's probabilities to ``[clip, 1 - clip]`` before their log-odds: a sure reader moves
+#: a term by at most ``coefficient * 4.6``.
+STACKING_PROBABILITY_CLIP = 0.01
+
+
+def _logit(p: np.ndarray, clip: float) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), clip, 1.0 - clip)
+    return np.log(p / (1.0 - p))
+
+
+def stacking_features(network_p: float, reader_p: Optional[np.ndarray]) -> np.ndarray:
+    """The values of :data:`STACKING_TERMS` for one case: ``(6,)`` float64.
+
+    Args:
+        network_p: The network's positive probability (clipped to ``[1e-6, 1 - 1e-6]``, as the other rules do).
+        reader_p: ``(3,)`` reader probabilities (lesion, spiculated, washout) of the most suspicious component, or
+            ``None`` where the reader read nothing (nothing was segmented): its four terms are then 0, the log-odds
+            of 0.5.
+
+    Returns:
+        ``[1, logit(network_p), logit(suspicion), logit(p_lesion), logit(p_spiculated), logit(p_washout)]`` with the
+        reader's probabilities and the suspicion ``p_lesion (1 - (1 - p_spic)(1 - p_wash))`` clipped to
+        ``[STACKING_PROBABILITY_CLIP, 1 - STACKING_PROBABILITY_CLIP]``.
+    """
+    out = np.zeros(len(STACKING_TERMS))
+    out[0] = 1.0
+    out[1] = _logit(network_p, 1e-6)
+    if reader_p is not None:
+        p = np.asarray(reader_p, dtype=np.float64)
+        if p.shape != (3,) or not np.all((p >= 0) & (p <= 1)):
+            raise ValueError(f"reader_p must be 3 probabilities (lesion, spiculated, washout), got {reader_p!r}")
+        out[2] = _logit(p[0] * (1.0 - (1.0 - p[1]) * (1.0 - p[2])), STACKING_PROBABILITY_CLIP)
+        out[3:] = _logit(p, STACKING_PROBABILITY_CLIP)
+    return out
+
+
+def stack_reader_opinion(alpha: np.ndarray, reader_p: Optional[np.ndarray], coefficients: dict[str, float],
+                         positive: int = 1) -> np.ndarray:
+    """The ``"stacked"`` rule: a case opinion from the network's and the reader's by a fitted logistic model.
+
+    ``p' = sigmoid(sum_t coefficients[t] * x_t)`` over :data:`STACKING_TERMS` with ``x`` from
+    :func:`stacking_features` (the network's probability ``alpha_pos / S``); the strength as ``"evidence"`` gives it,
+    ``S' = max(S, 1 / min(p', 1 - p'))``, so ``u' = min(u, 2 min(p', 1 - p'))``. Unlike the other rules it applies
+    also where the reader read nothing (its terms are 0), since the model was fitted on such cases too, and its
+    output is calibrated by the fit itself (the card's Platt calibration is the identity).
+
+    Args:
+        alpha: ``(2,)`` the network's case Dirichlet (>= 1, finite).
+        reader_p: ``(3,)`` the most suspicious component's reader probabilities, or ``None``.
+        coefficients: One finite number per term of :data:`STACKING_TERMS` (the card's ``reader.stacking``).
+        positive: Index of the positive class.
+
+    Returns:
+        ``(2,)`` float64 Dirichlet with the same or a larger sum than ``alpha``.
+
+    Raises:
+        ValueError: a non-binary or invalid ``alpha``, invalid ``reader_p``, or coefficients that are not exactly
+            the terms.
+    """
+    alpha = np.asarray(alpha, dtype=np.float64)
+    if alpha.shape != (2,) or not np.all(np.isfinite(alpha)) or np.any(alpha < 1.0):
+        raise ValueError(f"the reader fusion is binary: alpha must be 2 finite values >= 1, got {alpha}")
+    if set(coefficients) != set(STACKING_TERMS) or not all(np.isfinite(float(v)) for v in coefficients.values()):
+        raise ValueError(f"stacking coefficients must be one finite number for each of {list(STACKING_TERMS)}, "
+                         f"got {coefficients!r}")
+    strength = float(alpha.sum())
+    z = float(np.dot([coefficients[t] for t in STACKING_TERMS], stacking_features(alpha[positive] / strength, reader_p)))
+    return _binary_alpha(0.5 * (1.0 + np.tanh(0.5 * z)), strength, positive, least=strength)
 
 
 def fuse_slice_opinions(slice_alpha: np.ndarray, lesion_voxels: np.ndarray) -> np.ndarray:
@@ -143,6 +221,9 @@ def fuse_reader_opinion(alpha: np.ndarray, score: float, weight: float, positive
         raise ValueError(f"the reader fusion is binary: alpha must be 2 finite values >= 1, got {alpha}")
     if mode not in READER_FUSION_RULES:
         raise ValueError(f"unknown reader fusion {mode!r}: use one of {sorted(READER_FUSION_RULES)}")
+    if mode == "stacked":
+        raise ValueError("the 'stacked' rule needs the reader's outputs and the card's coefficients: use "
+                         "stack_reader_opinion")
     top = READER_WEIGHT_MAX[mode]
     if not (0.0 <= score <= 1.0 and 0.0 <= weight <= top):
         raise ValueError(f"the score must lie in [0, 1] and a {mode!r} weight in [0, {top:g}], "

@@ -21,7 +21,9 @@ Steps of :meth:`Predictor.predict`:
    follows ``docs/summary-schema.md`` (``schema_version`` 1).
 6. If the card has a lesion reader (:mod:`umlcore.reader`) and every channel came from its own volume, the reader
    scores the largest components of the filtered labelmap from patches of the normalised volumes, and its score
-   is merged into the case opinion (:func:`umlcore.fusion.fuse_reader_opinion`) before the card's calibration.
+   is merged into the case opinion (:func:`umlcore.fusion.fuse_reader_opinion`) before the card's calibration;
+   with the card's rule ``"stacked"`` the case opinion is a fitted logistic model of the network's and the most
+   suspicious component's outputs (:func:`umlcore.fusion.stack_reader_opinion`), also where nothing was segmented.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import torch
 
 from .bundle import ModelBundle
 from .errors import CancelledError, UMLError, UMLInputError
-from .fusion import FUSION_RULE, READER_FUSION_RULES, calibrate_case_alpha, fuse_reader_opinion, fuse_slice_opinions
+from .fusion import (FUSION_RULE, READER_FUSION_RULES, calibrate_case_alpha, fuse_reader_opinion, fuse_slice_opinions,
+                     stack_reader_opinion)
 from .io import MIN_INPLANE_SIZE, check_same_grid, check_volume, geometry, split_4d
 from .preprocess import (
     crop_to,
@@ -460,14 +463,20 @@ class Predictor:
         case_alpha = fuse_slice_opinions(cls_alpha, lesion)
         network_strength = float(case_alpha.sum())
         network_probs = case_alpha / network_strength
-        if reading is not None and reading["score"] is not None:
+        if reading is not None and card.reader.fusion == "stacked" and not single_volume:
+            # fitted on cases where nothing was segmented too (the reader's terms then 0), so applied to them as well
+            top = None if reading["score"] is None else reading["p"][int(np.argmax(suspicion(reading["p"])))]
+            case_alpha = stack_reader_opinion(case_alpha, top, card.reader.stacking, card.positive_class)
+        elif reading is not None and reading["score"] is not None:
             case_alpha = fuse_reader_opinion(case_alpha, reading["score"], card.reader.weight, card.positive_class,
                                              card.reader.fusion)
         calibration_name, calibration = card.calibration_for(single_volume=single_volume)
         if calibration is not None:
-            # "evidence": the calibrated probability gets the network's strength, raised as far as it needs (not
-            # for one volume, which the reader does not read: its calibration was fitted keeping the strength)
-            adds_evidence = card.reader is not None and card.reader.fusion == "evidence" and not single_volume
+            # "evidence", "stacked": the calibrated probability gets the network's strength, raised as far as it
+            # needs (not for one volume, which the reader does not read: its calibration was fitted keeping the
+            # strength)
+            adds_evidence = (card.reader is not None and card.reader.fusion in ("evidence", "stacked")
+                             and not single_volume)
             case_alpha = calibrate_case_alpha(case_alpha, calibration["slope"], calibration["intercept"],
                                               card.positive_class, network_strength if adds_evidence else None)
         strength = case_alpha.sum()

@@ -10,7 +10,8 @@ patch channels, channel-major). It gives three probabilities per patch: a lesion
 spiculated, its kinetics wash out. A component's suspicion is
 ``p_lesion * (1 - (1 - p_spiculated) * (1 - p_washout))`` (the generator's label rule), the case's reader score
 the largest suspicion; :func:`umlcore.fusion.fuse_reader_opinion` merges it into the case opinion by the card's
-``fusion`` rule and ``weight``.
+``fusion`` rule and ``weight`` (rule ``"stacked"``: :func:`umlcore.fusion.stack_reader_opinion`, from the most
+suspicious component's three probabilities and the card's ``stacking`` coefficients).
 
 Trained by ``training/probe_roi.py``; shipped inside a bundle (``reader.*`` weights in ``model.safetensors``,
 :class:`ReaderConfig` as the card's ``reader``).
@@ -18,8 +19,9 @@ Trained by ``training/probe_roi.py``; shipped inside a bundle (``reader.*`` weig
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .errors import BundleError
-from .fusion import READER_FUSION_RULES, READER_WEIGHT_MAX, ReaderFusion
+from .fusion import READER_FUSION_RULES, READER_WEIGHT_MAX, STACKING_TERMS, ReaderFusion
 
 __all__ = ["READER_TARGETS", "READER_TTA_MODES", "ReaderConfig", "LesionReader", "component_centres", "cut_patch",
            "read_patches", "suspicion"]
@@ -53,13 +55,18 @@ class ReaderConfig:
         max_components: The largest connected components of the labelmap that are read.
         weight: How much the reader counts (``0``: not at all). With ``fusion="average"`` its share of the case
             opinion, in [0, 1] (``1``: the reader alone where it read a lesion); with ``"logit"`` or
-            ``"evidence"`` the factor of its score's log-odds, in [0, 4].
+            ``"evidence"`` the factor of its score's log-odds, in [0, 4]; with ``"stacked"`` 1 (the coefficients
+            hold the weights).
         fusion: The rule of :func:`umlcore.fusion.fuse_reader_opinion`: ``"average"`` (the default, and the rule
             of cards written before the field existed), ``"logit"``, or ``"evidence"`` (log-odds pooling that may
-            lower the case uncertainty; the predictor then calibrates with the network's strength as the least).
+            lower the case uncertainty; the predictor then calibrates with the network's strength as the least);
+            or ``"stacked"`` (:func:`umlcore.fusion.stack_reader_opinion`: a fitted logistic model, whose card
+            has an identity case calibration).
         test_time_augmentation: ``"none"`` (the default, and the rule of cards written before the field existed)
             or ``"dihedral"``: each patch is read in its 8 flips and transposes and the probabilities averaged
             (:func:`read_patches`). The weight and calibration are fitted for one setting; changing it needs a refit.
+        stacking: With ``fusion="stacked"`` (and only then): one coefficient per term of
+            :data:`umlcore.fusion.STACKING_TERMS` (``training/fit_reader_fusion.py --fusion stacked`` fits them).
         training: Provenance and validation figures (free form, kept in the card).
     """
 
@@ -71,6 +78,7 @@ class ReaderConfig:
     weight: float = 0.5
     fusion: ReaderFusion = "average"
     test_time_augmentation: ReaderTTA = "none"
+    stacking: Optional[dict[str, float]] = None
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -96,6 +104,17 @@ class ReaderConfig:
         top = READER_WEIGHT_MAX.get(self.fusion, 1.0)
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0.0 <= self.weight <= top:
             problems.append(f"weight must be a number in [0, {top:g}] (fusion {self.fusion!r}), got {self.weight!r}")
+        if self.fusion == "stacked":
+            if self.weight != 1.0:
+                problems.append(f"fusion 'stacked' keeps its weights in stacking: weight must be 1, got {self.weight!r}")
+            c = self.stacking
+            if not isinstance(c, dict) or set(c) != set(STACKING_TERMS) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in c.values()):
+                problems.append(f"fusion 'stacked' needs stacking: one finite number for each of {list(STACKING_TERMS)} "
+                                f"(training/fit_reader_fusion.py --fusion stacked fits them), got {c!r}")
+        elif self.stacking is not None:
+            problems.append(f"stacking coefficients belong to fusion 'stacked' only (fusion is {self.fusion!r}): "
+                            "remove them or set the fusion")
         if problems:
             raise BundleError("the card's reader section is invalid: " + "; ".join(problems))
 
