@@ -447,7 +447,7 @@ def reader_merged_alphas(rows: list[dict], weight: float, positive: int = 1, fus
     out = _alphas(np.array([r["network_positive_probability"] for r in rows], dtype=float), network_strengths(rows),
                   positive)
     if fusion == "stacked":
-        missing = [r["seed"] for r in rows if r["reader_score"] is not None and r.get("reader_probabilities") is None]
+        missing = [r.get("seed") for r in rows if r["reader_score"] is not None and r.get("reader_probabilities") is None]
         if missing:
             raise ValueError(f"rule 'stacked' needs each read row's reader_probabilities; rows of seeds {missing[:3]} "
                              "lack them (rows written before the field existed: rescore them with rescore_reader.py)")

@@ -11,6 +11,21 @@ of ``--fusion`` (one of :data:`evaluate.READER_WEIGHTS`) is the one with the low
 the pool among those whose calibrated ECE is at most ``--ece-max`` on the pool and on every group; the case
 calibration is that Platt fit. Nothing is written when no weight qualifies.
 
+``--fusion stacked`` fits instead the coefficients of :func:`umlcore.fusion.stack_reader_opinion`: a logistic
+regression of the labels on :func:`umlcore.fusion.stacking_features` of every pooled row (the network's log-odds and
+the log-odds of the most suspicious component's suspicion and reader outputs, kept in the rows as
+``reader_probabilities``; rows of reports written before that field existed: rescore them with
+``rescore_reader.py``), with an L2 penalty of ``--l2`` on the coefficients other than the intercept. The card's case
+calibration is then the identity. It is written only if its ECE is at most ``--ece-max`` on the pool and on every
+group.
+
+Example (1.8.0's stacking; docs/model-eval/v180-stacked/decision7.txt):
+    python training/rescore_reader.py --report runs/v150h/eval/report.json \
+        --model Resources/Models/uml-breast-dce-small --out runs/v180s/r1     # and the other kept-patch reports
+    python training/fit_reader_fusion.py --model Resources/Models/uml-breast-dce-small --fusion stacked \
+        --reports runs/v180s/r1/report.json runs/v180s/r4/report.json runs/v180s/r5/report.json \
+        runs/v180s/r6/report.json --version 1.8.0 --out runs/v180
+
 Example (the second fit of 1.4.0; docs/model-eval/v140/decision.txt):
     python training/fit_reader_fusion.py --model Resources/Models/uml-breast-dce-small \
         --reports runs/v131/evalL/report.json runs/v131/eval-fresh/report.json runs/v140/eval/report.json \
@@ -34,7 +49,7 @@ import numpy as np
 
 from umlcore import metrics
 from umlcore.bundle import load_bundle, save_bundle
-from umlcore.fusion import READER_FUSION_RULES, fit_platt
+from umlcore.fusion import READER_FUSION_RULES, STACKING_TERMS, fit_platt, stacking_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import READER_WEIGHTS, calibrated_alphas, reader_merged_alphas  # noqa: E402
@@ -102,12 +117,64 @@ def choose(rows: list[dict], groups: dict[str, list[int]], fusion: str, ece_max:
     return best, table[str(best)]["slope"], table[str(best)]["intercept"], table
 
 
+def fit_stacking(rows: list[dict], l2: float = 1e-3, iterations: int = 100) -> dict[str, float]:
+    """The coefficients of :data:`umlcore.fusion.STACKING_TERMS` minimising the summed NLL of the rows' labels under
+    :func:`umlcore.fusion.stack_reader_opinion`, plus ``l2 / 2`` times the squared coefficients other than the
+    intercept (Newton steps, each halved until the objective does not rise).
+
+    Args:
+        rows: Rows with ``network_positive_probability``, ``reader_score``, ``reader_probabilities`` (where the
+            reader read) and ``label`` (1: positive), both classes present.
+        l2: The penalty (>= 0).
+    """
+    x = np.array([stacking_features(r["network_positive_probability"],
+                                    None if r["reader_score"] is None else r["reader_probabilities"]) for r in rows])
+    y = np.array([r["label"] for r in rows], dtype=np.float64)  # 1: the positive class, as in every report row
+    penalty = np.full(x.shape[1], float(l2))
+    penalty[0] = 0.0
+
+    def objective(w: np.ndarray) -> float:
+        z = x @ w
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(penalty * w * w))
+
+    w = np.zeros(x.shape[1])
+    current = objective(w)
+    for _ in range(iterations):
+        q = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))
+        grad = x.T @ (q - y) + penalty * w
+        hess = (x * (q * (1 - q))[:, None]).T @ x + np.diag(penalty) + 1e-9 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        t = 1.0
+        while t > 1e-6 and objective(w - t * step) > current:
+            t *= 0.5
+        w = w - t * step
+        new = objective(w)
+        if current - new < 1e-10:
+            current = new
+            break
+        current = new
+    return {term: float(v) for term, v in zip(STACKING_TERMS, w)}
+
+
+def stacked_figures(rows: list[dict], groups: dict[str, list[int]], coefficients: dict[str, float],
+                    positive: int = 1) -> dict:
+    """NLL, ECE and AUC of the stacked opinions of ``rows`` under ``coefficients``, and the ECE of each group."""
+    labels = np.array([r["label"] for r in rows], dtype=int)
+    alphas = reader_merged_alphas(rows, 1.0, positive, "stacked", coefficients)
+    q = alphas[:, positive] / alphas.sum(axis=1)
+    return {"nll": metrics.nll(q, labels), "ece": metrics.expected_calibration_error(q, labels),
+            "auc": metrics.roc_auc(q, labels),
+            "group_ece": {g: metrics.expected_calibration_error(q[i], labels[i]) for g, i in groups.items()}}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="the bundle whose weights the reports evaluated")
     p.add_argument("--reports", required=True, type=Path, nargs="+", help="evaluate.py report.json files")
     p.add_argument("--fusion", default="evidence", choices=sorted(READER_FUSION_RULES))
     p.add_argument("--ece-max", type=float, default=0.05)
+    p.add_argument("--l2", type=float, default=1e-3,
+                   help="--fusion stacked: the L2 penalty on the coefficients other than the intercept")
     p.add_argument("--version", help="the new bundle's version (default: --model's)")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     p.add_argument("--overwrite", action="store_true")
@@ -119,6 +186,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     labels = np.array([r["label"] for r in rows])
     if len(np.unique(labels)) < 2:
         p.error("the pooled rows hold one class only: a calibration needs both")
+    if args.fusion == "stacked":
+        return write_stacked(args, bundle, rows, groups, argv, p.error)
     weight, slope, intercept, table = choose(rows, groups, args.fusion, args.ece_max, bundle.card.positive_class)
     for w, row in table.items():
         print(f"{args.fusion} {w}: NLL {row['nll']:.4f}  ECE {row['ece']:.3f}  AUC {row['auc']:.4f}  group ECE "
@@ -126,9 +195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if weight is None:
         print(f"no weight has a calibrated ECE <= {args.ece_max} on the pool and on every group: nothing written")
         return 1
-    seeds = sorted(r["seed"] for r in rows)
-    fitted_on = (f"{len(rows)} cases pooled from {len(args.reports)} evaluate.py reports (seeds "
-                 f"{seeds[0]}..{seeds[-1]}, groups: " + ", ".join(f"{g} ({len(i)})" for g, i in groups.items()) + ")")
+    fitted_on = describe_pool(rows, groups, len(args.reports))
     print(f"{args.fusion} weight {weight}: case calibration slope {slope:.3f}, intercept {intercept:.3f}; {fitted_on}")
     card = bundle.card
     fit = {"fitted_on": fitted_on, "criterion": f"lowest pooled NLL after the Platt fit among ECE <= {args.ece_max} "
@@ -141,6 +208,50 @@ def main(argv: Optional[list[str]] = None) -> int:
     calibration = {"slope": slope, "intercept": intercept, "fitted_on": fitted_on}
     card = dataclasses.replace(card, reader=reader, case_calibration=calibration,
                                version=args.version or card.version)
+    path = save_bundle(bundle.model, card, args.out, overwrite=args.overwrite, reader=bundle.reader)
+    print(f"wrote {path} (version {card.version}); test it on new seeds: evaluate.py --test-seeds-from ...")
+    return 0
+
+
+def describe_pool(rows: list[dict], groups: dict[str, list[int]], reports: int) -> str:
+    """How a pooled fit names its data (the card's ``fitted_on``)."""
+    seeds = sorted(r["seed"] for r in rows)
+    return (f"{len(rows)} cases pooled from {reports} evaluate.py reports (seeds {seeds[0]}..{seeds[-1]}, groups: "
+            + ", ".join(f"{g} ({len(i)})" for g, i in groups.items()) + ")")
+
+
+def write_stacked(args: argparse.Namespace, bundle, rows: list[dict], groups: dict[str, list[int]],
+                  argv: Optional[list[str]], error) -> int:
+    """``--fusion stacked``: fit the coefficients on the pool and write the bundle if they are calibrated enough
+    (``error``: argparse's, called on unusable arguments or rows)."""
+    missing = [r["seed"] for r in rows if r["reader_score"] is not None and r.get("reader_probabilities") is None]
+    if missing:
+        error(f"--fusion stacked needs the reader's three probabilities of each read case; {len(missing)} rows "
+              f"(seeds {missing[:3]}...) lack them: rescore those reports with training/rescore_reader.py --model "
+              f"{args.model} and pool the rescored reports instead")
+    if not args.l2 >= 0:
+        error(f"--l2 must be >= 0, got {args.l2}")
+    pos = bundle.card.positive_class
+    coefficients = fit_stacking(rows, args.l2)
+    figures = stacked_figures(rows, groups, coefficients, pos)
+    print("stacked: " + ", ".join(f"{t} {v:+.3f}" for t, v in coefficients.items()))
+    print(f"stacked: NLL {figures['nll']:.4f}  ECE {figures['ece']:.3f}  AUC {figures['auc']:.4f}  group ECE "
+          f"{[round(e, 3) for e in figures['group_ece'].values()]}")
+    if figures["ece"] > args.ece_max or any(e > args.ece_max for e in figures["group_ece"].values()):
+        print(f"the stacked opinions' ECE exceeds {args.ece_max} on the pool or on a group: nothing written")
+        return 1
+    fitted_on = describe_pool(rows, groups, len(args.reports))
+    card = bundle.card
+    fit = {"fitted_on": fitted_on,
+           "criterion": f"logistic regression (L2 {args.l2} on all but the intercept), written if the ECE is <= "
+                        f"{args.ece_max} on the pool and on every group",
+           "command": "python training/fit_reader_fusion.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "validation": {"stacked": {k: v for k, v in figures.items()}}}
+    reader = dataclasses.replace(card.reader, fusion="stacked", weight=1.0, stacking=coefficients,
+                                 training={**card.reader.training, "weight_fit": fit})
+    calibration = {"slope": 1.0, "intercept": 0.0, "fitted_on": fitted_on,
+                   "note": "the identity: the stacked reader rule is a logistic model fitted on these cases"}
+    card = dataclasses.replace(card, reader=reader, case_calibration=calibration, version=args.version or card.version)
     path = save_bundle(bundle.model, card, args.out, overwrite=args.overwrite, reader=bundle.reader)
     print(f"wrote {path} (version {card.version}); test it on new seeds: evaluate.py --test-seeds-from ...")
     return 0

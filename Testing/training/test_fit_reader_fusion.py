@@ -107,3 +107,59 @@ def test_fit_writes_the_weight_and_calibration_and_add_reader_keeps_them(reader_
                          "--out", str(tmp_path / "bad")])
     assert "not fitted together with its reader weight" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def _stacked_rows(seeds, rng, coefficients):
+    """Rows whose labels follow a known stacked model of random network and reader probabilities."""
+    from umlcore.fusion import STACKING_TERMS, stacking_features
+
+    rows = []
+    for seed in seeds:
+        net = float(rng.uniform(0.05, 0.95))
+        read = rng.random() < 0.8
+        heads = [float(v) for v in rng.uniform(0.02, 0.98, 3)] if read else None
+        z = float(np.dot([coefficients[t] for t in STACKING_TERMS], stacking_features(net, heads)))
+        label = int(rng.random() < 1 / (1 + np.exp(-z)))
+        rows.append({"seed": int(seed), "network_positive_probability": net, "uncertainty": 0.4,
+                     "reader_score": None if heads is None else heads[0] * (1 - (1 - heads[1]) * (1 - heads[2])),
+                     "reader_probabilities": heads, "label": label})
+    return rows
+
+
+def test_fit_stacked_recovers_the_coefficients_and_writes_an_identity_calibration(reader_bundle, tmp_path, capsys):
+    bundle = load_bundle(reader_bundle)
+    truth = {"intercept": -0.5, "network": 0.3, "suspicion": 1.0, "lesion": 0.2, "spiculated": -0.4, "washout": 0.0}
+    rng = np.random.default_rng(3)
+    rows = _stacked_rows(range(1_000_000, 1_003_000), rng, truth)
+    fitted = fit_reader_fusion.fit_stacking(rows, l2=0.0)
+    assert list(fitted) == list(truth)
+    for term, value in truth.items():
+        assert fitted[term] == pytest.approx(value, abs=0.2), term
+    report = _report(tmp_path / "1.json", bundle, rows[:1500], rows[1500:])
+    out = tmp_path / "stacked"
+    assert fit_reader_fusion.main(["--model", str(reader_bundle), "--reports", str(report), "--fusion", "stacked",
+                                   "--ece-max", "0.1", "--version", "9.9.9", "--out", str(out)]) == 0
+    card = load_bundle(out).card
+    assert card.version == "9.9.9" and card.reader.fusion == "stacked" and card.reader.weight == 1.0
+    assert card.reader.stacking == pytest.approx(fit_reader_fusion.fit_stacking(rows, l2=1e-3))
+    assert (card.case_calibration["slope"], card.case_calibration["intercept"]) == (1.0, 0.0)
+    assert card.reader.training["weight_fit"]["fitted_on"].startswith("3000 cases")
+    # add_reader step 2 with a test-only report keeps that calibration (fitted together with the coefficients)
+    test_only = tmp_path / "test.json"
+    test_only.write_text(json.dumps({"model": {"sha256": load_bundle(out).sha256}, "command": "evaluate",
+                                     "dataset": "test", "summary": {"auc": 0.9}}))
+    assert add_reader.main(["--model", str(out), "--report", str(test_only), "--out", str(tmp_path / "final")]) == 0
+    final = load_bundle(tmp_path / "final").card
+    assert final.case_calibration == card.case_calibration and final.reader == card.reader
+    # ECE over the bar: nothing written
+    assert fit_reader_fusion.main(["--model", str(reader_bundle), "--reports", str(report), "--fusion", "stacked",
+                                   "--ece-max", "0", "--out", str(tmp_path / "none")]) == 1
+    assert not (tmp_path / "none").exists() and "nothing written" in capsys.readouterr().out
+    # rows without the reader's three probabilities (reports written before the field): refused with the fix
+    old = _report(tmp_path / "old.json", bundle, [{k: v for k, v in r.items() if k != "reader_probabilities"}
+                                                   for r in rows[:100]], [])
+    with pytest.raises(SystemExit):
+        fit_reader_fusion.main(["--model", str(reader_bundle), "--reports", str(old), "--fusion", "stacked",
+                                "--out", str(tmp_path / "old")])
+    assert "rescore those reports with training/rescore_reader.py" in capsys.readouterr().err
+    assert not (tmp_path / "old").exists()

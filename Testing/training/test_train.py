@@ -639,6 +639,16 @@ def test_reader_merged_alphas_reproduce_the_predictors_fusion():
                                fuse_reader_opinion(np.array([7.0, 3.0]), 0.9, 2.0, mode="evidence"))
     final = evaluate.calibrated_alphas(np.array([[1.0, 243 / 7]]), ev[:1], 1.0, 0.0, 1, "evidence")
     np.testing.assert_allclose(final, [[1.0, 243 / 7]])  # identity calibration: the fused opinion stands
+    # "stacked": every row through stack_reader_opinion, with the read lesion's probabilities or None
+    from umlcore.fusion import STACKING_TERMS, stack_reader_opinion
+    coefficients = {**dict.fromkeys(STACKING_TERMS, 0.3), "intercept": -0.2}
+    st = [{**ev[0], "reader_probabilities": [0.9, 0.7, 0.2]}, {**ev[1], "reader_probabilities": None}]
+    stacked = evaluate.reader_merged_alphas(st, 1.0, fusion="stacked", stacking=coefficients)
+    np.testing.assert_allclose(stacked[0], stack_reader_opinion(np.array([7.0, 3.0]), np.array([0.9, 0.7, 0.2]),
+                                                                coefficients))
+    np.testing.assert_allclose(stacked[1], stack_reader_opinion(np.array([1.6, 2.4]), None, coefficients))
+    with pytest.raises(ValueError, match="rescore them with rescore_reader.py"):
+        evaluate.reader_merged_alphas([ev[0]], 1.0, fusion="stacked", stacking=coefficients)
 
 
 def test_choose_reader_weight_follows_the_informative_opinion():

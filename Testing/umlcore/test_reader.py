@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from umlcore.bundle import CARD_FILE, WEIGHTS_FILE, load_bundle, save_bundle, sha256_file
 from umlcore.errors import BundleError
-from umlcore.fusion import (EVIDENCE_PROBABILITY_CLIP, READER_FUSION_RULES, READER_SCORE_CLIP, calibrate_case_alpha,
-                            fuse_reader_opinion)
+from umlcore.fusion import (EVIDENCE_PROBABILITY_CLIP, READER_FUSION_RULES, READER_SCORE_CLIP, STACKING_TERMS,
+                            calibrate_case_alpha, fuse_reader_opinion, stack_reader_opinion, stacking_features)
 from umlcore.predictor import Predictor
 from umlcore.reader import (READER_TARGETS, LesionReader, ReaderConfig, component_centres, cut_patch, read_patches,
                             suspicion)
@@ -160,6 +160,56 @@ def test_evidence_fusion_pools_log_odds_and_adds_only_the_evidence_the_result_ne
     assert ReaderConfig(fusion="evidence", weight=0.7).fusion == "evidence"
     with pytest.raises(BundleError, match=r"\[0, 4\]"):
         ReaderConfig(fusion="evidence", weight=5.0)
+
+
+def _logit(p):
+    return float(np.log(p / (1 - p)))
+
+
+def test_stacking_features_are_the_log_odds_of_the_network_and_the_read_lesion():
+    got = stacking_features(0.8, np.array([0.9, 0.5, 0.2]))
+    suspicion_ = 0.9 * (1 - 0.5 * 0.8)  # 0.54
+    np.testing.assert_allclose(got, [1.0, np.log(4.0), _logit(suspicion_), _logit(0.9), 0.0, _logit(0.2)])
+    np.testing.assert_allclose(stacking_features(0.8, None), [1.0, np.log(4.0), 0, 0, 0, 0])  # nothing read
+    sure = stacking_features(0.5, np.array([1.0, 0.0, 0.0]))  # clipped to [0.01, 0.99]: at most 4.6 per term
+    np.testing.assert_allclose(sure[2:], [_logit(0.01), _logit(0.99), _logit(0.01), _logit(0.01)])
+    with pytest.raises(ValueError, match="3 probabilities"):
+        stacking_features(0.5, np.array([0.5, 1.5, 0.2]))
+
+
+def test_stacked_rule_is_the_fitted_logistic_model_with_the_evidence_it_needs():
+    alpha = np.array([7.0, 3.0])  # S = 10, network p = 0.3
+    zero = dict.fromkeys(STACKING_TERMS, 0.0)
+    # the network's log-odds alone, coefficient 1: the same p, inside [1/S, 1 - 1/S], so the same opinion
+    np.testing.assert_allclose(stack_reader_opinion(alpha, None, {**zero, "network": 1.0}), alpha)
+    # a constant log-odds log 99: p' = 0.99 needs S' = 100 (u' = 0.02)
+    np.testing.assert_allclose(stack_reader_opinion(alpha, None, {**zero, "intercept": np.log(99.0)}), [1.0, 99.0])
+    # the read lesion's terms: logit(p') = 0.5 logit(0.3) + 2 logit(p_spic) - 1
+    p = np.array([0.9, 0.8, 0.1])
+    c = {**zero, "network": 0.5, "spiculated": 2.0, "intercept": -1.0}
+    q = 1 / (1 + np.exp(-(0.5 * _logit(0.3) + 2 * _logit(0.8) - 1.0)))
+    got = stack_reader_opinion(alpha, p, c)
+    np.testing.assert_allclose(got / got.sum(), [1 - q, q])
+    assert got.sum() == pytest.approx(max(10.0, 1 / min(q, 1 - q)))
+    flipped = stack_reader_opinion(alpha[::-1].copy(), p, c, positive=0)  # the positive class first
+    np.testing.assert_allclose(flipped, got[::-1])
+    with pytest.raises(ValueError, match="one finite number for each"):
+        stack_reader_opinion(alpha, p, {"intercept": 1.0})
+    with pytest.raises(ValueError, match="stack_reader_opinion"):
+        fuse_reader_opinion(alpha, 0.9, 1.0, mode="stacked")
+
+
+def test_stacked_config_needs_its_coefficients_and_only_it_has_them():
+    coefficients = dict.fromkeys(STACKING_TERMS, 0.5)
+    assert ReaderConfig(fusion="stacked", weight=1.0, stacking=coefficients).stacking == coefficients
+    for bad, fragment in (({"fusion": "stacked", "weight": 1.0}, "needs stacking"),
+                          ({"fusion": "stacked", "weight": 1.0, "stacking": {**coefficients, "network": float("nan")}},
+                           "needs stacking"),
+                          ({"fusion": "stacked", "weight": 1.0, "stacking": {"intercept": 0.0}}, "needs stacking"),
+                          ({"fusion": "stacked", "weight": 0.5, "stacking": coefficients}, "weight must be 1"),
+                          ({"fusion": "evidence", "weight": 1.0, "stacking": coefficients}, "fusion 'stacked' only")):
+        with pytest.raises(BundleError, match=fragment):
+            ReaderConfig(**bad)
 
 
 def test_calibration_with_a_least_strength_holds_the_calibrated_probability():
@@ -343,3 +393,34 @@ def test_one_volume_or_nothing_segmented_leaves_the_network_opinion(forced, tiny
     empty = Predictor(dataclasses.replace(forced, card=card), device="cpu").predict([volume] * 3).summary
     r = empty["classification"]["reader"]
     assert not r["applied"] and "nothing was segmented" in r["reason"] and empty["lesions"] == []
+
+
+def test_predictor_with_the_stacked_rule(forced, make_volume, tmp_path):
+    volume = _lesion_volume(make_volume)
+    coefficients = {"intercept": -0.5, "network": 0.2, "suspicion": 1.0, "lesion": 0.1, "spiculated": -0.3,
+                    "washout": 0.4}
+    reader = dataclasses.replace(forced.card.reader, fusion="stacked", weight=1.0, stacking=coefficients)
+    card = dataclasses.replace(forced.card, reader=reader, case_calibration={"slope": 1.0, "intercept": 0.0})
+    # the card round-trips through a saved bundle
+    saved = load_bundle(save_bundle(forced.model.inner, card, tmp_path / "stacked", reader=forced.reader))
+    assert saved.card.reader.stacking == coefficients and saved.card.reader.fusion == "stacked"
+    bundle = dataclasses.replace(forced, card=card)
+    s = Predictor(bundle, device="cpu").predict([volume] * 3).summary
+    c, r = s["classification"], s["classification"]["reader"]
+    assert r["applied"] and r["fusion"] == READER_FUSION_RULES["stacked"]
+    strength = 2.0 / r["network_uncertainty"]
+    top = np.array([s["lesions"][0]["probabilities"][t] for t in READER_TARGETS])
+    expected = stack_reader_opinion(strength * np.array(r["network_probabilities"]), top, coefficients)
+    np.testing.assert_allclose(c["probabilities"], expected / expected.sum(), rtol=1e-6)
+    assert c["uncertainty"] == pytest.approx(2.0 / expected.sum(), rel=1e-6)
+    # nothing segmented: the stacking still applies, with the reader's terms 0
+    empty = Predictor(dataclasses.replace(bundle, card=dataclasses.replace(card, component_max_uncertainty=1e-6)),
+                      device="cpu").predict([volume] * 3).summary["classification"]
+    r = empty["reader"]
+    assert not r["applied"] and "stacked rule reads the network's opinion alone" in r["reason"]
+    expected = stack_reader_opinion(2.0 / r["network_uncertainty"] * np.array(r["network_probabilities"]), None,
+                                    coefficients)
+    np.testing.assert_allclose(empty["probabilities"], expected / expected.sum(), rtol=1e-6)
+    # one volume: the reader and its stacking are not used
+    one = Predictor(bundle, device="cpu").predict(volume).summary["classification"]
+    assert one["probabilities"] == pytest.approx(one["reader"]["network_probabilities"], rel=1e-12)

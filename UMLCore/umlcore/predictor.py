@@ -435,7 +435,8 @@ class Predictor:
             return reading
         found = component_centres(labels, cfg.max_components)
         if not found:
-            reading["reason"] = "nothing was segmented: the network's opinion stands"
+            reading["reason"] = ("nothing was segmented: the stacked rule reads the network's opinion alone"
+                                 if cfg.fusion == "stacked" else "nothing was segmented: the network's opinion stands")
             return reading
         channels = stack.transpose(1, 0, 2, 3)  # (C, S, H, W)
         patches = np.stack([cut_patch(channels, z, y, x, spacing_hw, cfg.patch_size, cfg.context_slices, cfg.pixel_mm)
