@@ -49,7 +49,7 @@ import numpy as np
 
 from umlcore import metrics
 from umlcore.bundle import load_bundle, save_bundle
-from umlcore.fusion import READER_FUSION_RULES, STACKING_TERMS, fit_platt, stacking_features
+from umlcore.fusion import READER_FUSION_RULES, STACKING_TERMS, fit_logistic, fit_platt, stacking_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import READER_WEIGHTS, calibrated_alphas, reader_merged_alphas  # noqa: E402
@@ -120,7 +120,7 @@ def choose(rows: list[dict], groups: dict[str, list[int]], fusion: str, ece_max:
 def fit_stacking(rows: list[dict], l2: float = 1e-3, iterations: int = 100) -> dict[str, float]:
     """The coefficients of :data:`umlcore.fusion.STACKING_TERMS` minimising the summed NLL of the rows' labels under
     :func:`umlcore.fusion.stack_reader_opinion`, plus ``l2 / 2`` times the squared coefficients other than the
-    intercept (Newton steps, each halved until the objective does not rise).
+    intercept (:func:`umlcore.fusion.fit_logistic`).
 
     Args:
         rows: Rows with ``network_positive_probability``, ``reader_score``, ``reader_probabilities`` (where the
@@ -131,28 +131,8 @@ def fit_stacking(rows: list[dict], l2: float = 1e-3, iterations: int = 100) -> d
                                     None if r["reader_score"] is None else r["reader_probabilities"]) for r in rows])
     y = np.array([r["label"] for r in rows], dtype=np.float64)  # 1: the positive class, as in every report row
     penalty = np.full(x.shape[1], float(l2))
-    penalty[0] = 0.0
-
-    def objective(w: np.ndarray) -> float:
-        z = x @ w
-        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(penalty * w * w))
-
-    w = np.zeros(x.shape[1])
-    current = objective(w)
-    for _ in range(iterations):
-        q = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))
-        grad = x.T @ (q - y) + penalty * w
-        hess = (x * (q * (1 - q))[:, None]).T @ x + np.diag(penalty) + 1e-9 * np.eye(len(w))
-        step = np.linalg.solve(hess, grad)
-        t = 1.0
-        while t > 1e-6 and objective(w - t * step) > current:
-            t *= 0.5
-        w = w - t * step
-        new = objective(w)
-        if current - new < 1e-10:
-            current = new
-            break
-        current = new
+    penalty[0] = 0.0  # not on the intercept
+    w = fit_logistic(x, y, penalty=penalty, iterations=iterations)
     return {term: float(v) for term, v in zip(STACKING_TERMS, w)}
 
 

@@ -101,3 +101,16 @@ def test_platt_fit_converges_where_plain_newton_diverged():
         return np.sum(np.logaddexp(0, a * z + b) - y * (a * z + b))
 
     assert nll(slope, intercept) < nll(1.0, 0.0)
+
+
+def test_fit_logistic_recovers_known_weights_and_honours_the_penalty():
+    from umlcore.fusion import fit_logistic
+
+    rng = np.random.default_rng(0)
+    x = np.c_[rng.normal(size=(5000, 2)), np.ones(5000)]
+    y = (rng.random(5000) < 1 / (1 + np.exp(-(x @ np.array([1.5, -0.5, 0.3]))))).astype(float)
+    np.testing.assert_allclose(fit_logistic(x, y), [1.5, -0.5, 0.3], atol=0.1)
+    # a huge penalty on the slopes leaves the intercept alone: the log-odds of the positive share
+    shrunk = fit_logistic(x, y, penalty=np.array([1e9, 1e9, 0.0]))
+    np.testing.assert_allclose(shrunk[:2], 0.0, atol=1e-5)
+    assert shrunk[2] == pytest.approx(np.log(y.mean() / (1 - y.mean())), abs=1e-4)

@@ -29,7 +29,7 @@ __all__ = ["EVIDENCE_PROBABILITY_CLIP", "FUSION_RULE", "READER_FUSION_RULE", "RE
            "READER_WEIGHT_MAX", "STACKING_PROBABILITY_CLIP", "STACKING_TERMS",
            "ReaderFusion",
            "fuse_slice_opinions", "fuse_reader_opinion", "stack_reader_opinion", "stacking_features",
-           "calibrate_case_alpha", "fit_platt"]
+           "calibrate_case_alpha", "fit_logistic", "fit_platt"]
 
 #: Name of the rule, as written into the case summary (``classification.fusion``).
 FUSION_RULE = "lesion-weighted evidence pooling"
@@ -303,23 +303,46 @@ def fit_platt(probs: np.ndarray, labels: np.ndarray, iterations: int = 200) -> t
     if p.shape != y.shape or p.ndim != 1 or len(np.unique(y)) < 2:
         raise ValueError("fit_platt needs (N,) probabilities and (N,) labels with both classes present")
     x = np.stack([np.log(p / (1 - p)), np.ones_like(p)], axis=1)
+    w = fit_logistic(x, y, start=np.array([1.0, 0.0]), iterations=iterations)
+    return float(w[0]), float(w[1])
 
-    def loss(w: np.ndarray) -> float:  # the summed NLL, overflow-free
+
+def fit_logistic(features: np.ndarray, labels: np.ndarray, penalty: Optional[np.ndarray] = None,
+                 start: Optional[np.ndarray] = None, iterations: int = 200) -> np.ndarray:
+    """The weights ``w`` minimising ``sum NLL(sigmoid(features @ w), labels) + sum(penalty * w**2) / 2``.
+
+    Newton steps with a backtracking line search (a step is halved until the objective does not rise), from
+    ``start`` (default zeros), until a step moves no weight by 1e-9. Used by :func:`fit_platt` and by the stacked
+    reader rule's fit (``training/fit_reader_fusion.py``).
+
+    Args:
+        features: ``(N, D)`` (a column of ones for an intercept).
+        labels: ``(N,)`` 0/1.
+        penalty: ``(D,)`` L2 penalty per weight (default none).
+        start: ``(D,)`` the first weights.
+        iterations: The most Newton steps.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    d = x.shape[1]
+    lam = np.zeros(d) if penalty is None else np.asarray(penalty, dtype=np.float64)
+
+    def objective(w: np.ndarray) -> float:  # overflow-free
         z = x @ w
-        return float(np.sum(np.logaddexp(0.0, z) - y * z))
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(lam * w * w))
 
-    w = np.array([1.0, 0.0])
-    current = loss(w)
+    w = np.zeros(d) if start is None else np.asarray(start, dtype=np.float64).copy()
+    current = objective(w)
     for _ in range(iterations):
         q = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))  # the sigmoid, overflow-free
-        grad = x.T @ (q - y)
-        hess = (x * (q * (1 - q))[:, None]).T @ x + 1e-6 * np.eye(2)
+        grad = x.T @ (q - y) + lam * w
+        hess = (x * (q * (1 - q))[:, None]).T @ x + np.diag(lam) + 1e-6 * np.eye(d)
         step = np.linalg.solve(hess, grad)
         t = 1.0
-        while t > 1e-10 and loss(w - t * step) > current:
+        while t > 1e-10 and objective(w - t * step) > current:
             t *= 0.5
         w = w - t * step
-        current = loss(w)
+        current = objective(w)
         if np.abs(t * step).max() < 1e-9:
             break
-    return float(w[0]), float(w[1])
+    return w
