@@ -115,6 +115,11 @@ def test_confidence_panel_says_what_the_lesion_reader_found():
     tip = confidencePanel({**read, "classification": {**read["classification"], "reader": evidence}}).readerToolTip
     assert "times 0.70" in tip and "may lower the uncertainty (the network alone: 39 %)" in tip
     assert "the uncertainty is the network's" not in tip
+    stacked = {**reader, "weight": 1.0, "network_uncertainty": 0.39,
+               "fusion": "logistic stacking of the network and the reader outputs, the reader adding evidence"}
+    tip = confidencePanel({**read, "classification": {**read["classification"], "reader": stacked}}).readerToolTip
+    assert "A model fitted on evaluated cases combines its three outputs" in tip and "times" not in tip
+    assert "% of the case opinion" not in tip and "may lower the uncertainty (the network alone: 39 %)" in tip
     unused = {**reader, "applied": False, "score": None, "reason": "nothing was segmented"}
     panel = confidencePanel({**SUMMARY, "classification": {**SUMMARY["classification"], "reader": unused}, "lesions": []})
     assert panel.readerText == "not used: nothing was segmented" and panel.readerToolTip == ""

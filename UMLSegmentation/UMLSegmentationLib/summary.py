@@ -249,7 +249,10 @@ def _readerTexts(summary: Mapping[str, Any]) -> tuple[str, str]:
     alone = network[classes.index(positive)] if positive in classes and len(network) == len(classes) else None
     weight = float(reader.get("weight", 0))
     rule = str(reader.get("fusion", ""))
-    if "log-odds" in rule:  # reader.fusion "logit" or "evidence"
+    if "stacking" in rule:  # reader.fusion "stacked": fitted coefficients, no single weight
+        share = ("A model fitted on evaluated cases combines its three outputs and its score with the network's "
+                 "opinion")
+    elif "log-odds" in rule:  # reader.fusion "logit" or "evidence"
         share = f"Its score's log-odds are added to the case's, times {weight:.2f}"
     else:
         share = f"Its score counts for {100 * weight:.0f} % of the case opinion"
