@@ -144,6 +144,11 @@ def test_fit_stacked_recovers_the_coefficients_and_writes_an_identity_calibratio
     assert card.reader.stacking == pytest.approx(fit_reader_fusion.fit_stacking(rows, l2=1e-3))
     assert (card.case_calibration["slope"], card.case_calibration["intercept"]) == (1.0, 0.0)
     assert card.reader.training["weight_fit"]["fitted_on"].startswith("3000 cases")
+    from umlcore.cli import main as uml  # `uml info` lists the coefficients instead of a weight
+
+    capsys.readouterr()
+    assert uml(["info", str(out)]) == 0
+    assert "rule stacked, intercept " in capsys.readouterr().out
     # add_reader step 2 with a test-only report keeps that calibration (fitted together with the coefficients)
     test_only = tmp_path / "test.json"
     test_only.write_text(json.dumps({"model": {"sha256": load_bundle(out).sha256}, "command": "evaluate",

@@ -442,5 +442,9 @@ def test_info_shows_the_shipped_cards_post_processing_and_calibration(capsys):
     assert "calibration:   case opinion, Platt slope" in text
     assert card.single_volume_calibration is not None and "one volume given: Platt slope" in text
     assert card.reader is not None and "lesion reader: 73,555 parameters, 80 x 80 patches of 1 mm" in text
-    assert f"rule {card.reader.fusion}, weight {card.reader.weight:g} in the case opinion" in text
+    if card.reader.stacking is None:
+        assert f"rule {card.reader.fusion}, weight {card.reader.weight:g} in the case opinion" in text
+    else:  # the stacked rule's coefficients, not a weight
+        terms = ", ".join(f"{t} {v:+.3f}" for t, v in card.reader.stacking.items())
+        assert f"rule stacked, {terms} in the case opinion" in text
     assert ("each read in its 8 flips and transposes" in text) == (card.reader.test_time_augmentation == "dihedral")

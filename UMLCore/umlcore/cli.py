@@ -369,7 +369,9 @@ def _card_text(bundle: ModelBundle) -> str:
         lines.append(f"  lesion reader: {params:,} parameters, {r.patch_size} x {r.patch_size} patches of {r.pixel_mm:g} mm "
                      f"(+-{r.context_slices} slices) at the {r.max_components} largest components; "
                      + ("each read in its 8 flips and transposes; " if r.test_time_augmentation == "dihedral" else "")
-                     + f"rule {r.fusion}, weight {r.weight:g} in the case opinion of multi-phase inputs")
+                     + (f"rule {r.fusion}, weight {r.weight:g}" if r.stacking is None else
+                        "rule stacked, " + ", ".join(f"{t} {v:+.3f}" for t, v in r.stacking.items()))
+                     + " in the case opinion of multi-phase inputs")
     if card.case_calibration is not None:
         c = card.case_calibration
         lines.append(f"  calibration:   case opinion, Platt slope {c['slope']:.3f}, intercept {c['intercept']:.3f}")
