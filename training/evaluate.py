@@ -221,13 +221,16 @@ def second_reader(predictor: Predictor, other: Optional[Predictor]) -> Iterator[
 def reader_inputs(predictor: Predictor, enabled: bool = True) -> Iterator[list]:
     """While open, every input batch of ``predictor``'s lesion reader (``(N, C, P, P)`` float32 patches, one per
     component read) is appended, as a numpy copy, to the yielded list (a forward pre-hook; nothing when
-    ``enabled`` is false or the bundle has no reader)."""
+    ``enabled`` is false or the bundle has no reader). With the card's test-time augmentation ``"dihedral"`` the
+    reader's batch holds each patch's 8 views (:func:`umlcore.reader.dihedral_views`): only the patches themselves,
+    its first eighth, are kept."""
     captured: list = []
     reader = predictor.bundle.reader
     hook = None
     if enabled and reader is not None:
-        hook = reader.register_forward_pre_hook(
-            lambda module, args: captured.append(args[0].detach().cpu().numpy().copy()))
+        views = 8 if predictor.card.reader.test_time_augmentation == "dihedral" else 1
+        hook = reader.register_forward_pre_hook(lambda module, args: captured.append(
+            args[0][: args[0].shape[0] // views].detach().cpu().numpy().copy()))
     try:
         yield captured
     finally:

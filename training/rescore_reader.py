@@ -43,7 +43,7 @@ import torch
 from umlcore import metrics
 from umlcore.bundle import load_bundle
 from umlcore.errors import BundleError
-from umlcore.reader import read_patches, suspicion
+from umlcore.reader import dihedral_views, read_patches, suspicion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import (READER_INPUT_FIELDS, READER_WEIGHTS, card_opinions, case_metrics, fit_calibration,  # noqa: E402
@@ -64,6 +64,18 @@ def score_patches(reader: torch.nn.Module, patches: np.ndarray, tta: str = "none
     return float(s.max()), [float(v) for v in p[int(np.argmax(s))]]
 
 
+def original_patches(patches: np.ndarray) -> np.ndarray:
+    """The patches themselves from kept patches: files written before ``evaluate.py`` kept only those hold, for a
+    reader with test-time augmentation ``"dihedral"``, each patch's 8 views (:func:`umlcore.reader.dihedral_views`);
+    an array that is exactly such views gives its first eighth (reading those in 8 views again gave the same scores,
+    8 times slower), any other array is returned as it is."""
+    n = patches.shape[0] // 8
+    if n == 0 or patches.shape[0] % 8:
+        return patches
+    first = torch.from_numpy(np.ascontiguousarray(patches[:n]))
+    return patches[:n] if np.array_equal(dihedral_views(first).numpy(), patches) else patches
+
+
 def rescored_rows(rows: list[dict], kept, section: str, reader: torch.nn.Module, error, tta: str = "none") -> list[dict]:
     """Copies of ``rows`` whose ``reader_score`` and ``reader_probabilities`` are ``reader``'s (with test-time
     augmentation ``tta``), from the kept patches of ``section``."""
@@ -74,8 +86,8 @@ def rescored_rows(rows: list[dict], kept, section: str, reader: torch.nn.Module,
             error(f"the kept patches do not match the report's {section} rows (seed {r['seed']}): keep the "
                   "reader_patches.npz that evaluate.py wrote with this report.json")
         row = {k: v for k, v in r.items() if not k.startswith("compare_")}
-        row["reader_score"], row["reader_probabilities"] = (score_patches(reader, kept[key], tta) if key in kept
-                                                            else (None, None))
+        row["reader_score"], row["reader_probabilities"] = (
+            score_patches(reader, original_patches(kept[key]), tta) if key in kept else (None, None))
         out.append(row)
     return out
 

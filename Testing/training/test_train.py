@@ -973,6 +973,31 @@ def test_probe_single_volume_reads_every_input_and_restores_the_predictor(tiny_b
     assert "has no lesion reader" in capsys.readouterr().err
 
 
+def test_kept_patches_are_the_patches_themselves_not_their_eight_views(tiny_bundle_dir, tmp_path, monkeypatch,
+                                                                       make_volume):
+    import rescore_reader
+    import umlcore.predictor
+    from umlcore.reader import READER_TARGETS, dihedral_views, read_patches
+
+    monkeypatch.setattr(umlcore.predictor, "component_centres", lambda labels, n: [(10, 3, 16, 16), (4, 1, 8, 20)])
+    readers = _two_reader_bundles(tiny_bundle_dir, tmp_path, tta1="dihedral")
+    predictor = umlcore.predictor.Predictor(load_bundle(readers[1]), device="cpu")
+    with evaluate.reader_inputs(predictor) as captured:
+        summary = predictor.predict([make_volume(size=(32, 32, 6))] * 3).summary
+    (kept,) = captured
+    assert kept.shape == (2, 9, 80, 80)  # two components, not their 16 views
+    with torch.no_grad():  # what the predictor read: the 8 views of the kept patches
+        p = read_patches(predictor.bundle.reader, torch.from_numpy(kept), "dihedral").numpy()
+    for lesion, row in zip(summary["lesions"], p):
+        assert [lesion["probabilities"][t] for t in READER_TARGETS] == pytest.approx(row.tolist(), abs=1e-6)
+    # files written before kept the 8 views: rescoring takes the patches back from them, and leaves others alone
+    views = dihedral_views(torch.from_numpy(kept)).numpy()
+    np.testing.assert_array_equal(rescore_reader.original_patches(views), kept)
+    assert rescore_reader.original_patches(kept) is kept
+    shuffled = views[::-1].copy()
+    assert rescore_reader.original_patches(shuffled) is shuffled
+
+
 def test_rescore_reader_reproduces_evaluate_and_scores_another_reader_from_kept_patches(tiny_bundle_dir, tmp_path,
                                                                                         capsys, monkeypatch):
     import rescore_reader

@@ -32,7 +32,7 @@ from .errors import BundleError
 from .fusion import READER_FUSION_RULES, READER_WEIGHT_MAX, STACKING_TERMS, ReaderFusion
 
 __all__ = ["READER_TARGETS", "READER_TTA_MODES", "ReaderConfig", "LesionReader", "component_centres", "cut_patch",
-           "read_patches", "suspicion"]
+           "dihedral_views", "read_patches", "suspicion"]
 
 #: What the reader's three outputs mean, in order.
 READER_TARGETS = ("lesion", "spiculated", "washout")
@@ -227,10 +227,16 @@ def read_patches(reader: nn.Module, patches: torch.Tensor, tta: ReaderTTA = "non
         raise ValueError(f"tta must be one of {list(READER_TTA_MODES)}, got {tta!r}")
     if tta == "none":
         return torch.sigmoid(reader(patches).float())
+    p = torch.sigmoid(reader(dihedral_views(patches)).float())
+    return p.view(8, patches.shape[0], -1).mean(dim=0)
+
+
+def dihedral_views(patches: torch.Tensor) -> torch.Tensor:
+    """The 8 flips and transposes of ``patches (N, C, P, P)``, view-major: ``(8 N, C, P, P)``, the patches themselves
+    first (the batch the reader gets with test-time augmentation ``"dihedral"``)."""
     views = [patches, patches.flip(-1), patches.flip(-2), patches.flip(-2).flip(-1)]
     views += [v.transpose(-1, -2) for v in views]
-    p = torch.sigmoid(reader(torch.cat(views)).float())
-    return p.view(len(views), patches.shape[0], -1).mean(dim=0)
+    return torch.cat(views)
 
 
 def suspicion(p: np.ndarray) -> np.ndarray:
