@@ -4,7 +4,8 @@
 patches (``reader_patches.npz``). A bundle with the same network (so the same segmentation and the same patches)
 and another reader, e.g. the output of ``add_reader.py --reader`` (step 1), gets here:
 
-- its reader's score for every case, from those patches (what its predictor would compute);
+- its reader's score for every case, from those patches (what its predictor would compute), and the most suspicious
+  lesion's three probabilities (``reader_probabilities``, what the rule ``"stacked"`` reads);
 - each case's opinion as its predictor would give it: the network's opinion (kept in the rows) merged with that
   score by the card's rule and weight and calibrated by the card's calibration, or, with ``--reader-weight fit``,
   by a rule, weight and calibration fitted on the validation rows exactly as ``evaluate.py --reader-weight fit``
