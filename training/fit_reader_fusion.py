@@ -19,12 +19,13 @@ the log-odds of the most suspicious component's suspicion and reader outputs, ke
 calibration is then the identity. It is written only if its ECE is at most ``--ece-max`` on the pool and on every
 group.
 
-Example (1.8.0's stacking; docs/model-eval/v180-stacked/decision7.txt):
+Example (1.8.0's stacking: its in-sample group gate failed, decision7.txt, and was replaced by an 800-case fresh
+test, decision8.txt in docs/model-eval/v180-stacked/, hence ``--ece-max 1``):
     python training/rescore_reader.py --report runs/v150h/eval/report.json \
         --model Resources/Models/uml-breast-dce-small --out runs/v180s/r1     # and the other kept-patch reports
     python training/fit_reader_fusion.py --model Resources/Models/uml-breast-dce-small --fusion stacked \
         --reports runs/v180s/r1/report.json runs/v180s/r4/report.json runs/v180s/r5/report.json \
-        runs/v180s/r6/report.json --version 1.8.0 --out runs/v180
+        runs/v180s/r6/report.json --version 1.8.0 --ece-max 1 --out runs/v180x
 
 Example (the second fit of 1.4.0; docs/model-eval/v140/decision.txt):
     python training/fit_reader_fusion.py --model Resources/Models/uml-breast-dce-small \
