@@ -37,7 +37,7 @@ from umlcore.bundle import load_bundle
 from umlcore.errors import BundleError
 from umlcore.fusion import calibrate_case_alpha, fit_platt, fuse_reader_opinion, stack_reader_opinion
 from umlcore.predictor import Predictor, label_components
-from umlcore.reader import READER_TARGETS, suspicion
+from umlcore.reader import READER_TARGETS, most_suspicious
 from umlcore.synthetic import generate_case
 from workers import ordered_map
 
@@ -356,7 +356,7 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
             theirs = readings[0] if readings and readings[0] and readings[0]["score"] is not None else None
             rows[-1]["compare_reader_score"] = None if theirs is None else theirs["score"]
             rows[-1]["compare_reader_probabilities"] = (None if theirs is None else [
-                float(v) for v in theirs["p"][int(np.argmax(suspicion(theirs["p"])))]])
+                float(v) for v in most_suspicious(theirs["p"])])
         if pixel_stats:
             sel = rng.random(lab.size) < 0.05  # deterministic 5% voxel subsample
             err = (lab != case.mask).ravel()[sel]

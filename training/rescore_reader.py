@@ -44,7 +44,7 @@ import torch
 from umlcore import metrics
 from umlcore.bundle import load_bundle
 from umlcore.errors import BundleError
-from umlcore.reader import dihedral_views, read_patches, suspicion
+from umlcore.reader import dihedral_views, most_suspicious, read_patches, suspicion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import (READER_INPUT_FIELDS, READER_WEIGHTS, card_opinions, case_metrics, fit_calibration,  # noqa: E402
@@ -61,8 +61,7 @@ def score_patches(reader: torch.nn.Module, patches: np.ndarray, tta: str = "none
     with the card's test-time augmentation ``tta``, and that component's three probabilities (what rule
     ``"stacked"`` reads)."""
     p = read_patches(reader, torch.from_numpy(patches), tta).cpu().numpy().astype(np.float64)
-    s = suspicion(p)
-    return float(s.max()), [float(v) for v in p[int(np.argmax(s))]]
+    return float(suspicion(p).max()), [float(v) for v in most_suspicious(p)]
 
 
 def original_patches(patches: np.ndarray) -> np.ndarray:

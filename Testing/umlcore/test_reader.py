@@ -89,6 +89,14 @@ def test_patches_sample_millimetres_on_anisotropic_pixels():
     assert cut_patch(channels, 0, 0.0, 0.0, (1.0, 1.0), 4, 0)[0, 0, 0] == 0.0  # outside the volume: 0
 
 
+def test_most_suspicious_is_the_component_of_the_case_score():
+    from umlcore.reader import most_suspicious
+
+    p = np.array([[0.99, 0.1, 0.1], [0.9, 0.81, 0.12], [0.5, 0.9, 0.9]])  # suspicion 0.188, 0.750, 0.495
+    np.testing.assert_array_equal(most_suspicious(p), p[1])
+    np.testing.assert_array_equal(most_suspicious(np.vstack([p[1], p[1] * 1.0])), p[1])  # ties: the first
+
+
 def test_suspicion_is_the_label_rule():
     p = np.array([[1.0, 0.0, 0.0], [1.0, 0.5, 0.5], [0.5, 1.0, 0.0], [0.0, 1.0, 1.0]])
     np.testing.assert_allclose(suspicion(p), [0.0, 0.75, 0.5, 0.0])

@@ -54,7 +54,7 @@ from .preprocess import (
     to_slices,
     with_context,
 )
-from .reader import READER_TARGETS, component_centres, cut_patch, read_patches, suspicion
+from .reader import READER_TARGETS, component_centres, cut_patch, most_suspicious, read_patches, suspicion
 
 __all__ = [
     "SUMMARY_SCHEMA_VERSION",
@@ -466,7 +466,7 @@ class Predictor:
         network_probs = case_alpha / network_strength
         if reading is not None and card.reader.fusion == "stacked" and not single_volume:
             # fitted on cases where nothing was segmented too (the reader's terms then 0), so applied to them as well
-            top = None if reading["score"] is None else reading["p"][int(np.argmax(suspicion(reading["p"])))]
+            top = None if reading["score"] is None else most_suspicious(reading["p"])
             case_alpha = stack_reader_opinion(case_alpha, top, card.reader.stacking, card.positive_class)
         elif reading is not None and reading["score"] is not None:
             case_alpha = fuse_reader_opinion(case_alpha, reading["score"], card.reader.weight, card.positive_class,

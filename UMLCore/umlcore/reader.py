@@ -32,7 +32,7 @@ from .errors import BundleError
 from .fusion import READER_FUSION_RULES, READER_WEIGHT_MAX, STACKING_TERMS, ReaderFusion
 
 __all__ = ["READER_TARGETS", "READER_TTA_MODES", "ReaderConfig", "LesionReader", "component_centres", "cut_patch",
-           "dihedral_views", "read_patches", "suspicion"]
+           "dihedral_views", "most_suspicious", "read_patches", "suspicion"]
 
 #: What the reader's three outputs mean, in order.
 READER_TARGETS = ("lesion", "spiculated", "washout")
@@ -243,3 +243,10 @@ def suspicion(p: np.ndarray) -> np.ndarray:
     """A lesion's suspicion from the reader's ``(..., 3)`` probabilities: ``p_lesion (1 - (1 - p_spic)(1 - p_wash))``."""
     p = np.asarray(p)
     return p[..., 0] * (1 - (1 - p[..., 1]) * (1 - p[..., 2]))
+
+
+def most_suspicious(p: np.ndarray) -> np.ndarray:
+    """The ``(3,)`` probabilities of the most suspicious of the components read, ``p (N, 3)`` (the first on ties):
+    the lesion whose suspicion is the case's reader score, and what the rule ``"stacked"`` reads."""
+    p = np.asarray(p)
+    return p[int(np.argmax(suspicion(p)))]
