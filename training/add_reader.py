@@ -16,6 +16,11 @@ Two steps, because the case calibration must be refitted on opinions that includ
    bundle whose reader weight and calibration ``training/fit_reader_fusion.py`` fitted together keeps that
    calibration.
 
+``--segmentation-min-lesion T`` (alone) sets the card's ``reader.segmentation_min_lesion``: the reader then also
+checks the segmentation of multi-phase cases (the labelmap keeps the largest components it reads as lesions with at
+least that probability; ``--segmentation-max-components``, default 8, of them are read). The case opinion does not
+change, so the calibration stands; measure the Dice with evaluate.py and put the report in with step 2.
+
 Example:
     python training/add_reader.py --model Resources/Models/uml-breast-dce-small \
         --reader docs/model-eval/roi/roinet.safetensors --reader-report docs/model-eval/roi/report.json \
@@ -61,14 +66,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="step 1: 'dihedral' reads each patch in its 8 flips and transposes and averages (the weight "
                         "and calibration must then be fitted with it)")
     p.add_argument("--report", type=Path, help="evaluate.py report of --model: its case calibration and metrics")
+    p.add_argument("--segmentation-min-lesion", type=float,
+                   help="the reader keeps in the labelmap only the components it reads as lesions with at least this "
+                        "probability, in (0, 1)")
+    p.add_argument("--segmentation-max-components", type=int, default=8,
+                   help="with --segmentation-min-lesion: how many of the largest components it reads (default 8)")
     p.add_argument("--version", help="the new bundle's version (default: --model's)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     if args.test_time_augmentation != "none" and args.reader is None:
         p.error("--test-time-augmentation belongs to step 1 (--reader): the report of step 2 was measured with the "
                 "card's setting")
-    if (args.reader is None) == (args.report is None):
-        p.error("give --reader (step 1: add a reader) or --report (step 2: its refitted calibration), one of them")
+    if sum(a is not None for a in (args.reader, args.report, args.segmentation_min_lesion)) != 1:
+        p.error("give --reader (step 1: add a reader), --report (step 2: its refitted calibration) or "
+                "--segmentation-min-lesion (the reader checks the segmentation), one of them")
     for path in (args.reader, args.reader_report, args.report):
         if path is not None and not path.is_file():
             p.error(f"{path}: no such file")
@@ -79,7 +90,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     except BundleError as err:
         p.error(str(err))
     card, reader = bundle.card, bundle.reader
-    if args.reader is not None:
+    if args.segmentation_min_lesion is not None:
+        if reader is None:
+            p.error(f"{args.model} has no reader: run step 1 (--reader) first")
+        try:
+            card = dataclasses.replace(card, reader=dataclasses.replace(
+                card.reader, segmentation_min_lesion=args.segmentation_min_lesion,
+                segmentation_max_components=args.segmentation_max_components))
+        except BundleError as err:
+            p.error(str(err))
+    elif args.reader is not None:
         if card.architecture.num_classes != 2:
             p.error(f"{args.model} is not a binary model: the reader's score is one class's probability")
         training = {"command": args.reader_command, "weights": args.reader.name}
@@ -113,6 +133,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 p.error(f"{args.report} has no case_calibration and the card's was not fitted together with its reader "
                         "weight (training/fit_reader_fusion.py does both): run evaluate.py with --calibrate-cases N")
         summary.pop("component_max_uncertainty", None)
+        measured_with = summary.pop("segmentation_min_lesion", None)
+        if "segmentation_min_lesion" in report.get("summary", {}) and measured_with != card.reader.segmentation_min_lesion:
+            p.error(f"{args.report} was measured with segmentation_min_lesion {measured_with!r}, the card has "
+                    f"{card.reader.segmentation_min_lesion!r}: evaluate this bundle")
         weight_fit = summary.pop("reader_weight", None)  # evaluate.py --reader-weight fit
         if weight_fit is not None:
             training = {**card.reader.training, "weight_fit": {k: v for k, v in weight_fit.items()

@@ -375,6 +375,8 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
         "dice_median": _stat(np.median, dices),
         "hd95_mm_median": _stat(np.median, [h for h in hds if np.isfinite(h)]),
         "hd95_inf_cases": int(sum(not np.isfinite(h) for h in hds)),
+        # false lesions a reader of the labelmap would see: the share of lesion-free cases with anything segmented
+        "lesion_free_segmented": _stat(np.mean, [r["predicted_voxels"] > 0 for r in rows if r["dice"] is None]),
     }
     case, arrays = case_metrics(rows)
     res.update(case)
@@ -776,6 +778,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         if args.component_filter == "fit":
             plain = dataclasses.replace(bundle.card, case_calibration=None, component_max_uncertainty=None)
+            if plain.reader is not None:  # the components of the raw segmentation, not those the reader kept
+                plain = dataclasses.replace(plain, reader=dataclasses.replace(plain.reader, segmentation_min_lesion=None))
             val = on_validation(plain)
             threshold, threshold_table = choose_component_threshold(val["_components"])
             print(f"component filter: max mean uncertainty {threshold} (validation mean Dice by threshold: "
@@ -840,6 +844,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if calibration is not None:
         summary["case_calibration"] = calibration
     summary["component_max_uncertainty"] = threshold
+    summary["segmentation_min_lesion"] = None if bundle.card.reader is None else bundle.card.reader.segmentation_min_lesion
     if threshold_table is not None:
         summary["component_filter_validation_dice"] = threshold_table
     if reader_fit is not None:

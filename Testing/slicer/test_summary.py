@@ -74,6 +74,9 @@ def test_confidence_panel():
     unfiltered = {**SUMMARY, "postprocessing": {"component_max_uncertainty": None, "components_removed": 0}}
     assert confidencePanel(unfiltered).componentsRemoved is None
     assert caseCsvRow(unfiltered, "c", "/in/c.nrrd", {})["components_removed"] == ""  # no filter ran: empty, not 0
+    verified = {**SUMMARY, "postprocessing": {"component_max_uncertainty": None, "segmentation_min_lesion": 0.6,
+                                              "components_removed": 3}}
+    assert caseCsvRow(verified, "c", "/in/c.nrrd", {})["components_removed"] == "3"  # the reader's check ran
     review = confidencePanel({**SUMMARY, "classification": {**SUMMARY["classification"], "verdict": "review"}, "segments": []})
     assert review.verdictColor == "#e65100" and review.lesionVolumeMl is None and review.lesionMeanUncertainty is None
     with pytest.raises(ValueError, match="no classification"):
@@ -120,6 +123,10 @@ def test_confidence_panel_says_what_the_lesion_reader_found():
     tip = confidencePanel({**read, "classification": {**read["classification"], "reader": stacked}}).readerToolTip
     assert "A model fitted on evaluated cases combines its three outputs" in tip and "times" not in tip
     assert "% of the case opinion" not in tip and "may lower the uncertainty (the network alone: 39 %)" in tip
+    assert "not in the segmentation" not in tip
+    checked = [{**lesions[0], "in_labelmap": False}, {**lesions[1], "in_labelmap": True}]
+    tip = confidencePanel({**read, "lesions": checked}).readerToolTip
+    assert "1 of the lesions read is not in the segmentation: the reader judged it not to be a lesion." in tip
     unused = {**reader, "applied": False, "score": None, "reason": "nothing was segmented"}
     panel = confidencePanel({**SUMMARY, "classification": {**SUMMARY["classification"], "reader": unused}, "lesions": []})
     assert panel.readerText == "not used: nothing was segmented" and panel.readerToolTip == ""

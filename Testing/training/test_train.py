@@ -99,6 +99,9 @@ def test_evaluate_writes_reports_and_export_takes_its_metrics(run_dir, tmp_path)
         report["summary"]["cases_with_lesion"] == sum(r["lesion_voxels"] > 0 for r in report["cases"])
     assert (out / "report.md").read_text().startswith("# Evaluation of")
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    free = [r["predicted_voxels"] > 0 for r in report["cases"] if r["lesion_voxels"] == 0]
+    assert report["summary"]["lesion_free_segmented"] == (sum(free) / len(free) if free else None)
+    assert report["summary"]["segmentation_min_lesion"] is None  # this bundle has no reader
     final = tmp_path / "final"
     export.main(["--run", str(run_dir), "--out", str(final), "--report", str(out / "report.json")])
     card = load_bundle(final).card
@@ -603,6 +606,17 @@ def test_add_reader_puts_a_reader_in_a_bundle_then_its_refitted_calibration(tiny
     assert c.metrics == {"test_set": "4 cases", "command": "python training/evaluate.py ...", "auc": 0.9}
     assert c.version == "2.0.0"
 
+    # the reader's check of the segmentation: a card-only step; a report measured without it does not fit the card
+    step3 = tmp_path / "step3"
+    assert add_reader.main(["--model", str(step2), "--segmentation-min-lesion", "0.6", "--version", "2.1.0",
+                            "--out", str(step3)]) == 0
+    c3 = load_bundle(step3)
+    assert (c3.card.reader.segmentation_min_lesion, c3.card.reader.segmentation_max_components) == (0.6, 8)
+    assert c3.card.case_calibration == c.case_calibration and c3.card.version == "2.1.0"
+    measured = {**report, "model": {"sha256": c3.sha256},
+                "summary": {**report["summary"], "segmentation_min_lesion": None}}
+    (tmp_path / "measured.json").write_text(json.dumps(measured))
+
     (tmp_path / "other.json").write_text(json.dumps({**report, "model": {"sha256": "0" * 64}}))
     for argv, why in (
         (["--model", str(step1), "--out", str(tmp_path / "x")], "give --reader"),
@@ -611,6 +625,11 @@ def test_add_reader_puts_a_reader_in_a_bundle_then_its_refitted_calibration(tiny
         (["--model", str(tiny_bundle_dir), "--report", str(tmp_path / "report.json"), "--out", str(tmp_path / "y")], "has no reader"),
         (["--model", str(tiny_bundle_dir), "--reader", str(tmp_path / "probe.json"), "--out", str(tmp_path / "y")], "does not fit"),
         (["--model", str(tiny_bundle_dir), "--reader", str(tmp_path / "none"), "--out", str(tmp_path / "y")], "no such file"),
+        (["--model", str(step3), "--report", str(tmp_path / "measured.json"), "--out", str(tmp_path / "y")],
+         "measured with segmentation_min_lesion None"),
+        (["--model", str(step2), "--segmentation-min-lesion", "1.5", "--out", str(tmp_path / "y")],
+         "segmentation_min_lesion must be null or a probability"),
+        (["--model", str(tiny_bundle_dir), "--segmentation-min-lesion", "0.6", "--out", str(tmp_path / "y")], "has no reader"),
     ):
         with pytest.raises(SystemExit):
             add_reader.main(argv)

@@ -15,8 +15,8 @@ from umlcore.errors import BundleError
 from umlcore.fusion import (EVIDENCE_PROBABILITY_CLIP, READER_FUSION_RULES, READER_SCORE_CLIP, STACKING_TERMS,
                             calibrate_case_alpha, fuse_reader_opinion, stack_reader_opinion, stacking_features)
 from umlcore.predictor import Predictor
-from umlcore.reader import (READER_TARGETS, LesionReader, ReaderConfig, component_centres, cut_patch, read_patches,
-                            suspicion)
+from umlcore.reader import (READER_TARGETS, LesionReader, ReaderConfig, component_centres, cut_patch,
+                            largest_components, read_patches, suspicion)
 
 
 def test_config_defaults_and_validation():
@@ -29,7 +29,10 @@ def test_config_defaults_and_validation():
                           ({"pixel_mm": 0}, "pixel_mm"), ({"max_components": 0}, "max_components"),
                           ({"fusion": "mean"}, "fusion must be one of"), ({"weight": True}, "weight"),
                           ({"fusion": "logit", "weight": 4.5}, r"weight must be a number in \[0, 4\]"),
-                          ({"test_time_augmentation": "flips"}, r"test_time_augmentation must be one of \['none', 'dihedral'\]")):
+                          ({"test_time_augmentation": "flips"}, r"test_time_augmentation must be one of \['none', 'dihedral'\]"),
+                          ({"segmentation_min_lesion": 1.0}, r"segmentation_min_lesion must be null or a probability in \(0, 1\)"),
+                          ({"segmentation_min_lesion": True}, "segmentation_min_lesion"),
+                          ({"segmentation_max_components": 0}, "segmentation_max_components")):
         with pytest.raises(BundleError, match=fragment):
             ReaderConfig(**bad)
 
@@ -73,6 +76,10 @@ def test_component_centres_are_largest_first_with_the_widest_slice():
     assert (small, z2, y2, x2) == (32, 1, 3.5, 3.5)
     assert component_centres(mask, 1) == [(42, 3, 12.0, 15.0)]
     assert component_centres(np.zeros_like(mask), 2) == []
+    components, found = largest_components(mask, 3)
+    assert [f[1:] for f in found] == component_centres(mask, 3)
+    assert [int((components == cid).sum()) for cid, *_ in found] == [42, 32] and components[mask == 0].max() == 0
+    assert largest_components(np.zeros_like(mask), 2)[1] == []
 
 
 def test_patches_sample_millimetres_on_anisotropic_pixels():
@@ -401,6 +408,40 @@ def test_one_volume_or_nothing_segmented_leaves_the_network_opinion(forced, tiny
     empty = Predictor(dataclasses.replace(forced, card=card), device="cpu").predict([volume] * 3).summary
     r = empty["classification"]["reader"]
     assert not r["applied"] and "nothing was segmented" in r["reason"] and empty["lesions"] == []
+
+
+def test_reader_verified_segmentation_keeps_the_components_it_reads_as_lesions(forced, make_volume, tmp_path):
+    volume = _lesion_volume(make_volume)
+    plain = Predictor(forced, device="cpu").predict([volume] * 3)
+    p_lesion = 1 / (1 + np.exp(-8.0))  # this reader's constant lesion probability (0.99966)
+
+    def run(threshold, volumes):
+        reader = dataclasses.replace(forced.card.reader, segmentation_min_lesion=threshold)
+        return Predictor(dataclasses.replace(forced, card=dataclasses.replace(forced.card, reader=reader)),
+                         device="cpu").predict(volumes)
+
+    kept, dropped = run(0.5, [volume] * 3), run(0.9999, [volume] * 3)
+    assert p_lesion >= 0.5 and p_lesion < 0.9999
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(kept.labelmap), sitk.GetArrayFromImage(plain.labelmap))
+    assert kept.summary["postprocessing"] == {"component_max_uncertainty": None, "segmentation_min_lesion": 0.5,
+                                              "components_removed": 0}
+    assert sitk.GetArrayFromImage(dropped.labelmap).max() == 0
+    assert dropped.summary["postprocessing"]["components_removed"] == 1
+    assert dropped.summary["segments"][0]["voxel_count"] == 0
+    for s in (kept.summary, dropped.summary):  # the case opinion reads what it read before, for which it was fitted
+        assert s["classification"] == plain.summary["classification"]
+        assert [l["voxel_count"] for l in s["lesions"]] == [600]
+    assert kept.summary["lesions"][0]["in_labelmap"] and not dropped.summary["lesions"][0]["in_labelmap"]
+    assert plain.summary["lesions"][0]["in_labelmap"] and plain.summary["postprocessing"]["segmentation_min_lesion"] is None
+    # one volume: the reader does not read, so it does not verify either
+    one = run(0.9999, volume)
+    assert one.summary["postprocessing"]["segmentation_min_lesion"] is None
+    assert sitk.GetArrayFromImage(one.labelmap).max() == 1
+    # the card round-trips the two fields
+    reader = dataclasses.replace(forced.card.reader, segmentation_min_lesion=0.6, segmentation_max_components=5)
+    saved = load_bundle(save_bundle(forced.model.inner, dataclasses.replace(forced.card, reader=reader),
+                                    tmp_path / "verified", reader=forced.reader))
+    assert (saved.card.reader.segmentation_min_lesion, saved.card.reader.segmentation_max_components) == (0.6, 5)
 
 
 def test_predictor_with_the_stacked_rule(forced, make_volume, tmp_path):

@@ -24,6 +24,9 @@ Steps of :meth:`Predictor.predict`:
    is merged into the case opinion (:func:`umlcore.fusion.fuse_reader_opinion`) before the card's calibration;
    with the card's rule ``"stacked"`` the case opinion is a fitted logistic model of the network's and the most
    suspicious component's outputs (:func:`umlcore.fusion.stack_reader_opinion`), also where nothing was segmented.
+7. If the card's reader has ``segmentation_min_lesion``, the reader also checks the segmentation of such a case:
+   the labelmap written keeps the largest components of the *unfiltered* segmentation that it reads as lesions
+   (:meth:`Predictor._verify_segmentation`); the case opinion of step 6 does not change.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ from .preprocess import (
     to_slices,
     with_context,
 )
-from .reader import READER_TARGETS, component_centres, cut_patch, most_suspicious, read_patches, suspicion
+from .reader import (READER_TARGETS, component_centres, cut_patch, largest_components, most_suspicious, read_patches,
+                     suspicion)
 
 __all__ = [
     "SUMMARY_SCHEMA_VERSION",
@@ -68,6 +72,7 @@ __all__ = [
     "strict_fp32",
     "label_components",
     "remove_uncertain_components",
+    "in_labelmap",
 ]
 
 SUMMARY_SCHEMA_VERSION = 1
@@ -142,6 +147,13 @@ def remove_uncertain_components(labels: np.ndarray, uncertainty: np.ndarray,
     out = labels.copy()
     out[drop[components]] = 0
     return out, int(drop.sum())
+
+
+def in_labelmap(read: np.ndarray, written: np.ndarray, count: int) -> list[bool]:
+    """Whether each of the ``count`` largest components of ``read`` (the ones the reader read, in
+    :func:`umlcore.reader.component_centres`' order) has voxels in ``written`` (the labelmap the predictor wrote)."""
+    components, found = largest_components(read, count)
+    return [bool((written[components == cid] > 0).any()) for cid, *_ in found]
 
 
 def resolve_device(device: DeviceName) -> torch.device:
@@ -393,19 +405,30 @@ class Predictor:
 
         report("postprocess", _INFER_END, "building the outputs and the case summary")
         removed = 0
+        raw = labels
         if card.component_max_uncertainty is not None:
             labels, removed = remove_uncertain_components(labels, unc, card.component_max_uncertainty)
         single_volume = len(set(source)) < len(source)  # one volume replicated into every channel
         w_axis, h_axis = inplane_axes(axis)
         spacing = ref.GetSpacing()
-        reading = self._read_lesions(stack, labels, (spacing[h_axis], spacing[w_axis]), single_volume)
+        spacing_hw = (spacing[h_axis], spacing[w_axis])
+        verified = self._verify_segmentation(stack, raw, spacing_hw, single_volume)  # before the reading: see evaluate
+        reading = self._read_lesions(stack, labels, spacing_hw, single_volume)
+        segmentation = labels if verified is None else verified[0]
+        if verified is not None:
+            removed = verified[1]
+            if reading is not None and reading["components"]:
+                reading["in_labelmap"] = in_labelmap(labels, segmentation, len(reading["components"]))
         images = []
-        for array in (labels, unc, fg):
+        for array in (segmentation, unc, fg):
             image = sitk.GetImageFromArray(np.ascontiguousarray(from_slices(array, axis)))
             image.CopyInformation(ref)
             images.append(image)
-        summary = self._summary(case_id, ref, axis, source, single_volume, labels, unc, cls_alpha, reading)
+        summary = self._summary(case_id, ref, axis, source, single_volume, labels, unc, cls_alpha, reading,
+                                segmentation)
         summary["postprocessing"] = {"component_max_uncertainty": card.component_max_uncertainty,
+                                     "segmentation_min_lesion": None if verified is None else
+                                     card.reader.segmentation_min_lesion,
                                      "components_removed": removed}
         t3 = time.perf_counter()
         summary["timings_s"] = {
@@ -417,6 +440,31 @@ class Predictor:
         }
         report("postprocess", 1.0, "done")
         return Prediction(labelmap=images[0], uncertainty=images[1], probability=images[2], summary=summary)
+
+    def _verify_segmentation(self, stack: np.ndarray, labels: np.ndarray, spacing_hw: tuple[float, float],
+                             single_volume: bool) -> Optional[tuple[np.ndarray, int]]:
+        """The reader's check of the unfiltered ``labels (S, H, W)`` (card field ``reader.segmentation_min_lesion``).
+
+        Returns:
+            ``None`` when it does not apply (no reader, no threshold on the card, or one volume), else the labelmap
+            keeping those of the ``segmentation_max_components`` largest components whose ``lesion`` probability
+            is at least the threshold, and how many components it removed.
+        """
+        cfg = self.card.reader
+        if cfg is None or self.bundle.reader is None or cfg.segmentation_min_lesion is None or single_volume:
+            return None
+        components, found = largest_components(labels, cfg.segmentation_max_components)
+        if not found:
+            return labels, 0
+        channels = stack.transpose(1, 0, 2, 3)  # (C, S, H, W)
+        patches = np.stack([cut_patch(channels, z, y, x, spacing_hw, cfg.patch_size, cfg.context_slices, cfg.pixel_mm)
+                            for _, _, z, y, x in found])
+        with torch.inference_mode(), (strict_fp32() if self._device.type == "cuda" else contextlib.nullcontext()):
+            p = read_patches(self.bundle.reader, torch.from_numpy(patches).to(self._device),
+                             cfg.test_time_augmentation).cpu().numpy()
+        keep = [found[i][0] for i in range(len(found)) if p[i, 0] >= cfg.segmentation_min_lesion]
+        verified = np.where(np.isin(components, keep), labels, 0).astype(labels.dtype)
+        return verified, int(components.max()) - len(keep)
 
     def _read_lesions(self, stack: np.ndarray, labels: np.ndarray, spacing_hw: tuple[float, float],
                       single_volume: bool) -> Optional[dict]:
@@ -458,8 +506,12 @@ class Predictor:
         unc: np.ndarray,
         cls_alpha: np.ndarray,
         reading: Optional[dict] = None,
+        segmentation: Optional[np.ndarray] = None,
     ) -> dict:
+        """The summary dict; ``labels`` is the labelmap the case opinion read (after the uncertainty filter),
+        ``segmentation`` the one written (``labels`` when ``None``)."""
         card = self.card
+        segmentation = labels if segmentation is None else segmentation
         lesion = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
         case_alpha = fuse_slice_opinions(cls_alpha, lesion)
         network_strength = float(case_alpha.sum())
@@ -507,10 +559,11 @@ class Predictor:
                     "centre_lps": [float(v) for v in ref.TransformContinuousIndexToPhysicalPoint(ijk)],
                     "probabilities": {t: float(v) for t, v in zip(READER_TARGETS, p)},
                     "suspicion": float(suspicion(p)),
+                    "in_labelmap": bool(reading.get("in_labelmap", [True] * len(reading["p"]))[rank]),
                 })
         segments = []
         for seg in card.segments:
-            mask = labels == seg.label
+            mask = segmentation == seg.label
             count = int(mask.sum())
             segments.append({
                 "label": int(seg.label),

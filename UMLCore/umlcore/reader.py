@@ -32,7 +32,7 @@ from .errors import BundleError
 from .fusion import READER_FUSION_RULES, READER_WEIGHT_MAX, STACKING_TERMS, ReaderFusion
 
 __all__ = ["READER_TARGETS", "READER_TTA_MODES", "ReaderConfig", "LesionReader", "component_centres", "cut_patch",
-           "dihedral_views", "most_suspicious", "read_patches", "suspicion"]
+           "dihedral_views", "largest_components", "most_suspicious", "read_patches", "suspicion"]
 
 #: What the reader's three outputs mean, in order.
 READER_TARGETS = ("lesion", "spiculated", "washout")
@@ -67,6 +67,14 @@ class ReaderConfig:
             (:func:`read_patches`). The weight and calibration are fitted for one setting; changing it needs a refit.
         stacking: With ``fusion="stacked"`` (and only then): one coefficient per term of
             :data:`umlcore.fusion.STACKING_TERMS` (``training/fit_reader_fusion.py --fusion stacked`` fits them).
+        segmentation_min_lesion: ``None`` (the default, and the rule of cards written before the field existed):
+            the labelmap is the one the card's uncertainty filter leaves. A probability in (0, 1): the reader also
+            verifies the segmentation of a multi-phase case: of the ``segmentation_max_components`` largest
+            components of the unfiltered labelmap, those whose ``lesion`` probability is at least this stay in the
+            labelmap, the others (and any smaller ones) are removed. The case opinion still reads the
+            ``max_components`` largest components after the uncertainty filter (what its fusion was fitted on).
+            One volume, which the reader does not read, keeps the uncertainty filter.
+        segmentation_max_components: How many of the largest components that verification reads.
         training: Provenance and validation figures (free form, kept in the card).
     """
 
@@ -79,6 +87,8 @@ class ReaderConfig:
     fusion: ReaderFusion = "average"
     test_time_augmentation: ReaderTTA = "none"
     stacking: Optional[dict[str, float]] = None
+    segmentation_min_lesion: Optional[float] = None
+    segmentation_max_components: int = 8
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -115,6 +125,12 @@ class ReaderConfig:
         elif self.stacking is not None:
             problems.append(f"stacking coefficients belong to fusion 'stacked' only (fusion is {self.fusion!r}): "
                             "remove them or set the fusion")
+        t = self.segmentation_min_lesion
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0):
+            problems.append(f"segmentation_min_lesion must be null or a probability in (0, 1), got {t!r}")
+        if not is_int(self.segmentation_max_components) or self.segmentation_max_components < 1:
+            problems.append(f"segmentation_max_components must be a positive integer, got "
+                            f"{self.segmentation_max_components!r}")
         if problems:
             raise BundleError("the card's reader section is invalid: " + "; ".join(problems))
 
@@ -147,22 +163,23 @@ class LesionReader(nn.Module):
         return self.head(torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1))
 
 
-def component_centres(mask: np.ndarray, limit: int) -> list[tuple[int, int, float, float]]:
-    """The ``limit`` largest 6-connected 3D components of ``mask > 0``, largest first.
+def largest_components(mask: np.ndarray, limit: int) -> tuple[np.ndarray, list[tuple[int, int, int, float, float]]]:
+    """The 6-connected 3D components of ``mask > 0`` and where the ``limit`` largest are read.
 
     Args:
         mask: ``(S, H, W)`` labelmap in slice order.
         limit: How many components at most.
 
     Returns:
-        ``(voxels, slice, y, x)`` per component: its size, the slice where it has the most voxels (the first on
-        ties) and its centroid in that slice (pixels, fractional). Components of equal size come in the order of
-        their first voxel in ``mask``'s memory order.
+        ``(components, found)``: ``components`` ``(S, H, W)`` int (0 = background, then one id per component) and,
+        largest first, ``(id, voxels, slice, y, x)`` per component: its id in ``components``, its size, the slice
+        where it has the most voxels (the first on ties) and its centroid in that slice (pixels, fractional).
+        Components of equal size come in the order of their first voxel in ``mask``'s memory order.
     """
     labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((mask > 0).astype(np.uint8)), False))
     ids, first = np.unique(labels.ravel(), return_index=True)
     if ids[-1] == 0:
-        return []
+        return labels, []
     sizes = np.bincount(labels.ravel())[ids]
     keep = ids > 0
     ids, first, sizes = ids[keep], first[keep], sizes[keep]
@@ -172,8 +189,14 @@ def component_centres(mask: np.ndarray, limit: int) -> list[tuple[int, int, floa
         area = comp.reshape(comp.shape[0], -1).sum(axis=1)
         z = int(np.argmax(area))
         y, x = np.argwhere(comp[z]).mean(axis=0)
-        out.append((int(sizes[k]), z, float(y), float(x)))
-    return out
+        out.append((int(ids[k]), int(sizes[k]), z, float(y), float(x)))
+    return labels, out
+
+
+def component_centres(mask: np.ndarray, limit: int) -> list[tuple[int, int, float, float]]:
+    """``(voxels, slice, y, x)`` of the ``limit`` largest components of ``mask > 0``, largest first
+    (:func:`largest_components` without the ids)."""
+    return [found[1:] for found in largest_components(mask, limit)[1]]
 
 
 def _bilinear(image: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:

@@ -106,9 +106,11 @@ def _segmentKey(name: str) -> str:
 
 
 def _componentsRemoved(summary: Mapping[str, Any]) -> Optional[int]:
-    """Regions the model's uncertainty filter removed; ``None`` when the model has no filter (nothing ran)."""
+    """Regions the model's filters removed from the labelmap (its uncertainty filter, or the lesion reader's check of
+    the segmentation); ``None`` when neither ran."""
     post = summary.get("postprocessing") or {}
-    if post.get("component_max_uncertainty") is None or post.get("components_removed") is None:
+    ran = post.get("component_max_uncertainty") is not None or post.get("segmentation_min_lesion") is not None
+    if not ran or post.get("components_removed") is None:
         return None
     return int(post["components_removed"])
 
@@ -266,6 +268,10 @@ def _readerTexts(summary: Mapping[str, Any]) -> tuple[str, str]:
            f"(margin and kinetics). {share}")
     if alone is not None:
         tip += f" The network alone (uncalibrated) said {100 * float(alone):.0f} % {positive}."
+    dropped = sum(1 for l in lesions if l.get("in_labelmap") is False)
+    if dropped:
+        tip += (f" {dropped} of the lesions read {'is' if dropped == 1 else 'are'} not in the segmentation: the reader "
+                f"judged {'it' if dropped == 1 else 'them'} not to be a lesion.")
     return text, tip
 
 
