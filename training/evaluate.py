@@ -327,8 +327,8 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
         with second_reader(predictor, compare) as readings, \
                 reader_inputs(predictor, patches is not None) as captured:
             pred = predictor.predict(images, case_id=f"synthetic-{case.seed}")
-        if captured:
-            patches[case.seed] = captured[-1]
+        if captured and pred.summary.get("lesions"):  # the opinion's reading is the last (a check of the
+            patches[case.seed] = captured[-1]       # segmentation, card field segmentation_min_lesion, reads first)
         lab = sitk.GetArrayFromImage(pred.labelmap)
         unc = sitk.GetArrayFromImage(pred.uncertainty)
         if components:
