@@ -448,3 +448,5 @@ def test_info_shows_the_shipped_cards_post_processing_and_calibration(capsys):
         terms = ", ".join(f"{t} {v:+.3f}" for t, v in card.reader.stacking.items())
         assert f"rule stacked, {terms} in the case opinion" in text
     assert ("each read in its 8 flips and transposes" in text) == (card.reader.test_time_augmentation == "dihedral")
+    checks = f"keeps those of the 8 largest components it reads as lesions with p >= {card.reader.segmentation_min_lesion}"
+    assert (checks in text) == (card.reader.segmentation_min_lesion is not None)

@@ -362,7 +362,10 @@ def _card_text(bundle: ModelBundle) -> str:
         f"  review if uncertainty > {card.review_uncertainty:g}",
     ]
     if card.component_max_uncertainty is not None:
-        lines.append(f"  postprocess:   drop segmentation components with mean uncertainty > {card.component_max_uncertainty:g}")
+        checked = card.reader is not None and card.reader.segmentation_min_lesion is not None
+        lines.append(f"  postprocess:   drop segmentation components with mean uncertainty > {card.component_max_uncertainty:g}"
+                     + (" (from the labelmap of one volume; for multi-phase inputs, from what the case opinion reads)"
+                        if checked else ""))
     if card.reader is not None:
         r = card.reader
         params = sum(p.numel() for p in bundle.reader.parameters()) if bundle.reader is not None else 0
@@ -372,6 +375,10 @@ def _card_text(bundle: ModelBundle) -> str:
                      + (f"rule {r.fusion}, weight {r.weight:g}" if r.stacking is None else
                         "rule stacked, " + ", ".join(f"{t} {v:+.3f}" for t, v in r.stacking.items()))
                      + " in the case opinion of multi-phase inputs")
+        if r.segmentation_min_lesion is not None:
+            lines.append(f"                 multi-phase segmentation: keeps those of the {r.segmentation_max_components} "
+                         f"largest components it reads as lesions with p >= {r.segmentation_min_lesion:g} (instead of "
+                         "the uncertainty filter)")
     if card.case_calibration is not None:
         c = card.case_calibration
         lines.append(f"  calibration:   case opinion, Platt slope {c['slope']:.3f}, intercept {c['intercept']:.3f}")
