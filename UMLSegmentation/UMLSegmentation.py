@@ -531,11 +531,16 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.lesionVolumeLabel.text = "-"
         else:
             self.ui.lesionVolumeLabel.text = f"{panel.lesionVolumeMl:.2f} ml ({panel.lesionName})"
-        if panel.componentsRemoved:  # the model's uncertainty filter dropped regions: say so, they may matter
+        byReader = panel.removedBy == "reader"
+        if panel.componentsRemoved:  # the model's filter dropped regions: say so, they may matter
             n = panel.componentsRemoved
-            self.ui.lesionVolumeLabel.text += f"; {n} uncertain region{'s' if n > 1 else ''} removed"
+            kind = "region" + ("s" if n > 1 else "")
+            self.ui.lesionVolumeLabel.text += (f"; {n} {kind} not read as lesion removed" if byReader else
+                                               f"; {n} uncertain {kind} removed")
         self.ui.lesionVolumeLabel.toolTip = (
             "" if panel.componentsRemoved is None else
+            "Segmented regions that the lesion reader did not read as lesions were removed from the segmentation; "
+            "they remain visible in the uncertainty map." if byReader else
             "Segmented regions whose mean uncertainty was above the model's threshold were removed before the "
             "case opinion; they remain visible in the uncertainty map.")
         self.ui.lesionUncertaintyLabel.text = "-" if panel.lesionMeanUncertainty is None else f"{100 * panel.lesionMeanUncertainty:.1f} %"

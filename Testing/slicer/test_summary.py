@@ -77,6 +77,7 @@ def test_confidence_panel():
     verified = {**SUMMARY, "postprocessing": {"component_max_uncertainty": None, "segmentation_min_lesion": 0.6,
                                               "components_removed": 3}}
     assert caseCsvRow(verified, "c", "/in/c.nrrd", {})["components_removed"] == "3"  # the reader's check ran
+    assert confidencePanel(verified).removedBy == "reader" and confidencePanel(filtered).removedBy == "uncertainty"
     review = confidencePanel({**SUMMARY, "classification": {**SUMMARY["classification"], "verdict": "review"}, "segments": []})
     assert review.verdictColor == "#e65100" and review.lesionVolumeMl is None and review.lesionMeanUncertainty is None
     with pytest.raises(ValueError, match="no classification"):

@@ -201,8 +201,10 @@ class ConfidencePanel:
         lesionName: Name of the first segment (the lesion), or ``""``.
         lesionVolumeMl: Its volume in ml (``None`` without segments).
         lesionMeanUncertainty: Mean voxel uncertainty inside it (``None`` when it is empty).
-        componentsRemoved: Segmented regions the model's uncertainty filter removed (``None`` when the model
-            has no such filter; the regions stay visible in the uncertainty map).
+        componentsRemoved: Segmented regions the model's filter removed (``None`` when the model has no filter;
+            the regions stay visible in the uncertainty map).
+        removedBy: Which filter made the labelmap: ``"uncertainty"`` (regions whose mean uncertainty was above the
+            model's threshold) or ``"reader"`` (the lesion reader did not read them as lesions).
         singleVolume: The case was given as one volume replicated into the model's several channels (a single
             DCE phase or a subtraction image): a weaker opinion than from all channels.
         readerText: What the model's lesion reader found (``""`` when the model has none): the most suspicious
@@ -222,6 +224,7 @@ class ConfidencePanel:
     lesionVolumeMl: Optional[float]
     lesionMeanUncertainty: Optional[float]
     componentsRemoved: Optional[int] = None
+    removedBy: str = "uncertainty"
     singleVolume: bool = False
     readerText: str = ""
     readerToolTip: str = ""
@@ -307,6 +310,8 @@ def confidencePanel(summary: Mapping[str, Any]) -> ConfidencePanel:
         lesionVolumeMl=None if not lesion else float(lesion.get("volume_ml", 0.0)),
         lesionMeanUncertainty=None if meanU is None else float(meanU),
         componentsRemoved=removed,
+        removedBy="reader" if (summary.get("postprocessing") or {}).get("segmentation_min_lesion") is not None
+        else "uncertainty",
         singleVolume=len(sources) > 1 and len(set(sources)) == 1,
         readerText=readerText,
         readerToolTip=readerToolTip,
