@@ -1,0 +1,94 @@
+"""training/probe_lesion_check.py: the Dice of component choices from per-component rows, and the study end to end."""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "training"))
+
+import add_reader  # noqa: E402
+import probe_lesion_check as plc  # noqa: E402
+
+from umlcore import metrics  # noqa: E402
+from umlcore.bundle import load_bundle  # noqa: E402
+from umlcore.predictor import Predictor  # noqa: E402
+from umlcore.reader import LesionReader  # noqa: E402
+from umlcore.synthetic import generate_case  # noqa: E402
+
+
+def _component(voxels, inside, u, p_lesion):
+    return {"voxels": voxels, "inside": inside, "mean_uncertainty": u, "p": [p_lesion, 0.5, 0.5]}
+
+
+CASES = [
+    # a lesion of 100 voxels: a true component (80 inside), an uncertain true one (10 inside), a false one
+    {"seed": 1, "truth_voxels": 100, "components": [_component(100, 80, 0.02, 0.9), _component(30, 0, 0.05, 0.3),
+                                                    _component(10, 10, 0.2, 0.8)]},
+    # lesion-free, one false component the reader rejects
+    {"seed": 2, "truth_voxels": 0, "components": [_component(50, 0, 0.01, 0.6)]},
+]
+
+
+def test_dice_and_false_lesions_of_each_rule_by_hand():
+    rows = {r["rule"]: r for r in plc.table(CASES, 0.08, (0.7,), 8)}
+    assert rows["every component"]["dice_mean"] == pytest.approx(2 * 90 / (140 + 100))
+    assert rows["every component"]["lesion_free_with_component"] == 1.0
+    assert rows["mean uncertainty <= 0.08 (the card's filter)"]["dice_mean"] == pytest.approx(2 * 80 / (130 + 100))
+    checked = rows["reader lesion >= 0.7, 8 largest"]
+    assert checked["dice_mean"] == pytest.approx(2 * 90 / (110 + 100)) and checked["lesion_free_with_component"] == 0.0
+    assert rows["the true components (oracle)"]["dice_mean"] == pytest.approx(2 * 90 / (110 + 100))
+    # only the largest are read: with 1, the small true component goes
+    assert plc.mean_dice(CASES, plc.rules(None, (0.7,), 1)["reader lesion >= 0.7, 1 largest"]) == \
+        pytest.approx(2 * 80 / (100 + 100))
+    sep = plc.separation(CASES)  # true: the 100- and 10-voxel ones; false: the 30- and 50-voxel ones
+    assert (sep["true_components"], sep["false_components"]) == (2, 2)
+    assert sep["auc_reader_lesion"] == 1.0 and sep["auc_minus_mean_uncertainty"] == 0.25
+
+
+@pytest.fixture(scope="module")
+def reader_bundle(tiny_bundle_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lesion-check")
+    torch.manual_seed(0)
+    save_file(LesionReader(9).state_dict(), str(tmp / "roinet.safetensors"))
+    assert add_reader.main(["--model", str(tiny_bundle_dir), "--reader", str(tmp / "roinet.safetensors"),
+                            "--test-time-augmentation", "dihedral", "--out", str(tmp / "with-reader")]) == 0
+    return tmp / "with-reader"
+
+
+def test_study_end_to_end_matches_the_predictor(reader_bundle, tiny_bundle_dir, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert plc.main(["--model", str(reader_bundle), "--cases", "2", "--seed-from", "1000000", "--shape", "6", "32", "32",
+                     "--thresholds", "0.5", "0.9", "--out", str(out)]) == 0
+    assert "labelmap keeps" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert [c["seed"] for c in report["cases"]] == [1_000_000, 1_000_001]
+    assert [r["rule"] for r in report["table"]] == ["every component", "reader lesion >= 0.5, 8 largest",
+                                                    "reader lesion >= 0.9, 8 largest", "the true components (oracle)"]
+    # "every component" is the unfiltered labelmap of the predictor: the same Dice, the same components
+    bundle = load_bundle(reader_bundle)
+    bare = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, reader=None))
+    dices = []
+    for row in report["cases"]:
+        case = generate_case(row["seed"], shape=(6, 32, 32), label_noise=0.02)
+        labels = sitk.GetArrayFromImage(Predictor(bare, device="cpu").predict(case.to_sitk()).labelmap)
+        assert sum(k["voxels"] for k in row["components"]) == int((labels > 0).sum())
+        assert row["truth_voxels"] == int(case.mask.sum())
+        assert all(0 <= v <= 1 for k in row["components"] for v in k["p"])
+        if case.mask.any():
+            dices.append(metrics.dice(labels, case.mask))
+    assert report["table"][0]["dice_mean"] == (pytest.approx(float(np.mean(dices))) if dices else None)
+    assert report["table"][0]["lesion_free_with_component"] is None  # both cases have a lesion: null, not NaN
+
+
+def test_a_bundle_without_a_reader_is_refused(tiny_bundle_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        plc.main(["--model", str(tiny_bundle_dir), "--cases", "1"])
+    assert exc.value.code == 2 and "has no lesion reader" in capsys.readouterr().err
