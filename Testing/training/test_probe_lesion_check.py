@@ -9,18 +9,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "training"))
 
-import add_reader  # noqa: E402
 import probe_lesion_check as plc  # noqa: E402
 
 from umlcore import metrics  # noqa: E402
-from umlcore.bundle import load_bundle  # noqa: E402
+from umlcore.bundle import load_bundle, save_bundle  # noqa: E402
 from umlcore.predictor import Predictor  # noqa: E402
-from umlcore.reader import LesionReader  # noqa: E402
+from umlcore.reader import LesionReader, ReaderConfig  # noqa: E402
 from umlcore.synthetic import generate_case  # noqa: E402
 
 
@@ -54,16 +52,14 @@ def test_dice_and_false_lesions_of_each_rule_by_hand():
 
 
 @pytest.fixture(scope="module")
-def reader_bundle(tiny_bundle_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lesion-check")
+def reader_bundle(tiny_bundle, tmp_path_factory):
+    """The tiny bundle with an untrained reader, read in 8 views."""
     torch.manual_seed(0)
-    save_file(LesionReader(9).state_dict(), str(tmp / "roinet.safetensors"))
-    assert add_reader.main(["--model", str(tiny_bundle_dir), "--reader", str(tmp / "roinet.safetensors"),
-                            "--test-time-augmentation", "dihedral", "--out", str(tmp / "with-reader")]) == 0
-    return tmp / "with-reader"
+    card = dataclasses.replace(tiny_bundle.card, reader=ReaderConfig(test_time_augmentation="dihedral"))
+    return save_bundle(tiny_bundle.model, card, tmp_path_factory.mktemp("lesion-check") / "bundle", reader=LesionReader(9))
 
 
-def test_study_end_to_end_matches_the_predictor(reader_bundle, tiny_bundle_dir, tmp_path, capsys):
+def test_study_end_to_end_matches_the_predictor(reader_bundle, tmp_path, capsys):
     out = tmp_path / "rows.json"
     assert plc.main(["--model", str(reader_bundle), "--cases", "2", "--seed-from", "1000000", "--shape", "6", "32", "32",
                      "--thresholds", "0.5", "0.9", "--out", str(out)]) == 0
