@@ -12,6 +12,13 @@ so the Dice of any choice follows from these numbers) and the share of lesion-fr
   whose ``lesion`` probability is at least ``t``, for each ``t`` of ``--thresholds``;
 - the true components (an oracle: the ceiling of any choice among the network's components).
 
+With ``--report`` (an ``evaluate.py`` report of the same bundle whose ``cases`` or ``validation_cases`` rows hold
+these seeds) it also asks what the case opinion would be if the reader read the 3 largest components of the
+*checked* labelmap instead of those the uncertainty filter leaves: the card's stacked rule, as fitted, on the
+network's opinion of each row (unchanged: its slice weights come from the filtered labelmap) and the most
+suspicious of those components; AUC, NLL and ECE per threshold, beside the card's own reading (which reproduces
+the report's probabilities).
+
 Example (CPU, 2 cores: about 4 s per case and worker):
     python training/probe_lesion_check.py --model Resources/Models/uml-breast-dce-small --seed-from 1000000 \
         --cases 300 --workers 2 --out runs/seg/val.json
@@ -30,11 +37,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from umlcore import metrics
 from umlcore.bundle import load_bundle
 from umlcore.errors import BundleError
+from umlcore.fusion import stack_reader_opinion
 from umlcore.predictor import Predictor
 from umlcore.preprocess import inplane_axes, normalize, slice_axis_index, to_slices
-from umlcore.reader import cut_patch, largest_components, read_patches
+from umlcore.reader import cut_patch, largest_components, most_suspicious, read_patches
 from umlcore.synthetic import generate_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,6 +147,46 @@ def separation(cases: list[dict]) -> dict:
             "auc_minus_mean_uncertainty": _auc(np.array([-k["mean_uncertainty"] for k in both]), y)}
 
 
+def opinions(cases: list[dict], report_rows: dict[int, dict], card, keep: Callable[[int, dict], bool],
+             read: int = 3) -> np.ndarray:
+    """The stacked case probability of each case if the reader read the ``read`` largest components ``keep`` keeps.
+
+    Args:
+        cases: :func:`probe_case` rows.
+        report_rows: ``evaluate.py`` rows by seed (their ``network_positive_probability``, ``network_uncertainty``).
+        card: A card with the reader rule ``"stacked"``.
+        keep: The labelmap's rule, as in :func:`rules`.
+    """
+    out = []
+    for c in cases:
+        row = report_rows[c["seed"]]
+        p, strength = row["network_positive_probability"], 2.0 / row["network_uncertainty"]
+        alpha = np.maximum(np.array([strength * (1 - p), strength * p]), 1.0)  # 1 - p may round below 1 / S
+        kept = [k for i, k in enumerate(c["components"]) if keep(i, k)][:read]
+        top = most_suspicious(np.array([k["p"] for k in kept])) if kept else None
+        a = stack_reader_opinion(alpha, top, card.reader.stacking, card.positive_class)
+        out.append(a[card.positive_class] / a.sum())
+    return np.array(out)
+
+
+def opinion_table(cases: list[dict], report_rows: dict[int, dict], card, thresholds: tuple[float, ...],
+                  max_components: int) -> list[dict]:
+    """AUC, NLL and ECE of :func:`opinions` for the card's own reading and each threshold's checked labelmap."""
+    y = np.array([report_rows[c["seed"]]["label"] for c in cases])
+    choices = {"the card's (after its uncertainty filter)": lambda i, k: (
+        card.component_max_uncertainty is None or k["mean_uncertainty"] <= card.component_max_uncertainty)}
+    for t in thresholds:
+        choices[f"the checked labelmap, reader lesion >= {t:g}"] = \
+            lambda i, k, t=t: i < max_components and k["p"][0] >= t
+    rows = []
+    for name, keep in choices.items():
+        p = opinions(cases, report_rows, card, keep, card.reader.max_components)
+        probs = np.stack([1 - p, p], axis=1)
+        rows.append({"opinion_reads": name, "auc": metrics.roc_auc(p, y), "nll": metrics.nll(probs, y),
+                     "ece": metrics.expected_calibration_error(probs, y)})
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a bundle folder with a lesion reader")
@@ -148,6 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-components", type=int, default=8, help="the reader's check reads this many largest")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--out", type=Path, help="write the per-case rows and the table here (JSON)")
+    p.add_argument("--report", type=Path, help="evaluate.py report.json holding these seeds: the opinion what-if")
     args = p.parse_args(argv)
     if args.cases < 1 or args.max_components < 1:
         p.error("--cases and --max-components must be at least 1")
@@ -159,6 +209,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(str(err))
     if bundle.reader is None:
         p.error(f"{args.model} has no lesion reader: the check needs one (training/add_reader.py)")
+    report_rows = None
+    if args.report is not None:
+        if bundle.card.reader.fusion != "stacked":
+            p.error(f"--report: the what-if applies the reader rule 'stacked'; {args.model} has "
+                    f"{bundle.card.reader.fusion!r}")
+        if not args.report.is_file():
+            p.error(f"--report {args.report}: no such file")
+        report = json.loads(args.report.read_text())
+        report_rows = {r["seed"]: r for key in ("validation_cases", "cases") for r in report.get(key) or []}
+        missing = [s for s in range(args.seed_from, args.seed_from + args.cases) if s not in report_rows]
+        if missing:
+            p.error(f"--report {args.report} has no rows for {len(missing)} of these seeds (first {missing[0]}): "
+                    "give the evaluate.py report of these cases")
     model = str(Path(args.model).resolve())
     jobs = [(model, s, tuple(args.shape)) for s in range(args.seed_from, args.seed_from + args.cases)]
     cases = list(ordered_map(probe_case, jobs, args.workers))
@@ -174,10 +237,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{'labelmap keeps':55s} {'mean Dice':>9s} {'lesion-free with a component':>29s}")
     for r in rows:
         print(f"{r['rule']:55s} {fmt(r['dice_mean'], '.4f'):>9s} {fmt(r['lesion_free_with_component'], '.2f'):>29s}")
+    what_if = None
+    if report_rows is not None:
+        what_if = opinion_table(cases, report_rows, bundle.card, tuple(args.thresholds), args.max_components)
+        print(f"\n{'the case opinion reads the ' + str(bundle.card.reader.max_components) + ' largest of':55s} "
+              f"{'AUC':>7s} {'NLL':>7s} {'ECE':>7s}")
+        for r in what_if:
+            print(f"{r['opinion_reads']:55s} {fmt(r['auc'], '.4f'):>7s} {fmt(r['nll'], '.4f'):>7s} {fmt(r['ece'], '.4f'):>7s}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": model, "command": " ".join(sys.argv), "table": rows,
-                                        "separation": sep, "cases": cases}, indent=1))
+                                        "separation": sep, "opinion_what_if": what_if, "cases": cases}, indent=1))
     return 0
 
 

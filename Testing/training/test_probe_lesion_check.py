@@ -88,3 +88,31 @@ def test_a_bundle_without_a_reader_is_refused(tiny_bundle_dir, capsys):
     with pytest.raises(SystemExit) as exc:
         plc.main(["--model", str(tiny_bundle_dir), "--cases", "1"])
     assert exc.value.code == 2 and "has no lesion reader" in capsys.readouterr().err
+
+
+def test_opinion_what_if_reads_the_most_suspicious_of_the_chosen_components(tiny_bundle):
+    from umlcore.fusion import stack_reader_opinion
+
+    coefficients = {"intercept": -0.5, "network": 0.2, "suspicion": 1.0, "lesion": 0.1, "spiculated": -0.3,
+                    "washout": 0.4}
+    reader = ReaderConfig(fusion="stacked", weight=1.0, stacking=coefficients)
+    card = dataclasses.replace(tiny_bundle.card, reader=reader, component_max_uncertainty=0.08)
+    rows = {1: {"network_positive_probability": 0.3, "network_uncertainty": 0.2, "label": 1},
+            2: {"network_positive_probability": 0.6, "network_uncertainty": 0.5, "label": 0}}
+
+    def expected(p, u, top):
+        a = stack_reader_opinion(np.array([2 / u * (1 - p), 2 / u * p]), top, coefficients)
+        return a[1] / a.sum()
+
+    # the card's reading: case 1 reads its two certain components, the first the more suspicious (p 0.9 vs 0.3);
+    # case 2 its one component
+    card_reading = plc.opinions(CASES, rows, card, lambda i, k: k["mean_uncertainty"] <= 0.08)
+    np.testing.assert_allclose(card_reading, [expected(0.3, 0.2, np.array([0.9, 0.5, 0.5])),
+                                              expected(0.6, 0.5, np.array([0.6, 0.5, 0.5]))])
+    # the checked labelmap at 0.7: case 2 keeps nothing, so the stacked rule reads the network alone
+    checked = plc.opinions(CASES, rows, card, lambda i, k: k["p"][0] >= 0.7)
+    assert checked[1] == pytest.approx(expected(0.6, 0.5, None))
+    table = plc.opinion_table(CASES, rows, card, (0.7,), 8)
+    assert [r["opinion_reads"] for r in table] == ["the card's (after its uncertainty filter)",
+                                                   "the checked labelmap, reader lesion >= 0.7"]
+    assert table[0]["auc"] == (1.0 if card_reading[0] > card_reading[1] else 0.0)
