@@ -49,9 +49,17 @@ from umlcore.reader import READER_TTA_MODES, LesionReader, ReaderConfig
 PROBE_COMMAND = ("python training/probe_roi.py --model Resources/Models/uml-breast-dce-small --out runs/roi "
                  "--train-cases 1000 --val-cases 200 --test-cases 200 --steps 4000 --batch 32")
 
+CHECK_SENTENCE = ("For multi-phase inputs the segmentation keeps only the regions the reader reads as lesions.")
 READER_SENTENCE = ("A lesion reader (a second, small network) reads the margin and kinetics of the largest segmented "
                    "lesions from patches of all phases; its score is merged into the case opinion of multi-phase "
                    "inputs.")
+
+
+def _insert_sentence(description: str, sentence: str) -> str:
+    """``description`` with ``sentence`` before its "Research use only" notice (or at its end)."""
+    if " Research use only" in description:
+        return description.replace(" Research use only", f" {sentence} Research use only", 1)
+    return f"{description} {sentence}".strip()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -99,6 +107,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 segmentation_max_components=args.segmentation_max_components))
         except BundleError as err:
             p.error(str(err))
+        if CHECK_SENTENCE not in card.description:
+            card = dataclasses.replace(card, description=_insert_sentence(card.description, CHECK_SENTENCE))
     elif args.reader is not None:
         if card.architecture.num_classes != 2:
             p.error(f"{args.model} is not a binary model: the reader's score is one class's probability")
@@ -114,8 +124,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             p.error(f"{args.reader} does not fit a reader of {config}: {err}")
         description = card.description
         if READER_SENTENCE not in description:
-            description = description.replace(" Research use only", f" {READER_SENTENCE} Research use only", 1) \
-                if " Research use only" in description else f"{description} {READER_SENTENCE}".strip()
+            description = _insert_sentence(description, READER_SENTENCE)
         card = dataclasses.replace(card, reader=config, description=description)
     else:
         if reader is None:

@@ -613,6 +613,7 @@ def test_add_reader_puts_a_reader_in_a_bundle_then_its_refitted_calibration(tiny
     c3 = load_bundle(step3)
     assert (c3.card.reader.segmentation_min_lesion, c3.card.reader.segmentation_max_components) == (0.6, 8)
     assert c3.card.case_calibration == c.case_calibration and c3.card.version == "2.1.0"
+    assert c3.card.description.count(add_reader.CHECK_SENTENCE) == 1
     measured = {**report, "model": {"sha256": c3.sha256},
                 "summary": {**report["summary"], "segmentation_min_lesion": None}}
     (tmp_path / "measured.json").write_text(json.dumps(measured))
