@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -95,7 +96,13 @@ def build_patches(seeds: range, shape, norm: Normalization, size: int, context: 
 
 def predicted_cases(bundle: ModelBundle, seeds: range, shape) -> Iterator[tuple]:
     """``(seed, case, prediction, normalised case, predicted labelmap (S, H, W) in slice order)`` for each seed: the
-    bundle's predictor end to end on the generated case."""
+    bundle's predictor end to end on the generated case. The labelmap is the one whose components the case opinion
+    reads (after the uncertainty filter), also for a card whose reader checks the written labelmap
+    (``reader.segmentation_min_lesion``: that check is left out here, or it would hide the false lesions)."""
+    reader = bundle.card.reader
+    if reader is not None and reader.segmentation_min_lesion is not None:
+        bundle = dataclasses.replace(bundle, card=dataclasses.replace(
+            bundle.card, reader=dataclasses.replace(reader, segmentation_min_lesion=None)))
     predictor = Predictor(bundle, device="cpu", batch_size=8)
     norm = bundle.card.input.normalization
     for seed in seeds:

@@ -546,6 +546,26 @@ def test_roi_loss_reads_margin_and_kinetics_only_where_a_lesion_is():
     assert logits.grad[1, 1:].abs().sum() == 0 and logits.grad[0].abs().min() > 0
 
 
+def test_roi_probe_mines_the_components_the_opinion_reads(tiny_bundle, monkeypatch):
+    from umlcore.predictor import Predictor
+    from umlcore.reader import LesionReader, ReaderConfig
+
+    card = dataclasses.replace(tiny_bundle.card, reader=ReaderConfig(segmentation_min_lesion=0.75))
+    bundle = dataclasses.replace(tiny_bundle, card=card, reader=LesionReader(9))
+    seen = []
+
+    class Spy(Predictor):
+        def __init__(self, b, **kwargs):
+            seen.append(b.card.reader.segmentation_min_lesion)
+            super().__init__(b, **kwargs)
+
+    monkeypatch.setattr(probe_roi, "Predictor", Spy)
+    seed, *_, labels = next(probe_roi.predicted_cases(bundle, range(1_000_000, 1_000_001), (6, 32, 32)))
+    assert seed == 1_000_000 and labels.shape == (6, 32, 32)
+    assert seen == [None]  # the reader's check of the written labelmap is left out: it would hide the false lesions
+    assert bundle.card.reader.segmentation_min_lesion == 0.75  # the caller's bundle is not modified
+
+
 def test_roi_probe_trains_and_reports_end_to_end(tiny_bundle_dir, tmp_path, capsys):
     args = ["--model", str(tiny_bundle_dir), "--out", str(tmp_path), "--train-cases", "20", "--val-cases", "20",
             "--test-cases", "20", "--shape", "6", "48", "48", "--size", "24", "--crop", "16", "--steps", "2",
