@@ -19,7 +19,9 @@ Two steps, because the case calibration must be refitted on opinions that includ
 ``--segmentation-min-lesion T`` (alone) sets the card's ``reader.segmentation_min_lesion``: the reader then also
 checks the segmentation of multi-phase cases (the labelmap keeps the largest components it reads as lesions with at
 least that probability; ``--segmentation-max-components``, default 8, of them are read). The case opinion does not
-change, so the calibration stands; measure the Dice with evaluate.py and put the report in with step 2.
+change, so the calibration stands; measure the Dice with evaluate.py and put the report in with step 2. With
+``--opinion-reads checked`` the case opinion reads the checked labelmap instead: refit its fusion
+(``probe_lesion_check.py --fit-report``, then ``fit_reader_fusion.py``).
 
 Example:
     python training/add_reader.py --model Resources/Models/uml-breast-dce-small \
@@ -44,7 +46,7 @@ from safetensors.torch import load_file
 
 from umlcore.bundle import load_bundle, save_bundle
 from umlcore.errors import BundleError
-from umlcore.reader import READER_TTA_MODES, LesionReader, ReaderConfig
+from umlcore.reader import OPINION_READS, READER_TTA_MODES, LesionReader, ReaderConfig
 
 PROBE_COMMAND = ("python training/probe_roi.py --model Resources/Models/uml-breast-dce-small --out runs/roi "
                  "--train-cases 1000 --val-cases 200 --test-cases 200 --steps 4000 --batch 32")
@@ -79,12 +81,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "probability, in (0, 1)")
     p.add_argument("--segmentation-max-components", type=int, default=8,
                    help="with --segmentation-min-lesion: how many of the largest components it reads (default 8)")
+    p.add_argument("--opinion-reads", choices=OPINION_READS, default="filtered",
+                   help="with --segmentation-min-lesion: the case opinion reads the components of the uncertainty-"
+                        "filtered labelmap (default) or of the checked one (its fusion must then be refitted)")
     p.add_argument("--version", help="the new bundle's version (default: --model's)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     if args.test_time_augmentation != "none" and args.reader is None:
         p.error("--test-time-augmentation belongs to step 1 (--reader): the report of step 2 was measured with the "
                 "card's setting")
+    if args.opinion_reads != "filtered" and args.segmentation_min_lesion is None:
+        p.error("--opinion-reads belongs to the check of the segmentation: add --segmentation-min-lesion")
     if sum(a is not None for a in (args.reader, args.report, args.segmentation_min_lesion)) != 1:
         p.error("give --reader (step 1: add a reader), --report (step 2: its refitted calibration) or "
                 "--segmentation-min-lesion (the reader checks the segmentation), one of them")
@@ -104,7 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             card = dataclasses.replace(card, reader=dataclasses.replace(
                 card.reader, segmentation_min_lesion=args.segmentation_min_lesion,
-                segmentation_max_components=args.segmentation_max_components))
+                segmentation_max_components=args.segmentation_max_components, opinion_reads=args.opinion_reads))
         except BundleError as err:
             p.error(str(err))
         if CHECK_SENTENCE not in card.description:

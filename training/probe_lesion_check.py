@@ -17,7 +17,10 @@ these seeds) it also asks what the case opinion would be if the reader read the 
 *checked* labelmap instead of those the uncertainty filter leaves: the card's stacked rule, as fitted, on the
 network's opinion of each row (unchanged: its slice weights come from the filtered labelmap) and the most
 suspicious of those components; AUC, NLL and ECE per threshold, beside the card's own reading (which reproduces
-the report's probabilities).
+the report's probabilities). ``--fit-report`` writes those cases' rows for that reading (the card's
+``reader.segmentation_min_lesion``, or ``--fit-threshold``) as an ``evaluate.py``-style report that
+``fit_reader_fusion.py --fusion stacked`` takes, for a card whose ``reader.opinion_reads`` is ``"checked"``;
+``--from-rows`` reuses an earlier ``--out`` instead of running the network again.
 
 Example (CPU, 2 cores: about 4 s per case and worker):
     python training/probe_lesion_check.py --model Resources/Models/uml-breast-dce-small --seed-from 1000000 \
@@ -43,7 +46,7 @@ from umlcore.errors import BundleError
 from umlcore.fusion import stack_reader_opinion
 from umlcore.predictor import Predictor
 from umlcore.preprocess import inplane_axes, normalize, slice_axis_index, to_slices
-from umlcore.reader import cut_patch, largest_components, most_suspicious, read_patches
+from umlcore.reader import cut_patch, largest_components, most_suspicious, read_patches, suspicion
 from umlcore.synthetic import generate_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -187,6 +190,29 @@ def opinion_table(cases: list[dict], report_rows: dict[int, dict], card, thresho
     return rows
 
 
+def fit_rows(cases: list[dict], report: dict, card, threshold: float, max_components: int) -> dict:
+    """An ``evaluate.py``-style report of ``cases`` whose reader fields are those of the opinion reading the labelmap
+    checked at ``threshold`` (the card's ``max_components`` largest of the ``max_components`` largest components
+    kept), for ``fit_reader_fusion.py``. Each case keeps its section of ``report`` (``validation_cases`` or
+    ``cases``) and the network's opinion and labels of its row there."""
+    sections = {r["seed"]: key for key in ("validation_cases", "cases") for r in report.get(key) or []}
+    rows = {r["seed"]: r for key in ("validation_cases", "cases") for r in report.get(key) or []}
+    out: dict = {"dataset": report.get("dataset"),
+                 "summary": {"component_max_uncertainty": card.component_max_uncertainty,
+                             "segmentation_min_lesion": threshold},
+                 "validation_cases": [], "cases": []}
+    for c in cases:
+        row = rows[c["seed"]]
+        kept = [k for i, k in enumerate(c["components"]) if i < max_components and k["p"][0] >= threshold]
+        kept = kept[:card.reader.max_components]
+        top = [float(v) for v in most_suspicious(np.array([k["p"] for k in kept]))] if kept else None
+        out[sections[c["seed"]]].append({
+            **{k: row[k] for k in ("seed", "label", "clean_label", "network_positive_probability", "network_uncertainty")},
+            "reader_score": None if top is None else float(suspicion(np.array(top))),
+            "reader_probabilities": top})
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a bundle folder with a lesion reader")
@@ -198,18 +224,42 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--out", type=Path, help="write the per-case rows and the table here (JSON)")
     p.add_argument("--report", type=Path, help="evaluate.py report.json holding these seeds: the opinion what-if")
+    p.add_argument("--from-rows", type=Path, help="take the cases from this earlier --out instead of running the "
+                                                  "network (--cases, --seed-from, --shape, --workers then unused)")
+    p.add_argument("--fit-report", type=Path,
+                   help="with --report: write the case rows of the opinion reading the checked labelmap (threshold "
+                        "--fit-threshold) as an evaluate.py-style report, for fit_reader_fusion.py")
+    p.add_argument("--fit-threshold", type=float, help="default: the card's reader.segmentation_min_lesion")
     args = p.parse_args(argv)
     if args.cases < 1 or args.max_components < 1:
         p.error("--cases and --max-components must be at least 1")
     if not all(0 < t < 1 for t in args.thresholds):
         p.error("--thresholds are probabilities in (0, 1)")
+    if args.fit_report is not None and args.report is None:
+        p.error("--fit-report needs --report (the network's opinion of each case comes from its rows)")
     try:
         bundle = load_bundle(args.model)
     except BundleError as err:
         p.error(str(err))
     if bundle.reader is None:
         p.error(f"{args.model} has no lesion reader: the check needs one (training/add_reader.py)")
-    report_rows = None
+    fit_threshold = args.fit_threshold if args.fit_threshold is not None else bundle.card.reader.segmentation_min_lesion
+    if args.fit_report is not None and (fit_threshold is None or not 0 < fit_threshold < 1):
+        p.error("--fit-report: give --fit-threshold in (0, 1) (the card has no reader.segmentation_min_lesion)")
+    model = str(Path(args.model).resolve())
+    if args.from_rows is not None:
+        try:
+            saved = json.loads(args.from_rows.read_text())
+            cases = saved["cases"]
+        except (OSError, ValueError, KeyError) as err:
+            p.error(f"--from-rows {args.from_rows}: not an --out of this script ({err})")
+        if saved.get("sha256", bundle.sha256) != bundle.sha256:
+            p.error(f"--from-rows {args.from_rows} was measured with other weights: use its model or run again")
+    else:
+        jobs = [(model, s, tuple(args.shape)) for s in range(args.seed_from, args.seed_from + args.cases)]
+        cases = list(ordered_map(probe_case, jobs, args.workers))
+    seeds = [c["seed"] for c in cases]
+    report, report_rows = None, None
     if args.report is not None:
         if bundle.card.reader.fusion != "stacked":
             p.error(f"--report: the what-if applies the reader rule 'stacked'; {args.model} has "
@@ -218,17 +268,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             p.error(f"--report {args.report}: no such file")
         report = json.loads(args.report.read_text())
         report_rows = {r["seed"]: r for key in ("validation_cases", "cases") for r in report.get(key) or []}
-        missing = [s for s in range(args.seed_from, args.seed_from + args.cases) if s not in report_rows]
+        missing = [s for s in seeds if s not in report_rows]
         if missing:
             p.error(f"--report {args.report} has no rows for {len(missing)} of these seeds (first {missing[0]}): "
                     "give the evaluate.py report of these cases")
-    model = str(Path(args.model).resolve())
-    jobs = [(model, s, tuple(args.shape)) for s in range(args.seed_from, args.seed_from + args.cases)]
-    cases = list(ordered_map(probe_case, jobs, args.workers))
     rows = table(cases, bundle.card.component_max_uncertainty, tuple(args.thresholds), args.max_components)
     sep = separation(cases)
-    print(f"{len(cases)} cases (seeds {args.seed_from}..{args.seed_from + args.cases - 1}), "
-          f"{sum(c['truth_voxels'] > 0 for c in cases)} with a lesion")
+    print(f"{len(cases)} cases (seeds {min(seeds)}..{max(seeds)}), {sum(c['truth_voxels'] > 0 for c in cases)} "
+          "with a lesion")
+
     def fmt(v: Optional[float], spec: str) -> str:
         return "-" if v is None or np.isnan(v) else format(v, spec)
 
@@ -246,8 +294,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{r['opinion_reads']:55s} {fmt(r['auc'], '.4f'):>7s} {fmt(r['nll'], '.4f'):>7s} {fmt(r['ece'], '.4f'):>7s}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": model, "command": " ".join(sys.argv), "table": rows,
-                                        "separation": sep, "opinion_what_if": what_if, "cases": cases}, indent=1))
+        args.out.write_text(json.dumps({"model": model, "sha256": bundle.sha256, "command": " ".join(sys.argv),
+                                        "table": rows, "separation": sep, "opinion_what_if": what_if,
+                                        "cases": cases}, indent=1))
+    if args.fit_report is not None:
+        fit = fit_rows(cases, report, bundle.card, fit_threshold, args.max_components)
+        fit.update(model={"id": bundle.card.id, "version": bundle.card.version, "sha256": bundle.sha256,
+                          "path": model}, command=" ".join(sys.argv))
+        args.fit_report.parent.mkdir(parents=True, exist_ok=True)
+        args.fit_report.write_text(json.dumps(fit, indent=1))
+        print(f"wrote {args.fit_report}: {sum(len(fit[k]) for k in ('validation_cases', 'cases'))} case rows of the "
+              f"opinion reading the labelmap checked at {fit_threshold:g}")
     return 0
 
 

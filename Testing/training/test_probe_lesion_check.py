@@ -116,3 +116,38 @@ def test_opinion_what_if_reads_the_most_suspicious_of_the_chosen_components(tiny
     assert [r["opinion_reads"] for r in table] == ["the card's (after its uncertainty filter)",
                                                    "the checked labelmap, reader lesion >= 0.7"]
     assert table[0]["auc"] == (1.0 if card_reading[0] > card_reading[1] else 0.0)
+
+
+def test_fit_report_from_saved_rows_is_what_fit_reader_fusion_pools(tiny_bundle, tmp_path, capsys):
+    import fit_reader_fusion
+
+    coefficients = {"intercept": -0.5, "network": 0.2, "suspicion": 1.0, "lesion": 0.1, "spiculated": -0.3,
+                    "washout": 0.4}
+    reader = ReaderConfig(fusion="stacked", weight=1.0, stacking=coefficients, segmentation_min_lesion=0.7,
+                          opinion_reads="checked")
+    card = dataclasses.replace(tiny_bundle.card, reader=reader, case_calibration={"slope": 1.0, "intercept": 0.0})
+    bundle = save_bundle(tiny_bundle.model, card, tmp_path / "checked", reader=LesionReader(9))
+    sha = load_bundle(bundle).sha256
+    (tmp_path / "rows.json").write_text(json.dumps({"cases": CASES}))
+    report = {"model": {"sha256": sha}, "dataset": "2 synthetic cases, shape (6, 32, 32)",
+              "summary": {"component_max_uncertainty": None},
+              "validation_cases": [{"seed": 1, "label": 1, "clean_label": 1, "network_positive_probability": 0.3,
+                                    "network_uncertainty": 0.2, "reader_score": 0.1}],
+              "cases": [{"seed": 2, "label": 0, "clean_label": 0, "network_positive_probability": 0.6,
+                         "network_uncertainty": 0.5, "reader_score": 0.2}]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    fit = tmp_path / "fit.json"
+    assert plc.main(["--model", str(bundle), "--from-rows", str(tmp_path / "rows.json"), "--report",
+                     str(tmp_path / "report.json"), "--thresholds", "0.7", "--fit-report", str(fit)]) == 0
+    assert "2 case rows of the opinion reading the labelmap checked at 0.7" in capsys.readouterr().out
+    written = json.loads(fit.read_text())
+    (v,), (t,) = written["validation_cases"], written["cases"]
+    assert v["seed"] == 1 and v["reader_probabilities"] == [0.9, 0.5, 0.5]  # the most suspicious kept component
+    assert v["reader_score"] == pytest.approx(0.9 * 0.75) and v["network_positive_probability"] == 0.3
+    assert t["seed"] == 2 and t["reader_probabilities"] is None and t["reader_score"] is None  # 0.6 < 0.7: none kept
+    rows, groups = fit_reader_fusion.pooled_rows([fit], load_bundle(bundle), pytest.fail)
+    assert [r["seed"] for r in rows] == [1, 2] and set(groups) == {"validation", f"{fit}: test cases"}
+    with pytest.raises(SystemExit):  # rows measured with other weights
+        (tmp_path / "other.json").write_text(json.dumps({"sha256": "0" * 64, "cases": CASES}))
+        plc.main(["--model", str(bundle), "--from-rows", str(tmp_path / "other.json")])
+    assert "measured with other weights" in capsys.readouterr().err

@@ -633,7 +633,10 @@ def test_add_reader_puts_a_reader_in_a_bundle_then_its_refitted_calibration(tiny
     c3 = load_bundle(step3)
     assert (c3.card.reader.segmentation_min_lesion, c3.card.reader.segmentation_max_components) == (0.6, 8)
     assert c3.card.case_calibration == c.case_calibration and c3.card.version == "2.1.0"
-    assert c3.card.description.count(add_reader.CHECK_SENTENCE) == 1
+    assert c3.card.description.count(add_reader.CHECK_SENTENCE) == 1 and c3.card.reader.opinion_reads == "filtered"
+    assert add_reader.main(["--model", str(step2), "--segmentation-min-lesion", "0.6", "--opinion-reads", "checked",
+                            "--out", str(tmp_path / "step3b")]) == 0
+    assert load_bundle(tmp_path / "step3b").card.reader.opinion_reads == "checked"
     measured = {**report, "model": {"sha256": c3.sha256},
                 "summary": {**report["summary"], "segmentation_min_lesion": None}}
     (tmp_path / "measured.json").write_text(json.dumps(measured))
@@ -651,6 +654,7 @@ def test_add_reader_puts_a_reader_in_a_bundle_then_its_refitted_calibration(tiny
         (["--model", str(step2), "--segmentation-min-lesion", "1.5", "--out", str(tmp_path / "y")],
          "segmentation_min_lesion must be null or a probability"),
         (["--model", str(tiny_bundle_dir), "--segmentation-min-lesion", "0.6", "--out", str(tmp_path / "y")], "has no reader"),
+        (["--model", str(step2), "--opinion-reads", "checked", "--out", str(tmp_path / "y")], "add --segmentation-min-lesion"),
     ):
         with pytest.raises(SystemExit):
             add_reader.main(argv)

@@ -32,7 +32,9 @@ def test_config_defaults_and_validation():
                           ({"test_time_augmentation": "flips"}, r"test_time_augmentation must be one of \['none', 'dihedral'\]"),
                           ({"segmentation_min_lesion": 1.0}, r"segmentation_min_lesion must be null or a probability in \(0, 1\)"),
                           ({"segmentation_min_lesion": True}, "segmentation_min_lesion"),
-                          ({"segmentation_max_components": 0}, "segmentation_max_components")):
+                          ({"segmentation_max_components": 0}, "segmentation_max_components"),
+                          ({"opinion_reads": "raw"}, r"opinion_reads must be one of \['filtered', 'checked'\]"),
+                          ({"opinion_reads": "checked"}, "set segmentation_min_lesion too")):
         with pytest.raises(BundleError, match=fragment):
             ReaderConfig(**bad)
 
@@ -437,11 +439,30 @@ def test_reader_verified_segmentation_keeps_the_components_it_reads_as_lesions(f
     one = run(0.9999, volume)
     assert one.summary["postprocessing"]["segmentation_min_lesion"] is None
     assert sitk.GetArrayFromImage(one.labelmap).max() == 1
-    # the card round-trips the two fields
-    reader = dataclasses.replace(forced.card.reader, segmentation_min_lesion=0.6, segmentation_max_components=5)
+    # the card round-trips the three fields
+    reader = dataclasses.replace(forced.card.reader, segmentation_min_lesion=0.6, segmentation_max_components=5,
+                                 opinion_reads="checked")
     saved = load_bundle(save_bundle(forced.model.inner, dataclasses.replace(forced.card, reader=reader),
                                     tmp_path / "verified", reader=forced.reader))
-    assert (saved.card.reader.segmentation_min_lesion, saved.card.reader.segmentation_max_components) == (0.6, 5)
+    assert (saved.card.reader.segmentation_min_lesion, saved.card.reader.segmentation_max_components,
+            saved.card.reader.opinion_reads) == (0.6, 5, "checked")
+
+
+def test_the_opinion_can_read_the_checked_labelmap(forced, make_volume):
+    volume = _lesion_volume(make_volume)
+    plain = Predictor(forced, device="cpu").predict([volume] * 3).summary
+
+    def run(threshold):
+        reader = dataclasses.replace(forced.card.reader, segmentation_min_lesion=threshold, opinion_reads="checked")
+        return Predictor(dataclasses.replace(forced, card=dataclasses.replace(forced.card, reader=reader)),
+                         device="cpu").predict([volume] * 3).summary
+
+    kept, dropped = run(0.5), run(0.9999)
+    assert kept["classification"] == plain["classification"] and kept["lesions"][0]["in_labelmap"]
+    # the check removed the only component: the opinion reads nothing, although the filtered labelmap had it
+    r = dropped["classification"]["reader"]
+    assert not r["applied"] and "nothing was segmented" in r["reason"] and dropped["lesions"] == []
+    assert r["network_probabilities"] == plain["classification"]["reader"]["network_probabilities"]  # slice weights
 
 
 def test_predictor_with_the_stacked_rule(forced, make_volume, tmp_path):

@@ -26,7 +26,9 @@ Steps of :meth:`Predictor.predict`:
    suspicious component's outputs (:func:`umlcore.fusion.stack_reader_opinion`), also where nothing was segmented.
 7. If the card's reader has ``segmentation_min_lesion``, the reader also checks the segmentation of such a case:
    the labelmap written keeps the largest components of the *unfiltered* segmentation that it reads as lesions
-   (:meth:`Predictor._verify_segmentation`); the case opinion of step 6 does not change.
+   (:meth:`Predictor._verify_segmentation`); the case opinion of step 6 reads the filtered labelmap as before, or,
+   with the card's ``reader.opinion_reads`` ``"checked"``, the checked one (the network's slice weights stay those of
+   the filtered labelmap).
 """
 
 from __future__ import annotations
@@ -413,11 +415,12 @@ class Predictor:
         spacing = ref.GetSpacing()
         spacing_hw = (spacing[h_axis], spacing[w_axis])
         verified = self._verify_segmentation(stack, raw, spacing_hw, single_volume)  # before the reading: see evaluate
-        reading = self._read_lesions(stack, labels, spacing_hw, single_volume)
         segmentation = labels if verified is None else verified[0]
+        checked = verified is not None and card.reader.opinion_reads == "checked"
+        reading = self._read_lesions(stack, segmentation if checked else labels, spacing_hw, single_volume)
         if verified is not None:
             removed = verified[1]
-            if reading is not None and reading["components"]:
+            if reading is not None and reading["components"] and not checked:
                 reading["in_labelmap"] = in_labelmap(labels, segmentation, len(reading["components"]))
         images = []
         for array in (segmentation, unc, fg):

@@ -31,7 +31,7 @@ import torch.nn as nn
 from .errors import BundleError
 from .fusion import READER_FUSION_RULES, READER_WEIGHT_MAX, STACKING_TERMS, ReaderFusion
 
-__all__ = ["READER_TARGETS", "READER_TTA_MODES", "ReaderConfig", "LesionReader", "component_centres", "cut_patch",
+__all__ = ["OPINION_READS", "READER_TARGETS", "READER_TTA_MODES", "ReaderConfig", "LesionReader", "component_centres", "cut_patch",
            "dihedral_views", "largest_components", "most_suspicious", "read_patches", "suspicion"]
 
 #: What the reader's three outputs mean, in order.
@@ -41,6 +41,11 @@ ReaderTTA = Literal["none", "dihedral"]
 #: Test-time augmentation of the reader's patches: ``"none"``, or ``"dihedral"``: the mean probability over the
 #: patch's 8 flips and transposes (the symmetries the reader was trained with).
 READER_TTA_MODES: tuple[str, ...] = ("none", "dihedral")
+
+OpinionReads = Literal["filtered", "checked"]
+#: Which labelmap's components the reader reads for the case opinion: ``"filtered"``, the one the card's uncertainty
+#: filter leaves; ``"checked"``, the one the reader's own check wrote (needs ``segmentation_min_lesion``).
+OPINION_READS: tuple[str, ...] = ("filtered", "checked")
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,11 @@ class ReaderConfig:
             ``max_components`` largest components after the uncertainty filter (what its fusion was fitted on).
             One volume, which the reader does not read, keeps the uncertainty filter.
         segmentation_max_components: How many of the largest components that verification reads.
+        opinion_reads: Which components the case opinion reads (the ``max_components`` largest of them):
+            ``"filtered"`` (the default, and the rule of cards written before the field existed): those the
+            uncertainty filter leaves; ``"checked"``: those of the labelmap the check wrote (needs
+            ``segmentation_min_lesion``; the fusion must be fitted on that reading). Either way the network's own
+            opinion weighs its slices by the uncertainty-filtered labelmap.
         training: Provenance and validation figures (free form, kept in the card).
     """
 
@@ -89,6 +99,7 @@ class ReaderConfig:
     stacking: Optional[dict[str, float]] = None
     segmentation_min_lesion: Optional[float] = None
     segmentation_max_components: int = 8
+    opinion_reads: OpinionReads = "filtered"
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -131,6 +142,11 @@ class ReaderConfig:
         if not is_int(self.segmentation_max_components) or self.segmentation_max_components < 1:
             problems.append(f"segmentation_max_components must be a positive integer, got "
                             f"{self.segmentation_max_components!r}")
+        if self.opinion_reads not in OPINION_READS:
+            problems.append(f"opinion_reads must be one of {list(OPINION_READS)}, got {self.opinion_reads!r}")
+        elif self.opinion_reads == "checked" and self.segmentation_min_lesion is None:
+            problems.append("opinion_reads 'checked' reads the labelmap of the reader's check: set "
+                            "segmentation_min_lesion too")
         if problems:
             raise BundleError("the card's reader section is invalid: " + "; ".join(problems))
 
