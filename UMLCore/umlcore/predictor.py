@@ -459,12 +459,7 @@ class Predictor:
         components, found = largest_components(labels, cfg.segmentation_max_components)
         if not found:
             return labels, 0
-        channels = stack.transpose(1, 0, 2, 3)  # (C, S, H, W)
-        patches = np.stack([cut_patch(channels, z, y, x, spacing_hw, cfg.patch_size, cfg.context_slices, cfg.pixel_mm)
-                            for _, _, z, y, x in found])
-        with torch.inference_mode(), (strict_fp32() if self._device.type == "cuda" else contextlib.nullcontext()):
-            p = read_patches(self.bundle.reader, torch.from_numpy(patches).to(self._device),
-                             cfg.test_time_augmentation).cpu().numpy()
+        p = self._read_at(stack, [(z, y, x) for *_, z, y, x in found], spacing_hw)
         keep = [found[i][0] for i in range(len(found)) if p[i, 0] >= cfg.segmentation_min_lesion]
         verified = np.where(np.isin(components, keep), labels, 0).astype(labels.dtype)
         return verified, int(components.max()) - len(keep)
@@ -489,14 +484,21 @@ class Predictor:
             reading["reason"] = ("nothing was segmented: the stacked rule reads the network's opinion alone"
                                  if cfg.fusion == "stacked" else "nothing was segmented: the network's opinion stands")
             return reading
-        channels = stack.transpose(1, 0, 2, 3)  # (C, S, H, W)
-        patches = np.stack([cut_patch(channels, z, y, x, spacing_hw, cfg.patch_size, cfg.context_slices, cfg.pixel_mm)
-                            for _, z, y, x in found])
-        with torch.inference_mode(), (strict_fp32() if self._device.type == "cuda" else contextlib.nullcontext()):
-            p = read_patches(self.bundle.reader, torch.from_numpy(patches).to(self._device),
-                             cfg.test_time_augmentation).cpu().numpy().astype(np.float64)
+        p = self._read_at(stack, [(z, y, x) for _, z, y, x in found], spacing_hw)
         reading.update(components=found, p=p, score=float(suspicion(p).max()))
         return reading
+
+    def _read_at(self, stack: np.ndarray, centres: list[tuple[int, float, float]],
+                 spacing_hw: tuple[float, float]) -> np.ndarray:
+        """The reader's ``(N, 3)`` float64 probabilities of the patches of ``stack (S, C, H, W)`` at ``centres``
+        ``(slice, y, x)``, cut and read as the card says."""
+        cfg = self.card.reader
+        channels = stack.transpose(1, 0, 2, 3)  # (C, S, H, W)
+        patches = np.stack([cut_patch(channels, z, y, x, spacing_hw, cfg.patch_size, cfg.context_slices, cfg.pixel_mm)
+                            for z, y, x in centres])
+        with torch.inference_mode(), (strict_fp32() if self._device.type == "cuda" else contextlib.nullcontext()):
+            return read_patches(self.bundle.reader, torch.from_numpy(patches).to(self._device),
+                                cfg.test_time_augmentation).cpu().numpy().astype(np.float64)
 
     def _summary(
         self,
@@ -511,8 +513,8 @@ class Predictor:
         reading: Optional[dict] = None,
         segmentation: Optional[np.ndarray] = None,
     ) -> dict:
-        """The summary dict; ``labels`` is the labelmap the case opinion read (after the uncertainty filter),
-        ``segmentation`` the one written (``labels`` when ``None``)."""
+        """The summary dict; ``labels`` is the uncertainty-filtered labelmap (its lesion voxels weigh the network's
+        slices), ``segmentation`` the one written (``labels`` when ``None``)."""
         card = self.card
         segmentation = labels if segmentation is None else segmentation
         lesion = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
