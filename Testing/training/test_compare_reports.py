@@ -68,9 +68,11 @@ def test_errors_name_the_problem(tmp_path):
     other = _write(tmp_path, "other", [_row(7, 0.5, 50, 10, 0.8, 1)])
     with pytest.raises(SystemExit, match="share no seed"):
         compare_reports.main(["--a", str(a), "--b", str(other)])
-    changed = _write(tmp_path, "changed", [_row(1, 0.5, 51, 10, 0.8, 1)])
+    changed = _write(tmp_path, "changed", [_row(1, 0.5, 52, 10, 0.8, 1)])
     with pytest.raises(SystemExit, match="seed 1 is a different case"):
         compare_reports.main(["--a", str(a), "--b", str(changed)])
+    near = _write(tmp_path, "near", [_row(2, 0.8, 1990, 1900, 0.3, 0)])  # 0.5 %: the same case
+    assert compare_reports.main(["--a", str(a), "--b", str(near)])["cases_size_inexact"] == 1
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     with pytest.raises(SystemExit, match="not an evaluate.py report.json"):
