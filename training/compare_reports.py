@@ -22,11 +22,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from evaluate import dice_by_lesion_size
 from umlcore import metrics
 
-__all__ = ["SIZE_BINS", "VOXEL_TOLERANCE", "load_rows", "side_summary", "paired_dice", "compare", "main"]
+__all__ = ["VOXEL_TOLERANCE", "load_rows", "side_summary", "paired_dice", "compare", "main"]
 
-SIZE_BINS = (("1-99", 1, 100), ("100-999", 100, 1000), (">=1000", 1000, None))
 # The generator's masks can differ by a few boundary voxels between numpy / scipy versions (an H100 image with numpy
 # 2.5 against 2.4 here: 1 case of 300, 9,368 vs 9,440 voxels); a larger difference means another case.
 VOXEL_TOLERANCE = 0.02
@@ -56,16 +56,12 @@ def side_summary(rows: Sequence[dict]) -> dict:
     dice = np.array([r["dice"] for r in lesion], dtype=float)
     p = np.array([r["positive_probability"] for r in rows], dtype=float)
     y = np.array([r["label"] for r in rows], dtype=int)
-    by_size = {}
-    for name, lo, hi in SIZE_BINS:
-        d = [r["dice"] for r in lesion if r["lesion_voxels"] >= lo and (hi is None or r["lesion_voxels"] < hi)]
-        by_size[name] = {"cases": len(d), "dice_mean": float(np.mean(d)) if d else None}
     return {
         "cases": len(rows),
         "lesion_cases": len(lesion),
         "dice_mean": float(dice.mean()) if len(dice) else None,
         "dice_median": float(np.median(dice)) if len(dice) else None,
-        "dice_by_lesion_size": by_size,
+        "dice_by_lesion_size": dice_by_lesion_size(lesion),
         "lesion_cases_nothing_segmented": int(sum(r["predicted_voxels"] == 0 for r in lesion)),
         "lesion_free_cases": len(free),
         "lesion_free_segmented": int(sum(r["predicted_voxels"] > 0 for r in free)),
@@ -133,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           f"| AUC | NLL | ECE | Brier |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, s in zip(args.names, (sa, sb)):
-        sizes = " | ".join(_fmt(s["dice_by_lesion_size"][k]["dice_mean"]) for k, _, _ in SIZE_BINS)
+        sizes = " | ".join(_fmt(b["dice_mean"]) for b in s["dice_by_lesion_size"].values())
         print(f"| {name} | {_fmt(s['dice_mean'])} | {_fmt(s['dice_median'])} | {sizes} | "
               f"{s['lesion_cases_nothing_segmented']} | {s['lesion_free_segmented']} of {s['lesion_free_cases']} | "
               f"{_fmt(s['auc'])} | {_fmt(s['nll'])} | {_fmt(s['ece'])} | {_fmt(s['brier'])} |")
