@@ -124,34 +124,53 @@ class SliceSampler:
         self.lesion_fraction = lesion_fraction
         self.single_volume_prob = single_volume_prob
         self.n_channels = cases[0].channels.shape[0]
-        # the model's channels (C, Z, H, W) and the single-volume views (M, Z, H, W, e.g. subtraction) of each case;
-        # on the CPU these share the cases' memory (no copy), on a GPU they are the cases' one device copy
-        self.channels = [torch.from_numpy(c.channels).to(self.device) for c in cases]
-        self.singles = [torch.from_numpy(c.singles).to(self.device) for c in cases]
-        self.masks = [torch.from_numpy(c.mask).to(self.device) for c in cases]
-        self.all_slices = [(i, z) for i, c in enumerate(cases) for z in range(c.mask.shape[0])]
-        self.lesion_slices = [(i, int(z)) for i, c in enumerate(cases) for z in c.lesion_slices]
-        # lesion coordinates stay on the host: choosing a crop then never waits for the device
-        self.lesion_pixels = [[np.argwhere(c.mask[z]) for z in range(c.mask.shape[0])] for c in cases]
-        # the lesion share's draws: (case, slice, the (y, x) a crop keeps in view) and their probabilities
-        self.lesion_draws: list[tuple[int, int, np.ndarray]] = []
-        weights: list[float] = []
-        for i, c in enumerate(cases):
-            if lesion_sampling == "slice":
-                for z in c.lesion_slices:
-                    self.lesion_draws.append((i, int(z), self.lesion_pixels[i][z]))
-                    weights.append(1.0)
-                continue
-            labels, _ = ndimage.label(c.mask > 0)  # a 3D component spans contiguous slices
-            for k, box in enumerate(ndimage.find_objects(labels), start=1):
-                span = range(box[0].start, box[0].stop)
-                for z in span:
-                    self.lesion_draws.append((i, z, np.argwhere(labels[z] == k)))
-                    weights.append(1.0 / len(span))
-        w = np.asarray(weights)
-        self.lesion_cdf = np.cumsum(w) / w.sum() if w.size else w
-        self.labels = [c.slice_labels() for c in cases]
+        self.channels: list[torch.Tensor] = []  # per case (C, Z, H, W); on the CPU they share the cases' memory
+        self.singles: list[torch.Tensor] = []  # per case (M, Z, H, W), the single-volume views (subtraction)
+        self.masks: list[torch.Tensor] = []
+        self.lesion_pixels: list[list[np.ndarray]] = []  # on the host: choosing a crop never waits for the device
+        self.labels: list[np.ndarray] = []
+        self._draws: list[list[tuple[int, np.ndarray, float]]] = []  # per case: (slice, pixels to keep, weight)
+        self._add(cases)
         self.reseed(seed)
+
+    def _add(self, cases: Sequence[VolumeCase]) -> None:
+        """Append ``cases`` (their one device copy and host-side lesion index) and rebuild the draw tables."""
+        for c in cases:
+            if c.channels.shape[0] != self.n_channels:
+                raise ValueError(f"case {c.case_id} has {c.channels.shape[0]} channels, the sampler's cases "
+                                 f"{self.n_channels}; give cases of one kind")
+            self.channels.append(torch.from_numpy(c.channels).to(self.device))
+            self.singles.append(torch.from_numpy(c.singles).to(self.device))
+            self.masks.append(torch.from_numpy(c.mask).to(self.device))
+            self.lesion_pixels.append([np.argwhere(c.mask[z]) for z in range(c.mask.shape[0])])
+            self.labels.append(c.slice_labels())
+            draws: list[tuple[int, np.ndarray, float]] = []
+            if self.lesion_sampling == "slice":
+                draws = [(int(z), self.lesion_pixels[-1][z], 1.0) for z in c.lesion_slices]
+            else:
+                labels, _ = ndimage.label(c.mask > 0)  # a 3D component spans contiguous slices
+                for k, box in enumerate(ndimage.find_objects(labels), start=1):
+                    span = range(box[0].start, box[0].stop)
+                    draws += [(z, np.argwhere(labels[z] == k), 1.0 / len(span)) for z in span]
+            self._draws.append(draws)
+        self.all_slices = [(i, z) for i, m in enumerate(self.masks) for z in range(m.shape[0])]
+        self.lesion_slices = [(i, z) for i, d in enumerate(self._draws) for z in sorted({z for z, _, _ in d})]
+        # the lesion share's draws: (case, slice, the (y, x) a crop keeps in view) and their probabilities
+        self.lesion_draws = [(i, z, px) for i, d in enumerate(self._draws) for z, px, _ in d]
+        w = np.asarray([wt for d in self._draws for _, _, wt in d])
+        self.lesion_cdf = np.cumsum(w) / w.sum() if w.size else w
+
+    def advance(self, new_cases: Sequence[VolumeCase]) -> None:
+        """Slide the window of training cases: drop the ``len(new_cases)`` oldest, append ``new_cases``.
+
+        The number of cases stays the same; the random streams go on (a resumed run rebuilds its window).
+        """
+        n = len(new_cases)
+        if n > len(self.channels):
+            raise ValueError(f"cannot replace {n} of the sampler's {len(self.channels)} cases; give at most as many")
+        for table in (self.channels, self.singles, self.masks, self.lesion_pixels, self.labels, self._draws):
+            del table[:n]
+        self._add(new_cases)
 
     def reseed(self, seed: int) -> None:
         """Restart both random streams (``--resume`` reseeds with the step it continues from)."""

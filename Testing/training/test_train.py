@@ -192,6 +192,44 @@ def test_slice_sampler_batches_are_seeded_and_oversample_lesions():
         SliceSampler(cases, crop=30)
 
 
+def test_slice_sampler_advance_slides_its_window_of_cases():
+    from slices import SliceSampler, VolumeCase
+
+    def case(value: float, lesion_slice: int) -> VolumeCase:
+        mask = np.zeros((4, 16, 16), np.uint8)
+        mask[lesion_slice, 4:8, 4:8] = 1
+        return VolumeCase(f"c{value}", np.full((3, 4, 16, 16), value, np.float32), np.zeros((0, 4, 16, 16), np.float32),
+                          mask, 1, 1, (1.0, 1.0, 1.0))
+
+    for mode in ("slice", "lesion"):
+        sampler = SliceSampler([case(0, 0), case(1, 1), case(2, 2)], crop=16, seed=0, lesion_sampling=mode)
+        sampler.advance([case(3, 3), case(4, 0)])
+        assert [float(c[0, 0, 0, 0]) for c in sampler.channels] == [2, 3, 4]  # the two oldest gave way
+        assert len(sampler.all_slices) == 12 and len(sampler.masks) == len(sampler.labels) == 3
+        assert sampler.lesion_slices == [(0, 2), (1, 3), (2, 0)]  # the draw tables index the new window
+        picks = {(i, z) for i, z, _ in (sampler._pick() for _ in range(300))}
+        assert {(0, 2), (1, 3), (2, 0)} <= picks and all(i < 3 for i, _ in picks)
+        with pytest.raises(ValueError, match="at most"):
+            sampler.advance([case(5, 0)] * 4)
+
+
+def test_a_run_with_new_cases_per_epoch_slides_its_seeds_and_resumes_the_window(tmp_path, capsys):
+    out = tmp_path / "stream"
+    args = ["--out", str(out), "--train-cases", "3", "--new-cases-per-epoch", "2", "--val-cases", "1",
+            "--case-shape", "6", "32", "32", "--steps-per-epoch", "2", "--batch-size", "2", "--crop", "32",
+            "--workers", "1", "--warmup-steps", "1"]
+    train.main([*args, "--epochs", "3"])
+    text = capsys.readouterr().out
+    assert "3 train cases (seeds 0-2)" in text and "2 new cases each epoch" in text
+    assert "cases: seeds 2-4" in text and "cases: seeds 4-6" in text
+    train.main(["--out", str(out), "--resume", "--epochs", "4"])  # epoch 4 starts where the window was
+    text = capsys.readouterr().out
+    assert "3 train cases (seeds 6-8)" in text and "resumed from epoch 3" in text and "cases: seeds" not in text
+    with pytest.raises(SystemExit):
+        train.main([*args, "--new-cases-per-epoch", "4"])
+    assert "--new-cases-per-epoch must be from 0" in capsys.readouterr().err
+
+
 def test_slice_sampler_keeps_the_order_of_the_phases_and_replicated_volumes_identical():
     """The photometric augmentation must not scramble the kinetics (late vs early) the case label is read from."""
     from slices import SliceSampler, VolumeCase
