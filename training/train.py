@@ -27,9 +27,9 @@ import math
 import sys
 import time
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Literal, Optional
 
 import numpy as np
