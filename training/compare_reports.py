@@ -3,8 +3,9 @@
 Each side takes one or more ``report.json`` files (e.g. the 100-case chunks of a device run); their case rows are
 pooled, and only the seeds present on both sides are compared. Prints, per side, the lesion Dice (mean, median, by
 lesion size), the lesion cases with nothing segmented, the lesion-free cases with a component, and the case
-opinion's AUC, NLL, ECE and Brier score; then the paired Dice difference (B - A over the lesion cases) with a
-seeded bootstrap 95 % interval, so a difference can be told from the spread of the cases.
+opinion's AUC, NLL, ECE and Brier score; then the paired Dice difference (B - A over the lesion cases) and the
+paired differences of the case opinion's NLL and AUC (over all cases), each with a seeded bootstrap 95 % interval,
+so a difference can be told from the spread of the cases.
 
 Example::
 
@@ -24,7 +25,7 @@ import numpy as np
 from evaluate import dice_by_lesion_size
 from umlcore import metrics
 
-__all__ = ["VOXEL_TOLERANCE", "load_rows", "side_summary", "paired_dice", "compare", "main"]
+__all__ = ["VOXEL_TOLERANCE", "load_rows", "side_summary", "paired_dice", "paired_opinion", "compare", "main"]
 
 # The generator's masks can differ by a few boundary voxels between numpy / scipy versions (an H100 image with numpy
 # 2.5 against 2.4 here: 1 case of 300, 9,368 vs 9,440 voxels); a larger difference means another case.
@@ -83,6 +84,28 @@ def paired_dice(a: Sequence[dict], b: Sequence[dict], n_boot: int = 2000, seed: 
             "b_better": int((diff > 0.01).sum()), "a_better": int((diff < -0.01).sum())}
 
 
+def paired_opinion(a: Sequence[dict], b: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dict:
+    """B's case-opinion NLL and AUC minus A's on the same cases, each with a bootstrap 95 % interval.
+
+    The cases are resampled together for both sides (resamples holding one class only are skipped for the AUC).
+    """
+    y = np.array([r["label"] for r in a], dtype=int)
+    pa = np.array([r["positive_probability"] for r in a], dtype=float)
+    pb = np.array([r["positive_probability"] for r in b], dtype=float)
+    # per-case NLL with the clipping of metrics.nll, so the mean difference equals the difference of the two NLLs
+    loss = [-np.log(np.clip(np.where(y == 1, p, 1 - p), 1e-12, 1.0)) for p in (pa, pb)]
+    dnll = loss[1] - loss[0]
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(y), size=(n_boot, len(y)))
+    boot_nll = dnll[draws].mean(axis=1)
+    boot_auc = [metrics.roc_auc(pb[i], y[i]) - metrics.roc_auc(pa[i], y[i]) for i in draws if 0 < y[i].sum() < len(i)]
+    both = 0 < y.sum() < len(y)
+    return {"cases": len(y), "nll": float(dnll.mean()),
+            "nll_ci95": [float(v) for v in np.percentile(boot_nll, [2.5, 97.5])],
+            "auc": metrics.roc_auc(pb, y) - metrics.roc_auc(pa, y) if both else None,
+            "auc_ci95": [float(v) for v in np.percentile(boot_auc, [2.5, 97.5])] if both and boot_auc else None}
+
+
 def compare(rows_a: dict[int, dict], rows_b: dict[int, dict]) -> dict:
     """Both sides' summaries and the paired Dice difference on the seeds they share."""
     seeds = sorted(set(rows_a) & set(rows_b))
@@ -103,7 +126,7 @@ def compare(rows_a: dict[int, dict], rows_b: dict[int, dict]) -> dict:
     b = [rows_b[s] for s in seeds]
     return {"seeds": [seeds[0], seeds[-1]], "cases": len(seeds), "cases_size_inexact": int(inexact),
             "a": side_summary(a), "b": side_summary(b),
-            "paired_dice_b_minus_a": paired_dice(a, b)}
+            "paired_dice_b_minus_a": paired_dice(a, b), "paired_opinion_b_minus_a": paired_opinion(a, b)}
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -138,6 +161,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"paired Dice {args.names[1]} - {args.names[0]}: {d['mean']:+.3f} (bootstrap 95 % "
               f"{d['ci95'][0]:+.3f} .. {d['ci95'][1]:+.3f}) over {d['cases']} lesion cases; "
               f"{args.names[1]} higher by > 0.01 in {d['b_better']}, lower in {d['a_better']}")
+    o = result["paired_opinion_b_minus_a"]
+    print(f"paired case opinion {args.names[1]} - {args.names[0]} over {o['cases']} cases: NLL {o['nll']:+.4f} "
+          f"(bootstrap 95 % {o['nll_ci95'][0]:+.4f} .. {o['nll_ci95'][1]:+.4f})"
+          + ("" if o["auc"] is None else f", AUC {o['auc']:+.4f} ({o['auc_ci95'][0]:+.4f} .. {o['auc_ci95'][1]:+.4f})"))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

@@ -1,16 +1,18 @@
-"""training/compare_reports.py: pooling report chunks by seed, the per-side figures and the paired Dice difference,
-checked on hand-made rows."""
+"""training/compare_reports.py: pooling report chunks by seed, the per-side figures and the paired Dice and
+case-opinion differences, checked on hand-made rows."""
 
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "training"))
 
 import compare_reports  # noqa: E402
+from umlcore import metrics  # noqa: E402
 
 
 def _row(seed, dice, voxels, predicted, p, label):
@@ -44,6 +46,17 @@ def test_side_summary_hand_values():
     assert s["brier"] == pytest.approx((0.2 ** 2 + 0.3 ** 2 + 0.4 ** 2 + 0.2 ** 2) / 4)
 
 
+def test_paired_opinion_hand_values():
+    o = compare_reports.paired_opinion(ROWS_A, ROWS_B)
+    # per case, B's NLL minus A's is log(p_A / p_B) of the true class: 0.8/0.9, 0.7/0.9, 0.6/0.4, 0.8/0.8
+    expected = np.mean(np.log([0.8 / 0.9, 0.7 / 0.9, 0.6 / 0.4, 1.0]))
+    assert o["cases"] == 4 and o["nll"] == pytest.approx(expected)
+    assert o["nll"] == pytest.approx(metrics.nll(np.array([r["positive_probability"] for r in ROWS_B]), [1, 0, 1, 0])
+                                     - metrics.nll(np.array([r["positive_probability"] for r in ROWS_A]), [1, 0, 1, 0]))
+    assert o["nll_ci95"][0] <= o["nll"] <= o["nll_ci95"][1]
+    assert o["auc"] == pytest.approx(0.0)  # both order every positive above every negative
+
+
 def test_compare_pools_chunks_and_pairs_by_seed(tmp_path, capsys):
     a = _write(tmp_path, "a", ROWS_A)
     b1, b2 = _write(tmp_path, "b1", ROWS_B[:2]), _write(tmp_path, "b2", ROWS_B[2:] + [_row(9, 0.1, 80, 5, 0.5, 1)])
@@ -58,6 +71,7 @@ def test_compare_pools_chunks_and_pairs_by_seed(tmp_path, capsys):
     assert json.loads(out.read_text())["names"] == ["old", "new"]
     text = capsys.readouterr().out
     assert "| new | 0.533 |" in text and "paired Dice new - old: +0.067" in text
+    assert "paired case opinion new - old over 4 cases: NLL" in text
 
 
 def test_errors_name_the_problem(tmp_path):
