@@ -229,6 +229,22 @@ def test_uncertainty_error_auroc_subsampling_is_deterministic():
     assert m.uncertainty_error_auroc(u, err, max_samples=5000, seed=1) != a
 
 
+def test_histogram_auroc_equals_the_rank_auroc_with_ties():
+    # the hand case above as counts: bins 0.1, 0.5, 0.9; errors at 0.5 and 0.9, right voxels at 0.1 and 0.5
+    assert m.histogram_auroc([0, 1, 1], [1, 1, 0]) == pytest.approx(0.875)
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 7, size=500)  # many ties
+    labels = rng.random(500) < 0.3 + 0.08 * scores
+    pos = np.bincount(scores[labels], minlength=7)
+    neg = np.bincount(scores[~labels], minlength=7)
+    assert m.histogram_auroc(pos, neg) == pytest.approx(m.roc_auc(scores.astype(float), labels), abs=1e-12)
+    assert math.isnan(m.histogram_auroc([0, 0], [3, 1]))
+    with pytest.raises(UMLInputError, match="one length"):
+        m.histogram_auroc([1, 2], [1, 2, 3])
+    with pytest.raises(UMLInputError, match=">= 0"):
+        m.histogram_auroc([1, -2], [1, 2])
+
+
 def test_risk_coverage_hand_values():
     rc = m.risk_coverage([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 1])
     np.testing.assert_allclose(rc["coverage"], [0.25, 0.5, 0.75, 1.0])

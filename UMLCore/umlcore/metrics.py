@@ -38,6 +38,7 @@ __all__ = [
     "reliability_diagram",
     "plot_reliability_diagram",
     "uncertainty_error_auroc",
+    "histogram_auroc",
     "risk_coverage",
 ]
 
@@ -513,6 +514,34 @@ def uncertainty_error_auroc(
         idx = np.sort(np.random.default_rng(seed).choice(u.size, size=max_samples, replace=False))
         u, e = u[idx], e[idx]
     return _rank_auc(u, e)
+
+
+def histogram_auroc(positive_counts: ArrayLike, negative_counts: ArrayLike) -> float:
+    """AUROC of a score from per-bin counts of positives and negatives (bins in increasing score order).
+
+    A pair in the same bin counts 0.5, as a tie does in :func:`roc_auc`, so with one bin per distinct score the
+    result equals :func:`roc_auc` exactly. Counts of many volumes add up, so an AUROC over every voxel of a test set
+    (``training/evaluate.py``'s pixel uncertainty-error AUROC) needs two histograms, not the voxels.
+
+    Args:
+        positive_counts: ``(B,)`` how many positives (e.g. wrongly segmented voxels) fall in each score bin.
+        negative_counts: ``(B,)`` the same for the negatives.
+
+    Returns:
+        AUROC in ``[0, 1]``; ``nan`` when either class has no count.
+    """
+    pos = np.asarray(positive_counts, dtype=np.float64)
+    neg = np.asarray(negative_counts, dtype=np.float64)
+    if pos.ndim != 1 or pos.shape != neg.shape or pos.size == 0:
+        raise UMLInputError(f"positive_counts and negative_counts must be non-empty (B,) vectors of one length, got "
+                            f"{pos.shape} and {neg.shape}")
+    if not (np.all(np.isfinite(pos)) and np.all(np.isfinite(neg))) or pos.min() < 0 or neg.min() < 0:
+        raise UMLInputError("counts must be finite and >= 0")
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    below = np.cumsum(neg) - neg  # negatives in lower bins
+    return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
 
 
 def risk_coverage(
