@@ -155,21 +155,6 @@ def json_safe(obj):
 
 LESION_SIZE_BINS = ((1, 100), (100, 1000), (1000, None))  # true lesion voxels per case
 
-# The pixel uncertainty-error AUROC counts every voxel of every case in this many uncertainty bins (a pair of voxels
-# in one bin counts as a tie): exact over the whole test set, which a voxel subsample was not (its few hundred wrong
-# voxels, clustered in a few cases, moved the figure by several hundredths between test sets).
-PIXEL_AUROC_BINS = 1 << 16
-
-
-def uncertainty_bins(u: np.ndarray) -> np.ndarray:
-    """Bin index in ``[0, PIXEL_AUROC_BINS)`` of each evidential uncertainty ``u`` (values in [0, 1])."""
-    u = np.asarray(u, dtype=np.float64)
-    if u.size and (not np.all(np.isfinite(u)) or u.min() < 0.0 or u.max() > 1.0):
-        raise ValueError(f"uncertainty values must lie in [0, 1], got {np.nanmin(u)} .. {np.nanmax(u)}: "
-                         "is this an evidential uncertainty map (K / S)?")
-    return np.minimum((u * PIXEL_AUROC_BINS).astype(np.int64), PIXEL_AUROC_BINS - 1)
-
-
 def dice_by_lesion_size(rows: list[dict]) -> dict[str, dict]:
     """Mean Dice and the share of cases with nothing predicted, by the case's true lesion voxels."""
     out = {}
@@ -335,8 +320,7 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
     """
     rng = np.random.default_rng(12345)
     comps, rows = [], []
-    err_hist = np.zeros(PIXEL_AUROC_BINS, dtype=np.int64)  # every voxel's uncertainty, wrong and right ones
-    ok_hist = np.zeros(PIXEL_AUROC_BINS, dtype=np.int64)
+    pix_counts = np.zeros((2, metrics.UNCERTAINTY_BINS), dtype=np.int64)  # every voxel: wrong, right
     pix_p, pix_y = [], []
     for case in synthetic_stream(range(seed_base, seed_base + n_cases), shape, label_noise, workers):
         images = input_views(add_noise(case.to_sitk(), sigma, rng), mode)
@@ -374,10 +358,7 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
             rows[-1]["compare_reader_probabilities"] = (None if theirs is None else [
                 float(v) for v in most_suspicious(theirs["p"])])
         if pixel_stats:
-            err = (lab != case.mask).ravel()
-            bins = uncertainty_bins(unc.ravel())
-            err_hist += np.bincount(bins[err], minlength=PIXEL_AUROC_BINS)
-            ok_hist += np.bincount(bins[~err], minlength=PIXEL_AUROC_BINS)
+            pix_counts += metrics.uncertainty_error_counts(unc, lab != case.mask)
             sel = rng.random(lab.size) < 0.05  # deterministic 5% voxel subsample for the pixel ECE
             fg = sitk.GetArrayFromImage(pred.probability).ravel()[sel] if pred.probability is not None else None
             if fg is not None:
@@ -399,8 +380,8 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
     res.update(case)
     res["dice_by_lesion_size"] = dice_by_lesion_size(rows)
     if pixel_stats:
-        res["pixel_uncertainty_error_auroc"] = metrics.histogram_auroc(err_hist, ok_hist)
-        res["pixel_error_rate"] = float(err_hist.sum() / (err_hist.sum() + ok_hist.sum()))
+        res["pixel_uncertainty_error_auroc"] = metrics.histogram_auroc(*pix_counts)
+        res["pixel_error_rate"] = float(pix_counts[0].sum() / pix_counts.sum())
         if pix_p:
             res["pixel_ece"] = metrics.expected_calibration_error(np.concatenate(pix_p), np.concatenate(pix_y))
     res["_probs"], res["_labels"], res["_u"], res["_correct"] = arrays

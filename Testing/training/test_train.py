@@ -25,7 +25,6 @@ import probe_roi  # noqa: E402
 import probe_single_volume  # noqa: E402
 import train  # noqa: E402
 
-from umlcore import metrics  # noqa: E402
 from umlcore.bundle import load_bundle, save_bundle  # noqa: E402
 from umlcore.predictor import Predictor  # noqa: E402
 
@@ -355,26 +354,6 @@ def test_dice_by_lesion_size_bins_cases_by_their_true_lesion():
     assert bins == {"1-99": {"cases": 2, "dice_mean": 0.25, "nothing_predicted": 1},
                     "100-999": {"cases": 1, "dice_mean": 0.8, "nothing_predicted": 0},
                     ">=1000": {"cases": 1, "dice_mean": 0.9, "nothing_predicted": 0}}
-
-
-def test_pixel_auroc_counts_every_voxel_in_uncertainty_bins():
-    rng = np.random.default_rng(0)
-    err = rng.random((3, 20, 20)) < 0.05
-    u = np.where(err, rng.random(err.shape) * 0.7 + 0.3, rng.random(err.shape) * 0.7).astype(np.float32)
-    u[0, 0, :2] = (0.0, 1.0)  # both ends of the range
-    bins = evaluate.uncertainty_bins(u.ravel())
-    assert bins.min() >= 0 and bins.max() == evaluate.PIXEL_AUROC_BINS - 1
-    # histograms of two "cases" added up give the rank AUROC of the binned uncertainty over all their voxels
-    e = err.ravel()
-    hist = [np.bincount(bins[m], minlength=evaluate.PIXEL_AUROC_BINS) for m in (e, ~e)]
-    half = [np.bincount(bins[:600][m[:600]], minlength=evaluate.PIXEL_AUROC_BINS) +
-            np.bincount(bins[600:][m[600:]], minlength=evaluate.PIXEL_AUROC_BINS) for m in (e, ~e)]
-    assert all(np.array_equal(a, b) for a, b in zip(hist, half))
-    exact = metrics.uncertainty_error_auroc(bins.astype(float), e)
-    assert metrics.histogram_auroc(*hist) == pytest.approx(exact, abs=1e-12)
-    assert metrics.histogram_auroc(*hist) == pytest.approx(metrics.uncertainty_error_auroc(u, err), abs=1e-3)
-    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        evaluate.uncertainty_bins(np.array([0.2, 1.5]))
 
 
 def test_errors_by_phenotype_groups_cases_by_the_label_rule():

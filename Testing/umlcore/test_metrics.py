@@ -245,6 +245,27 @@ def test_histogram_auroc_equals_the_rank_auroc_with_ties():
         m.histogram_auroc([1, -2], [1, 2])
 
 
+def test_uncertainty_error_counts_add_up_to_the_auroc_over_every_voxel():
+    rng = np.random.default_rng(0)
+    err = rng.random((3, 20, 20)) < 0.05
+    u = np.where(err, rng.random(err.shape) * 0.7 + 0.3, rng.random(err.shape) * 0.7).astype(np.float32)
+    u[0, 0, :2] = (0.0, 1.0)  # both ends of the range: first and last bin
+    counts = m.uncertainty_error_counts(u, err)
+    assert counts.shape == (2, m.UNCERTAINTY_BINS) and counts.sum() == u.size and counts[0].sum() == err.sum()
+    assert counts[:, 0].sum() >= 1 and counts[:, -1].sum() >= 1
+    # two "cases" counted apart and added give the counts of both together
+    assert np.array_equal(m.uncertainty_error_counts(u[:1], err[:1]) + m.uncertainty_error_counts(u[1:], err[1:]),
+                          counts)
+    binned = np.minimum((u.astype(np.float64) * m.UNCERTAINTY_BINS).astype(int), m.UNCERTAINTY_BINS - 1)
+    assert m.histogram_auroc(*counts) == pytest.approx(m.uncertainty_error_auroc(binned, err), abs=1e-12)
+    assert m.histogram_auroc(*counts) == pytest.approx(m.uncertainty_error_auroc(u, err), abs=1e-3)
+    assert m.histogram_auroc(*m.uncertainty_error_counts([0.1, 0.5, 0.5, 0.9], [0, 1, 0, 1], bins=10)) == 0.875
+    with pytest.raises(UMLInputError, match=r"in \[0, 1\]"):
+        m.uncertainty_error_counts([0.2, 1.5], [0, 1])
+    with pytest.raises(UMLInputError, match="same size"):
+        m.uncertainty_error_counts([0.2, 0.5], [0, 1, 1])
+
+
 def test_risk_coverage_hand_values():
     rc = m.risk_coverage([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 1])
     np.testing.assert_allclose(rc["coverage"], [0.25, 0.5, 0.75, 1.0])

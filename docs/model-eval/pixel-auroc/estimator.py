@@ -1,7 +1,7 @@
 """How much the old pixel uncertainty-error AUROC estimator moved with its voxel sample, against the exact count.
 
 Old (evaluate.py up to 1.10.0): a 5 % voxel subsample per case, pooled, then metrics.uncertainty_error_auroc's
-own 2,000,000-voxel subsample. New: every voxel, counted in evaluate.PIXEL_AUROC_BINS uncertainty bins.
+own 2,000,000-voxel subsample. New: every voxel, counted in metrics.UNCERTAINTY_BINS uncertainty bins.
 Run from the repository root (about 5 s a case on a 2-core CPU):
     python docs/model-eval/pixel-auroc/estimator.py --cases 100 --seed-from 2007000
 """
@@ -29,7 +29,7 @@ def main() -> None:
 
     predictor = Predictor(load_bundle(args.model), device="cpu", batch_size=16)
     us, es = [], []
-    hist = [np.zeros(evaluate.PIXEL_AUROC_BINS, np.int64) for _ in range(2)]
+    counts = np.zeros((2, metrics.UNCERTAINTY_BINS), np.int64)
     per_case = []
     for case in evaluate.synthetic_stream(range(args.seed_from, args.seed_from + args.cases), (24, 256, 256), 0.02,
                                           args.workers):
@@ -37,16 +37,14 @@ def main() -> None:
         lab = sitk.GetArrayFromImage(pred.labelmap)
         u = sitk.GetArrayFromImage(pred.uncertainty).ravel()
         e = (lab != case.mask).ravel()
-        b = evaluate.uncertainty_bins(u)
-        hist[0] += np.bincount(b[e], minlength=evaluate.PIXEL_AUROC_BINS)
-        hist[1] += np.bincount(b[~e], minlength=evaluate.PIXEL_AUROC_BINS)
+        counts += metrics.uncertainty_error_counts(u, e)
         us.append(u)
         es.append(e)
         per_case.append(int(e.sum()))
-    exact = metrics.histogram_auroc(*hist)
-    print(f"{args.cases} cases from seed {args.seed_from}: {int(hist[0].sum())} wrong voxels of "
-          f"{int(hist[0].sum() + hist[1].sum())}; the 5 cases with most hold {sum(sorted(per_case)[-5:])}")
-    print(f"exact (every voxel, {evaluate.PIXEL_AUROC_BINS} bins): {exact:.4f}")
+    exact = metrics.histogram_auroc(*counts)
+    print(f"{args.cases} cases from seed {args.seed_from}: {int(counts[0].sum())} wrong voxels of {int(counts.sum())}; "
+          f"the 5 cases with most hold {sum(sorted(per_case)[-5:])}")
+    print(f"exact (every voxel, {metrics.UNCERTAINTY_BINS} bins): {exact:.4f}")
     old = []
     for seed in range(10):  # the old estimator with other draws of its two voxel samples
         rng = np.random.default_rng(12345 + seed)
