@@ -155,6 +155,7 @@ def json_safe(obj):
 
 LESION_SIZE_BINS = ((1, 100), (100, 1000), (1000, None))  # true lesion voxels per case
 
+
 def dice_by_lesion_size(rows: list[dict]) -> dict[str, dict]:
     """Mean Dice and the share of cases with nothing predicted, by the case's true lesion voxels."""
     out = {}

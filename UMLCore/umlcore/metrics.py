@@ -520,7 +520,11 @@ def uncertainty_error_auroc(
 UNCERTAINTY_BINS = 1 << 16
 
 
-def uncertainty_error_counts(uncertainty: ArrayLike, error_mask: ArrayLike, bins: int = UNCERTAINTY_BINS) -> np.ndarray:
+def uncertainty_error_counts(
+    uncertainty: ArrayLike,
+    error_mask: ArrayLike,
+    bins: int = UNCERTAINTY_BINS,
+) -> np.ndarray:
     """Per-bin counts of the wrong and the right voxels' uncertainty, for :func:`histogram_auroc`.
 
     Counts of many volumes add up, so the uncertainty-error AUROC of a whole test set is exact over every voxel
@@ -541,6 +545,8 @@ def uncertainty_error_counts(uncertainty: ArrayLike, error_mask: ArrayLike, bins
     if u.size and (not np.all(np.isfinite(u)) or u.min() < 0.0 or u.max() > 1.0):
         raise UMLInputError(f"uncertainty values must lie in [0, 1], got {np.nanmin(u)} .. {np.nanmax(u)}: pass an "
                             "evidential uncertainty (K / S)")
+    if not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise UMLInputError(f"bins must be a positive integer, got {bins!r}")
     e = _binary_vector(e, "error_mask", n=u.size)
     idx = np.minimum((u * bins).astype(np.int64), bins - 1)
     return np.stack([np.bincount(idx[e], minlength=bins), np.bincount(idx[~e], minlength=bins)])
