@@ -107,7 +107,7 @@ def paired_opinion(a: Sequence[dict], b: Sequence[dict], n_boot: int = 2000, see
 
 
 def compare(rows_a: dict[int, dict], rows_b: dict[int, dict]) -> dict:
-    """Both sides' summaries and the paired Dice difference on the seeds they share."""
+    """Both sides' summaries and the paired Dice and case-opinion differences on the seeds they share."""
     seeds = sorted(set(rows_a) & set(rows_b))
     if not seeds:
         raise SystemExit("compare_reports.py: error: the two sides share no seed; evaluate both models with the same "
@@ -164,7 +164,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     o = result["paired_opinion_b_minus_a"]
     print(f"paired case opinion {args.names[1]} - {args.names[0]} over {o['cases']} cases: NLL {o['nll']:+.4f} "
           f"(bootstrap 95 % {o['nll_ci95'][0]:+.4f} .. {o['nll_ci95'][1]:+.4f})"
-          + ("" if o["auc"] is None else f", AUC {o['auc']:+.4f} ({o['auc_ci95'][0]:+.4f} .. {o['auc_ci95'][1]:+.4f})"))
+          + ("" if o["auc_ci95"] is None else
+             f", AUC {o['auc']:+.4f} ({o['auc_ci95'][0]:+.4f} .. {o['auc_ci95'][1]:+.4f})"))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

@@ -55,6 +55,9 @@ def test_paired_opinion_hand_values():
                                      - metrics.nll(np.array([r["positive_probability"] for r in ROWS_A]), [1, 0, 1, 0]))
     assert o["nll_ci95"][0] <= o["nll"] <= o["nll_ci95"][1]
     assert o["auc"] == pytest.approx(0.0)  # both order every positive above every negative
+    one_class = compare_reports.paired_opinion(ROWS_A[:1], ROWS_B[:1])  # a positive only: no AUC, an NLL
+    assert one_class["auc"] is None and one_class["auc_ci95"] is None
+    assert one_class["nll"] == pytest.approx(np.log(0.8 / 0.9))
 
 
 def test_compare_pools_chunks_and_pairs_by_seed(tmp_path, capsys):
