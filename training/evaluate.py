@@ -347,6 +347,7 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
                      "margin": case.lesions[0]["margin"] if case.lesions else None,
                      "dice": d, "hd95_mm": h, "predicted_voxels": int((lab > 0).sum()),
                      "components_removed": int(pred.summary.get("postprocessing", {}).get("components_removed", 0)),
+                     "components_refined": pred.summary.get("postprocessing", {}).get("components_refined"),
                      "positive_probability": p, "uncertainty": float(c["uncertainty"]),
                      "reader_score": reader.get("score"),
                      "reader_probabilities": None if top is None else [top["probabilities"][t] for t in READER_TARGETS],

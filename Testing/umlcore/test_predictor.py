@@ -131,7 +131,7 @@ def test_summary_has_the_documented_fields(base_prediction, tiny_bundle, make_vo
     assert s["slicing"] == {"axis": "axial", "index_axis": 2, "count": 6, "context_slices": 0}
     assert set(s["timings_s"]) == {"read", "preprocess", "inference", "postprocess", "total"}
     assert s["postprocessing"] == {"component_max_uncertainty": None, "segmentation_min_lesion": None,
-                                   "components_removed": 0}
+                                   "components_removed": 0, "components_refined": None}
     assert all(v >= 0 for v in s["timings_s"].values())
     c = s["classification"]
     assert set(c) == CLASSIFICATION_KEYS

@@ -426,7 +426,7 @@ def test_reader_verified_segmentation_keeps_the_components_it_reads_as_lesions(f
     assert p_lesion >= 0.5 and p_lesion < 0.9999
     np.testing.assert_array_equal(sitk.GetArrayFromImage(kept.labelmap), sitk.GetArrayFromImage(plain.labelmap))
     assert kept.summary["postprocessing"] == {"component_max_uncertainty": None, "segmentation_min_lesion": 0.5,
-                                              "components_removed": 0}
+                                              "components_removed": 0, "components_refined": None}
     assert sitk.GetArrayFromImage(dropped.labelmap).max() == 0
     assert dropped.summary["postprocessing"]["components_removed"] == 1
     assert dropped.summary["segments"][0]["voxel_count"] == 0

@@ -16,6 +16,7 @@ from .io import read_case, read_volume, write_image_atomic
 from .fusion import fuse_slice_opinions
 from .predictor import Prediction, Predictor
 from .reader import LesionReader, ReaderConfig
+from .refiner import LesionRefiner, RefinerConfig
 
 __version__ = "0.1.0"
 
@@ -58,5 +59,7 @@ __all__ = [
     "Prediction",
     "LesionReader",
     "ReaderConfig",
+    "LesionRefiner",
+    "RefinerConfig",
     "__version__",
 ]

@@ -25,6 +25,7 @@ from .config import UMLConfig
 from .errors import BundleError
 from .network import UMLNet
 from .reader import LesionReader, ReaderConfig
+from .refiner import EXTRA_CHANNELS, LesionRefiner, RefinerConfig
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -45,6 +46,7 @@ SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 READER_PREFIX = "reader."  # the lesion reader's tensors in model.safetensors
+REFINER_PREFIX = "refiner."  # the lesion refiner's tensors in model.safetensors
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,9 @@ class ModelCard:
     ``component_max_uncertainty``: optional; connected components of the segmentation (6-connected, all segments
     together) whose mean voxel uncertainty exceeds it are removed from the labelmap before the case opinion is
     fused (they stay visible in the uncertainty map). Chosen on validation cases by ``training/evaluate.py``.
+    ``refiner``: optional :class:`~umlcore.refiner.RefinerConfig` of a lesion refiner whose weights are the
+    ``refiner.*`` tensors of ``model.safetensors``; it redraws the small components of the labelmap of multi-phase
+    inputs in 3D (one segment only).
     """
 
     id: str
@@ -141,6 +146,7 @@ class ModelCard:
     single_volume_calibration: Optional[dict[str, Any]] = None
     component_max_uncertainty: Optional[float] = None
     reader: Optional[ReaderConfig] = None
+    refiner: Optional[RefinerConfig] = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     license: str = "Apache-2.0"
@@ -167,6 +173,8 @@ class ModelCard:
             raise BundleError(f"component_max_uncertainty must be a number in (0, 1] or null, got {t!r}")
         if self.reader is not None and (arch.num_classes != 2 or not isinstance(self.reader, ReaderConfig)):
             raise BundleError("a reader needs a binary model (its score is one class's probability) and a ReaderConfig")
+        if self.refiner is not None and (arch.num_seg_labels != 2 or not isinstance(self.refiner, RefinerConfig)):
+            raise BundleError("a refiner needs a model with one segment (num_seg_labels 2) and a RefinerConfig")
         if self.input.network_channels != arch.in_channels:
             k = self.input.context_slices
             raise BundleError(
@@ -179,6 +187,11 @@ class ModelCard:
     def reader_channels(self) -> int:
         """Channels of the reader's patches: every named channel at ``2 * reader.context_slices + 1`` slices."""
         return len(self.input.channels) * (2 * self.reader.context_slices + 1) if self.reader is not None else 0
+
+    @property
+    def refiner_channels(self) -> int:
+        """Channels of the refiner's crops: every named channel, the foreground probability and the component."""
+        return len(self.input.channels) + EXTRA_CHANNELS if self.refiner is not None else 0
 
     def calibration_for(self, single_volume: bool) -> tuple[Optional[str], Optional[dict[str, Any]]]:
         """The case calibration to apply, and the name of its card field (``None, None`` if there is none).
@@ -226,9 +239,11 @@ class ModelCard:
             )
             known = {f.name for f in dataclasses.fields(cls)}
             extra = {k: v for k, v in d.items()
-                     if k in known and k not in ("segments", "input", "architecture", "classes", "reader")}
+                     if k in known and k not in ("segments", "input", "architecture", "classes", "reader", "refiner")}
             if d.get("reader") is not None:
                 extra["reader"] = ReaderConfig(**d["reader"])
+            if d.get("refiner") is not None:
+                extra["refiner"] = RefinerConfig(**d["refiner"])
             return cls(
                 classes=tuple(str(c) for c in d["classes"]),
                 segments=segments,
@@ -245,13 +260,14 @@ class ModelCard:
 @dataclass
 class ModelBundle:
     """A loaded, verified bundle: the card, the network in eval mode, where it came from, its hash, and the lesion
-    reader (in eval mode) when the card has one."""
+    reader and refiner (in eval mode) when the card has them."""
 
     card: ModelCard
     model: UMLNet
     path: Path
     sha256: str
     reader: Optional[LesionReader] = None
+    refiner: Optional[LesionRefiner] = None
 
 
 def sha256_file(path: os.PathLike) -> str:
@@ -263,18 +279,20 @@ def sha256_file(path: os.PathLike) -> str:
 
 
 def save_bundle(model: UMLNet, card: ModelCard, directory: os.PathLike, overwrite: bool = False,
-                reader: Optional[LesionReader] = None) -> Path:
+                reader: Optional[LesionReader] = None, refiner: Optional[LesionRefiner] = None) -> Path:
     """Write ``model.safetensors`` and ``model.json`` into ``directory`` atomically.
 
     The files are written into a temporary sibling folder which then replaces ``directory``, so a
     failure never leaves a half-written bundle. A ``reader`` (needs ``card.reader``) is stored as the
-    ``reader.*`` tensors of ``model.safetensors``.
+    ``reader.*`` tensors of ``model.safetensors``, a ``refiner`` (needs ``card.refiner``) as its ``refiner.*`` tensors.
     """
     directory = Path(directory)
     if model.config != card.architecture:
         raise BundleError("the model's config differs from card.architecture: build the card from model.config")
     if (reader is None) != (card.reader is None):
         raise BundleError("give a reader exactly when the card has a reader section (and the other way round)")
+    if (refiner is None) != (card.refiner is None):
+        raise BundleError("give a refiner exactly when the card has a refiner section (and the other way round)")
     if directory.exists() and not overwrite:
         raise BundleError(f"{directory} already exists: choose another folder or pass overwrite=True")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +301,8 @@ def save_bundle(model: UMLNet, card: ModelCard, directory: os.PathLike, overwrit
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         if reader is not None:
             state.update({f"{READER_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in reader.state_dict().items()})
+        if refiner is not None:
+            state.update({f"{REFINER_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in refiner.state_dict().items()})
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})  # one key: a deterministic header
         digest = sha256_file(tmp / WEIGHTS_FILE)
         (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(digest), indent=2) + "\n")
@@ -360,8 +380,9 @@ def load_bundle(path: os.PathLike, device: str | torch.device = "cpu") -> ModelB
         except Exception as exc:  # safetensors raises its own error types
             raise BundleError(f"{weights} is not a readable safetensors file ({exc}): re-export the bundle") from None
         reader_state = {k[len(READER_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(READER_PREFIX)}
+        refiner_state = {k[len(REFINER_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(REFINER_PREFIX)}
         model = UMLNet(card.architecture)
-        reader = None
+        reader = refiner = None
         try:
             model.load_state_dict(state, strict=True)
             if card.reader is not None:
@@ -370,11 +391,17 @@ def load_bundle(path: os.PathLike, device: str | torch.device = "cpu") -> ModelB
                 reader.eval().to(device)
             elif reader_state:
                 raise RuntimeError("reader.* tensors but no reader section in the card")
+            if card.refiner is not None:
+                refiner = LesionRefiner(card.refiner_channels, card.refiner.width)
+                refiner.load_state_dict(refiner_state, strict=True)
+                refiner.eval().to(device)
+            elif refiner_state:
+                raise RuntimeError("refiner.* tensors but no refiner section in the card")
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise BundleError(f"weights in {path} do not fit the declared architecture ({first}): re-export the bundle") from None
         model.eval().to(device)
-        return ModelBundle(card=card, model=model, path=path, sha256=digest, reader=reader)
+        return ModelBundle(card=card, model=model, path=path, sha256=digest, reader=reader, refiner=refiner)
     finally:
         for tmp in stack:
             tmp.cleanup()

@@ -379,6 +379,12 @@ def _card_text(bundle: ModelBundle) -> str:
             lines.append(f"                 multi-phase segmentation: keeps those of the {r.segmentation_max_components} "
                          f"largest components it reads as lesions with p >= {r.segmentation_min_lesion:g} (instead of "
                          "the uncertainty filter)")
+    if card.refiner is not None:
+        f = card.refiner
+        params = sum(p.numel() for p in bundle.refiner.parameters()) if bundle.refiner is not None else 0
+        lines.append(f"  refiner:       {params:,} parameters, redraws in 3D the {f.max_components} largest labelmap components "
+                     f"that fit a {' x '.join(str(v) for v in f.crop)} voxel crop (multi-phase inputs; after the case "
+                     "opinion was read)")
     if card.case_calibration is not None:
         c = card.case_calibration
         lines.append(f"  calibration:   case opinion, Platt slope {c['slope']:.3f}, intercept {c['intercept']:.3f}")

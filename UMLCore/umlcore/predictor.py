@@ -29,6 +29,9 @@ Steps of :meth:`Predictor.predict`:
    (:meth:`Predictor._verify_segmentation`); the case opinion of step 6 reads the filtered labelmap as before, or,
    with the card's ``reader.opinion_reads`` ``"checked"``, the checked one (the network's slice weights stay those of
    the filtered labelmap).
+8. If the card has a lesion refiner (:mod:`umlcore.refiner`) and every channel came from its own volume, it redraws
+   the small components of the labelmap in 3D, after the case opinion was read (the opinion is the same with or
+   without it).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from .preprocess import (
 )
 from .reader import (READER_TARGETS, component_centres, cut_patch, largest_components, most_suspicious, read_patches,
                      suspicion)
+from .refiner import refine_labels
 
 __all__ = [
     "SUMMARY_SCHEMA_VERSION",
@@ -75,6 +79,7 @@ __all__ = [
     "label_components",
     "remove_uncertain_components",
     "in_labelmap",
+    "redrawn_sizes",
 ]
 
 SUMMARY_SCHEMA_VERSION = 1
@@ -158,6 +163,21 @@ def in_labelmap(read: np.ndarray, written: np.ndarray, count: int) -> list[bool]
     return [bool((written[components == cid] > 0).any()) for cid, *_ in found]
 
 
+def redrawn_sizes(components: list[tuple[int, int, float, float]], drawn: np.ndarray,
+                  written: np.ndarray) -> list[tuple[int, int, float, float]]:
+    """The read ``components`` (``(voxels, slice, y, x)`` of the largest components of ``drawn``, in
+    :func:`umlcore.reader.component_centres`' order) with ``voxels`` counted in ``written`` instead: the voxels of
+    the components of ``written`` that overlap each one (the refiner redraws components, it does not move them)."""
+    before, found = largest_components(drawn, len(components))
+    after = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((written > 0).astype(np.uint8)), False))
+    sizes = np.bincount(after.ravel())
+    out = []
+    for (cid, *_), (_, z, y, x) in zip(found, components):
+        ids = np.setdiff1d(np.unique(after[before == cid]), [0])
+        out.append((int(sizes[ids].sum()), z, y, x))
+    return out
+
+
 def resolve_device(device: DeviceName) -> torch.device:
     """``auto`` -> CUDA if available else CPU; ``cuda`` without a GPU is refused with a fix."""
     if device not in ("auto", "cpu", "cuda"):
@@ -222,8 +242,9 @@ class Predictor:
         self.precision = precision
         self._device = resolve_device(device)
         self.bundle.model.eval().to(self._device)
-        if self.bundle.reader is not None:
-            self.bundle.reader.eval().to(self._device)
+        for extra in (self.bundle.reader, self.bundle.refiner):
+            if extra is not None:
+                extra.eval().to(self._device)
 
     @property
     def device(self) -> str:
@@ -422,6 +443,13 @@ class Predictor:
             removed = verified[1]
             if reading is not None and reading["components"] and not checked:
                 reading["in_labelmap"] = in_labelmap(labels, segmentation, len(reading["components"]))
+        refined = None
+        if self.bundle.refiner is not None and not single_volume:
+            drawn = segmentation
+            with strict_fp32() if self._device.type == "cuda" else contextlib.nullcontext():
+                segmentation, refined = refine_labels(self.bundle.refiner, card.refiner, stack, fg, drawn, self._device)
+            if refined and reading is not None and reading["components"]:
+                reading["components"] = redrawn_sizes(reading["components"], drawn, segmentation)
         images = []
         for array in (segmentation, unc, fg):
             image = sitk.GetImageFromArray(np.ascontiguousarray(from_slices(array, axis)))
@@ -432,7 +460,7 @@ class Predictor:
         summary["postprocessing"] = {"component_max_uncertainty": card.component_max_uncertainty,
                                      "segmentation_min_lesion": None if verified is None else
                                      card.reader.segmentation_min_lesion,
-                                     "components_removed": removed}
+                                     "components_removed": removed, "components_refined": refined}
         t3 = time.perf_counter()
         summary["timings_s"] = {
             "read": 0.0,

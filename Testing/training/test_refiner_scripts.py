@@ -1,0 +1,76 @@
+"""train_refiner.py and add_refiner.py end to end on the shipped model (one synthetic case, two steps)."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from umlcore.bundle import load_bundle
+from umlcore.refiner import RefinerConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "training"))
+import add_refiner  # noqa: E402
+import train_refiner  # noqa: E402
+
+SHIPPED = ROOT / "Resources" / "Models" / "uml-breast-dce-small"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("refiner") / "run"
+    # seed 3,000,000 has a lesion the shipped model segments (one crop); validation on the same case
+    assert train_refiner.main(["--model", str(SHIPPED), "--out", str(out), "--train-cases", "1", "--val-cases", "1",
+                               "--val-from", "3000000", "--steps", "2", "--val-every", "1", "--batch", "2",
+                               "--workers", "1", "--threads", "1"]) == 0
+    return out
+
+
+def test_train_refiner_writes_weights_card_and_log(trained):
+    card = json.loads((trained / "refiner.json").read_text())
+    cfg = RefinerConfig(**card)
+    assert cfg.crop == (12, 48, 48) and cfg.training["training_crops"] == 1 and cfg.training["steps"] == 2
+    assert (trained / "refiner.safetensors").is_file() and len(list((trained / "crops").glob("*.npz"))) == 1
+    rows = list(csv.DictReader((trained / "log.csv").open()))
+    assert [r["step"] for r in rows] == ["0", "1", "2"]
+    # untrained, the refiner redraws each component exactly as the network drew it
+    assert float(rows[0]["crop_dice_after"]) == pytest.approx(float(rows[0]["crop_dice_before"]), abs=1e-3)
+    assert float(rows[0]["case_dice_after"]) == pytest.approx(float(rows[0]["case_dice_before"]), abs=1e-3)
+    assert 0.5 < float(rows[0]["case_dice_before"]) <= 1.0
+
+
+def test_train_refiner_checks_its_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_refiner.main(["--model", str(SHIPPED), "--out", str(tmp_path), "--steps", "0"])
+    assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_add_refiner_puts_it_in_a_bundle_then_its_metrics(trained, tmp_path, capsys):
+    out = tmp_path / "v"
+    assert add_refiner.main(["--model", str(SHIPPED), "--refiner", str(trained), "--version", "9.9.9",
+                             "--out", str(out)]) == 0
+    b, shipped = load_bundle(out), load_bundle(SHIPPED)
+    assert b.refiner is not None and b.card.refiner.training["training_crops"] == 1 and b.card.version == "9.9.9"
+    assert b.card.reader == shipped.card.reader and b.card.case_calibration == shipped.card.case_calibration
+    assert "lesion refiner" in b.card.description and b.card.description.endswith("not for diagnosis.")
+    report = tmp_path / "report.json"
+    summary = {"dice_mean": 0.8, "auc": 0.9, "segmentation_min_lesion": 0.75}
+    report.write_text(json.dumps({"model": {"sha256": "0" * 64}, "dataset": "d", "command": "c", "summary": summary}))
+    with pytest.raises(SystemExit):
+        add_refiner.main(["--model", str(out), "--report", str(report), "--out", str(tmp_path / "w")])
+    assert "evaluated another bundle" in capsys.readouterr().err
+    report.write_text(json.dumps({"model": {"sha256": b.sha256}, "dataset": "d", "command": "c",
+                                  "summary": {**summary, "case_calibration": {"slope": 1, "intercept": 0}}}))
+    with pytest.raises(SystemExit):
+        add_refiner.main(["--model", str(out), "--report", str(report), "--out", str(tmp_path / "w")])
+    assert "refitted a case calibration" in capsys.readouterr().err
+    report.write_text(json.dumps({"model": {"sha256": b.sha256}, "dataset": "d", "command": "c", "summary": summary}))
+    assert add_refiner.main(["--model", str(out), "--report", str(report), "--out", str(tmp_path / "w")]) == 0
+    m = load_bundle(tmp_path / "w").card.metrics
+    assert m["dice_mean"] == 0.8 and "segmentation_min_lesion" not in m
+    assert m["single_volume"] == shipped.card.metrics["single_volume"]
+    with pytest.raises(SystemExit):
+        add_refiner.main(["--model", str(SHIPPED), "--report", str(report), "--out", str(tmp_path / "x")])
+    assert "has no refiner" in capsys.readouterr().err
