@@ -37,6 +37,7 @@ from umlcore.bundle import load_bundle
 from umlcore.errors import BundleError
 from umlcore.fusion import calibrate_case_alpha, fit_platt, fuse_reader_opinion, stack_reader_opinion
 from umlcore.predictor import Predictor, label_components
+from umlcore.preprocess import slice_axis_index, to_slices
 from umlcore.reader import READER_TARGETS, most_suspicious
 from umlcore.synthetic import generate_case
 from workers import ordered_map
@@ -218,6 +219,48 @@ def second_reader(predictor: Predictor, other: Optional[Predictor]) -> Iterator[
 
 
 @contextlib.contextmanager
+def refiner_inputs(predictor: Predictor) -> Iterator[list]:
+    """While open, the labelmap (slice order) each of ``predictor``'s calls of its refiner step was given is
+    appended to the yielded list where the refiner redrew it (``Predictor._refine`` applied): the labelmap the
+    predictor would have written without a refiner, for a paired Dice on the same run."""
+    captured: list = []
+    own = predictor._refine
+
+    def refine(stack, fg, labels, single_volume):
+        out = own(stack, fg, labels, single_volume)
+        if out[1] is not None:
+            captured.append(labels.copy())
+        return out
+
+    predictor._refine = refine
+    try:
+        yield captured
+    finally:
+        del predictor._refine  # the class's method again
+
+
+def refiner_effect(rows: list[dict], draws: int = 1000, seed: int = 0) -> Optional[dict]:
+    """Lesion Dice with and without the refiner on the same cases (rows with ``dice_unrefined``): means, medians,
+    the mean difference with a 95 % bootstrap interval over cases, and the Dice by lesion size without it."""
+    sel = [r for r in rows if r.get("dice_unrefined") is not None]
+    if not sel:
+        return None
+    after = np.array([r["dice"] for r in sel])
+    before = np.array([r["dice_unrefined"] for r in sel])
+    diff = after - before
+    boot = np.random.default_rng(seed).integers(0, len(diff), (draws, len(diff)))
+    means = diff[boot].mean(axis=1)
+    unrefined = [{**r, "dice": r["dice_unrefined"], "predicted_voxels": r["predicted_voxels_unrefined"]} for r in sel]
+    return {"cases": len(sel), "dice_mean_without": float(before.mean()), "dice_mean_with": float(after.mean()),
+            "dice_median_without": float(np.median(before)), "dice_median_with": float(np.median(after)),
+            "dice_difference": float(diff.mean()),
+            "dice_difference_95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+            "cases_better": int((diff > 1e-9).sum()), "cases_worse": int((diff < -1e-9).sum()),
+            "components_refined": int(sum(r.get("components_refined") or 0 for r in rows)),
+            "dice_by_lesion_size_without": dice_by_lesion_size(unrefined)}
+
+
+@contextlib.contextmanager
 def reader_inputs(predictor: Predictor, enabled: bool = True) -> Iterator[list]:
     """While open, every input batch of ``predictor``'s lesion reader (``(N, C, P, P)`` float32 patches, one per
     component read) is appended, as a numpy copy, to the yielded list (a forward pre-hook; nothing when
@@ -326,7 +369,7 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
     for case in synthetic_stream(range(seed_base, seed_base + n_cases), shape, label_noise, workers):
         images = input_views(add_noise(case.to_sitk(), sigma, rng), mode)
         with second_reader(predictor, compare) as readings, \
-                reader_inputs(predictor, patches is not None) as captured:
+                reader_inputs(predictor, patches is not None) as captured, refiner_inputs(predictor) as drawn:
             pred = predictor.predict(images, case_id=f"synthetic-{case.seed}")
         if captured and pred.summary.get("lesions"):  # the opinion's reading is the last (a check of the
             patches[case.seed] = captured[-1]       # segmentation, card field segmentation_min_lesion, reads first)
@@ -337,6 +380,11 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
         d = h = None
         if case.mask.any():
             d, h = metrics.dice(lab, case.mask), metrics.hd95(lab, case.mask, spacing=case.spacing[::-1])
+        unrefined = None
+        if drawn:  # the refiner redrew this case: the labelmap it was given, in the predictor's slice order
+            axis = slice_axis_index(images[0].GetDirection(), predictor.card.input.slicing_axis)
+            unrefined = drawn[-1]
+            truth = to_slices(case.mask, axis)
         c = pred.summary["classification"]
         p = float(c["positive_probability"])
         reader = c.get("reader") or {}
@@ -348,6 +396,8 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
                      "dice": d, "hd95_mm": h, "predicted_voxels": int((lab > 0).sum()),
                      "components_removed": int(pred.summary.get("postprocessing", {}).get("components_removed", 0)),
                      "components_refined": pred.summary.get("postprocessing", {}).get("components_refined"),
+                     "dice_unrefined": None if unrefined is None or d is None else metrics.dice(unrefined, truth),
+                     "predicted_voxels_unrefined": None if unrefined is None else int((unrefined > 0).sum()),
                      "positive_probability": p, "uncertainty": float(c["uncertainty"]),
                      "reader_score": reader.get("score"),
                      "reader_probabilities": None if top is None else [top["probabilities"][t] for t in READER_TARGETS],
@@ -381,6 +431,9 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
     case, arrays = case_metrics(rows)
     res.update(case)
     res["dice_by_lesion_size"] = dice_by_lesion_size(rows)
+    refiner = refiner_effect(rows)
+    if refiner is not None:
+        res["refiner"] = refiner
     if pixel_stats:
         res["pixel_uncertainty_error_auroc"] = metrics.histogram_auroc(*pix_counts)
         res["pixel_error_rate"] = float(pix_counts[0].sum() / pix_counts.sum())
@@ -656,6 +709,17 @@ def write_markdown(report: dict, path: Path) -> None:
         lines += ["", "Lesion Dice by the case's true lesion size (voxels):", "",
                   "| lesion voxels | cases | mean Dice | nothing predicted |", "|---|---|---|---|"]
         lines += [f"| {k} | {b['cases']} | {_fmt(b['dice_mean'])} | {b['nothing_predicted']} |" for k, b in bins.items()]
+    if s.get("refiner"):
+        r = s["refiner"]
+        lo, hi = r["dice_difference_95"]
+        lines += ["", f"The refiner on the same {r['cases']} lesion cases ({r['components_refined']} components redrawn "
+                      f"in all cases): lesion Dice {r['dice_mean_without']:.3f} without it, {r['dice_mean_with']:.3f} "
+                      f"with it (median {r['dice_median_without']:.3f} -> {r['dice_median_with']:.3f}); difference "
+                      f"{r['dice_difference']:+.3f} (95 % bootstrap {lo:+.3f} .. {hi:+.3f}), {r['cases_better']} cases "
+                      f"better, {r['cases_worse']} worse. Without it, by lesion size:", "",
+                  "| lesion voxels | cases | mean Dice | nothing predicted |", "|---|---|---|---|"]
+        lines += [f"| {k} | {b['cases']} | {_fmt(b['dice_mean'])} | {b['nothing_predicted']} |"
+                  for k, b in r["dice_by_lesion_size_without"].items()]
     if s.get("errors_by_phenotype"):
         lines += ["", "Case opinions by the (first) lesion's phenotype (accuracy against the reported labels):", "",
                   "| group | cases | suspicious | accuracy | mean probability | read by the reader | median reader score |",

@@ -74,3 +74,39 @@ def test_add_refiner_puts_it_in_a_bundle_then_its_metrics(trained, tmp_path, cap
     with pytest.raises(SystemExit):
         add_refiner.main(["--model", str(SHIPPED), "--report", str(report), "--out", str(tmp_path / "x")])
     assert "has no refiner" in capsys.readouterr().err
+
+
+def test_evaluate_pairs_the_dice_with_and_without_the_refiner(trained, tmp_path):
+    import evaluate
+
+    bundle = tmp_path / "v"
+    assert add_refiner.main(["--model", str(SHIPPED), "--refiner", str(trained), "--out", str(bundle)]) == 0
+    out = tmp_path / "eval"
+    # seeds 3,000,000 and 3,000,001: lesions the refiner redraws
+    assert evaluate.main(["--model", str(bundle), "--out", str(out), "--cases", "2", "--test-seeds-from", "3000000",
+                          "--robustness-cases", "1", "--mode-cases", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows, r = report["cases"], report["summary"]["refiner"]
+    assert all(row["dice_unrefined"] is not None and row["components_refined"] >= 1 for row in rows)
+    assert r["cases"] == 2 and r["dice_mean_with"] == pytest.approx(report["summary"]["dice_mean"])
+    assert r["dice_mean_without"] == pytest.approx(sum(row["dice_unrefined"] for row in rows) / 2)
+    assert r["dice_difference"] == pytest.approx(r["dice_mean_with"] - r["dice_mean_without"])
+    assert "The refiner on the same 2 lesion cases" in (out / "report.md").read_text()
+
+
+def test_refiner_effect_is_paired_by_case():
+    import evaluate
+
+    rows = [{"dice": 0.8, "dice_unrefined": 0.6, "lesion_voxels": 50, "predicted_voxels": 40,
+             "predicted_voxels_unrefined": 30, "components_refined": 1},
+            {"dice": 0.5, "dice_unrefined": 0.6, "lesion_voxels": 2000, "predicted_voxels": 9,
+             "predicted_voxels_unrefined": 9, "components_refined": 2},
+            {"dice": None, "dice_unrefined": None, "lesion_voxels": 0, "predicted_voxels": 0,
+             "predicted_voxels_unrefined": 0, "components_refined": 0}]
+    r = evaluate.refiner_effect(rows)
+    assert r["cases"] == 2 and r["components_refined"] == 3 and (r["cases_better"], r["cases_worse"]) == (1, 1)
+    assert r["dice_mean_without"] == pytest.approx(0.6) and r["dice_mean_with"] == pytest.approx(0.65)
+    lo, hi = r["dice_difference_95"]
+    assert r["dice_difference"] == pytest.approx(0.05) and lo == pytest.approx(-0.1) and hi == pytest.approx(0.2)
+    assert r["dice_by_lesion_size_without"]["1-99"] == {"cases": 1, "dice_mean": 0.6, "nothing_predicted": 0}
+    assert evaluate.refiner_effect(rows[2:]) is None

@@ -443,13 +443,10 @@ class Predictor:
             removed = verified[1]
             if reading is not None and reading["components"] and not checked:
                 reading["in_labelmap"] = in_labelmap(labels, segmentation, len(reading["components"]))
-        refined = None
-        if self.bundle.refiner is not None and not single_volume:
-            drawn = segmentation
-            with strict_fp32() if self._device.type == "cuda" else contextlib.nullcontext():
-                segmentation, refined = refine_labels(self.bundle.refiner, card.refiner, stack, fg, drawn, self._device)
-            if refined and reading is not None and reading["components"]:
-                reading["components"] = redrawn_sizes(reading["components"], drawn, segmentation)
+        drawn = segmentation
+        segmentation, refined = self._refine(stack, fg, drawn, single_volume)
+        if refined and reading is not None and reading["components"]:
+            reading["components"] = redrawn_sizes(reading["components"], drawn, segmentation)
         images = []
         for array in (segmentation, unc, fg):
             image = sitk.GetImageFromArray(np.ascontiguousarray(from_slices(array, axis)))
@@ -491,6 +488,15 @@ class Predictor:
         keep = [found[i][0] for i in range(len(found)) if p[i, 0] >= cfg.segmentation_min_lesion]
         verified = np.where(np.isin(components, keep), labels, 0).astype(labels.dtype)
         return verified, int(components.max()) - len(keep)
+
+    def _refine(self, stack: np.ndarray, fg: np.ndarray, labels: np.ndarray,
+                single_volume: bool) -> tuple[np.ndarray, Optional[int]]:
+        """The refiner's redrawing of ``labels (S, H, W)`` (:func:`umlcore.refiner.refine_labels`) and how many
+        components it redrew; ``labels`` and ``None`` where it does not apply (no refiner, or one volume)."""
+        if self.bundle.refiner is None or single_volume:
+            return labels, None
+        with strict_fp32() if self._device.type == "cuda" else contextlib.nullcontext():
+            return refine_labels(self.bundle.refiner, self.card.refiner, stack, fg, labels, self._device)
 
     def _read_lesions(self, stack: np.ndarray, labels: np.ndarray, spacing_hw: tuple[float, float],
                       single_volume: bool) -> Optional[dict]:
