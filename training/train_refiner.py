@@ -9,7 +9,8 @@
    in-plane transposes.
 3. **Validation.** On the validation cases: Dice of each crop's component against the true mask in its crop,
    before and after, and the case lesion Dice with every crop's component replaced as the predictor replaces it
-   (from the crops' counts; crops that overlap another component are counted as if they did not).
+   (from the crops' counts; crops that overlap another component are counted as if they did not), beside that of
+   an oracle that replaces each component by the true lesions it touches.
 4. **Output.** ``--out``: ``refiner.safetensors``, ``refiner.json`` (the card section with its training record)
    and ``log.csv``; ``training/add_refiner.py`` puts them into a bundle.
 
@@ -148,31 +149,37 @@ def replaced(own: np.ndarray, prob: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def validate(net: LesionRefiner, cases: list[dict], cfg: RefinerConfig) -> dict:
-    """Crop and case Dice before and after refinement (see the module docstring)."""
+    """Crop and case Dice before and after refinement (see the module docstring), and the case Dice of an oracle
+    refiner that draws exactly the true lesions touching each component (the most any refiner could give)."""
     net.eval()
-    before, after, case_before, case_after = [], [], [], []
+    before, after, case_before, case_after, case_oracle = [], [], [], [], []
     with torch.inference_mode():
         for c in cases:
             truth, predicted, overlap = (int(v) for v in c["counts"])
             new_pred, new_overlap = predicted, overlap
+            best_pred, best_overlap = predicted, overlap
             for x, y in zip(c["x"], c["y"]):
                 x, y = center(x.astype(np.float32)), center(y) > 0
                 own = x[-1] > 0.5
                 prob = torch.sigmoid(net(torch.from_numpy(x[None]))).numpy()[0, 0]
                 new = replaced(own, prob, cfg.threshold)
+                best = replaced(own, y.astype(np.float32), 0.5)
                 if y.any():
                     before.append(2 * (own & y).sum() / (own.sum() + y.sum()))
                     after.append(2 * (new & y).sum() / (new.sum() + y.sum()))
                 new_pred += int(new.sum()) - int(own.sum())
                 new_overlap += int((new & y).sum()) - int((own & y).sum())
+                best_pred += int(best.sum()) - int(own.sum())
+                best_overlap += int((best & y).sum()) - int((own & y).sum())
             if truth:
                 case_before.append(2 * overlap / (truth + predicted))
                 case_after.append(2 * new_overlap / (truth + new_pred))
+                case_oracle.append(2 * best_overlap / (truth + best_pred))
     net.train()
-    return {"crops_with_lesion": len(before), "crop_dice_before": float(np.mean(before)) if before else None,
-            "crop_dice_after": float(np.mean(after)) if after else None,
-            "lesion_cases": len(case_before), "case_dice_before": float(np.mean(case_before)) if case_before else None,
-            "case_dice_after": float(np.mean(case_after)) if case_after else None}
+    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+    return {"crops_with_lesion": len(before), "crop_dice_before": mean(before), "crop_dice_after": mean(after),
+            "lesion_cases": len(case_before), "case_dice_before": mean(case_before), "case_dice_after": mean(case_after),
+            "case_dice_oracle": mean(case_oracle)}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -39,6 +39,8 @@ def test_train_refiner_writes_weights_card_and_log(trained):
     assert float(rows[0]["crop_dice_after"]) == pytest.approx(float(rows[0]["crop_dice_before"]), abs=1e-3)
     assert float(rows[0]["case_dice_after"]) == pytest.approx(float(rows[0]["case_dice_before"]), abs=1e-3)
     assert 0.5 < float(rows[0]["case_dice_before"]) <= 1.0
+    v = json.loads((trained / "refiner.json").read_text())["training"]["validation"]
+    assert v["case_dice_before"] < v["case_dice_oracle"] <= 1.0  # the oracle draws the true lesion it touches
 
 
 def test_train_refiner_checks_its_arguments(tmp_path, capsys):
