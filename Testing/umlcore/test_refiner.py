@@ -170,3 +170,15 @@ def test_predictor_redraws_the_components_of_multi_phase_inputs(boxed, make_volu
     one = Predictor(dataclasses.replace(boxed, refiner=grow.refiner), device="cpu").predict(volume)
     assert one.summary["postprocessing"]["components_refined"] is None
     assert sitk.GetArrayFromImage(one.labelmap).sum() == 5 * 10 * 12  # one volume: not redrawn
+
+
+def test_uml_info_describes_the_refiner(refiner_bundle_dir, capsys):
+    from umlcore.cli import main
+
+    assert main(["info", str(refiner_bundle_dir)]) == 0
+    text = capsys.readouterr().out
+    params = sum(p.numel() for p in LesionRefiner(5, width=4).parameters())
+    assert (f"refiner:       {params:,} parameters, redraws in 3D the 8 largest labelmap components that fit a "
+            "8 x 16 x 16 voxel crop") in text
+    assert main(["info", str(refiner_bundle_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["refiner"]["crop"] == [8, 16, 16]
