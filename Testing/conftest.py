@@ -8,6 +8,7 @@ Generic on purpose so every part's tests can reuse them:
   Do not modify them in place; make your own with ``bundle_factory`` when a test tampers with a bundle.
 - ``make_volume(**options) -> sitk.Image``: a deterministic 3D volume with a bright blob, oblique by default.
 - ``oblique_direction``: the default rotated (det +1) direction matrix, row-major.
+- ``box_segmentation(bundle)``: a copy of a loaded bundle whose network segments a fixed box (see there).
 - ``dicom_writer(image, folder, series_uid=...) -> Path``: write a 3D image as an int16 MR DICOM series
   (SimpleITK + GDCM, one file per slice, IPP/IOP from the image's geometry).
 """
@@ -177,3 +178,29 @@ def dicom_writer():
 def card_factory():
     """``make_card(config, **overrides) -> ModelCard`` as a fixture."""
     return make_card
+
+
+class _Boxed(torch.nn.Module):
+    """A network whose segmentation is fixed: label 1 in rows 10-19, columns 20-31 of every slice but the first of
+    a batch (the predictor's batch of 8 holds all 6 slices of the test volumes, in order); the rest is its own."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, x):
+        out = self.inner(x)
+        seg = torch.ones_like(out.seg_alpha)
+        seg[:, 0] = 50.0
+        seg[1:, 1, 10:20, 20:32] = 100.0
+        return out._replace(seg_alpha=seg)
+
+
+@pytest.fixture(scope="session")
+def box_segmentation():
+    """``box(bundle)``: a loaded bundle with its network wrapped so that it segments a fixed 10 x 12 box
+    (:class:`_Boxed`; ``.model.inner`` is the network itself)."""
+    import dataclasses
+
+    return lambda bundle: dataclasses.replace(bundle, model=_Boxed(bundle.model))
+

@@ -57,11 +57,29 @@ READER_SENTENCE = ("A lesion reader (a second, small network) reads the margin a
                    "inputs.")
 
 
-def _insert_sentence(description: str, sentence: str) -> str:
+def insert_sentence(description: str, sentence: str) -> str:
     """``description`` with ``sentence`` before its "Research use only" notice (or at its end)."""
     if " Research use only" in description:
         return description.replace(" Research use only", f" {sentence} Research use only", 1)
     return f"{description} {sentence}".strip()
+
+
+def read_report(path: Path, bundle, model: Path, error) -> dict:
+    """The ``evaluate.py`` report at ``path``; ``error(message)`` (argparse's) unless it evaluated ``bundle``."""
+    report = json.loads(path.read_text())
+    if report.get("model", {}).get("sha256") != bundle.sha256:
+        error(f"{path} evaluated another bundle (sha256 {report.get('model', {}).get('sha256')!r}), not {model}: "
+              "evaluate this one")
+    return report
+
+
+def card_metrics(report: dict, summary: dict, card) -> dict:
+    """The card's ``metrics`` from a report's ``summary`` (fields that are not metrics already removed), keeping the
+    card's ``single_volume`` entry: measured without the reader and the refiner, which single volumes do not use."""
+    metrics = {"test_set": report.get("dataset"), "command": report.get("command"), **summary}
+    if "single_volume" in card.metrics:
+        metrics["single_volume"] = card.metrics["single_volume"]
+    return metrics
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -115,7 +133,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except BundleError as err:
             p.error(str(err))
         if CHECK_SENTENCE not in card.description:
-            card = dataclasses.replace(card, description=_insert_sentence(card.description, CHECK_SENTENCE))
+            card = dataclasses.replace(card, description=insert_sentence(card.description, CHECK_SENTENCE))
     elif args.reader is not None:
         if card.architecture.num_classes != 2:
             p.error(f"{args.model} is not a binary model: the reader's score is one class's probability")
@@ -131,15 +149,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             p.error(f"{args.reader} does not fit a reader of {config}: {err}")
         description = card.description
         if READER_SENTENCE not in description:
-            description = _insert_sentence(description, READER_SENTENCE)
+            description = insert_sentence(description, READER_SENTENCE)
         card = dataclasses.replace(card, reader=config, description=description)
     else:
         if reader is None:
             p.error(f"{args.model} has no reader: run step 1 (--reader) first")
-        report = json.loads(args.report.read_text())
-        if report.get("model", {}).get("sha256") != bundle.sha256:
-            p.error(f"{args.report} evaluated another bundle (sha256 {report.get('model', {}).get('sha256')!r}), "
-                    f"not {args.model}: evaluate this one")
+        report = read_report(args.report, bundle, args.model, p.error)
         summary = dict(report.get("summary", {}))
         calibration = summary.pop("case_calibration", None)
         if calibration is None:  # a test-only report: the card's calibration stands if it was fitted with the reader
@@ -159,10 +174,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                                          if k not in ("weight", "fusion")}}
             card = dataclasses.replace(card, reader=dataclasses.replace(
                 card.reader, weight=weight_fit["weight"], fusion=weight_fit.get("fusion", "average"), training=training))
-        metrics = {"test_set": report.get("dataset"), "command": report.get("command"), **summary}
-        if "single_volume" in card.metrics:  # measured without the reader, which single volumes do not use
-            metrics["single_volume"] = card.metrics["single_volume"]
-        card = dataclasses.replace(card, case_calibration=calibration, metrics=metrics)
+        card = dataclasses.replace(card, case_calibration=calibration, metrics=card_metrics(report, summary, card))
         if summary.get("suggested_review_uncertainty") is not None:
             print(f"review_uncertainty stays {card.review_uncertainty:g} (the report suggests "
                   f"{summary['suggested_review_uncertainty']:g} from its {summary.get('suggested_review_uncertainty_from')} "

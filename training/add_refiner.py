@@ -31,6 +31,9 @@ from umlcore.bundle import load_bundle, save_bundle
 from umlcore.errors import BundleError
 from umlcore.refiner import LesionRefiner, RefinerConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from add_reader import card_metrics, insert_sentence, read_report  # noqa: E402
+
 REFINER_SENTENCE = "For multi-phase inputs a lesion refiner (a small 3D network) redraws the smaller segmented lesions."
 
 
@@ -71,27 +74,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                     f"{len(card.input.channels)} channels: {err}")
         description = card.description
         if REFINER_SENTENCE not in description:
-            tail = " Research use only"
-            description = (description.replace(tail, f" {REFINER_SENTENCE}{tail}", 1) if tail in description
-                           else f"{description} {REFINER_SENTENCE}".strip())
+            description = insert_sentence(description, REFINER_SENTENCE)
         card = dataclasses.replace(card, refiner=config, description=description)
     else:
         if refiner is None:
             p.error(f"{args.model} has no refiner: run step 1 (--refiner) first")
-        report = json.loads(args.report.read_text())
-        if report.get("model", {}).get("sha256") != bundle.sha256:
-            p.error(f"{args.report} evaluated another bundle (sha256 {report.get('model', {}).get('sha256')!r}), "
-                    f"not {args.model}: evaluate this one")
+        report = read_report(args.report, bundle, args.model, p.error)
         summary = dict(report.get("summary", {}))
         if "case_calibration" in summary:
             p.error(f"{args.report} refitted a case calibration (--calibrate-cases): the refiner does not change the "
                     "opinion, so measure the card's calibration as it is (a test-only report)")
         for key in ("component_max_uncertainty", "segmentation_min_lesion", "reader_weight"):
             summary.pop(key, None)
-        metrics = {"test_set": report.get("dataset"), "command": report.get("command"), **summary}
-        if "single_volume" in card.metrics:  # measured without the refiner, which single volumes do not use
-            metrics["single_volume"] = card.metrics["single_volume"]
-        card = dataclasses.replace(card, metrics=metrics)
+        card = dataclasses.replace(card, metrics=card_metrics(report, summary, card))
     if args.version:
         card = dataclasses.replace(card, version=args.version)
     path = save_bundle(bundle.model, card, args.out, overwrite=args.overwrite, reader=bundle.reader, refiner=refiner)

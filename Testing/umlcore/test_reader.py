@@ -295,24 +295,9 @@ def _lesion_volume(make_volume):
 
 
 @pytest.fixture(scope="module")
-def forced(reader_bundle_dir):
+def forced(reader_bundle_dir, box_segmentation):
     """The reader bundle whose segmentation is fixed: label 1 in a 10 x 12 box of every slice but the first."""
-    b = load_bundle(reader_bundle_dir)
-    inner = b.model
-
-    class Boxed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner, self.config = inner, inner.config
-
-        def forward(self, x):
-            out = self.inner(x)
-            seg = torch.ones_like(out.seg_alpha)
-            seg[:, 0] = 50.0
-            seg[1:, 1, 10:20, 20:32] = 100.0  # the predictor's batch of 8 holds all 6 slices, in order
-            return out._replace(seg_alpha=seg)
-
-    return dataclasses.replace(b, model=Boxed())
+    return box_segmentation(load_bundle(reader_bundle_dir))
 
 
 def test_predictor_reads_the_segmented_lesions_and_merges_their_score(forced, make_volume):

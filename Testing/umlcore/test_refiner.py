@@ -128,24 +128,9 @@ def test_bundle_round_trips_the_refiner(refiner_bundle_dir, tiny_bundle, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def boxed(refiner_bundle_dir):
+def boxed(refiner_bundle_dir, box_segmentation):
     """The refiner bundle whose network segments a fixed 10 x 12 box in every slice but the first."""
-    b = load_bundle(refiner_bundle_dir)
-    inner = b.model
-
-    class Boxed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner, self.config = inner, inner.config
-
-        def forward(self, x):
-            out = self.inner(x)
-            seg = torch.ones_like(out.seg_alpha)
-            seg[:, 0] = 50.0
-            seg[1:, 1, 10:20, 20:32] = 100.0
-            return out._replace(seg_alpha=seg)
-
-    return dataclasses.replace(b, model=Boxed())
+    return box_segmentation(load_bundle(refiner_bundle_dir))
 
 
 def test_predictor_redraws_the_components_of_multi_phase_inputs(boxed, make_volume):
