@@ -1,4 +1,4 @@
-"""train_refiner.py and add_refiner.py end to end on the shipped model (one synthetic case, two steps)."""
+"""The refiner scripts (train_refiner.py, add_refiner.py, evaluate.py's pairing) and probe_missed_lesions.py on the shipped model."""
 
 import csv
 import json
@@ -112,3 +112,24 @@ def test_refiner_effect_is_paired_by_case():
     assert r["dice_difference"] == pytest.approx(0.05) and lo == pytest.approx(-0.1) and hi == pytest.approx(0.2)
     assert r["dice_by_lesion_size_without"]["1-99"] == {"cases": 1, "dice_mean": 0.6, "nothing_predicted": 0}
     assert evaluate.refiner_effect(rows[2:]) is None
+
+
+def test_probe_missed_lesions_ranks_each_true_lesion_on_the_subtraction(tmp_path):
+    import probe_missed_lesions as probe
+
+    out = tmp_path / "r.json"
+    assert probe.main(["--model", str(SHIPPED), "--cases", "1", "--seed-from", "3000000", "--workers", "1",
+                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert row["seed"] == 3000000 and row["lesions"] and all(x["voxels"] >= probe.MIN_VOXELS for x in row["lesions"])
+    assert any(x["segmented"] for x in row["lesions"])  # the lesion the refiner tests redraw
+    assert all(0.0 <= x["share_brighter"] < 1.0 for x in row["lesions"])
+    rows = [{"seed": 1, "lesions": [{"voxels": 10, "segmented": False, "share_brighter": 0.02},
+                                    {"voxels": 30, "segmented": False, "share_brighter": 0.0005},
+                                    {"voxels": 500, "segmented": True, "share_brighter": 0.00001}]}]
+    s = probe.summarise(rows)
+    assert s["lesions"] == 3 and s["missed"]["lesions"] == 2 and s["missed"]["voxels_median"] == 20
+    assert s["missed"]["within_brightest"] == {"0.01 %": 0, "0.1 %": 1, "1 %": 1}
+    assert s["segmented"]["within_brightest"] == {"0.01 %": 1, "0.1 %": 1, "1 %": 1}
+    assert s["missed"]["share_brighter_quartiles"][1] == pytest.approx(0.01025)
