@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from umlcore.bundle import load_bundle
 from umlcore.predictor import Predictor
 from umlcore.preprocess import normalize, slice_axis_index, to_slices
-from umlcore.refiner import LesionRefiner, RefinerConfig, component_boxes, crop_inputs, cut_crop
+from umlcore.refiner import LesionRefiner, RefinerConfig, component_boxes, crop_inputs, cut_crop, touching
 from umlcore.synthetic import generate_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -142,9 +142,7 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def replaced(own: np.ndarray, prob: np.ndarray, threshold: float) -> np.ndarray:
     """What :func:`umlcore.refiner.refine_labels` writes in one crop for the component ``own``."""
-    refined = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((prob >= threshold).astype(np.uint8)), False))
-    keep = np.setdiff1d(np.unique(refined[own]), [0])
-    new = np.isin(refined, keep) & (refined > 0)
+    new = touching(prob >= threshold, own)
     return new if new.any() else own
 
 

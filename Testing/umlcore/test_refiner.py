@@ -14,7 +14,8 @@ from umlcore.bundle import CARD_FILE, WEIGHTS_FILE, load_bundle, save_bundle, sh
 from umlcore.errors import BundleError
 from umlcore.predictor import Predictor
 from umlcore.reader import LesionReader, ReaderConfig
-from umlcore.refiner import LesionRefiner, RefinerConfig, component_boxes, crop_box, crop_inputs, cut_crop, refine_labels
+from umlcore.refiner import (LesionRefiner, RefinerConfig, component_boxes, crop_box, crop_inputs, cut_crop, refine_labels,
+                             touching)
 
 
 def test_config_defaults_and_validation():
@@ -167,3 +168,14 @@ def test_uml_info_describes_the_refiner(refiner_bundle_dir, capsys):
             "8 x 16 x 16 voxel crop") in text
     assert main(["info", str(refiner_bundle_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["refiner"]["crop"] == [8, 16, 16]
+
+
+def test_touching_keeps_the_drawn_parts_that_overlap():
+    drawn = np.zeros((1, 4, 8), bool)
+    drawn[0, 1:3, 0:2] = drawn[0, 1:3, 4:6] = True  # two parts
+    own = np.zeros_like(drawn)
+    own[0, 2, 5] = own[0, 0, 7] = True  # overlaps the second part; one voxel outside both
+    expected = np.zeros_like(drawn)
+    expected[0, 1:3, 4:6] = True
+    np.testing.assert_array_equal(touching(drawn, own), expected)
+    assert not touching(drawn, np.zeros_like(drawn)).any()

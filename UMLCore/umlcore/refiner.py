@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from .errors import BundleError
 
-__all__ = ["RefinerConfig", "LesionRefiner", "component_boxes", "crop_box", "cut_crop", "refine_labels"]
+__all__ = ["RefinerConfig", "LesionRefiner", "component_boxes", "crop_box", "crop_inputs", "cut_crop", "refine_labels",
+           "touching"]
 
 #: The refiner's extra input channels after the named ones: the network's foreground probability, the component.
 EXTRA_CHANNELS = 2
@@ -176,6 +177,13 @@ def crop_inputs(stack: np.ndarray, fg: np.ndarray, component: np.ndarray, box: t
     return np.concatenate([channels.astype(np.float32), extra], axis=0)
 
 
+def touching(drawn: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """The 6-connected parts of the boolean ``drawn`` that overlap the boolean ``own`` (same shape)."""
+    parts = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(drawn.astype(np.uint8)), False))
+    keep = np.setdiff1d(np.unique(parts[own]), [0])
+    return np.isin(parts, keep) & (parts > 0)
+
+
 def refine_labels(refiner: LesionRefiner, cfg: RefinerConfig, stack: np.ndarray, fg: np.ndarray,
                   labels: np.ndarray, device: Optional[torch.device] = None) -> tuple[np.ndarray, int]:
     """Redraw the components of ``labels`` that :func:`component_boxes` picks.
@@ -205,10 +213,7 @@ def refine_labels(refiner: LesionRefiner, cfg: RefinerConfig, stack: np.ndarray,
     changed = 0
     for (cid, box), prob in zip(boxes, p):
         own = cut_crop(components == cid, box)
-        refined = sitk.GetArrayFromImage(sitk.ConnectedComponent(
-            sitk.GetImageFromArray((prob >= cfg.threshold).astype(np.uint8)), False))
-        keep = np.setdiff1d(np.unique(refined[own]), [0])
-        new = np.isin(refined, keep) & (refined > 0)
+        new = touching(prob >= cfg.threshold, own)
         if not new.any():
             continue
         src = tuple(slice(max(b.start, 0), min(b.stop, n)) for b, n in zip(box, labels.shape))
