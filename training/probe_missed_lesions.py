@@ -29,21 +29,14 @@ from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
-import torch
-
-from umlcore.bundle import load_bundle
-from umlcore.predictor import Predictor
-from umlcore.preprocess import normalize, slice_axis_index, to_slices
-from umlcore.synthetic import generate_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_refiner import predicted_slices  # noqa: E402  (a case through the predictor, in slice order)
 from workers import ordered_map  # noqa: E402
 
-SHAPE = (24, 256, 256)
 SMOOTH_VOXELS = 1.0
 MIN_VOXELS = 8
 TOP_SHARES = (0.0001, 0.001, 0.01)
-_PREDICTORS: dict[str, Predictor] = {}
 
 
 def components(mask: np.ndarray) -> np.ndarray:
@@ -54,18 +47,8 @@ def components(mask: np.ndarray) -> np.ndarray:
 def probe_case(job: tuple[int, str]) -> dict:
     """One case: a row per true lesion (see the module docstring, step 3)."""
     seed, model = job
-    torch.set_num_threads(1)
-    if model not in _PREDICTORS:
-        _PREDICTORS[model] = Predictor(load_bundle(model), device="cpu")
-    predictor = _PREDICTORS[model]
-    case = generate_case(seed, shape=SHAPE, label_noise=0.02)
-    images = case.to_sitk()
-    pred = predictor.predict(images, case_id=f"synthetic-{seed}")
-    axis = slice_axis_index(images[0].GetDirection(), "axial")
-    norm = predictor.card.input.normalization
-    stack = np.stack([to_slices(normalize(p.astype(np.float32), norm), axis) for p in case.phases], axis=1)
-    labels = to_slices(sitk.GetArrayFromImage(pred.labelmap), axis) > 0
-    truth = to_slices(case.mask, axis) > 0
+    a = predicted_slices(seed, model)
+    stack, labels, truth = a["stack"], a["labels"] > 0, a["truth"] > 0
     sub = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(
         sitk.GetImageFromArray(np.ascontiguousarray(stack[:, 1] - stack[:, 0])), SMOOTH_VOXELS))
     ranked = np.sort(sub.ravel())

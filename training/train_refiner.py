@@ -53,8 +53,10 @@ JITTER = (1, 4, 4)
 _PREDICTORS: dict[str, Predictor] = {}
 
 
-def case_slices(seed: int, model: str, cfg: RefinerConfig) -> dict:
-    """One case through ``model``'s predictor: its refiner crops (``JITTER`` larger) and the case's counts."""
+def predicted_slices(seed: int, model: str) -> dict[str, np.ndarray]:
+    """Synthetic case ``seed`` (``SHAPE``) through ``model``'s predictor (one per process, one CPU thread), in the
+    predictor's slice order: ``stack`` ``(S, 3, H, W)`` normalised phases, ``fg`` foreground probability,
+    ``labels`` the labelmap written, ``truth`` the true mask."""
     torch.set_num_threads(1)
     if model not in _PREDICTORS:
         _PREDICTORS[model] = Predictor(load_bundle(model), device="cpu")
@@ -62,12 +64,18 @@ def case_slices(seed: int, model: str, cfg: RefinerConfig) -> dict:
     case = generate_case(seed, shape=SHAPE, label_noise=LABEL_NOISE)
     images = case.to_sitk()
     pred = predictor.predict(images, case_id=f"synthetic-{seed}")
-    axis = slice_axis_index(images[0].GetDirection(), "axial")
+    axis = slice_axis_index(images[0].GetDirection(), predictor.card.input.slicing_axis)
     norm = predictor.card.input.normalization
-    stack = np.stack([to_slices(normalize(p.astype(np.float32), norm), axis) for p in case.phases], axis=1)
-    fg = to_slices(sitk.GetArrayFromImage(pred.probability), axis)
-    labels = to_slices(sitk.GetArrayFromImage(pred.labelmap), axis)
-    truth = to_slices(case.mask, axis)
+    return {"stack": np.stack([to_slices(normalize(p.astype(np.float32), norm), axis) for p in case.phases], axis=1),
+            "fg": to_slices(sitk.GetArrayFromImage(pred.probability), axis),
+            "labels": to_slices(sitk.GetArrayFromImage(pred.labelmap), axis),
+            "truth": to_slices(case.mask, axis)}
+
+
+def case_slices(seed: int, model: str, cfg: RefinerConfig) -> dict:
+    """One case through ``model``'s predictor: its refiner crops (``JITTER`` larger) and the case's counts."""
+    a = predicted_slices(seed, model)
+    stack, fg, labels, truth = a["stack"], a["fg"], a["labels"], a["truth"]
     components, boxes = component_boxes(labels, cfg)
     crops = []
     for cid, box in boxes:

@@ -134,12 +134,16 @@ def crop_box(centre: tuple[int, int, int], size: tuple[int, int, int]) -> tuple[
     return tuple(slice(c - s // 2, c - s // 2 + s) for c, s in zip(centre, size))
 
 
+def _inside(box: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """The part of ``box`` inside an array of ``shape``: as slices of the array, and of the box."""
+    src = tuple(slice(max(b.start, 0), min(b.stop, n)) for b, n in zip(box, shape))
+    return src, tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(src, box))
+
+
 def cut_crop(array: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
     """``array[..., box]`` over its last three axes, zero where the box runs past the array."""
-    shape = array.shape[-3:]
     out = np.zeros(array.shape[:-3] + tuple(b.stop - b.start for b in box), dtype=array.dtype)
-    src = tuple(slice(max(b.start, 0), min(b.stop, n)) for b, n in zip(box, shape))
-    dst = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(src, box))
+    src, dst = _inside(box, array.shape[-3:])
     if all(s.stop > s.start for s in src):
         out[(Ellipsis, *dst)] = array[(Ellipsis, *src)]
     return out
@@ -211,13 +215,12 @@ def refine_labels(refiner: LesionRefiner, cfg: RefinerConfig, stack: np.ndarray,
     with torch.inference_mode():
         p = torch.sigmoid(refiner(torch.from_numpy(x).to(device))).cpu().numpy()[:, 0]
     changed = 0
-    for (cid, box), prob in zip(boxes, p):
-        own = cut_crop(components == cid, box)
+    for (cid, box), prob, crop in zip(boxes, p, x):
+        own = crop[-1] > 0.5  # the component's channel of its crop
         new = touching(prob >= cfg.threshold, own)
         if not new.any():
             continue
-        src = tuple(slice(max(b.start, 0), min(b.stop, n)) for b, n in zip(box, labels.shape))
-        dst = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(src, box))
+        src, dst = _inside(box, labels.shape)
         region = out[src]
         region[own[dst]] = 0
         region[new[dst]] = value
