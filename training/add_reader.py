@@ -14,7 +14,8 @@ Two steps, because the case calibration must be refitted on opinions that includ
    threshold of the network's uncertainty, which single volumes and foreign images are judged by (the report's
    ``suggested_review_uncertainty`` is printed for comparison). A test-only report (no ``--calibrate-cases``) of a
    bundle whose reader weight and calibration ``training/fit_reader_fusion.py`` fitted together keeps that
-   calibration.
+   calibration. The card also takes the network's test-time augmentation rule the report was
+   measured with (``evaluate.py --test-time-augmentation``), so its metrics and its rule come from one run.
 
 ``--segmentation-min-lesion T`` (alone) sets the card's ``reader.segmentation_min_lesion``: the reader then also
 checks the segmentation of multi-phase cases (the labelmap keeps the largest components it reads as lesions with at
@@ -71,6 +72,16 @@ def read_report(path: Path, bundle, model: Path, error) -> dict:
         error(f"{path} evaluated another bundle (sha256 {report.get('model', {}).get('sha256')!r}), not {model}: "
               "evaluate this one")
     return report
+
+
+def with_measured_rule(card, summary: dict):
+    """``card`` with the network's test-time augmentation rule its report was measured with (``evaluate.py
+    --test-time-augmentation``; reports before the field: ``"none"``), popped from the report's ``summary``: the
+    card's metrics and its rule come from the same run."""
+    views = summary.pop("test_time_augmentation", "none")
+    if views != card.test_time_augmentation:
+        print(f"test_time_augmentation {card.test_time_augmentation!r} -> {views!r}: the rule the report was measured with")
+    return dataclasses.replace(card, test_time_augmentation=views)
 
 
 def card_metrics(report: dict, summary: dict, card) -> dict:
@@ -164,6 +175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 p.error(f"{args.report} has no case_calibration and the card's was not fitted together with its reader "
                         "weight (training/fit_reader_fusion.py does both): run evaluate.py with --calibrate-cases N")
         summary.pop("component_max_uncertainty", None)
+        card = with_measured_rule(card, summary)
         measured_with = summary.pop("segmentation_min_lesion", None)
         if "segmentation_min_lesion" in report.get("summary", {}) and measured_with != card.reader.segmentation_min_lesion:
             p.error(f"{args.report} was measured with segmentation_min_lesion {measured_with!r}, the card has "

@@ -32,7 +32,7 @@ from umlcore.errors import BundleError
 from umlcore.refiner import LesionRefiner, RefinerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from add_reader import card_metrics, insert_sentence, read_report  # noqa: E402
+from add_reader import card_metrics, insert_sentence, read_report, with_measured_rule  # noqa: E402
 
 REFINER_SENTENCE = "For multi-phase inputs a lesion refiner (a small 3D network) redraws the smaller segmented lesions."
 
@@ -86,6 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "opinion, so measure the card's calibration as it is (a test-only report)")
         for key in ("component_max_uncertainty", "segmentation_min_lesion", "reader_weight"):
             summary.pop(key, None)
+        card = with_measured_rule(card, summary)
         card = dataclasses.replace(card, metrics=card_metrics(report, summary, card))
     if args.version:
         card = dataclasses.replace(card, version=args.version)

@@ -33,7 +33,7 @@ import SimpleITK as sitk
 import torch
 
 from umlcore import metrics
-from umlcore.bundle import load_bundle
+from umlcore.bundle import NETWORK_TTA_MODES, load_bundle
 from umlcore.errors import BundleError
 from umlcore.fusion import calibrate_case_alpha, fit_platt, fuse_reader_opinion, stack_reader_opinion
 from umlcore.predictor import Predictor, label_components
@@ -585,7 +585,8 @@ def validation_from_report(path: Path, bundle, n_cases: int, shape, label_noise:
     """The first ``n_cases`` validation rows of an earlier ``evaluate.py --calibrate-cases`` report of the same
     weights, as :func:`evaluate_cases` would return them (what the calibration and the weight fit need).
 
-    The rows depend on the network's and the reader's weights, the component filter, the reader's rule and weight
+    The rows depend on the network's and the reader's weights, its test-time augmentation, the component filter, the
+    reader's rule and weight
     (their ``positive_probability``), the case shape and the label noise; each must match ``bundle`` and the
     arguments, else ``error`` (argparse's) is called with what differs.
     """
@@ -606,6 +607,10 @@ def validation_from_report(path: Path, bundle, n_cases: int, shape, label_noise:
     if report.get("summary", {}).get("component_max_uncertainty") != card.component_max_uncertainty:
         problems.append(f"its component filter was {report.get('summary', {}).get('component_max_uncertainty')!r}, "
                         f"this bundle's is {card.component_max_uncertainty!r}")
+    views = report.get("summary", {}).get("test_time_augmentation", "none")
+    if views != card.test_time_augmentation:
+        problems.append(f"the network read its cases with test_time_augmentation {views!r}, this run with "
+                        f"{card.test_time_augmentation!r}")
     if report.get("validation_cases_reader") != reader:
         problems.append(f"its rows were fused with reader {report.get('validation_cases_reader')!r}, this bundle's is "
                         f"{reader!r}")
@@ -780,6 +785,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="a bundle of the same network with another lesion reader (e.g. the shipped model): its reader "
                         "also reads each test case's lesions, and the report gives its calibrated case opinion's "
                         "metrics on the same cases (summary.compare)")
+    p.add_argument("--test-time-augmentation", default="bundle", choices=["bundle", *NETWORK_TTA_MODES],
+                   help="how the network reads each slice in this run: 'bundle' (the card's rule) or another rule "
+                        "(flip_w: as it is and mirrored left-right; flip_hw: 4 mirrored views), recorded in the "
+                        "report's summary")
     p.add_argument("--keep-reader-patches", action="store_true",
                    help="keep the lesion reader's input patches of the validation and test cases "
                         "(reader_patches.npz in --out), so training/rescore_reader.py can score another reader of "
@@ -798,6 +807,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--test-seeds-from {args.test_seeds_from}: test seeds start at {TEST_SEED_BASE:,} or later (lower "
                 "seeds are training and validation cases)")
     bundle = load_bundle(args.model)
+    if args.test_time_augmentation != "bundle":
+        bundle = dataclasses.replace(bundle, card=dataclasses.replace(
+            bundle.card, test_time_augmentation=args.test_time_augmentation))
     if args.keep_reader_patches and bundle.card.reader is None:
         p.error(f"--keep-reader-patches: {args.model} has no lesion reader (training/add_reader.py adds one)")
     if args.reader_weight == "fit" and bundle.card.reader is None:
@@ -907,6 +919,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if calibration is not None:
         summary["case_calibration"] = calibration
     summary["component_max_uncertainty"] = threshold
+    summary["test_time_augmentation"] = bundle.card.test_time_augmentation
     summary["segmentation_min_lesion"] = None if bundle.card.reader is None else bundle.card.reader.segmentation_min_lesion
     if threshold_table is not None:
         summary["component_filter_validation_dice"] = threshold_table

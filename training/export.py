@@ -69,11 +69,12 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
     }
     preset, context = train_cfg.get("preset", "small"), int(train_cfg.get("context_slices", 0))
     metrics = {}
-    calibration, component_threshold = None, None
+    calibration, component_threshold, views = None, None, "none"
     if report is not None:
         metrics = {"test_set": report.get("dataset"), "command": report.get("command"), **report.get("summary", {})}
         calibration = metrics.pop("case_calibration", None)
         component_threshold = metrics.pop("component_max_uncertainty", None)
+        views = metrics.pop("test_time_augmentation", "none")  # the rule the metrics were measured with
     if component_max_uncertainty is not None:
         component_threshold = component_max_uncertainty
     return ModelCard(
@@ -98,6 +99,7 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
         review_uncertainty=review_uncertainty,
         case_calibration=calibration,
         component_max_uncertainty=component_threshold,
+        test_time_augmentation=views,
         training=training,
         metrics=metrics,
     )

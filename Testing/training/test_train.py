@@ -92,6 +92,7 @@ def test_evaluate_writes_reports_and_export_takes_its_metrics(run_dir, tmp_path)
     assert "NaN" not in text and "Infinity" not in text  # strict JSON: undefined metrics are null
     report = json.loads(text)
     assert report["summary"]["cases"] == 4 and [r["sigma"] for r in report["robustness"]] == [0.0, 0.05, 0.1, 0.2]
+    assert report["summary"]["test_time_augmentation"] == "none"
     assert set(report["input_modes"]) == {"phases", "early", "subtraction"}
     assert [r["seed"] for r in report["cases"]] == [2_000_000 + i for i in range(4)]
     assert [r["seed"] for r in report["validation_cases"]] == [1_000_000, 1_000_001]  # what the calibration saw
@@ -117,9 +118,11 @@ def test_calibration_can_keep_the_bundles_component_filter(bundle_factory, tmp_p
     out = tmp_path / "eval"
     assert evaluate.main(["--model", str(bundle), "--out", str(out), "--cases", "2", "--shape", "6", "32", "32",
                           "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
-                          "--calibrate-cases", "2", "--component-filter", "bundle"]) == 0
+                          "--calibrate-cases", "2", "--component-filter", "bundle",
+                          "--test-time-augmentation", "flip_w"]) == 0
     summary = json.loads((out / "report.json").read_text())["summary"]
     assert summary["component_max_uncertainty"] == 0.2  # kept, not refitted
+    assert summary["test_time_augmentation"] == "flip_w"  # this run's rule, not the card's ("none")
     assert "component_filter_validation_dice" not in summary
     assert summary["case_calibration"]["fitted_on"].startswith("2 validation cases")
     with pytest.raises(SystemExit) as exc:  # without a calibration fit the option would do nothing
@@ -790,7 +793,7 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
     assert evaluate.main(["--model", str(with_reader), "--out", str(out), "--cases", "2", "--shape", "6", "32", "32",
                           "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
                           "--calibrate-cases", "2", "--component-filter", "bundle", "--reader-weight", "fit",
-                          "--reader-fusion", "fit"]) == 0
+                          "--reader-fusion", "fit", "--test-time-augmentation", "flip_w"]) == 0
     report = json.loads((out / "report.json").read_text())
     fit = report["summary"]["reader_weight"]
     assert fit["weight"] in evaluate.READER_WEIGHTS[fit["fusion"]] and fit["fitted_on"].startswith("2 validation cases")
@@ -803,6 +806,7 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
     assert card.reader.weight == fit["weight"] and card.reader.fusion == fit["fusion"]
     assert card.reader.training["weight_fit"]["validation"] == fit["validation"]
     assert "reader_weight" not in card.metrics
+    assert card.test_time_augmentation == "flip_w" and "test_time_augmentation" not in card.metrics  # the report's rule
     for argv, why in ((["--calibrate-cases", "0"], "add --calibrate-cases"), (["--calibrate-cases", "2"], "has no lesion reader")):
         model = with_reader if why.startswith("add") else tiny_bundle_dir
         with pytest.raises(SystemExit):
@@ -816,7 +820,7 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
                               "32", "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
                               "--calibrate-cases", "2", "--component-filter", "bundle", "--reader-weight", "fit",
                               "--reader-fusion", fusion, "--validation-from", str(out / "report.json"),
-                              "--test-seeds-from", str(evaluate.TEST_SEED_BASE + 5)])
+                              "--test-seeds-from", str(evaluate.TEST_SEED_BASE + 5), "--test-time-augmentation", "flip_w"])
 
     again = tmp_path / "again"
     assert refit_from_first_report(again, "fit") == 0
@@ -832,6 +836,7 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
                             "--weight", "0.3", "--out", str(other)]) == 0
     for argv, why in (([str(other), "--calibrate-cases", "2"], "fused with reader"),
                       ([str(with_reader), "--calibrate-cases", "3"], "lacks validation rows"),
+                      ([str(with_reader), "--calibrate-cases", "2"], "read its cases with test_time_augmentation 'flip_w'"),
                       ([str(tiny_bundle_dir), "--calibrate-cases", "2"], "other weights"),
                       ([str(with_reader), "--calibrate-cases", "2", "--test-seeds-from", "5"], "test seeds start"),
                       ([str(with_reader), "--calibrate-cases", "2", "--shape", "6", "32", "40"], "not of shape")):

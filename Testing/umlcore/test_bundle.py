@@ -155,3 +155,17 @@ def test_single_volume_calibration_is_chosen_for_one_volume_and_round_trips(tmp_
     assert only_three.calibration_for(single_volume=True) == ("case_calibration", three)  # older cards: as before
     assert dataclasses.replace(only_three, case_calibration=None).calibration_for(True) == (None, None)
     assert load_bundle(save_bundle(net, card, tmp_path / "b")).card.single_volume_calibration == one
+
+
+def test_test_time_augmentation_round_trips_defaults_to_none_and_is_validated(tmp_path, bundle_dir):
+    path, net = bundle_dir
+    assert load_bundle(path).card.test_time_augmentation == "none"
+    data = json.loads((path / CARD_FILE).read_text())
+    del data["test_time_augmentation"]  # a card written before the field existed reads each slice once
+    (path / CARD_FILE).write_text(json.dumps(data))
+    assert read_card(path)[0].test_time_augmentation == "none"
+    card = dataclasses.replace(make_card(net.config), test_time_augmentation="flip_w")
+    assert load_bundle(save_bundle(net, card, tmp_path / "tta")).card.test_time_augmentation == "flip_w"
+    with pytest.raises(BundleError, match=r"test_time_augmentation must be one of \['none', 'flip_w', 'flip_hw'\], "
+                                          r"got 'dihedral'"):
+        dataclasses.replace(card, test_time_augmentation="dihedral")

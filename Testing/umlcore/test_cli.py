@@ -379,6 +379,14 @@ def test_info_and_models(work, capsys, monkeypatch, tmp_path):
     text = capsys.readouterr().out
     assert "test-model 0.0.1" in text and "(verified)" in text and "no pCR, pCR (positive: pCR)" in text
     assert "postprocess:" not in text and "calibration:" not in text  # the test bundle sets neither
+    assert "test-time augmentation" not in text  # each slice read once
+    card = json.loads((work.bundle / "model.json").read_text())
+    tta = tmp_path / "tta"
+    shutil.copytree(work.bundle, tta)
+    (tta / "model.json").write_text(json.dumps({**card, "test_time_augmentation": "flip_w"}))
+    assert main(["info", str(tta)]) == 0
+    assert ("test-time augmentation: each slice of a multi-phase case read as it is and mirrored left-right (2 views, "
+            "their evidence averaged)") in capsys.readouterr().out
 
     assert main(["info", str(work.bundle), "--json"]) == 0
     card = json.loads(capsys.readouterr().out)

@@ -12,7 +12,8 @@ from umlcore.bundle import InputSpec, Normalization, load_bundle
 from umlcore.errors import CancelledError, UMLError, UMLInputError
 from umlcore.fusion import calibrate_case_alpha, fuse_slice_opinions
 from umlcore.io import read_case, write_image_atomic
-from umlcore.predictor import Prediction, Predictor, remove_uncertain_components, strict_fp32
+from umlcore.network import UMLOutput
+from umlcore.predictor import Prediction, Predictor, forward_views, remove_uncertain_components, strict_fp32
 from umlcore.preprocess import (
     crop_to,
     from_slices,
@@ -26,7 +27,8 @@ from umlcore.preprocess import (
 )
 
 SUMMARY_KEYS = {
-    "schema_version", "case_id", "inputs", "model", "geometry", "slicing", "device", "precision", "timings_s",
+    "schema_version", "case_id", "inputs", "model", "geometry", "slicing", "device", "precision",
+    "test_time_augmentation", "timings_s",
     "classification", "segments", "slices", "outputs", "postprocessing", "lesions",
 }
 CLASSIFICATION_KEYS = {
@@ -129,6 +131,7 @@ def test_summary_has_the_documented_fields(base_prediction, tiny_bundle, make_vo
                              "direction": list(make_volume().GetDirection())}
     assert s["inputs"] == [{"channel": c, "volume": 0} for c in ("pre", "early", "late")]
     assert s["slicing"] == {"axis": "axial", "index_axis": 2, "count": 6, "context_slices": 0}
+    assert s["test_time_augmentation"] == "none"
     assert set(s["timings_s"]) == {"read", "preprocess", "inference", "postprocess", "total"}
     assert s["postprocessing"] == {"component_max_uncertainty": None, "segmentation_min_lesion": None,
                                    "components_removed": 0, "components_refined": None}
@@ -174,6 +177,55 @@ def test_segments_with_voxels_report_mean_uncertainty(tiny_bundle, make_volume):
     assert seg["voxel_count"] == 32 * 32 * 6
     assert seg["mean_uncertainty"] == pytest.approx(float(sitk.GetArrayFromImage(pred.uncertainty).mean()), rel=1e-5)
     assert all(sl["lesion_voxels"] == 32 * 32 for sl in pred.summary["slices"])
+
+
+class _LeftHeavy(torch.nn.Module):
+    """Lesion evidence rising along W (column index) and class evidence from the input's left half: a network
+    whose mirrored views disagree in known ways."""
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        ramp = torch.arange(w, dtype=torch.float32).expand(b, h, w)
+        seg = torch.stack([torch.ones(b, h, w), 1.0 + ramp], dim=1)
+        cls = torch.stack([torch.ones(b), 1.0 + x[..., : w // 2].sum(dim=(1, 2, 3))], dim=1)
+        return UMLOutput(seg_alpha=seg, mutual_alpha=seg, deep_logits=(), cls_alpha=cls)
+
+
+def test_forward_views_average_the_mirrored_views_known_values():
+    x = torch.zeros(1, 1, 2, 4)
+    x[..., 0] = 1.0  # the left column
+    net = _LeftHeavy()
+    seg, cls = forward_views(net, x, "none")
+    assert seg[0, 1, 0].tolist() == [1.0, 2.0, 3.0, 4.0] and cls[0].tolist() == [1.0, 3.0]
+    seg, cls = forward_views(net, x, "flip_w")  # the ramp and its mirror image average to 2.5 everywhere
+    assert seg[0, 1].tolist() == [[2.5] * 4] * 2 and seg[0, 0].tolist() == [[1.0] * 4] * 2
+    assert cls[0].tolist() == [1.0, 2.0]  # the mirrored view's left half is empty: (3 + 1) / 2
+    seg4, cls4 = forward_views(net, x, "flip_hw")  # up-down mirrors change nothing of this network
+    assert torch.equal(seg4, seg) and torch.equal(cls4, cls)
+    with pytest.raises(ValueError, match="flip_w"):
+        forward_views(net, x, "dihedral")
+
+
+def test_card_test_time_augmentation_reads_multi_phase_cases_and_is_reported(tiny_bundle, make_volume):
+    volume = [make_volume()] * 3  # the three phases (here one image thrice: not a replicated single volume)
+    plain = Predictor(tiny_bundle, device="cpu").predict(volume)
+    card = dataclasses.replace(tiny_bundle.card, test_time_augmentation="flip_hw")
+    bundle = dataclasses.replace(tiny_bundle, card=card)
+    got = Predictor(bundle, device="cpu").predict(volume)
+    assert got.summary["test_time_augmentation"] == "flip_hw"
+    # by hand: the four views of the normalised slices, averaged
+    stack = torch.from_numpy(to_slices(normalize(sitk.GetArrayFromImage(volume[0]).astype(np.float32),
+                                                 card.input.normalization), 2))[:, None].repeat(1, 3, 1, 1)
+    with torch.inference_mode():
+        seg, _ = forward_views(tiny_bundle.model, pad_to_multiple(stack, 8), "flip_hw")
+    seg = crop_to(seg, stack.shape[-2:]).clamp_min(1.0)
+    expected = from_slices((2.0 / seg.sum(dim=1)).numpy(), 2)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(got.uncertainty), expected, rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(sitk.GetArrayFromImage(got.uncertainty), sitk.GetArrayFromImage(plain.uncertainty))
+    one = Predictor(bundle, device="cpu").predict(volume[0])  # one volume is read once, as its calibration was fitted
+    assert one.summary["test_time_augmentation"] == "none"
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(one.uncertainty),
+                                  sitk.GetArrayFromImage(Predictor(tiny_bundle, device="cpu").predict(volume[0]).uncertainty))
 
 
 def test_one_volume_is_replicated_and_three_are_accepted(predictor, base_prediction, make_volume):

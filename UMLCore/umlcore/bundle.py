@@ -31,6 +31,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "WEIGHTS_FILE",
     "CARD_FILE",
+    "NETWORK_TTA_MODES",
     "Segment",
     "Normalization",
     "InputSpec",
@@ -47,6 +48,11 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 READER_PREFIX = "reader."  # the lesion reader's tensors in model.safetensors
 REFINER_PREFIX = "refiner."  # the lesion refiner's tensors in model.safetensors
+NetworkTTA = Literal["none", "flip_w", "flip_hw"]
+#: How the network reads each slice (card field ``test_time_augmentation``): once (``"none"``), or as it is and
+#: mirrored along W (``"flip_w"``) or along W, H and both (``"flip_hw"``), the Dirichlet parameters of the views
+#: (mirrored back) averaged. See :func:`umlcore.predictor.forward_views`.
+NETWORK_TTA_MODES: tuple[str, ...] = ("none", "flip_w", "flip_hw")
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,11 @@ class ModelCard:
     ``refiner``: optional :class:`~umlcore.refiner.RefinerConfig` of a lesion refiner whose weights are the
     ``refiner.*`` tensors of ``model.safetensors``; it redraws the small components of the labelmap of multi-phase
     inputs in 3D (one segment only).
+    ``test_time_augmentation``: how the network reads each slice, one of :data:`NETWORK_TTA_MODES`: ``"none"``
+    (once; the rule of cards written before the field existed), ``"flip_w"`` (as it is and mirrored left-right) or
+    ``"flip_hw"`` (also mirrored up-down, and both: 4 views), the views' Dirichlet parameters averaged; for
+    multi-phase inputs only (one volume is read once, as its ``single_volume_calibration`` was fitted). A card's
+    multi-phase figures and calibration are measured with its rule.
     """
 
     id: str
@@ -147,6 +158,7 @@ class ModelCard:
     component_max_uncertainty: Optional[float] = None
     reader: Optional[ReaderConfig] = None
     refiner: Optional[RefinerConfig] = None
+    test_time_augmentation: NetworkTTA = "none"
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     license: str = "Apache-2.0"
@@ -175,6 +187,9 @@ class ModelCard:
             raise BundleError("a reader needs a binary model (its score is one class's probability) and a ReaderConfig")
         if self.refiner is not None and (arch.num_seg_labels != 2 or not isinstance(self.refiner, RefinerConfig)):
             raise BundleError("a refiner needs a model with one segment (num_seg_labels 2) and a RefinerConfig")
+        if self.test_time_augmentation not in NETWORK_TTA_MODES:
+            raise BundleError(f"test_time_augmentation must be one of {list(NETWORK_TTA_MODES)}, got "
+                              f"{self.test_time_augmentation!r}: fix model.json (\"none\" reads each slice once)")
         if self.input.network_channels != arch.in_channels:
             k = self.input.context_slices
             raise BundleError(

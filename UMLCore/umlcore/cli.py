@@ -361,6 +361,10 @@ def _card_text(bundle: ModelBundle) -> str:
         f"classifier pool {arch.cls_pool}",
         f"  review if uncertainty > {card.review_uncertainty:g}",
     ]
+    if card.test_time_augmentation != "none":
+        views = {"flip_w": "as it is and mirrored left-right (2 views",
+                 "flip_hw": "as it is and mirrored left-right, up-down and both (4 views"}[card.test_time_augmentation]
+        lines.append(f"  test-time augmentation: each slice of a multi-phase case read {views}, their evidence averaged)")
     if card.component_max_uncertainty is not None:
         checked = card.reader is not None and card.reader.segmentation_min_lesion is not None
         lines.append(f"  postprocess:   drop segmentation components with mean uncertainty > {card.component_max_uncertainty:g}"

@@ -45,7 +45,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .bundle import ModelBundle
+from .bundle import NETWORK_TTA_MODES, ModelBundle
 from .errors import CancelledError, UMLError, UMLInputError
 from .fusion import (FUSION_RULE, READER_FUSION_RULES, calibrate_case_alpha, fuse_reader_opinion, fuse_slice_opinions,
                      stack_reader_opinion)
@@ -80,6 +80,7 @@ __all__ = [
     "remove_uncertain_components",
     "in_labelmap",
     "redrawn_sizes",
+    "forward_views",
 ]
 
 SUMMARY_SCHEMA_VERSION = 1
@@ -176,6 +177,36 @@ def redrawn_sizes(components: list[tuple[int, int, float, float]], drawn: np.nda
         ids = np.setdiff1d(np.unique(after[before == cid]), [0])
         out.append((int(sizes[ids].sum()), z, y, x))
     return out
+
+
+#: The mirrorings (dims of a ``(B, C, H, W)`` batch) of each test-time augmentation rule, identity first.
+_VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {"none": ((),), "flip_w": ((), (3,)), "flip_hw": ((), (3,), (2,), (2, 3))}
+
+
+def forward_views(model: torch.nn.Module, x: torch.Tensor, mode: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's segmentation and class Dirichlet parameters, averaged over mirrored views of the slices.
+
+    Each view is the batch mirrored along the dims of the rule (none; W; W, H and both), run through the network,
+    and its segmentation mirrored back; the views' alphas (evidence + 1) are averaged, so the result is again a
+    Dirichlet whose uncertainty ``K / S`` is that of the mean evidence.
+
+    Args:
+        model: A :class:`~umlcore.network.UMLNet` (anything returning its output type).
+        x: ``(B, C, H, W)`` input slices (padded as the network needs).
+        mode: One of ``"none"`` (one pass, the network's own output), ``"flip_w"`` (2 views), ``"flip_hw"`` (4).
+
+    Returns:
+        ``seg_alpha`` ``(B, K_seg, H, W)`` and ``cls_alpha`` ``(B, K_cls)``.
+    """
+    if mode not in _VIEWS:
+        raise ValueError(f"mode must be one of {list(NETWORK_TTA_MODES)}, got {mode!r}")
+    seg, cls = 0.0, 0.0
+    views = _VIEWS[mode]
+    for dims in views:
+        out = model(torch.flip(x, dims) if dims else x)
+        seg = seg + (torch.flip(out.seg_alpha, dims) if dims else out.seg_alpha)
+        cls = cls + out.cls_alpha
+    return seg / len(views), cls / len(views)
 
 
 def resolve_device(device: DeviceName) -> torch.device:
@@ -311,22 +342,23 @@ class Predictor:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast(device_type="cuda", dtype=dtype)
 
-    def _forward(self, batch: np.ndarray, net_hw: tuple[int, int]) -> tuple[np.ndarray, ...]:
-        """One batch ``(b, C, H, W)`` -> labels, uncertainty, foreground probability ``(b, H, W)``, cls alpha ``(b, Kc)``."""
+    def _forward(self, batch: np.ndarray, net_hw: tuple[int, int], views: str = "none") -> tuple[np.ndarray, ...]:
+        """One batch ``(b, C, H, W)`` -> labels, uncertainty, foreground probability ``(b, H, W)``, cls alpha ``(b, Kc)``;
+        ``views``: the test-time augmentation rule (:func:`forward_views`)."""
         multiple = self.card.architecture.pad_multiple
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self._device)
             hw = tuple(x.shape[-2:])
             x = pad_to_multiple(resize_slices(x, net_hw), multiple)
             with self._autocast():
-                out = self.bundle.model(x)
-            alpha = resize_slices(crop_to(out.seg_alpha.float(), net_hw), hw)
+                seg_alpha, cls_alpha = forward_views(self.bundle.model, x, views)
+            alpha = resize_slices(crop_to(seg_alpha.float(), net_hw), hw)
             alpha = alpha.clamp_min(1.0)  # bilinear resize keeps alpha >= 1 up to rounding
             strength = alpha.sum(dim=1)
             labels = alpha.argmax(dim=1).to(torch.uint8)
             unc = (alpha.shape[1] / strength).clamp(0.0, 1.0)
             fg = (1.0 - alpha[:, 0] / strength).clamp(0.0, 1.0)
-            cls_alpha = out.cls_alpha.float().clamp_min(1.0)
+            cls_alpha = cls_alpha.float().clamp_min(1.0)
             return (
                 labels.cpu().numpy(),
                 unc.cpu().numpy().astype(np.float32),
@@ -384,6 +416,9 @@ class Predictor:
         card, spec = self.card, self.card.input
         report("preprocess", 0.0, "checking and normalising the input volumes")
         channels, source = self.channel_volumes(volumes)
+        single_volume = len(set(source)) < len(source)  # one volume replicated into every channel
+        # the card's test-time augmentation reads multi-phase cases; one volume is read once, as its calibration was fitted
+        views = "none" if single_volume else card.test_time_augmentation
         ref = channels[0]
         axis = slice_axis_index(ref.GetDirection(), spec.slicing_axis)
         normalised: dict[int, np.ndarray] = {}
@@ -417,7 +452,7 @@ class Predictor:
                 raise CancelledError(f"cancelled after {done} of {n_slices} slices")
             end = min(done + batch_size, n_slices)
             try:
-                out = self._forward(with_context(stack, done, end, spec.context_slices), net_hw)
+                out = self._forward(with_context(stack, done, end, spec.context_slices), net_hw, views)
             except torch.OutOfMemoryError:
                 batch_size = self._fall_back(batch_size, report, fraction)
                 continue
@@ -431,7 +466,6 @@ class Predictor:
         raw = labels
         if card.component_max_uncertainty is not None:
             labels, removed = remove_uncertain_components(labels, unc, card.component_max_uncertainty)
-        single_volume = len(set(source)) < len(source)  # one volume replicated into every channel
         w_axis, h_axis = inplane_axes(axis)
         spacing = ref.GetSpacing()
         spacing_hw = (spacing[h_axis], spacing[w_axis])
@@ -453,7 +487,7 @@ class Predictor:
             image.CopyInformation(ref)
             images.append(image)
         summary = self._summary(case_id, ref, axis, source, single_volume, labels, unc, cls_alpha, reading,
-                                segmentation)
+                                segmentation, views)
         summary["postprocessing"] = {"component_max_uncertainty": card.component_max_uncertainty,
                                      "segmentation_min_lesion": None if verified is None else
                                      card.reader.segmentation_min_lesion,
@@ -546,9 +580,11 @@ class Predictor:
         cls_alpha: np.ndarray,
         reading: Optional[dict] = None,
         segmentation: Optional[np.ndarray] = None,
+        views: str = "none",
     ) -> dict:
         """The summary dict; ``labels`` is the uncertainty-filtered labelmap (its lesion voxels weigh the network's
-        slices), ``segmentation`` the one written (``labels`` when ``None``)."""
+        slices), ``segmentation`` the one written (``labels`` when ``None``), ``views`` the test-time augmentation
+        rule the network read the slices with."""
         card = self.card
         segmentation = labels if segmentation is None else segmentation
         lesion = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
@@ -632,6 +668,7 @@ class Predictor:
                         "context_slices": card.input.context_slices},
             "device": self.device,
             "precision": self.precision,
+            "test_time_augmentation": views,
             "timings_s": {},
             "classification": {
                 "classes": list(card.classes),
