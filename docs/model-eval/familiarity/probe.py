@@ -1,6 +1,7 @@
 """Probe: per-slice pooled features of the shipped network for breast (synthetic) and foreign scans.
 
-Run from the repository root: ``probe.py foreign`` (nibabel's test scans and the .nii.gz files in /tmp/foreign),
+Run from the repository root: ``probe.py foreign [DIR]`` (nibabel's test scans and the .nii.gz files in DIR, e.g.
+the MNI152 T1 template and image_10426.nii.gz unzipped from ``pip download nilearn --no-deps``),
 ``probe.py fit|test FIRST_SEED END_SEED MODES`` (synthetic cases, MODES from phases, pre, early, late,
 subtraction, noiseSIGMA); each writes runs/ood/<which>-<first seed>.npz for analyse*.py.
 """
@@ -71,7 +72,8 @@ def main():
         items = [(str(nd / n), 0) for n in ("anatomical.nii", "reoriented_anat_moved.nii", "resampled_anat_moved.nii",
                   "example4d.nii.gz", "functional.nii", "standard.nii.gz", "test.mgz", "minc1_1_scale.mnc", "small.mnc",
                   "phantom_EPI_asc_CLEAR_2_1.PAR")]
-        items += [(p, 0) for p in sorted(glob.glob("/tmp/foreign/*.nii.gz"))]
+        extra = sys.argv[2] if len(sys.argv) > 2 else None
+        items += [(p, 0) for p in sorted(glob.glob(f"{extra}/*.nii.gz"))] if extra else []
         for p, i in items:
             try:
                 v = nib_volume(p, i)
@@ -96,7 +98,7 @@ def main():
             print(seed, flush=True)
     keys = sorted(out)
     Path("runs/ood").mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(f"runs/ood/{which}-{sys.argv[2] if len(sys.argv) > 2 else ''}.npz",
+    np.savez_compressed(f"runs/ood/{which}-{sys.argv[2] if len(sys.argv) > 2 and which != 'foreign' else ''}.npz",
                         keys=np.array(keys), **{f"{k}|{n}": v for k in keys for n, v in out[k][0].items()},
                         **{f"{k}|u": out[k][1] for k in keys})
 
