@@ -111,6 +111,12 @@ def test_evaluate_writes_reports_and_export_takes_its_metrics(run_dir, tmp_path)
     assert card.component_max_uncertainty == report["summary"]["component_max_uncertainty"]
     assert card.case_calibration["slope"] == report["summary"]["case_calibration"]["slope"]
     assert "component_max_uncertainty" not in card.metrics and "case_calibration" not in card.metrics
+    assert card.test_time_augmentation == "none" and "test_time_augmentation" not in card.metrics
+    # a report measured with another rule (evaluate.py --test-time-augmentation) gives the card that rule
+    mirrored = tmp_path / "mirrored.json"
+    mirrored.write_text(json.dumps({**report, "summary": {**report["summary"], "test_time_augmentation": "flip_hw"}}))
+    export.main(["--run", str(run_dir), "--out", str(tmp_path / "final-hw"), "--report", str(mirrored)])
+    assert load_bundle(tmp_path / "final-hw").card.test_time_augmentation == "flip_hw"
 
 
 def test_calibration_can_keep_the_bundles_component_filter(bundle_factory, tmp_path):

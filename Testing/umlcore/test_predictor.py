@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from umlcore.bundle import InputSpec, Normalization, load_bundle
+from umlcore.bundle import NETWORK_TTA_MODES, InputSpec, Normalization, load_bundle
 from umlcore.errors import CancelledError, UMLError, UMLInputError
 from umlcore.fusion import calibrate_case_alpha, fuse_slice_opinions
 from umlcore.io import read_case, write_image_atomic
@@ -204,6 +204,8 @@ def test_forward_views_average_the_mirrored_views_known_values():
     assert torch.equal(seg4, seg) and torch.equal(cls4, cls)
     with pytest.raises(ValueError, match="flip_w"):
         forward_views(net, x, "dihedral")
+    for mode in NETWORK_TTA_MODES:  # every rule a card may name has its views
+        forward_views(net, x, mode)
 
 
 def test_card_test_time_augmentation_reads_multi_phase_cases_and_is_reported(tiny_bundle, make_volume):
