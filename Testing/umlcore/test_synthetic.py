@@ -5,7 +5,8 @@ import pytest
 import SimpleITK as sitk
 
 from umlcore.errors import UMLInputError
-from umlcore.synthetic import KINETICS, MARGINS, SyntheticCase, case_label, generate_case, is_suspicious
+from umlcore import synthetic
+from umlcore.synthetic import KINETICS, _shift_axis, MARGINS, SyntheticCase, case_label, generate_case, is_suspicious
 
 SMALL = (8, 32, 32)
 
@@ -109,6 +110,39 @@ def test_kinetic_curves_inside_lesions():
         else:
             assert abs(late / early - 1.0) < 0.1, (seed, early, late)
     assert min(found.values()) >= 5
+
+
+def _best_shift(image: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """The in-plane shift (voxels, step 0.25) of ``mask`` that best matches ``image`` around the lesion."""
+    zz, yy, xx = np.nonzero(mask)
+    box = (slice(zz.min(), zz.max() + 1), slice(max(yy.min() - 4, 0), yy.max() + 5),
+           slice(max(xx.min() - 4, 0), xx.max() + 5))
+    e = image[box] - image[box].mean()
+    grid = np.arange(-2.0, 2.01, 0.25)
+    scores = {}
+    for dy in grid:
+        for dx in grid:
+            m = _shift_axis(_shift_axis(mask.astype(np.float32), dy, 1), dx, 2)[box]
+            scores[(float(dy), float(dx))] = float((e * (m - m.mean())).sum())
+    return max(scores, key=scores.get)
+
+
+def test_motion_moves_the_pre_contrast_phase_and_the_mask_stays_on_the_enhancing_lesion(monkeypatch):
+    """With motion between the phases the mask lies where the lesion enhances (the post-contrast phases, where a
+    reader draws it), so a model that follows the visible lesion is not marked wrong by up to 1.5 voxels."""
+    shifts = []
+
+    def spy(a, shift, axis):
+        shifts.append((shift, axis))
+        return _shift_axis(a, shift, axis)
+
+    monkeypatch.setattr(synthetic, "_shift_axis", spy)
+    case = generate_case(38, shape=(16, 96, 96))  # full randomisation; this seed moves by (-0.91, +1.25) voxels
+    dy, dx = (s for s, _ in shifts[:2])
+    assert abs(dy) > 0.8 and abs(dx) > 0.8 and case.mask.sum() > 300
+    phases, mask = case.axial_arrays()
+    assert _best_shift(phases[1], mask) == (0.0, 0.0)  # early
+    assert _best_shift(phases[2], mask) == (0.0, 0.0)  # late
 
 
 def test_geometry_round_trip_through_sitk():

@@ -655,10 +655,11 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
     noise_frac = {"none": 0.01, "light": r_acq.uniform(0.01, 0.03), "full": r_acq.uniform(0.008, 0.05)}[randomize]
     sigma = noise_frac * ref * (0.5 if fat_sat else 1.0)  # the receiver scales to the brightest tissue
     if randomize == "full" and r_acq.random() < 0.5:
-        # patient motion between the pre-contrast and the post-contrast phases (sub-voxel to ~1.5 voxel)
+        # patient motion between the pre-contrast and the post-contrast phases (sub-voxel to ~1.5 voxel). The
+        # mask stays where the lesion is seen, on the post-contrast phases (where a reader draws it), so it is
+        # the pre-contrast phase that moves
         dy, dx = r_acq.uniform(-1.5, 1.5), r_acq.uniform(-1.5, 1.5)
-        for c in (1, 2):
-            img[c] = _shift_axis(_shift_axis(img[c], dy, 1), dx, 2)
+        img[0] = _shift_axis(_shift_axis(img[0], -dy, 1), -dx, 2)
     for c in range(3):
         s = sigma * (1.0 if randomize == "none" else r_acq.uniform(0.9, 1.1))
         n1 = r_noise.standard_normal(shape, dtype=np.float32)
