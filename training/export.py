@@ -45,14 +45,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def build_card(run: Path, report: Optional[dict], model_id: str, version: str, review_uncertainty: float,
-               weights: str = "best.safetensors", component_max_uncertainty: Optional[float] = None) -> ModelCard:
-    arch = UMLConfig.from_json((run / "model_config.json").read_text())
+def training_record(run: Path, weights: str = "best.safetensors") -> dict:
+    """The card's ``training`` entry for ``weights`` of the train.py output folder ``run``: the data, the settings,
+    the exact command (and every invocation, resumes included), the epochs and the git commit."""
     train_cfg = json.loads((run / "train_config.json").read_text())
     state = json.loads((run / "last.json").read_text()) if (run / "last.json").exists() else {}
     flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                      for k, v in train_cfg.items())
-    training = {
+    return {
         "data": "synthetic breast DCE-MRI (umlcore.synthetic), training seeds "
                 f"[{train_cfg['seed_base']}, {train_cfg['seed_base'] + train_cfg['train_cases']}), "
                 f"validation seeds from 1000000, label noise {train_cfg['label_noise']}",
@@ -67,6 +67,13 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
         "invocations": (run / "commands.txt").read_text().splitlines() if (run / "commands.txt").exists() else [],
         "config": train_cfg,
     }
+
+
+def build_card(run: Path, report: Optional[dict], model_id: str, version: str, review_uncertainty: float,
+               weights: str = "best.safetensors", component_max_uncertainty: Optional[float] = None) -> ModelCard:
+    arch = UMLConfig.from_json((run / "model_config.json").read_text())
+    train_cfg = json.loads((run / "train_config.json").read_text())
+    training = training_record(run, weights)
     preset, context = train_cfg.get("preset", "small"), int(train_cfg.get("context_slices", 0))
     metrics = {}
     calibration, component_threshold, views = None, None, "none"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import SimpleITK as sitk
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "training"))
@@ -23,6 +24,7 @@ import export  # noqa: E402
 import probe_features  # noqa: E402
 import probe_roi  # noqa: E402
 import probe_single_volume  # noqa: E402
+import replace_network  # noqa: E402
 import train  # noqa: E402
 
 from umlcore.bundle import load_bundle, save_bundle  # noqa: E402
@@ -79,6 +81,37 @@ def test_export_refuses_a_folder_without_a_run(tmp_path):
     with pytest.raises(SystemExit) as exc:
         export.main(["--run", str(tmp_path), "--out", str(tmp_path / "b")])
     assert exc.value.code == 2
+
+
+def test_replace_network_puts_a_fine_tuned_network_into_a_copy_of_the_bundle(run_dir, tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    export.main(["--run", str(run_dir), "--out", str(bundle), "--version", "1.0.0"])
+    before = load_bundle(bundle)
+    out = tmp_path / "new"
+    assert replace_network.main(["--model", str(bundle), "--run", str(run_dir), "--weights", "last.safetensors",
+                                 "--version", "1.1.0", "--out", str(out)]) == 0
+    new = load_bundle(out)
+    last = load_file(str(run_dir / "last.safetensors"))
+    assert all(torch.equal(v, last[k]) for k, v in new.model.state_dict().items())
+    assert new.card.version == "1.1.0" and new.card.metrics == {} and new.sha256 != before.sha256
+    assert new.card.training["weights"] == "last.safetensors" and new.card.training["init"] == before.card.training
+    assert new.card.architecture == before.card.architecture and new.card.review_uncertainty == before.card.review_uncertainty
+    assert "measure this bundle" in capsys.readouterr().out
+    # another architecture, an existing --out, a missing run: refused with the fix, nothing written
+    other = tmp_path / "other-run"
+    other.mkdir()
+    for name in ("last.safetensors", "train_config.json"):
+        (other / name).write_bytes((run_dir / name).read_bytes())
+    arch = json.loads((run_dir / "model_config.json").read_text())
+    arch["cls_head_width"] = arch["cls_head_width"] * 2
+    (other / "model_config.json").write_text(json.dumps(arch))
+    for argv, message in (([str(bundle), str(other), str(tmp_path / "x")], "trained another architecture"),
+                          ([str(bundle), str(run_dir), str(out)], "exists: add --overwrite"),
+                          ([str(bundle), str(tmp_path), str(tmp_path / "y")], "is missing")):
+        with pytest.raises(SystemExit) as exc:
+            replace_network.main(["--model", argv[0], "--run", argv[1], "--version", "2", "--out", argv[2]])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_evaluate_writes_reports_and_export_takes_its_metrics(run_dir, tmp_path):
