@@ -53,7 +53,11 @@ def test_sample_regenerates_with_the_same_voxels_and_geometry(tmp_path):
         shipped, shipped_matrix = read_array(sampleDataDirectory() / f.fileName)
         fresh, fresh_matrix = read_array(path)
         assert fresh.dtype == np.int16 and fresh.shape == (32, 128, 128)
-        assert np.array_equal(fresh, shipped) and np.allclose(fresh_matrix, shipped_matrix)
+        assert np.allclose(fresh_matrix, shipped_matrix)
+        # the same voxels up to the int16 rounding of a few: float sums round differently between numpy releases
+        # (numpy 2.4.6: 4 of 1.5 M voxels one unit off the shipped files)
+        off = np.abs(fresh.astype(np.int32) - shipped)
+        assert off.max() <= 1 and np.count_nonzero(off) <= 20, (f.fileName, off.max(), np.count_nonzero(off))
     pre, early = (read_array(p)[0].astype(float) for p in written[:2])
     assert early.max() > pre.max()  # the lesion enhances
 
