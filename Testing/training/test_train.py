@@ -528,8 +528,17 @@ def test_single_volume_calibration_refuses_an_export_without_a_new_version(bundl
 
 
 def test_single_volume_calibration_refuses_opinions_that_rank_the_classes_backwards(bundle_factory, tmp_path,
-                                                                                     capsys):
-    with pytest.raises(SystemExit) as exc:  # untrained, seed 0: the 6 fitting cases come out in reverse order
+                                                                                     capsys, monkeypatch):
+    real = calibrate_single_volume.evaluate_cases
+
+    def backwards(*args, **kwargs):  # the cases' opinions, made to rank the classes the wrong way round
+        res = real(*args, **kwargs)
+        for r in res["_rows"]:
+            r["positive_probability"] = 0.7 - 0.4 * r["label"]
+        return res
+
+    monkeypatch.setattr(calibrate_single_volume, "evaluate_cases", backwards)
+    with pytest.raises(SystemExit) as exc:
         calibrate_single_volume.main(["--model", str(bundle_factory(seed=0)), "--out", str(tmp_path / "o"),
                                       "--fit-cases", "3", "--test-cases", "1", "--modes", "early", "subtraction",
                                       "--shape", "6", "32", "32", "--label-noise", "0.0",
