@@ -4,6 +4,7 @@ Most cases run in-process through ``umlcore.cli.main(argv)``; a handful run as r
 (``python -m umlcore``).
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -458,3 +459,16 @@ def test_info_shows_the_shipped_cards_post_processing_and_calibration(capsys):
     assert ("each read in its 8 flips and transposes" in text) == (card.reader.test_time_augmentation == "dihedral")
     checks = f"keeps those of the 8 largest components it reads as lesions with p >= {card.reader.segmentation_min_lesion}"
     assert (checks in text) == (card.reader.segmentation_min_lesion is not None)
+
+
+def test_info_shows_the_cards_motion_correction(bundle_factory, capsys):
+    from umlcore.bundle import MotionCorrection
+
+    plain = bundle_factory()
+    assert main(["info", str(plain)]) == 0
+    assert "  motion:        phases read as given\n" in capsys.readouterr().out
+    spec = dataclasses.replace(load_bundle(plain).card.input, motion_correction=MotionCorrection("translation", "early", 8))
+    moved = bundle_factory(input=spec)
+    assert main(["info", str(moved)]) == 0
+    assert ("  motion:        the other phases of a multi-phase case moved onto the early phase by a 3D translation "
+            "(up to 8 mm)\n") in capsys.readouterr().out

@@ -28,7 +28,7 @@ from umlcore.preprocess import (
 
 SUMMARY_KEYS = {
     "schema_version", "case_id", "inputs", "model", "geometry", "slicing", "device", "precision",
-    "test_time_augmentation", "timings_s",
+    "test_time_augmentation", "timings_s", "motion_correction",
     "classification", "segments", "slices", "outputs", "postprocessing", "lesions",
 }
 CLASSIFICATION_KEYS = {

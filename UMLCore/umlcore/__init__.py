@@ -3,7 +3,7 @@
 A flat public API: the network and its config, the evidential maths and losses, model bundles.
 """
 
-from .bundle import ModelBundle, ModelCard, InputSpec, Normalization, Segment, load_bundle, save_bundle
+from .bundle import ModelBundle, ModelCard, InputSpec, MotionCorrection, Normalization, Segment, load_bundle, save_bundle
 from .catalogue import list_models, resolve_model
 from .config import UMLConfig
 from .errors import BundleError, CancelledError, UMLError, UMLInputError
@@ -36,6 +36,7 @@ __all__ = [
     "evidential_segmentation_loss",
     "ModelCard",
     "InputSpec",
+    "MotionCorrection",
     "Normalization",
     "Segment",
     "ModelBundle",

@@ -26,6 +26,7 @@ from .errors import BundleError
 from .network import UMLNet
 from .reader import LesionReader, ReaderConfig
 from .refiner import EXTRA_CHANNELS, LesionRefiner, RefinerConfig
+from .registration import MOTION_MODES, MotionMode
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -34,6 +35,7 @@ __all__ = [
     "NETWORK_TTA_MODES",
     "Segment",
     "Normalization",
+    "MotionCorrection",
     "InputSpec",
     "ModelCard",
     "ModelBundle",
@@ -80,6 +82,24 @@ class Normalization:
 
 
 @dataclass(frozen=True)
+class MotionCorrection:
+    """How the phases of a multi-phase case are aligned before the network reads them (:mod:`umlcore.registration`).
+
+    Args:
+        mode: ``"none"`` (read the phases as given; the rule of cards written before the field existed) or
+            ``"translation"`` (every other phase is moved onto ``reference`` by the 3D translation that best aligns
+            them). A case given as one volume has nothing to align.
+        reference: With ``"translation"``: the channel (one of ``input.channels``) the others are aligned to,
+            e.g. ``"early"``, the first post-contrast phase, where a lesion is seen and drawn.
+        max_shift_mm: With ``"translation"``: a longer estimated translation is not applied.
+    """
+
+    mode: MotionMode = "none"
+    reference: str = ""
+    max_shift_mm: float = 10.0
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """What the network expects per slice.
 
@@ -95,6 +115,7 @@ class InputSpec:
             slice it segments, as extra channels (``umlcore.preprocess.with_context``: for each named channel,
             slices ``z - k .. z + k``; the edge slice repeats beyond the volume), so it takes
             ``len(channels) * (2 * context_slices + 1)`` channels. ``0``: plain 2D slices.
+        motion_correction: :class:`MotionCorrection` of multi-phase cases (default: none).
     """
 
     channels: tuple[str, ...] = ("pre", "early", "late")
@@ -104,11 +125,30 @@ class InputSpec:
     target_spacing: Optional[tuple[float, float]] = None
     normalization: Normalization = Normalization()
     context_slices: int = 0
+    motion_correction: MotionCorrection = MotionCorrection()
 
     def __post_init__(self) -> None:
         k = self.context_slices
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 8:
             raise BundleError(f"input.context_slices must be an integer from 0 to 8 (neighbouring slices on each side), got {k!r}")
+        mc = self.motion_correction
+        if mc.mode not in MOTION_MODES:
+            raise BundleError(f"input.motion_correction.mode must be one of {list(MOTION_MODES)}, got {mc.mode!r}: "
+                              "fix model.json (\"none\" reads the phases as given)")
+        if mc.mode != "none":
+            if mc.reference not in self.channels:
+                raise BundleError(f"input.motion_correction.reference must name one of the channels "
+                                  f"{list(self.channels)}, got {mc.reference!r}: fix model.json (e.g. \"early\")")
+            m = mc.max_shift_mm
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < float("inf"):
+                raise BundleError(f"input.motion_correction.max_shift_mm must be a positive number of mm, got {m!r}: "
+                                  "fix model.json (e.g. 10)")
+
+    @property
+    def motion_reference(self) -> Optional[int]:
+        """The channel index the other phases are aligned to, or ``None`` without motion correction."""
+        mc = self.motion_correction
+        return None if mc.mode == "none" else self.channels.index(mc.reference)
 
     @property
     def network_channels(self) -> int:
@@ -242,11 +282,12 @@ class ModelCard:
         try:
             inp = dict(d["input"])
             norm = Normalization(**inp.pop("normalization", {}))
+            motion = MotionCorrection(**inp.pop("motion_correction", {}))
             if inp.get("target_spacing") is not None:
                 inp["target_spacing"] = tuple(float(v) for v in inp["target_spacing"])
             if "channels" in inp:
                 inp["channels"] = tuple(inp["channels"])
-            spec = InputSpec(normalization=norm, **inp)
+            spec = InputSpec(normalization=norm, motion_correction=motion, **inp)
             segments = tuple(
                 Segment(label=int(s["label"]), name=str(s["name"]), color=tuple(s.get("color", (1, 0, 0))),
                         terminology=dict(s.get("terminology", {})))

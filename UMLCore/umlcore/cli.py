@@ -356,6 +356,9 @@ def _card_text(bundle: ModelBundle) -> str:
         + (f" with {spec.context_slices} neighbouring slice(s) on each side (2.5D)" if spec.context_slices else ""),
         f"  spacing:       {'native' if spec.target_spacing is None else ' x '.join(f'{v:g}' for v in spec.target_spacing) + ' mm in-plane'}",
         f"  normalisation: {norm_text}",
+        "  motion:        " + ("phases read as given" if spec.motion_correction.mode == "none" else
+                              f"the other phases of a multi-phase case moved onto the {spec.motion_correction.reference} "
+                              f"phase by a 3D translation (up to {spec.motion_correction.max_shift_mm:g} mm)"),
         f"  architecture:  in {arch.in_channels}, classes {arch.num_classes}, labels {arch.num_seg_labels}, "
         f"widths {list(arch.cls_widths)}/{list(arch.seg_widths)}/{list(arch.mutual_widths)}, "
         f"classifier pool {arch.cls_pool}",

@@ -3,7 +3,9 @@
 Steps of :meth:`Predictor.predict`:
 
 1. Channels as the bundle's card declares: one volume per network channel, or a single volume replicated into
-   every channel (``missing_channels == "replicate"``); all volumes on one voxel grid.
+   every channel (``missing_channels == "replicate"``); all volumes on one voxel grid. With the card's
+   ``input.motion_correction`` mode ``"translation"``, the phases of a multi-phase case are moved onto its
+   reference phase first (:func:`umlcore.registration.align_phases`); everything after reads the moved phases.
 2. The index axis closest to the card's slicing axis (axial = patient S) becomes the slice axis (a pure axis
    permutation, undone exactly afterwards); each channel is normalised over its whole volume as declared;
    slices are resampled in-plane to ``target_spacing`` if the card asks, and zero-padded to a multiple of
@@ -65,6 +67,7 @@ from .preprocess import (
 from .reader import (READER_TARGETS, component_centres, cut_patch, largest_components, most_suspicious, read_patches,
                      suspicion)
 from .refiner import refine_labels
+from .registration import PhaseAlignment, align_phases
 
 __all__ = [
     "SUMMARY_SCHEMA_VERSION",
@@ -417,9 +420,13 @@ class Predictor:
         report("preprocess", 0.0, "checking and normalising the input volumes")
         channels, source = self.channel_volumes(volumes)
         single_volume = len(set(source)) < len(source)  # one volume replicated into every channel
+        ref = channels[0]  # the input grid: every output lies on it
+        if spec.motion_reference is not None and not single_volume:
+            report("preprocess", 0.02, f"aligning the phases to the {spec.motion_correction.reference} phase "
+                                       "(motion correction)")
+        channels, alignment = self._align(channels, single_volume)
         # the card's test-time augmentation reads multi-phase cases; one volume is read once, as its calibration was fitted
         views = "none" if single_volume else card.test_time_augmentation
-        ref = channels[0]
         axis = slice_axis_index(ref.GetDirection(), spec.slicing_axis)
         normalised: dict[int, np.ndarray] = {}
         for s in source:
@@ -488,6 +495,7 @@ class Predictor:
             images.append(image)
         summary = self._summary(case_id, ref, axis, source, single_volume, labels, unc, cls_alpha, reading,
                                 segmentation, views)
+        summary["motion_correction"] = self._motion_summary(single_volume, alignment)
         summary["postprocessing"] = {"component_max_uncertainty": card.component_max_uncertainty,
                                      "segmentation_min_lesion": None if verified is None else
                                      card.reader.segmentation_min_lesion,
@@ -502,6 +510,28 @@ class Predictor:
         }
         report("postprocess", 1.0, "done")
         return Prediction(labelmap=images[0], uncertainty=images[1], probability=images[2], summary=summary)
+
+    def _align(self, channels: list[sitk.Image],
+               single_volume: bool) -> tuple[list[sitk.Image], Optional[list[PhaseAlignment]]]:
+        """The card's motion correction of a multi-phase case's channels; ``None`` where it does not apply."""
+        spec = self.card.input
+        if spec.motion_reference is None or single_volume:
+            return channels, None
+        return align_phases(channels, spec.motion_reference, spec.motion_correction.max_shift_mm)
+
+    def _motion_summary(self, single_volume: bool, alignment: Optional[list[PhaseAlignment]]) -> dict:
+        """The summary's ``motion_correction`` (docs/summary-schema.md)."""
+        spec = self.card.input
+        mc = spec.motion_correction
+        out = {"mode": mc.mode, "reference": None if mc.mode == "none" else mc.reference, "phases": [],
+               "reason": None}
+        if mc.mode != "none" and single_volume:
+            out["reason"] = "one volume was given: nothing to align"
+        for name, a in zip(spec.channels, alignment or []):
+            if name != mc.reference:
+                out["phases"].append({"channel": name, "applied": a.applied, "reason": a.reason,
+                                      "shift_mm": None if a.shift_mm is None else [float(v) for v in a.shift_mm]})
+        return out
 
     def _verify_segmentation(self, stack: np.ndarray, labels: np.ndarray, spacing_hw: tuple[float, float],
                              single_volume: bool) -> Optional[tuple[np.ndarray, int]]:
