@@ -45,7 +45,7 @@ from typing import Optional
 
 from safetensors.torch import load_file
 
-from umlcore.bundle import load_bundle, save_bundle
+from umlcore.bundle import MotionCorrection, load_bundle, save_bundle
 from umlcore.errors import BundleError
 from umlcore.reader import OPINION_READS, READER_TTA_MODES, LesionReader, ReaderConfig
 
@@ -75,13 +75,17 @@ def read_report(path: Path, bundle, model: Path, error) -> dict:
 
 
 def with_measured_rule(card, summary: dict):
-    """``card`` with the network's test-time augmentation rule its report was measured with (``evaluate.py
-    --test-time-augmentation``; reports before the field: ``"none"``), popped from the report's ``summary``: the
-    card's metrics and its rule come from the same run."""
+    """``card`` with the network's test-time augmentation rule and the motion correction its report was measured
+    with (``evaluate.py --test-time-augmentation`` / ``--motion-correction``; reports before the fields: ``"none"``),
+    popped from the report's ``summary``: the card's metrics and its rules come from the same run."""
     views = summary.pop("test_time_augmentation", "none")
     if views != card.test_time_augmentation:
         print(f"test_time_augmentation {card.test_time_augmentation!r} -> {views!r}: the rule the report was measured with")
-    return dataclasses.replace(card, test_time_augmentation=views)
+    motion = MotionCorrection(**summary.pop("motion_correction", {}))
+    if motion != card.input.motion_correction:
+        print(f"motion_correction {card.input.motion_correction} -> {motion}: the rule the report was measured with")
+    return dataclasses.replace(card, test_time_augmentation=views,
+                               input=dataclasses.replace(card.input, motion_correction=motion))
 
 
 def card_metrics(report: dict, summary: dict, card) -> dict:

@@ -33,7 +33,7 @@ import SimpleITK as sitk
 import torch
 
 from umlcore import metrics
-from umlcore.bundle import NETWORK_TTA_MODES, load_bundle
+from umlcore.bundle import NETWORK_TTA_MODES, MotionCorrection, load_bundle
 from umlcore.errors import BundleError
 from umlcore.fusion import calibrate_case_alpha, fit_platt, fuse_reader_opinion, stack_reader_opinion
 from umlcore.predictor import Predictor, label_components
@@ -390,12 +390,14 @@ def evaluate_cases(predictor: Predictor, n_cases: int, shape, label_noise: float
         reader = c.get("reader") or {}
         network_p = reader.get("network_probabilities", [None, None])[predictor.card.positive_class]
         top = max(pred.summary.get("lesions") or [], key=lambda x: x["suspicion"], default=None)
+        moved = [np.linalg.norm(ph["shift_mm"]) for ph in pred.summary["motion_correction"]["phases"] if ph["applied"]]
         rows.append({"seed": case.seed, "lesions": len(case.lesions), "lesion_voxels": int(case.mask.sum()),
                      "kinetics": case.lesions[0]["kinetics"] if case.lesions else None,
                      "margin": case.lesions[0]["margin"] if case.lesions else None,
                      "dice": d, "hd95_mm": h, "predicted_voxels": int((lab > 0).sum()),
                      "components_removed": int(pred.summary.get("postprocessing", {}).get("components_removed", 0)),
                      "components_refined": pred.summary.get("postprocessing", {}).get("components_refined"),
+                     "motion_shift_mm": float(max(moved)) if moved else None,  # the longest shift applied
                      "dice_unrefined": None if unrefined is None or d is None else metrics.dice(unrefined, truth),
                      "predicted_voxels_unrefined": None if unrefined is None else int((unrefined > 0).sum()),
                      "positive_probability": p, "uncertainty": float(c["uncertainty"]),
@@ -611,6 +613,10 @@ def validation_from_report(path: Path, bundle, n_cases: int, shape, label_noise:
     if views != card.test_time_augmentation:
         problems.append(f"the network read its cases with test_time_augmentation {views!r}, this run with "
                         f"{card.test_time_augmentation!r}")
+    aligned = report.get("summary", {}).get("motion_correction", dataclasses.asdict(MotionCorrection()))
+    if aligned != dataclasses.asdict(card.input.motion_correction):
+        problems.append(f"its cases were read with motion_correction {aligned}, this run with "
+                        f"{dataclasses.asdict(card.input.motion_correction)}")
     if report.get("validation_cases_reader") != reader:
         problems.append(f"its rows were fused with reader {report.get('validation_cases_reader')!r}, this bundle's is "
                         f"{reader!r}")
@@ -789,6 +795,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="how the network reads each slice in this run: 'bundle' (the card's rule) or another rule "
                         "(flip_w: as it is and mirrored left-right; flip_hw: 4 mirrored views), recorded in the "
                         "report's summary")
+    p.add_argument("--motion-correction", default="bundle", metavar="{bundle,none,CHANNEL}",
+                   help="how the phases of a multi-phase case are aligned in this run: 'bundle' (the card's rule), "
+                        "'none' (read as given) or the name of a channel (e.g. 'early') the others are moved onto "
+                        "by a 3D translation; recorded in the report's summary")
     p.add_argument("--keep-reader-patches", action="store_true",
                    help="keep the lesion reader's input patches of the validation and test cases "
                         "(reader_patches.npz in --out), so training/rescore_reader.py can score another reader of "
@@ -810,6 +820,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.test_time_augmentation != "bundle":
         bundle = dataclasses.replace(bundle, card=dataclasses.replace(
             bundle.card, test_time_augmentation=args.test_time_augmentation))
+    if args.motion_correction != "bundle":
+        mode, reference = ("none", "") if args.motion_correction == "none" else ("translation", args.motion_correction)
+        if mode != "none" and reference not in bundle.card.input.channels:
+            p.error(f"--motion-correction {args.motion_correction}: give 'bundle', 'none' or one of {args.model}'s "
+                    f"channels {list(bundle.card.input.channels)} to align the others onto")
+        spec = dataclasses.replace(bundle.card.input, motion_correction=dataclasses.replace(
+            bundle.card.input.motion_correction, mode=mode, reference=reference))
+        bundle = dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, input=spec))
     if args.keep_reader_patches and bundle.card.reader is None:
         p.error(f"--keep-reader-patches: {args.model} has no lesion reader (training/add_reader.py adds one)")
     if args.reader_weight == "fit" and bundle.card.reader is None:
@@ -920,6 +938,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         summary["case_calibration"] = calibration
     summary["component_max_uncertainty"] = threshold
     summary["test_time_augmentation"] = bundle.card.test_time_augmentation
+    summary["motion_correction"] = dataclasses.asdict(bundle.card.input.motion_correction)
     summary["segmentation_min_lesion"] = None if bundle.card.reader is None else bundle.card.reader.segmentation_min_lesion
     if threshold_table is not None:
         summary["component_filter_validation_dice"] = threshold_table

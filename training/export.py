@@ -20,7 +20,7 @@ from typing import Optional
 
 from safetensors.torch import load_file
 
-from umlcore.bundle import InputSpec, ModelCard, Segment, load_bundle, save_bundle
+from umlcore.bundle import InputSpec, ModelCard, MotionCorrection, Segment, load_bundle, save_bundle
 from umlcore.config import UMLConfig
 from umlcore.network import UMLNet
 
@@ -76,12 +76,13 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
     training = training_record(run, weights)
     preset, context = train_cfg.get("preset", "small"), int(train_cfg.get("context_slices", 0))
     metrics = {}
-    calibration, component_threshold, views = None, None, "none"
+    calibration, component_threshold, views, motion = None, None, "none", MotionCorrection()
     if report is not None:
         metrics = {"test_set": report.get("dataset"), "command": report.get("command"), **report.get("summary", {})}
         calibration = metrics.pop("case_calibration", None)
         component_threshold = metrics.pop("component_max_uncertainty", None)
-        views = metrics.pop("test_time_augmentation", "none")  # the rule the metrics were measured with
+        views = metrics.pop("test_time_augmentation", "none")  # the rules the metrics were measured with
+        motion = MotionCorrection(**metrics.pop("motion_correction", {}))
     if component_max_uncertainty is not None:
         component_threshold = component_max_uncertainty
     return ModelCard(
@@ -100,7 +101,7 @@ def build_card(run: Path, report: Optional[dict], model_id: str, version: str, r
         ),
         classes=("low suspicion", "high suspicion"),
         segments=(LESION,),
-        input=InputSpec(channels=("pre", "early", "late"), context_slices=context),
+        input=InputSpec(channels=("pre", "early", "late"), context_slices=context, motion_correction=motion),
         architecture=arch,
         positive_class=1,
         review_uncertainty=review_uncertainty,

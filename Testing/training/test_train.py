@@ -27,7 +27,7 @@ import probe_single_volume  # noqa: E402
 import replace_network  # noqa: E402
 import train  # noqa: E402
 
-from umlcore.bundle import load_bundle, save_bundle  # noqa: E402
+from umlcore.bundle import MotionCorrection, load_bundle, save_bundle  # noqa: E402
 from umlcore.predictor import Predictor  # noqa: E402
 
 
@@ -147,9 +147,13 @@ def test_evaluate_writes_reports_and_export_takes_its_metrics(run_dir, tmp_path)
     assert card.test_time_augmentation == "none" and "test_time_augmentation" not in card.metrics
     # a report measured with another rule (evaluate.py --test-time-augmentation) gives the card that rule
     mirrored = tmp_path / "mirrored.json"
-    mirrored.write_text(json.dumps({**report, "summary": {**report["summary"], "test_time_augmentation": "flip_hw"}}))
+    assert card.input.motion_correction == MotionCorrection() and "motion_correction" not in card.metrics
+    motion = {"mode": "translation", "reference": "early", "max_shift_mm": 6.0}  # and evaluate.py --motion-correction
+    mirrored.write_text(json.dumps({**report, "summary": {**report["summary"], "test_time_augmentation": "flip_hw",
+                                                          "motion_correction": motion}}))
     export.main(["--run", str(run_dir), "--out", str(tmp_path / "final-hw"), "--report", str(mirrored)])
-    assert load_bundle(tmp_path / "final-hw").card.test_time_augmentation == "flip_hw"
+    card = load_bundle(tmp_path / "final-hw").card
+    assert card.test_time_augmentation == "flip_hw" and card.input.motion_correction == MotionCorrection(**motion)
 
 
 def test_calibration_can_keep_the_bundles_component_filter(bundle_factory, tmp_path):
@@ -841,8 +845,11 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
     assert evaluate.main(["--model", str(with_reader), "--out", str(out), "--cases", "2", "--shape", "6", "32", "32",
                           "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
                           "--calibrate-cases", "2", "--component-filter", "bundle", "--reader-weight", "fit",
-                          "--reader-fusion", "fit", "--test-time-augmentation", "flip_w"]) == 0
+                          "--reader-fusion", "fit", "--test-time-augmentation", "flip_w",
+                          "--motion-correction", "early"]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["motion_correction"] == {"mode": "translation", "reference": "early", "max_shift_mm": 10.0}
+    assert all(isinstance(r["motion_shift_mm"], float) for r in report["cases"])  # three phases: aligned
     fit = report["summary"]["reader_weight"]
     assert fit["weight"] in evaluate.READER_WEIGHTS[fit["fusion"]] and fit["fitted_on"].startswith("2 validation cases")
     assert {f: set(t) for f, t in fit["validation"].items()} == {f: set(map(str, w))
@@ -854,7 +861,11 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
     assert card.reader.weight == fit["weight"] and card.reader.fusion == fit["fusion"]
     assert card.reader.training["weight_fit"]["validation"] == fit["validation"]
     assert "reader_weight" not in card.metrics
-    assert card.test_time_augmentation == "flip_w" and "test_time_augmentation" not in card.metrics  # the report's rule
+    assert card.test_time_augmentation == "flip_w" and "test_time_augmentation" not in card.metrics  # the report's rules
+    assert card.input.motion_correction == MotionCorrection("translation", "early") and "motion_correction" not in card.metrics
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(with_reader), "--out", str(tmp_path / "bad"), "--motion-correction", "arterial"])
+    assert "--motion-correction arterial: give 'bundle', 'none' or one of" in capsys.readouterr().err
     for argv, why in ((["--calibrate-cases", "0"], "add --calibrate-cases"), (["--calibrate-cases", "2"], "has no lesion reader")):
         model = with_reader if why.startswith("add") else tiny_bundle_dir
         with pytest.raises(SystemExit):
@@ -868,7 +879,8 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
                               "32", "--robustness-cases", "1", "--mode-cases", "1", "--label-noise", "0.0",
                               "--calibrate-cases", "2", "--component-filter", "bundle", "--reader-weight", "fit",
                               "--reader-fusion", fusion, "--validation-from", str(out / "report.json"),
-                              "--test-seeds-from", str(evaluate.TEST_SEED_BASE + 5), "--test-time-augmentation", "flip_w"])
+                              "--test-seeds-from", str(evaluate.TEST_SEED_BASE + 5), "--test-time-augmentation", "flip_w",
+                              "--motion-correction", "early"])
 
     again = tmp_path / "again"
     assert refit_from_first_report(again, "fit") == 0
@@ -885,6 +897,8 @@ def test_evaluate_fits_the_reader_weight_and_add_reader_writes_it(tiny_bundle_di
     for argv, why in (([str(other), "--calibrate-cases", "2"], "fused with reader"),
                       ([str(with_reader), "--calibrate-cases", "3"], "lacks validation rows"),
                       ([str(with_reader), "--calibrate-cases", "2"], "read its cases with test_time_augmentation 'flip_w'"),
+                      ([str(with_reader), "--calibrate-cases", "2", "--test-time-augmentation", "flip_w"],
+                       "its cases were read with motion_correction {'mode': 'translation'"),
                       ([str(tiny_bundle_dir), "--calibrate-cases", "2"], "other weights"),
                       ([str(with_reader), "--calibrate-cases", "2", "--test-seeds-from", "5"], "test seeds start"),
                       ([str(with_reader), "--calibrate-cases", "2", "--shape", "6", "32", "40"], "not of shape")):
