@@ -78,6 +78,11 @@ def test_confidence_panel():
                                               "components_removed": 3}}
     assert caseCsvRow(verified, "c", "/in/c.nrrd", {})["components_removed"] == "3"  # the reader's check ran
     assert confidencePanel(verified).removedBy == "reader" and confidencePanel(filtered).removedBy == "uncertainty"
+    aligned = {**SUMMARY, "motion_correction": {"mode": "translation", "reference": "early", "reason": None, "phases": [
+        {"channel": "pre", "applied": True, "reason": None, "shift_mm": [3.0, 0.0, 4.0]},
+        {"channel": "late", "applied": False, "reason": "registration failed (...)", "shift_mm": None}]}}
+    assert caseCsvRow(aligned, "c", "/in/c.nrrd", {})["motion_shift_mm"] == "5.0"  # the longest shift applied
+    assert caseCsvRow(SUMMARY, "c", "/in/c.nrrd", {})["motion_shift_mm"] == ""  # no motion correction
     review = confidencePanel({**SUMMARY, "classification": {**SUMMARY["classification"], "verdict": "review"}, "segments": []})
     assert review.verdictColor == "#e65100" and review.lesionVolumeMl is None and review.lesionMeanUncertainty is None
     with pytest.raises(ValueError, match="no classification"):

@@ -115,6 +115,13 @@ def _componentsRemoved(summary: Mapping[str, Any]) -> Optional[int]:
     return int(post["components_removed"])
 
 
+def _motionShiftMm(summary: Mapping[str, Any]) -> Optional[float]:
+    """The longest shift (mm) by which the model's motion correction moved a phase; ``None`` when none was moved."""
+    moved = [sum(v * v for v in p["shift_mm"]) ** 0.5 for p in (summary.get("motion_correction") or {}).get("phases", [])
+             if p.get("applied")]
+    return max(moved) if moved else None
+
+
 def _cell(value: Any) -> str:
     return "" if value is None else _text(value)
 
@@ -147,6 +154,7 @@ def caseCsvRow(summary: Optional[Mapping[str, Any]], caseId: str, inputPath: str
             row[f"{key}_voxel_count"] = _cell(seg.get("voxel_count"))
             row[f"{key}_mean_uncertainty"] = _cell(seg.get("mean_uncertainty"))
         row["components_removed"] = _cell(_componentsRemoved(summary))
+        row["motion_shift_mm"] = _cell(_motionShiftMm(summary))
         model = summary.get("model", {})
         row["model_id"] = str(model.get("id", ""))
         row["model_version"] = str(model.get("version", ""))
