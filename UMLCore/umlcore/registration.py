@@ -10,9 +10,8 @@ the network's (and the lesion reader's) view of the moved phases changes.
 The translation is found by SimpleITK's registration framework: Mattes mutual information (the phases differ in
 contrast where tissue enhances, not in anatomy), a regular-step gradient descent over three resolution levels,
 a fixed regular sample of the voxels, the result rounded to 1e-6 mm (so the same inputs give the same
-translation). A translation longer than
-the card's ``max_shift_mm`` is not applied: that is a failed registration or volumes of different scans, and the
-summary says so.
+translation). A translation longer than the card's ``max_shift_mm`` is not applied: that is a failed registration
+or volumes of different scans, and the summary says so.
 """
 
 from __future__ import annotations
