@@ -45,7 +45,7 @@ from umlcore.preprocess import pad_to_multiple
 from umlcore.synthetic import generate_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slices import case_from_synthetic  # noqa: E402
+from slices import case_from_synthetic, phases_as_read  # noqa: E402
 
 FIT_SEED, TEST_SEED = 1_000_000, 2_000_000
 POOLS = ("instructor", "nav_lesion", "nav_edge", "nav_ring", "seg0_lesion", "seg0_edge", "seg0_ring", "seg1_lesion",
@@ -119,7 +119,7 @@ def phenotype(case) -> tuple[int, int]:
 
 def case_vector(net: UMLNet, bundle, seed: int, shape: tuple[int, int, int], batch: int) -> dict:
     case = generate_case(seed, shape=shape, label_noise=0.02)
-    vol = case_from_synthetic(case, bundle.card.input.normalization)
+    vol = case_from_synthetic(phases_as_read(case, bundle.card.input), bundle.card.input.normalization)
     stack = np.moveaxis(vol.channels, 0, 1)  # (Z, C, H, W)
     per_slice: dict[str, list] = {k: [] for k in POOLS}
     masks = []

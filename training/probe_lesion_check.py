@@ -51,6 +51,7 @@ from umlcore.synthetic import generate_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe_features import _auc  # noqa: E402
+from slices import phases_as_read  # noqa: E402
 from workers import ordered_map  # noqa: E402
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
@@ -81,8 +82,9 @@ def probe_case(job: tuple[str, int, tuple[int, int, int]]) -> dict:
     labels = to_slices(sitk.GetArrayFromImage(pred.labelmap), axis)
     unc = to_slices(sitk.GetArrayFromImage(pred.uncertainty), axis)
     truth = to_slices(case.mask, axis) > 0
-    stack = np.stack([to_slices(normalize(sitk.GetArrayFromImage(im).astype(np.float32), bundle.card.input.normalization),
-                                axis) for im in images])  # (C, S, H, W), as the predictor cuts its patches
+    phases = phases_as_read(case, bundle.card.input).phases  # as the predictor read them (its motion correction)
+    stack = np.stack([to_slices(normalize(p, bundle.card.input.normalization), axis)
+                      for p in phases])  # (C, S, H, W), as the predictor cuts its patches
     w_axis, h_axis = inplane_axes(axis)
     spacing = images[0].GetSpacing()
     components, found = largest_components(labels, int(labels.size))

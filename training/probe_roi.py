@@ -54,7 +54,7 @@ from umlcore.synthetic import generate_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe_features import _auc, phenotype  # noqa: E402  (_auc: the AUC, null for one class)
-from slices import case_from_synthetic  # noqa: E402
+from slices import case_from_synthetic, phases_as_read  # noqa: E402
 from workers import ordered_map  # noqa: E402
 
 VAL_SEED, TEST_SEED = 1_000_000, 2_000_000
@@ -108,7 +108,7 @@ def predicted_cases(bundle: ModelBundle, seeds: range, shape) -> Iterator[tuple]
     for seed in seeds:
         case = generate_case(seed, shape=tuple(shape), label_noise=0.02)
         pred = predictor.predict(case.to_sitk(), case_id=f"synthetic-{seed}")
-        vol = case_from_synthetic(case, norm)
+        vol = case_from_synthetic(phases_as_read(case, bundle.card.input), norm)  # the phases the predictor read
         yield seed, case, pred, vol, to_slices(sitk.GetArrayFromImage(pred.labelmap),
                                                slice_axis_index(case.direction, "axial"))
 

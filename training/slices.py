@@ -6,20 +6,23 @@ slicing axis first, so the network sees the same intensities in training and at 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from umlcore.bundle import Normalization
+from umlcore.bundle import InputSpec, Normalization
 from umlcore.preprocess import (context_indices, inplane_axes, normalize, pad_to_multiple, slice_axis_index,
                                 to_slices, with_context)
+from umlcore.registration import align_phases
 from umlcore.synthetic import SyntheticCase
 
-__all__ = ["VolumeCase", "case_from_synthetic", "SliceSampler", "LesionSampling", "predict_volume"]
+__all__ = ["VolumeCase", "case_from_synthetic", "phases_as_read", "SliceSampler", "LesionSampling", "predict_volume"]
 
 LesionSampling = Literal["slice", "lesion"]
 
@@ -57,6 +60,21 @@ class VolumeCase:
         if not has.any():
             return np.full(self.mask.shape[0], self.label, dtype=np.int64)
         return np.where(has, self.label, 0).astype(np.int64)
+
+
+def phases_as_read(case: SyntheticCase, spec: InputSpec) -> SyntheticCase:
+    """``case`` with its phases as a predictor of a card with input ``spec`` reads them.
+
+    With the card's motion correction (``input.motion_correction`` mode ``"translation"``) the other phases are
+    moved onto the reference phase exactly as the predictor moves them (:func:`umlcore.registration.align_phases`,
+    deterministic), so patches or crops cut from the result match what the predictor's network and lesion reader
+    read; the mask stays as generated. Without motion correction ``case`` itself is returned.
+    """
+    if spec.motion_reference is None:
+        return case
+    aligned, _ = align_phases(case.to_sitk(), spec.motion_reference, spec.motion_correction.max_shift_mm)
+    phases = np.stack([sitk.GetArrayFromImage(im) for im in aligned]).astype(np.float32)
+    return dataclasses.replace(case, phases=phases)
 
 
 def case_from_synthetic(case: SyntheticCase, norm: Normalization) -> VolumeCase:

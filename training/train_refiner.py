@@ -42,6 +42,7 @@ from umlcore.refiner import LesionRefiner, RefinerConfig, component_boxes, crop_
 from umlcore.synthetic import generate_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slices import phases_as_read  # noqa: E402
 from workers import ordered_map  # noqa: E402
 
 TRAIN_SEED, VAL_SEED = 3_000_000, 1_000_000
@@ -66,7 +67,8 @@ def predicted_slices(seed: int, model: str) -> dict[str, np.ndarray]:
     pred = predictor.predict(images, case_id=f"synthetic-{seed}")
     axis = slice_axis_index(images[0].GetDirection(), predictor.card.input.slicing_axis)
     norm = predictor.card.input.normalization
-    return {"stack": np.stack([to_slices(normalize(p.astype(np.float32), norm), axis) for p in case.phases], axis=1),
+    phases = phases_as_read(case, predictor.card.input).phases  # as the predictor read them (its motion correction)
+    return {"stack": np.stack([to_slices(normalize(p.astype(np.float32), norm), axis) for p in phases], axis=1),
             "fg": to_slices(sitk.GetArrayFromImage(pred.probability), axis),
             "labels": to_slices(sitk.GetArrayFromImage(pred.labelmap), axis),
             "truth": to_slices(case.mask, axis)}

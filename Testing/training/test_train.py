@@ -393,6 +393,35 @@ def test_slice_sampler_noise_level_is_drawn_up_to_noise_max():
         SliceSampler([case], crop=32, noise_max=1.5)
 
 
+def test_phases_as_read_moves_the_phases_as_a_motion_correcting_predictor_does(monkeypatch):
+    """Training tools cut patches and crops from the phases the predictor read: for a card with motion correction,
+    the generator's moved pre-contrast phase comes back where the unmoved case has it (seed 5: 1.1 / -0.9 voxels)."""
+    import umlcore.synthetic as syn
+    from scipy import ndimage
+    from slices import phases_as_read
+    from umlcore.bundle import InputSpec, MotionCorrection
+    from umlcore.synthetic import generate_case
+
+    moved = generate_case(5, shape=(16, 96, 96))
+    before = moved.phases.copy()
+    monkeypatch.setattr(syn, "_shift_axis", lambda a, shift, axis: a)  # the same draws, without the motion
+    still = generate_case(5, shape=(16, 96, 96))
+    plain = InputSpec(channels=("pre", "early", "late"))
+    assert phases_as_read(moved, plain) is moved  # no motion correction: the case as generated
+
+    read = phases_as_read(moved, dataclasses.replace(plain, motion_correction=MotionCorrection("translation", "early")))
+    assert read.phases.shape == moved.phases.shape and read.phases.dtype == np.float32
+    np.testing.assert_array_equal(read.phases[1], moved.phases[1])  # the reference phase as given
+    assert read.mask is moved.mask and np.array_equal(moved.phases, before)  # the input case is left as it was
+
+    def off(x):  # smoothed, so that interpolated noise does not count
+        smooth = (0, 1.5, 1.5)
+        return float(np.abs(ndimage.gaussian_filter(x.astype(np.float64), smooth)
+                            - ndimage.gaussian_filter(still.phases[0].astype(np.float64), smooth)).mean())
+
+    assert off(read.phases[0]) < 0.4 * off(moved.phases[0])  # measured: 4.1 against 22.4
+
+
 def test_dice_by_lesion_size_bins_cases_by_their_true_lesion():
     rows = [{"lesion_voxels": v, "dice": d, "predicted_voxels": p}
             for v, d, p in [(0, None, 5), (40, 0.0, 0), (60, 0.5, 10), (400, 0.8, 300), (5000, 0.9, 4800)]]
