@@ -197,3 +197,22 @@ def test_geometry_round_trip_through_sitk():
 def test_bad_arguments_are_refused(kwargs, match):
     with pytest.raises(UMLInputError, match=match):
         generate_case(**kwargs)
+
+
+def test_info_records_the_motion_of_the_pre_contrast_phase(monkeypatch):
+    """``info["motion_voxels"]`` is the in-plane shift the generator applied to the pre-contrast phase (half of the
+    ``full`` cases), ``(0.0, 0.0)`` where it applied none; the other randomisations record none."""
+    import umlcore.synthetic as syn
+
+    applied = []
+    shift = syn._shift_axis
+    monkeypatch.setattr(syn, "_shift_axis", lambda a, s, axis: applied.append(float(s)) or shift(a, s, axis))
+    moved = 0
+    for seed in range(8):
+        applied.clear()
+        case = syn.generate_case(seed, shape=(8, 48, 48))
+        assert case.info["motion_voxels"] == (tuple(applied) if applied else (0.0, 0.0))
+        moved += bool(applied)
+        assert all(abs(v) <= 1.5 for v in case.info["motion_voxels"])
+    assert 0 < moved < 8  # seeds 0-7 hold both kinds
+    assert syn.generate_case(0, shape=(8, 48, 48), randomize="light").info["motion_voxels"] == (0.0, 0.0)

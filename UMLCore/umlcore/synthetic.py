@@ -98,7 +98,9 @@ class SyntheticCase:
         lesions: One dict per lesion: ``center`` (LPS mm), ``center_index`` (array index ``(z, y, x)``),
             ``radius_mm``, ``margin``, ``kinetics``, ``early_enhancement``, ``late_change``, ``voxels``.
         seed: The seed the case was generated from.
-        info: Acquisition / anatomy parameters drawn for this case (view, fat suppression, density, ...).
+        info: Acquisition / anatomy parameters drawn for this case (view, fat suppression, density, ...);
+            ``motion_voxels`` is the in-plane shift ``(y, x)`` (voxels of the axial grid) by which the pre-contrast
+            phase was moved against the post-contrast phases and the mask (``(0.0, 0.0)`` without motion).
     """
 
     phases: np.ndarray
@@ -654,12 +656,14 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
         img[c] = _blur_axis(a, blur_z, 0)
     noise_frac = {"none": 0.01, "light": r_acq.uniform(0.01, 0.03), "full": r_acq.uniform(0.008, 0.05)}[randomize]
     sigma = noise_frac * ref * (0.5 if fat_sat else 1.0)  # the receiver scales to the brightest tissue
+    motion = (0.0, 0.0)
     if randomize == "full" and r_acq.random() < 0.5:
         # patient motion between the pre-contrast and the post-contrast phases (sub-voxel to ~1.5 voxel). The
         # mask stays where the lesion is seen, on the post-contrast phases (where a reader draws it), so it is
         # the pre-contrast phase that moves
         dy, dx = r_acq.uniform(-1.5, 1.5), r_acq.uniform(-1.5, 1.5)
         img[0] = _shift_axis(_shift_axis(img[0], -dy, 1), -dx, 2)
+        motion = (float(-dy), float(-dx))
     for c in range(3):
         s = sigma * (1.0 if randomize == "none" else r_acq.uniform(0.9, 1.1))
         n1 = r_noise.standard_normal(shape, dtype=np.float32)
@@ -710,7 +714,8 @@ def generate_case(seed: int, shape: tuple[int, int, int] = (48, 128, 128), rando
         lesions=lesions, seed=int(seed),
         info=dict(view=view, fat_suppressed=bool(fat_sat), density=density, bpe=bpe, randomize=randomize,
                   noise_sigma=float(sigma), intensity_scale=float(scale), label_flipped=flip_label,
-                  axial_shape=tuple(shape), slice_spacing=float(sz), pixel_spacing=float(sxy)),
+                  axial_shape=tuple(shape), slice_spacing=float(sz), pixel_spacing=float(sxy),
+                  motion_voxels=motion),
     )
 
 

@@ -17,20 +17,10 @@ import umlcore.synthetic as syn  # noqa: E402
 _shift = syn._shift_axis
 
 
-def motion(seed: int) -> tuple[float, float]:
-    """The in-plane shift (voxels) the generator applies between the phases of ``seed`` ((0, 0): none)."""
-    seen = []
-
-    def spy(a, s, axis):
-        seen.append(float(s))
-        return _shift(a, s, axis)
-
-    syn._shift_axis = spy
-    try:
-        case = syn.generate_case(seed, shape=train_refiner.SHAPE, label_noise=train_refiner.LABEL_NOISE)
-    finally:
-        syn._shift_axis = _shift
-    return (seen[0], seen[1]) if seen else (0.0, 0.0), case
+def motion(seed: int):
+    """The in-plane shift (voxels) the generator applies between the phases of ``seed`` ((0, 0): none), and the case."""
+    case = syn.generate_case(seed, shape=train_refiner.SHAPE, label_noise=train_refiner.LABEL_NOISE)
+    return case.info["motion_voxels"], case
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
