@@ -8,6 +8,8 @@ Prints one line per figure. Architectures: the ``small`` preset (shipped), ``sma
 Throughput: median over ``--runs`` timed runs of ``--slices`` 256x256 slices after one warm-up run, for small,
 small 2.5D and medium, under ``torch.inference_mode`` (fp32 on CPU; on CUDA both of the predictor's precisions:
 fp32 with TF32 convolutions off, its default, and ``mixed`` = bf16 autocast).
+Stages: median seconds per stage (``summary.json`` ``timings_s``) of the bundle's predictor on a three-phase synthetic
+case of 24x256x256 with the card's motion correction and without it (one process, the machine's threads).
 Peak memory: maximum resident set size of a separate ``uml predict`` process on a 256x256x96 volume
 (``resource.getrusage(RUSAGE_CHILDREN)``), and peak CUDA memory when run on a GPU.
 """
@@ -23,13 +25,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import dataclasses
+
 import numpy as np
 import SimpleITK as sitk
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from umlcore.bundle import MotionCorrection, load_bundle
 from umlcore.config import UMLConfig
 from umlcore.network import UMLNet
+from umlcore.predictor import Predictor
+from umlcore.synthetic import generate_case
 
 
 #: (label, preset, input channels): 3 DCE phases, or 3 phases x 3 slices for 2.5D input (context 1)
@@ -69,6 +76,21 @@ def throughput(device: str, slices: int, runs: int, batch: int, precision: str =
           f"min {min(rates):.1f}, max {max(rates):.1f}; torch threads {torch.get_num_threads()})")
 
 
+def stage_times(model: str, device: str, runs: int) -> None:
+    bundle = load_bundle(model)
+    images = generate_case(1_000_003, shape=(24, 256, 256)).to_sitk()  # a validation case whose phases moved
+    rules = {f"motion correction {bundle.card.input.motion_correction.mode}": bundle.card.input.motion_correction}
+    if bundle.card.input.motion_correction.mode != "none":
+        rules["motion correction none"] = MotionCorrection()
+    for label, rule in rules.items():
+        card = dataclasses.replace(bundle.card, input=dataclasses.replace(bundle.card.input, motion_correction=rule))
+        predictor = Predictor(dataclasses.replace(bundle, card=card), device=device)
+        timings = [predictor.predict(images).summary["timings_s"] for _ in range(runs + 1)][1:]  # after a warm-up
+        stages = {k: statistics.median(t[k] for t in timings) for k in timings[0]}
+        print(f"{bundle.card.id} {bundle.card.version} on {device}, 3 phases of 24x256x256, {label}: "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()) + f" (median of {runs})")
+
+
 def peak_memory(model: str, device: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
@@ -103,6 +125,7 @@ def main() -> int:
             throughput(d, args.slices, args.runs, args.batch, precision, label, preset, channels)
     model = args.model or str(Path(__file__).resolve().parents[1] / "Resources" / "Models" / "uml-breast-dce-small")
     for d in devices:
+        stage_times(model, d, args.runs)
         peak_memory(model, d)
     return 0
 
