@@ -17,6 +17,7 @@ Peak memory: maximum resident set size of a separate ``uml predict`` process on 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import statistics
 import subprocess
@@ -24,8 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import dataclasses
 
 import numpy as np
 import SimpleITK as sitk
