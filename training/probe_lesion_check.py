@@ -82,7 +82,7 @@ def probe_case(job: tuple[str, int, tuple[int, int, int]]) -> dict:
     labels = to_slices(sitk.GetArrayFromImage(pred.labelmap), axis)
     unc = to_slices(sitk.GetArrayFromImage(pred.uncertainty), axis)
     truth = to_slices(case.mask, axis) > 0
-    phases = phases_as_read(case, bundle.card.input).phases  # as the predictor read them (its motion correction)
+    phases = phases_as_read(case, bundle.card.input, pred.summary).phases  # as the predictor read them
     stack = np.stack([to_slices(normalize(p, bundle.card.input.normalization), axis)
                       for p in phases])  # (C, S, H, W), as the predictor cuts its patches
     w_axis, h_axis = inplane_axes(axis)

@@ -108,7 +108,7 @@ def predicted_cases(bundle: ModelBundle, seeds: range, shape) -> Iterator[tuple]
     for seed in seeds:
         case = generate_case(seed, shape=tuple(shape), label_noise=0.02)
         pred = predictor.predict(case.to_sitk(), case_id=f"synthetic-{seed}")
-        vol = case_from_synthetic(phases_as_read(case, bundle.card.input), norm)  # the phases the predictor read
+        vol = case_from_synthetic(phases_as_read(case, bundle.card.input, pred.summary), norm)  # as the predictor read
         yield seed, case, pred, vol, to_slices(sitk.GetArrayFromImage(pred.labelmap),
                                                slice_axis_index(case.direction, "axial"))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -19,7 +19,7 @@ from scipy import ndimage
 from umlcore.bundle import InputSpec, Normalization
 from umlcore.preprocess import (context_indices, inplane_axes, normalize, pad_to_multiple, slice_axis_index,
                                 to_slices, with_context)
-from umlcore.registration import align_phases
+from umlcore.registration import align_phases, translate
 from umlcore.synthetic import SyntheticCase
 
 __all__ = ["VolumeCase", "case_from_synthetic", "phases_as_read", "SliceSampler", "LesionSampling", "predict_volume"]
@@ -62,17 +62,33 @@ class VolumeCase:
         return np.where(has, self.label, 0).astype(np.int64)
 
 
-def phases_as_read(case: SyntheticCase, spec: InputSpec) -> SyntheticCase:
+def phases_as_read(case: SyntheticCase, spec: InputSpec,
+                   summary: Optional[Mapping[str, Any]] = None) -> SyntheticCase:
     """``case`` with its phases as a predictor of a card with input ``spec`` reads them.
 
     With the card's motion correction (``input.motion_correction`` mode ``"translation"``) the other phases are
-    moved onto the reference phase exactly as the predictor moves them (:func:`umlcore.registration.align_phases`,
-    deterministic), so patches or crops cut from the result match what the predictor's network and lesion reader
-    read; the mask stays as generated. Without motion correction ``case`` itself is returned.
+    moved onto the reference phase as the predictor moves them, so patches or crops cut from the result match what
+    the predictor's network and lesion reader read; the mask stays as generated. Without motion correction ``case``
+    itself is returned.
+
+    Args:
+        case: A three-phase synthetic case.
+        spec: The card's input spec.
+        summary: The predictor's ``summary`` of this case, if it was read: its ``motion_correction`` shifts are
+            applied (:func:`umlcore.registration.translate`) instead of being estimated again. Without it the
+            translations are estimated as the predictor does (:func:`umlcore.registration.align_phases`,
+            deterministic).
     """
     if spec.motion_reference is None:
         return case
-    aligned, _ = align_phases(case.to_sitk(), spec.motion_reference, spec.motion_correction.max_shift_mm)
+    volumes = case.to_sitk()
+    if summary is None:
+        aligned, _ = align_phases(volumes, spec.motion_reference, spec.motion_correction.max_shift_mm)
+    else:
+        moved = {p["channel"]: p["shift_mm"] for p in summary["motion_correction"]["phases"] if p["applied"]}
+        reference = volumes[spec.motion_reference]
+        aligned = [translate(v, reference, moved[name]) if name in moved else v
+                   for name, v in zip(spec.channels, volumes)]
     phases = np.stack([sitk.GetArrayFromImage(im) for im in aligned]).astype(np.float32)
     return dataclasses.replace(case, phases=phases)
 

@@ -67,7 +67,7 @@ def predicted_slices(seed: int, model: str) -> dict[str, np.ndarray]:
     pred = predictor.predict(images, case_id=f"synthetic-{seed}")
     axis = slice_axis_index(images[0].GetDirection(), predictor.card.input.slicing_axis)
     norm = predictor.card.input.normalization
-    phases = phases_as_read(case, predictor.card.input).phases  # as the predictor read them (its motion correction)
+    phases = phases_as_read(case, predictor.card.input, pred.summary).phases  # as the predictor read them
     return {"stack": np.stack([to_slices(normalize(p.astype(np.float32), norm), axis) for p in phases], axis=1),
             "fg": to_slices(sitk.GetArrayFromImage(pred.probability), axis),
             "labels": to_slices(sitk.GetArrayFromImage(pred.labelmap), axis),

@@ -422,6 +422,30 @@ def test_phases_as_read_moves_the_phases_as_a_motion_correcting_predictor_does(m
     assert off(read.phases[0]) < 0.4 * off(moved.phases[0])  # measured: 4.1 against 22.4
 
 
+def test_phases_as_read_takes_the_predictors_shifts_from_its_summary(tiny_bundle, monkeypatch):
+    """Given the predictor's summary of the case, the same phases come back without estimating the shifts again."""
+    import umlcore.registration as registration
+    import slices
+    from umlcore.bundle import MotionCorrection
+    from umlcore.predictor import Predictor
+    from umlcore.synthetic import generate_case
+
+    spec = dataclasses.replace(tiny_bundle.card.input, motion_correction=MotionCorrection("translation", "early"))
+    case = generate_case(5, shape=(16, 96, 96))
+    summary = Predictor(dataclasses.replace(tiny_bundle, card=dataclasses.replace(tiny_bundle.card, input=spec)),
+                        device="cpu").predict(case.to_sitk()).summary
+    assert [p["applied"] for p in summary["motion_correction"]["phases"]] == [True, True]
+    estimated = slices.phases_as_read(case, spec)
+
+    def refuse(*args):
+        raise AssertionError("estimated again")
+
+    monkeypatch.setattr(registration, "estimate_translation", refuse)
+    np.testing.assert_array_equal(slices.phases_as_read(case, spec, summary).phases, estimated.phases)
+    with pytest.raises(AssertionError, match="estimated again"):
+        slices.phases_as_read(case, spec)
+
+
 def test_dice_by_lesion_size_bins_cases_by_their_true_lesion():
     rows = [{"lesion_voxels": v, "dice": d, "predicted_voxels": p}
             for v, d, p in [(0, None, 5), (40, 0.0, 0), (60, 0.5, 10), (400, 0.8, 300), (5000, 0.9, 4800)]]
