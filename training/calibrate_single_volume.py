@@ -9,10 +9,13 @@ most users have loaded) gets weaker and differently biased case opinions than th
    ``late``, ``subtraction``; each mode on its own validation seeds, from 1,000,000) and fit one Platt calibration
    (:func:`umlcore.fusion.fit_platt`) on all of them: the predictor cannot tell which phase it was given.
 2. Run it on ``--test-cases`` test cases per mode (the same seeds, from 2,000,000, for every mode) and measure each
-   mode with the card's three-phase calibration (what the bundle did before) and with the new one. A Platt
-   calibration keeps the opinion's strength, so both come from one pass (the raw opinion is recorded per case).
-3. Write ``OUT/report.json`` (per-case rows) and ``OUT/report.md``, and with ``--export`` the bundle with the new
-   calibration and the measured figures in its card (same weights).
+   mode with the card's three-phase calibration (what a bundle without a single-volume calibration does), with the
+   card's single-volume calibration where it has one (*kept*), and with the new one (*refit*). A Platt calibration
+   keeps the opinion's strength, so all come from one pass (the raw opinion is recorded per case).
+3. Write ``OUT/report.json`` (per-case rows) and ``OUT/report.md``, and with ``--export`` the bundle with the
+   chosen calibration (``--export-calibration refit``, the default, or ``kept``: the card's own, re-measured, e.g.
+   after its network was replaced) and its measured figures in the card's ``metrics.single_volume`` (same weights,
+   reader and refiner).
 
 Example (CPU, 2 cores: about 4.5 s per case and mode):
     python training/calibrate_single_volume.py --model Resources/Models/uml-breast-dce-small --out runs/sv \
@@ -27,7 +30,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import numpy as np
 
@@ -37,6 +40,8 @@ from umlcore import metrics  # noqa: E402
 from umlcore.bundle import load_bundle, save_bundle  # noqa: E402
 from umlcore.fusion import calibrate_case_alpha, fit_platt  # noqa: E402
 from umlcore.predictor import Predictor  # noqa: E402
+
+ExportCalibration = Literal["refit", "kept"]
 
 
 def recalibrate(rows: list[dict], calibration: Optional[dict], positive: int = 1) -> np.ndarray:
@@ -83,17 +88,23 @@ def write_markdown(report: dict, path: Path) -> None:
              f"(ECE of those cases with the three-phase calibration {c['validation_ece_before']:.3f}, "
              f"with the new one {c['validation_ece_after']:.3f}).", "",
              f"Test: {report['test_set']}.", "",
-             "| input | cases | AUC | ECE before | ECE after | floor | Brier before / after | NLL before / after | "
-             "accuracy before / after | mean p after |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| input | cases | AUC | ECE before | ECE kept | ECE after | floor | Brier before / kept / after | "
+             "NLL before / kept / after | accuracy before / after | mean p after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r: Optional[dict], key: str) -> str:
+        return "-" if r is None else f"{r[key]:.3f}"
+
     for mode, r in report["test"].items():
-        b, a = r["before"], r["after"]
-        lines.append(f"| {mode} | {a['cases']} | {a['auc']:.3f} | {b['ece']:.3f} | {a['ece']:.3f} | "
-                     f"{a['ece_sampling_floor']:.3f} | {b['brier']:.3f} / {a['brier']:.3f} | "
-                     f"{b['nll']:.3f} / {a['nll']:.3f} | {b['accuracy']:.3f} / {a['accuracy']:.3f} | "
+        b, k, a = r["before"], r.get("kept"), r["after"]
+        lines.append(f"| {mode} | {a['cases']} | {a['auc']:.3f} | {b['ece']:.3f} | {cell(k, 'ece')} | {a['ece']:.3f} | "
+                     f"{a['ece_sampling_floor']:.3f} | {b['brier']:.3f} / {cell(k, 'brier')} / {a['brier']:.3f} | "
+                     f"{b['nll']:.3f} / {cell(k, 'nll')} / {a['nll']:.3f} | {b['accuracy']:.3f} / {a['accuracy']:.3f} | "
                      f"{a['mean_positive_probability']:.2f} |")
-    lines += ["", "*before*: the card's three-phase `case_calibration` applied to the single volume (what the "
-              "bundle did without a single-volume calibration); *floor*: median ECE of a perfectly calibrated model "
-              "with these opinions on this many cases."]
+    lines += ["", "*before*: the card's three-phase `case_calibration` applied to the single volume (what a "
+              "bundle without a single-volume calibration does); *kept*: the card's own single-volume calibration "
+              "(- where it has none); *after*: the one fitted here; *floor*: median ECE of a perfectly calibrated "
+              "model with these opinions on this many cases."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -110,6 +121,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="processes generating the synthetic cases ahead")
     p.add_argument("--export", type=Path, help="write the bundle with the new calibration here")
     p.add_argument("--version", help="with --export: the new bundle's version (required: the card changes)")
+    p.add_argument("--export-calibration", default="refit", choices=get_args(ExportCalibration),
+                   help="with --export: write the calibration fitted here (refit) or keep the card's own single-volume "
+                        "calibration and write its re-measured figures (kept)")
     p.add_argument("--overwrite", action="store_true", help="with --export: replace an existing bundle folder")
     args = p.parse_args(argv)
     if args.fit_cases < 2 or args.test_cases < 1:
@@ -117,6 +131,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.export is not None and not args.version:
         p.error("--export needs --version: the card changes, so the bundle needs a new version")
     bundle = load_bundle(args.model)
+    if args.export_calibration == "kept" and bundle.card.single_volume_calibration is None:
+        p.error(f"--export-calibration kept: {args.model}'s card has no single_volume_calibration to keep; "
+                "export the refitted one (--export-calibration refit)")
     if bundle.card.architecture.num_classes != 2 or len(bundle.card.input.channels) < 2:
         p.error(f"{args.model}: a single-volume calibration needs a binary model that takes several channels")
     if args.export is not None and args.export.exists() and not args.overwrite:
@@ -134,27 +151,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     if slope <= 0:
         p.error(f"the fitted slope is {slope:.3f} (<= 0): on these cases the opinions do not separate the classes; "
                 "give more --fit-cases")
-    old = bundle.card.case_calibration
+    old, kept = bundle.card.case_calibration, bundle.card.single_volume_calibration
     new = {"slope": slope, "intercept": intercept,
            "fitted_on": f"{args.fit_cases} validation cases per input mode ({', '.join(args.modes)}), seeds "
                         f"{VAL_SEED_BASE}..{VAL_SEED_BASE + args.fit_cases * len(args.modes) - 1}, one volume each"}
     print(f"single-volume calibration: slope {slope:.3f}, intercept {intercept:.3f}", flush=True)
     rows = fit_rows + test_rows
-    for when, calibration in (("before", old), ("after", dict(new))):
+    measured = {"before": old, "after": dict(new), **({"kept": kept} if kept is not None else {})}
+    for when, calibration in measured.items():
         for r, q in zip(rows, recalibrate(rows, calibration)):
             r[f"positive_probability_{when}"] = float(q)
-        new[f"validation_ece_{when}"] = metrics.expected_calibration_error(
-            np.array([r[f"positive_probability_{when}"] for r in fit_rows]), fit_labels)
+        if when != "kept":
+            new[f"validation_ece_{when}"] = metrics.expected_calibration_error(
+                np.array([r[f"positive_probability_{when}"] for r in fit_rows]), fit_labels)
     test = {}
     for mode in args.modes:
         rows = [r for r in test_rows if r["mode"] == mode]
         labels = np.array([r["label"] for r in rows])
         test[mode] = {when: case_metrics(np.array([r[f"positive_probability_{when}"] for r in rows]), labels)
-                      for when in ("before", "after")}
+                      for when in measured}
     report = {
         "model": {"id": bundle.card.id, "version": bundle.card.version, "sha256": bundle.sha256},
         "command": "python training/calibrate_single_volume.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "single_volume_calibration": new,
+        "kept_single_volume_calibration": kept,
         "test_set": f"{args.test_cases} synthetic cases per mode, seeds {TEST_SEED_BASE}.."
                     f"{TEST_SEED_BASE + args.test_cases - 1}, shape {tuple(args.shape)}, label noise {args.label_noise}",
         "test": test,
@@ -167,12 +187,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     write_markdown(report, args.out / "report.md")
     print((args.out / "report.md").read_text())
     if args.export is not None:
+        when = "after" if args.export_calibration == "refit" else "kept"
         card_metrics = dict(bundle.card.metrics)
         card_metrics["single_volume"] = json_safe({"test_set": report["test_set"], "command": report["command"],
-                                                   **{m: r["after"] for m, r in test.items()}})
-        card = dataclasses.replace(bundle.card, version=args.version, single_volume_calibration=new,
-                                   metrics=card_metrics)
-        path = save_bundle(bundle.model, card, args.export, overwrite=args.overwrite)
+                                                   **{m: r[when] for m, r in test.items()}})
+        card = dataclasses.replace(bundle.card, version=args.version, metrics=card_metrics,
+                                   single_volume_calibration=new if when == "after" else kept)
+        path = save_bundle(bundle.model, card, args.export, overwrite=args.overwrite, reader=bundle.reader,
+                           refiner=bundle.refiner)
         print(f"wrote {path} (sha256 {load_bundle(path).sha256[:12]}...)")
     return 0
 

@@ -577,6 +577,42 @@ def test_single_volume_calibration_is_fitted_measured_and_exported(bundle_factor
         assert pred.summary["classification"]["positive_probability"] == pytest.approx(row[key], abs=1e-9)
 
 
+def test_single_volume_calibration_can_keep_the_cards_own_and_exports_the_reader(tiny_bundle, tmp_path):
+    """``--export-calibration kept`` re-measures the card's single-volume calibration (e.g. after its network was
+    replaced) and writes its figures; the bundle's reader travels with the export."""
+    from umlcore.reader import LesionReader, ReaderConfig
+
+    kept = {"slope": 0.3, "intercept": -0.2, "fitted_on": "another network"}
+    card = dataclasses.replace(tiny_bundle.card, reader=ReaderConfig(), single_volume_calibration=kept)
+    torch.manual_seed(3)
+    src = save_bundle(tiny_bundle.model, card, tmp_path / "src", reader=LesionReader(9))
+    out, exported = tmp_path / "sv", tmp_path / "bundle"
+    assert calibrate_single_volume.main([
+        "--model", str(src), "--out", str(out), "--fit-cases", "2", "--test-cases", "2", "--modes", "early",
+        "subtraction", "--shape", "6", "32", "32", "--label-noise", "0.0", "--export", str(exported),
+        "--version", "0.0.3", "--export-calibration", "kept"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["kept_single_volume_calibration"] == kept
+    assert set(report["test"]["early"]) == {"before", "kept", "after"}
+    assert "| ECE kept |" in (out / "report.md").read_text()
+    row = report["test_cases"][0]
+    assert row["positive_probability_kept"] == pytest.approx(calibrate_single_volume.recalibrate([row], kept)[0])
+    b = load_bundle(exported)
+    assert b.card.single_volume_calibration == kept and b.card.version == "0.0.3"
+    assert b.card.metrics["single_volume"]["subtraction"] == report["test"]["subtraction"]["kept"]
+    src_reader = load_bundle(src).reader.state_dict()
+    assert all(torch.equal(v, src_reader[k]) for k, v in b.reader.state_dict().items())
+
+
+def test_single_volume_calibration_cannot_keep_what_the_card_lacks(bundle_factory, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        calibrate_single_volume.main(["--model", str(bundle_factory()), "--out", str(tmp_path / "o"),
+                                      "--export", str(tmp_path / "b"), "--version", "2",
+                                      "--export-calibration", "kept"])
+    assert exc.value.code == 2 and "has no single_volume_calibration to keep" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_single_volume_calibration_refuses_an_export_without_a_new_version(bundle_factory, tmp_path):
     with pytest.raises(SystemExit) as exc:
         calibrate_single_volume.main(["--model", str(bundle_factory()), "--out", str(tmp_path / "o"),
