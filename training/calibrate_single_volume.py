@@ -128,6 +128,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.fit_cases < 2 or args.test_cases < 1:
         p.error("--fit-cases must be >= 2 and --test-cases >= 1")
+    if args.export is None and args.export_calibration != "refit":
+        p.error("--export-calibration chooses what --export writes: give --export FOLDER too (the report shows both "
+                "calibrations without it)")
     if args.export is not None and not args.version:
         p.error("--export needs --version: the card changes, so the bundle needs a new version")
     bundle = load_bundle(args.model)

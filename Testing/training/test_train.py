@@ -611,6 +611,11 @@ def test_single_volume_calibration_cannot_keep_what_the_card_lacks(bundle_factor
                                       "--export-calibration", "kept"])
     assert exc.value.code == 2 and "has no single_volume_calibration to keep" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as exc:
+        calibrate_single_volume.main(["--model", str(bundle_factory()), "--out", str(tmp_path / "o"),
+                                      "--export-calibration", "kept"])
+    assert exc.value.code == 2 and "give --export FOLDER too" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_single_volume_calibration_refuses_an_export_without_a_new_version(bundle_factory, tmp_path):
