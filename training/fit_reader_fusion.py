@@ -19,6 +19,10 @@ the log-odds of the most suspicious component's suspicion and reader outputs, ke
 calibration is then the identity. It is written only if its ECE is at most ``--ece-max`` on the pool and on every
 group.
 
+The card's review threshold (``review_uncertainty``) stays unless ``--review-uncertainty fit``: then it is the one
+``evaluate.suggest_review_uncertainty`` gives on the opinions the written card gives the pooled rows (the smallest
+case uncertainty whose retained cases reach the error rate of the surest half). The suggestion is printed either way.
+
 Example (1.8.0's stacking: its in-sample group gate failed, decision7.txt, and was replaced by an 800-case fresh
 test, decision8.txt in docs/model-eval/v180-stacked/, hence ``--ece-max 1``):
     python training/rescore_reader.py --report runs/v150h/eval/report.json \
@@ -53,7 +57,8 @@ from umlcore.bundle import load_bundle, save_bundle
 from umlcore.fusion import READER_FUSION_RULES, STACKING_TERMS, fit_logistic, fit_platt, stacking_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import READER_WEIGHTS, calibrated_alphas, reader_merged_alphas  # noqa: E402
+from evaluate import (READER_WEIGHTS, calibrated_alphas, card_opinions, reader_merged_alphas,  # noqa: E402
+                      suggest_review_uncertainty)
 
 
 def pooled_rows(paths: list[Path], bundle, error) -> tuple[list[dict], dict[str, list[int]]]:
@@ -148,6 +153,25 @@ def stacked_figures(rows: list[dict], groups: dict[str, list[int]], coefficients
             "group_ece": {g: metrics.expected_calibration_error(q[i], labels[i]) for g, i in groups.items()}}
 
 
+def suggested_review(rows: list[dict], card) -> float:
+    """:func:`evaluate.suggest_review_uncertainty` of the case opinions ``card``'s predictor gives ``rows``
+    (:func:`evaluate.card_opinions`: its reader rule and case calibration on each row)."""
+    opinions = card_opinions(rows, card)
+    u = np.array([r["uncertainty"] for r in opinions])
+    correct = np.array([(r["positive_probability"] >= 0.5) == bool(r["label"]) for r in opinions], dtype=int)
+    return suggest_review_uncertainty(u, correct)
+
+
+def with_review_threshold(args: argparse.Namespace, card, rows: list[dict]):
+    """``card`` with the review threshold ``--review-uncertainty`` gives it, printed beside the suggestion."""
+    suggested = suggested_review(rows, card)
+    keep = args.review_uncertainty == "keep"
+    print(f"review_uncertainty: the fitted opinions suggest {suggested:g}; "
+          + (f"the card keeps {card.review_uncertainty:g} (--review-uncertainty fit takes the suggestion)" if keep
+             else f"written (was {card.review_uncertainty:g})"))
+    return card if keep else dataclasses.replace(card, review_uncertainty=suggested)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="the bundle whose weights the reports evaluated")
@@ -156,6 +180,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--ece-max", type=float, default=0.05)
     p.add_argument("--l2", type=float, default=1e-3,
                    help="--fusion stacked: the L2 penalty on the coefficients other than the intercept")
+    p.add_argument("--review-uncertainty", default="keep", choices=["keep", "fit"],
+                   help="the card's review threshold: 'keep' it, or 'fit' it on the pooled rows' fitted opinions "
+                        "(evaluate.py's rule); the suggestion is printed either way")
     p.add_argument("--version", help="the new bundle's version (default: --model's)")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     p.add_argument("--overwrite", action="store_true")
@@ -187,8 +214,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     reader = dataclasses.replace(card.reader, fusion=args.fusion, weight=weight,
                                  training={**card.reader.training, "weight_fit": fit})
     calibration = {"slope": slope, "intercept": intercept, "fitted_on": fitted_on}
-    card = dataclasses.replace(card, reader=reader, case_calibration=calibration,
-                               version=args.version or card.version)
+    card = with_review_threshold(args, dataclasses.replace(card, reader=reader, case_calibration=calibration,
+                                                           version=args.version or card.version), rows)
     path = save_bundle(bundle.model, card, args.out, overwrite=args.overwrite, reader=bundle.reader)
     print(f"wrote {path} (version {card.version}); test it on new seeds: evaluate.py --test-seeds-from ...")
     return 0
@@ -232,7 +259,8 @@ def write_stacked(args: argparse.Namespace, bundle, rows: list[dict], groups: di
                                  training={**card.reader.training, "weight_fit": fit})
     calibration = {"slope": 1.0, "intercept": 0.0, "fitted_on": fitted_on,
                    "note": "the identity: the stacked reader rule is a logistic model fitted on these cases"}
-    card = dataclasses.replace(card, reader=reader, case_calibration=calibration, version=args.version or card.version)
+    card = with_review_threshold(args, dataclasses.replace(card, reader=reader, case_calibration=calibration,
+                                                           version=args.version or card.version), rows)
     path = save_bundle(bundle.model, card, args.out, overwrite=args.overwrite, reader=bundle.reader)
     print(f"wrote {path} (version {card.version}); test it on new seeds: evaluate.py --test-seeds-from ...")
     return 0

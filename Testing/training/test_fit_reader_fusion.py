@@ -168,3 +168,25 @@ def test_fit_stacked_recovers_the_coefficients_and_writes_an_identity_calibratio
                                 "--out", str(tmp_path / "old")])
     assert "rescore those reports with training/rescore_reader.py" in capsys.readouterr().err
     assert not (tmp_path / "old").exists()
+
+
+def test_review_threshold_is_kept_unless_fitted_on_the_pooled_opinions(reader_bundle, tmp_path, capsys):
+    from evaluate import card_opinions, suggest_review_uncertainty
+
+    bundle = load_bundle(reader_bundle)
+    truth = {"intercept": -0.5, "network": 0.3, "suspicion": 1.0, "lesion": 0.2, "spiculated": -0.4, "washout": 0.0}
+    rows = _stacked_rows(range(1_000_000, 1_000_800), np.random.default_rng(5), truth)
+    report = _report(tmp_path / "1.json", bundle, rows[:400], rows[400:])
+    args = ["--model", str(reader_bundle), "--reports", str(report), "--fusion", "stacked", "--ece-max", "1"]
+    assert fit_reader_fusion.main([*args, "--out", str(tmp_path / "kept")]) == 0
+    assert load_bundle(tmp_path / "kept").card.review_uncertainty == bundle.card.review_uncertainty
+    assert "the card keeps" in capsys.readouterr().out
+    assert fit_reader_fusion.main([*args, "--review-uncertainty", "fit", "--out", str(tmp_path / "fit")]) == 0
+    card = load_bundle(tmp_path / "fit").card
+    # by hand: the opinions the written card's predictor gives these rows, and evaluate.py's rule on them
+    mine = card_opinions(rows, card)
+    u = np.array([r["uncertainty"] for r in mine])
+    correct = np.array([(r["positive_probability"] >= 0.5) == bool(r["label"]) for r in mine], dtype=int)
+    assert card.review_uncertainty == suggest_review_uncertainty(u, correct)
+    assert card.review_uncertainty != bundle.card.review_uncertainty
+    assert f"suggest {card.review_uncertainty:g}; written" in capsys.readouterr().out
