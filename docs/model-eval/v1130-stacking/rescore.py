@@ -19,17 +19,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "training"))
-from evaluate import card_opinions  # noqa: E402
-from umlcore import metrics  # noqa: E402
+from evaluate import card_opinions, case_metrics  # noqa: E402
 from umlcore.bundle import load_bundle  # noqa: E402
 
 
-def review_split(rows: list[dict], threshold: float) -> dict:
-    """Error rates of the cases flagged 'review' (uncertainty above ``threshold``) and of the 'reliable' ones."""
-    u = np.array([r["uncertainty"] for r in rows])
-    wrong = np.array([(r["positive_probability"] >= 0.5) != bool(r["label"]) for r in rows])
+def review_split(u: np.ndarray, correct: np.ndarray, threshold: float) -> dict:
+    """Error rates of the cases flagged 'review' (case uncertainty ``u`` above ``threshold``, as the predictor
+    flags them) and of the 'reliable' ones (``correct``: 1 where the opinion is right)."""
     review = u > threshold
-    rate = (lambda m: float(wrong[m].mean()) if m.any() else None)
+    rate = (lambda m: float(1 - correct[m].mean()) if m.any() else None)
     return {"threshold": threshold, "review_cases": int(review.sum()), "review_error": rate(review),
             "reliable_cases": int((~review).sum()), "reliable_error": rate(~review)}
 
@@ -47,12 +45,9 @@ def main() -> None:
         raise SystemExit(f"rescore.py: error: {args.report} evaluated other weights than {args.model}; "
                          "rows can be re-opined only by a card of the same network and reader")
     rows = card_opinions(report[args.section], bundle.card)
-    q = np.array([r["positive_probability"] for r in rows])
-    y = np.array([r["label"] for r in rows], dtype=int)
-    figures = {"cases": len(rows), "auc": metrics.roc_auc(q, y), "nll": metrics.nll(q, y),
-               "ece": metrics.expected_calibration_error(q, y), "brier": metrics.brier_score(q, y),
-               "accuracy": metrics.accuracy(q, y),
-               "review": review_split(rows, bundle.card.review_uncertainty)}
+    figures, (_, _, u, correct) = case_metrics(rows)
+    figures = {"cases": len(rows), **{k: figures[k] for k in ("auc", "nll", "ece", "brier", "accuracy")},
+               "review": review_split(u, correct, bundle.card.review_uncertainty)}
     print(json.dumps({"model": f"{bundle.card.id} {bundle.card.version}", **figures}, indent=1))
     if args.out:
         out = {**report, "cases": rows, "rescored_by": {"model": str(args.model), "version": bundle.card.version}}
