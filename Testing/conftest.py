@@ -16,38 +16,18 @@ Generic on purpose so every part's tests can reuse them:
 from __future__ import annotations
 
 import itertools
-import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
 
-def _import_umlcore_without_this_folder() -> None:
-    """pytest puts ``Testing/`` on ``sys.path`` for this file; ``Testing/umlcore/`` (tests, no ``__init__``) would
-    then shadow the installed package as an empty namespace package (``umlcore.__file__ is None``, no top-level
-    names). Import the real package first with that entry hidden."""
-    here = Path(__file__).resolve().parent
-    hidden = [(i, p) for i, p in enumerate(sys.path) if Path(p or ".").resolve() == here]
-    for _, p in reversed(hidden):
-        sys.path.remove(p)
-    try:
-        import umlcore  # noqa: F401
-    finally:
-        for i, p in hidden:
-            sys.path.insert(i, p)
-
-
-if "umlcore" not in sys.modules or getattr(sys.modules["umlcore"], "__file__", None) is None:
-    sys.modules.pop("umlcore", None)
-    _import_umlcore_without_this_folder()
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
-import torch  # noqa: E402
-
-from umlcore.bundle import InputSpec, ModelCard, Segment, load_bundle, save_bundle  # noqa: E402
-from umlcore.config import UMLConfig  # noqa: E402
-from umlcore.network import UMLNet  # noqa: E402
+from umlcore.bundle import load_bundle, save_bundle
+from umlcore.card import InputSpec, ModelCard, Segment
+from umlcore.config import UMLConfig
+from umlcore.network import UMLNet
 
 
 def rotation_matrix(degrees_z: float = 25.0, degrees_x: float = 15.0, degrees_y: float = 10.0) -> np.ndarray:

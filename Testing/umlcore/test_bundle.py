@@ -1,10 +1,13 @@
+"""umlcore.bundle: save and load, bit-identical round trips, zips, tampering, refusals."""
+
 import dataclasses
 import json
 
 import pytest
 import torch
 
-from umlcore.bundle import CARD_FILE, WEIGHTS_FILE, InputSpec, ModelCard, Segment, load_bundle, read_card, save_bundle
+from umlcore.bundle import CARD_FILE, WEIGHTS_FILE, load_bundle, read_card, save_bundle
+from umlcore.card import InputSpec, ModelCard, Segment
 from umlcore.config import UMLConfig
 from umlcore.errors import BundleError
 from umlcore.network import UMLNet
@@ -101,23 +104,10 @@ def test_save_refuses_to_overwrite(bundle_dir):
         save_bundle(net, make_card(net.config), path)
 
 
-def test_card_must_match_architecture():
-    with pytest.raises(BundleError, match="lists 3 classes"):
-        ModelCard(id="x", version="1", name="x", task="x", classes=("a", "b", "c"), segments=(Segment(1, "L"),),
-                  input=InputSpec(), architecture=UMLConfig())
-
-
 def test_saving_the_same_weights_twice_gives_the_same_hash(bundle_dir, tmp_path):
     path, net = bundle_dir
     again = save_bundle(net, make_card(net.config), tmp_path / "again")
     assert (again / WEIGHTS_FILE).read_bytes() == (path / WEIGHTS_FILE).read_bytes()
-
-
-@pytest.mark.parametrize("value", [0.0, 1.5, "0.1"])
-def test_component_threshold_must_be_in_0_1(value):
-    with pytest.raises(BundleError, match="component_max_uncertainty must be a number in"):
-        ModelCard(id="x", version="1", name="x", task="x", classes=("a", "b"), segments=(Segment(1, "L"),),
-                  input=InputSpec(), architecture=UMLConfig(), component_max_uncertainty=value)
 
 
 def test_context_slices_multiply_the_network_channels_and_round_trip(tmp_path):
@@ -132,40 +122,3 @@ def test_context_slices_multiply_the_network_channels_and_round_trip(tmp_path):
         make_card(UMLConfig(), input=spec)
 
 
-@pytest.mark.parametrize("value", [-1, 9, 1.0, True])
-def test_context_slices_must_be_a_small_integer(value):
-    with pytest.raises(BundleError, match="context_slices must be an integer from 0 to 8"):
-        InputSpec(context_slices=value)
-
-
-@pytest.mark.parametrize("field", ["case_calibration", "single_volume_calibration"])
-def test_a_calibration_needs_slope_and_intercept(field):
-    with pytest.raises(BundleError, match=f"{field} needs a binary model and the keys 'slope' and 'intercept'"):
-        ModelCard(id="x", version="1", name="x", task="x", classes=("a", "b"), segments=(Segment(1, "L"),),
-                  input=InputSpec(), architecture=UMLConfig(), **{field: {"slope": 1.0}})
-
-
-def test_single_volume_calibration_is_chosen_for_one_volume_and_round_trips(tmp_path):
-    three, one = {"slope": 0.6, "intercept": -0.4}, {"slope": 0.3, "intercept": 0.1}
-    net = UMLNet(UMLConfig())
-    card = dataclasses.replace(make_card(net.config), case_calibration=three, single_volume_calibration=one)
-    assert card.calibration_for(single_volume=True) == ("single_volume_calibration", one)
-    assert card.calibration_for(single_volume=False) == ("case_calibration", three)
-    only_three = dataclasses.replace(card, single_volume_calibration=None)
-    assert only_three.calibration_for(single_volume=True) == ("case_calibration", three)  # older cards: as before
-    assert dataclasses.replace(only_three, case_calibration=None).calibration_for(True) == (None, None)
-    assert load_bundle(save_bundle(net, card, tmp_path / "b")).card.single_volume_calibration == one
-
-
-def test_test_time_augmentation_round_trips_defaults_to_none_and_is_validated(tmp_path, bundle_dir):
-    path, net = bundle_dir
-    assert load_bundle(path).card.test_time_augmentation == "none"
-    data = json.loads((path / CARD_FILE).read_text())
-    del data["test_time_augmentation"]  # a card written before the field existed reads each slice once
-    (path / CARD_FILE).write_text(json.dumps(data))
-    assert read_card(path)[0].test_time_augmentation == "none"
-    card = dataclasses.replace(make_card(net.config), test_time_augmentation="flip_w")
-    assert load_bundle(save_bundle(net, card, tmp_path / "tta")).card.test_time_augmentation == "flip_w"
-    with pytest.raises(BundleError, match=r"test_time_augmentation must be one of \['none', 'flip_w', 'flip_hw'\], "
-                                          r"got 'dihedral'"):
-        dataclasses.replace(card, test_time_augmentation="dihedral")

@@ -287,7 +287,7 @@ def test_predict_in_a_real_process_with_json_progress(work):
         u = sitk.GetArrayFromImage(unc)
         assert 0 < u.min() and u.max() <= 1
         summary = json.loads((folder / "summary.json").read_text())
-        assert summary["schema_version"] == 1 and summary["case_id"] == case
+        assert summary["schema_version"] == 2 and summary["case_id"] == case
         assert summary["outputs"] == {"segmentation": "segmentation.nii.gz", "uncertainty": "uncertainty.nii.gz", "summary": "summary.json"}
         assert summary["timings_s"]["read"] > 0
         assert summary["timings_s"]["total"] == pytest.approx(sum(v for k, v in summary["timings_s"].items() if k != "total"))
@@ -380,18 +380,17 @@ def test_info_and_models(work, capsys, monkeypatch, tmp_path):
     text = capsys.readouterr().out
     assert "test-model 0.0.1" in text and "(verified)" in text and "no pCR, pCR (positive: pCR)" in text
     assert "postprocess:" not in text and "calibration:" not in text  # the test bundle sets neither
-    assert "test-time augmentation" not in text  # each slice read once
+    assert "lesion reader:" not in text and "changelog:" not in text
     card = json.loads((work.bundle / "model.json").read_text())
-    tta = tmp_path / "tta"
-    shutil.copytree(work.bundle, tta)
-    (tta / "model.json").write_text(json.dumps({**card, "test_time_augmentation": "flip_w"}))
-    assert main(["info", str(tta)]) == 0
-    assert ("test-time augmentation: each slice of a multi-phase case read as it is and mirrored left-right (2 views, "
-            "their evidence averaged)") in capsys.readouterr().out
+    logged = tmp_path / "logged"
+    shutil.copytree(work.bundle, logged)
+    (logged / "model.json").write_text(json.dumps({**card, "changelog": {"0.0.1": "first", "0.0.0": "none"}}))
+    assert main(["info", str(logged)]) == 0
+    assert "  changelog:     0.0.1: first (and 1 earlier versions)\n" in capsys.readouterr().out
 
     assert main(["info", str(work.bundle), "--json"]) == 0
     card = json.loads(capsys.readouterr().out)
-    assert card["id"] == "test-model" and card["schema_version"] == 1 and card["path"] == str(work.bundle)
+    assert card["id"] == "test-model" and card["schema_version"] == 2 and card["path"] == str(work.bundle)
     assert main(["info", str(work.dir / "nothing")]) == 2
     assert capsys.readouterr().err.startswith("uml: error: ")
 
@@ -448,21 +447,17 @@ def test_info_shows_the_shipped_cards_post_processing_and_calibration(capsys):
     assert f"classifier pool {card.architecture.cls_pool}\n" in text
     assert card.component_max_uncertainty is not None
     assert f"postprocess:   drop segmentation components with mean uncertainty > {card.component_max_uncertainty:g}" in text
-    assert "calibration:   case opinion, Platt slope" in text
-    assert card.single_volume_calibration is not None and "one volume given: Platt slope" in text
+    assert card.case_calibration is None and card.single_volume_calibration is not None
+    assert "  calibration:   one volume given: Platt slope" in text
     assert card.reader is not None and "lesion reader: 73,555 parameters, 80 x 80 patches of 1 mm" in text
-    if card.reader.stacking is None:
-        assert f"rule {card.reader.fusion}, weight {card.reader.weight:g} in the case opinion" in text
-    else:  # the stacked rule's coefficients, not a weight
-        terms = ", ".join(f"{t} {v:+.3f}" for t, v in card.reader.stacking.items())
-        assert f"rule stacked, {terms} in the case opinion" in text
-    assert ("each read in its 8 flips and transposes" in text) == (card.reader.test_time_augmentation == "dihedral")
-    checks = f"keeps those of the 8 largest components it reads as lesions with p >= {card.reader.segmentation_min_lesion}"
-    assert (checks in text) == (card.reader.segmentation_min_lesion is not None)
+    assert "each read in its 8 flips and transposes" in text
+    terms = ", ".join(f"{t} {v:+.3f}" for t, v in card.reader.stacking.items())
+    assert f"case opinion: the 3 largest lesions kept, stacked rule {terms}" in text
+    assert f"keeps those of the 8 largest components it reads as lesions with p >= {card.reader.segmentation_min_lesion}" in text
 
 
 def test_info_shows_the_cards_motion_correction(bundle_factory, capsys):
-    from umlcore.bundle import MotionCorrection
+    from umlcore.card import MotionCorrection
 
     plain = bundle_factory()
     assert main(["info", str(plain)]) == 0

@@ -1,9 +1,13 @@
-"""Lesion-weighted evidence pooling: known values and invariants."""
+"""umlcore.fusion: lesion-weighted pooling, the reader's stacked rule, the Platt calibration, and which applies."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 
-from umlcore.fusion import FUSION_RULE, fuse_slice_opinions
+from umlcore.card import STACKING_TERMS, ReaderConfig
+from umlcore.fusion import (EVIDENCE_PROBABILITY_CLIP, FUSION_RULE, calibrate_case_alpha, case_opinion,
+                            fuse_slice_opinions, stack_reader_opinion, stacking_features)
 
 
 def test_known_values_lesion_weighted():
@@ -69,48 +73,79 @@ def test_bad_arguments_are_refused(alpha, weights, phrase):
         fuse_slice_opinions(alpha, weights)
 
 
-def test_platt_calibration_keeps_strength_and_identity():
-    import numpy as np
-    from umlcore.fusion import calibrate_case_alpha, fit_platt
+def _logit(p):
+    return float(np.log(p / (1 - p)))
 
+
+def test_stacking_features_are_the_log_odds_of_the_network_and_the_read_lesion():
+    got = stacking_features(0.8, np.array([0.9, 0.5, 0.2]))
+    suspicion_ = 0.9 * (1 - 0.5 * 0.8)  # 0.54
+    np.testing.assert_allclose(got, [1.0, np.log(4.0), _logit(suspicion_), _logit(0.9), 0.0, _logit(0.2)])
+    np.testing.assert_allclose(stacking_features(0.8, None), [1.0, np.log(4.0), 0, 0, 0, 0])  # nothing read
+    sure = stacking_features(0.5, np.array([1.0, 0.0, 0.0]))  # clipped to [0.01, 0.99]: at most 4.6 per term
+    np.testing.assert_allclose(sure[2:], [_logit(0.01), _logit(0.99), _logit(0.01), _logit(0.01)])
+    with pytest.raises(ValueError, match="3 probabilities"):
+        stacking_features(0.5, np.array([0.5, 1.5, 0.2]))
+
+
+def test_stacked_rule_is_the_fitted_logistic_model_with_the_evidence_it_needs():
+    alpha = np.array([7.0, 3.0])  # S = 10, network p = 0.3
+    zero = dict.fromkeys(STACKING_TERMS, 0.0)
+    # the network's log-odds alone, coefficient 1: the same p, inside [1/S, 1 - 1/S], so the same opinion
+    np.testing.assert_allclose(stack_reader_opinion(alpha, None, {**zero, "network": 1.0}), alpha)
+    # a constant log-odds log 99: p' = 0.99 needs S' = 100 (u' = 0.02)
+    np.testing.assert_allclose(stack_reader_opinion(alpha, None, {**zero, "intercept": np.log(99.0)}), [1.0, 99.0])
+    # the read lesion's terms: logit(p') = 0.5 logit(0.3) + 2 logit(p_spic) - 1
+    p = np.array([0.9, 0.8, 0.1])
+    c = {**zero, "network": 0.5, "spiculated": 2.0, "intercept": -1.0}
+    q = 1 / (1 + np.exp(-(0.5 * _logit(0.3) + 2 * _logit(0.8) - 1.0)))
+    got = stack_reader_opinion(alpha, p, c)
+    np.testing.assert_allclose(got / got.sum(), [1 - q, q])
+    assert got.sum() == pytest.approx(max(10.0, 1 / min(q, 1 - q)))
+    flipped = stack_reader_opinion(alpha[::-1].copy(), p, c, positive=0)  # the positive class first
+    np.testing.assert_allclose(flipped, got[::-1])
+    # a sure rule: the probability is clipped, so the strength stays below 1 / clip
+    sure = stack_reader_opinion(alpha, None, {**zero, "intercept": 50.0})
+    assert sure.sum() == pytest.approx(1 / EVIDENCE_PROBABILITY_CLIP) and sure.min() == pytest.approx(1.0)
+    for bad in ({"intercept": 1.0}, {**zero, "network": float("nan")}):
+        with pytest.raises(ValueError, match="one finite number for each"):
+            stack_reader_opinion(alpha, p, bad)
+    with pytest.raises(ValueError, match="binary"):
+        stack_reader_opinion(np.array([1.0, 2.0, 3.0]), p, zero)
+
+
+def test_platt_calibration_keeps_strength_and_identity():
     alpha = np.array([3.0, 7.0])
     assert np.allclose(calibrate_case_alpha(alpha, 1.0, 0.0), alpha)
     cal = calibrate_case_alpha(alpha, 1.0, -np.log(7 / 3))  # logit(0.7) - logit(0.7) -> p = 0.5
     assert np.allclose(cal, [5.0, 5.0]) and cal.sum() == pytest.approx(10.0)
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 400)
-    p = np.clip(0.5 + (y - 0.5) * 0.3 + rng.normal(0, 0.1, 400), 0.01, 0.99)  # underconfident scores
-    slope, intercept = fit_platt(p, y)
-    assert slope > 1.0  # sharpening an underconfident score
+    # the calibrated probability is clipped to [1/S, 1 - 1/S]: each parameter stays >= 1
+    np.testing.assert_allclose(calibrate_case_alpha(np.array([8.0, 2.0]), 1.0, -np.log(9.0)), [9.0, 1.0])
+    with pytest.raises(ValueError, match="binary"):
+        calibrate_case_alpha(np.ones(3), 1.0, 0.0)
 
 
-def test_platt_fit_converges_where_plain_newton_diverged():
-    """Eight opinions with large log-odds, not separable: plain Newton steps from (1, 0) ran off to ~1e7; the
-    line search reaches the finite optimum (zero gradient, NLL below the identity's)."""
-    import numpy as np
-    from umlcore.fusion import fit_platt
+def test_case_opinion_takes_the_stacked_rule_for_phases_and_the_calibrations_otherwise(card_factory):
+    from umlcore.config import UMLConfig
 
-    z = np.array([0.75, -0.79, 3.84, 0.63, -3.21, 2.17, 7.82, 5.68])
-    y = np.array([1, 0, 0, 1, 0, 1, 1, 1])
-    slope, intercept = fit_platt(1 / (1 + np.exp(-z)), y)
-    assert abs(slope) < 10 and abs(intercept) < 10
-    q = 1 / (1 + np.exp(-(slope * z + intercept)))
-    assert np.allclose([np.sum((q - y) * z), np.sum(q - y)], 0.0, atol=1e-6)
-
-    def nll(a, b):
-        return np.sum(np.logaddexp(0, a * z + b) - y * (a * z + b))
-
-    assert nll(slope, intercept) < nll(1.0, 0.0)
-
-
-def test_fit_logistic_recovers_known_weights_and_honours_the_penalty():
-    from umlcore.fusion import fit_logistic
-
-    rng = np.random.default_rng(0)
-    x = np.c_[rng.normal(size=(5000, 2)), np.ones(5000)]
-    y = (rng.random(5000) < 1 / (1 + np.exp(-(x @ np.array([1.5, -0.5, 0.3]))))).astype(float)
-    np.testing.assert_allclose(fit_logistic(x, y), [1.5, -0.5, 0.3], atol=0.1)
-    # a huge penalty on the slopes leaves the intercept alone: the log-odds of the positive share
-    shrunk = fit_logistic(x, y, penalty=np.array([1e9, 1e9, 0.0]))
-    np.testing.assert_allclose(shrunk[:2], 0.0, atol=1e-5)
-    assert shrunk[2] == pytest.approx(np.log(y.mean() / (1 - y.mean())), abs=1e-4)
+    slices = np.array([[3.0, 1.0], [1.0, 5.0], [2.0, 2.0]])
+    weights = np.array([1.0, 3.0, 0.0])
+    network = fuse_slice_opinions(slices, weights)
+    three, one = {"slope": 0.5, "intercept": -1.0}, {"slope": 2.0, "intercept": 1.0}
+    card = card_factory(UMLConfig(), case_calibration=three, single_volume_calibration=one)
+    top = np.array([0.9, 0.2, 0.8])
+    for single, used, name in ((False, three, "case_calibration"), (True, one, "single_volume_calibration")):
+        got = case_opinion(card, slices, weights, top, single)
+        np.testing.assert_allclose(got.network, network)
+        np.testing.assert_allclose(got.alpha, calibrate_case_alpha(network, used["slope"], used["intercept"]))
+        assert got.calibration == name
+    coefficients = dict(zip(STACKING_TERMS, (-0.5, 0.2, 1.0, 0.1, -0.3, 0.4)))
+    with_reader = dataclasses.replace(card, case_calibration=None, reader=ReaderConfig(stacking=coefficients))
+    got = case_opinion(with_reader, slices, weights, top, False)
+    assert got.calibration == "reader.stacking"
+    np.testing.assert_allclose(got.alpha, stack_reader_opinion(network, top, coefficients))
+    got = case_opinion(with_reader, slices, weights, None, True)  # one volume: not read, its own calibration
+    assert got.calibration == "single_volume_calibration"
+    unfitted = dataclasses.replace(card, case_calibration=None, single_volume_calibration=None, reader=ReaderConfig())
+    got = case_opinion(unfitted, slices, weights, top, False)  # a reader whose rule is not fitted yet
+    assert got.calibration is None and np.array_equal(got.alpha, network)

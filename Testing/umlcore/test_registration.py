@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from umlcore import registration
-from umlcore.bundle import CARD_FILE, MotionCorrection, load_bundle, read_card, save_bundle
+from umlcore.bundle import CARD_FILE, load_bundle, read_card, save_bundle
+from umlcore.card import MotionCorrection
 from umlcore.errors import BundleError
 from umlcore.predictor import Predictor
 from umlcore.registration import align_phases, estimate_translation, translate
@@ -101,7 +102,7 @@ def test_the_card_field_round_trips_defaults_to_none_and_is_validated(bundle_fac
     loaded = load_bundle(save_bundle(bundle.model, card, tmp_path / "mc")).card.input
     assert loaded.motion_correction == MotionCorrection("translation", "early", 8.0) and loaded.motion_reference == 1
     for bad, message in (
-        (MotionCorrection("rigid", "early"), r"mode must be one of \['none', 'translation'\], got 'rigid'"),
+        (MotionCorrection("rigid", "early"), r"mode must be 'none' or 'translation', got 'rigid'"),
         (MotionCorrection("translation", ""), r"reference must name one of the channels \['pre', 'early', 'late'\], got ''"),
         (MotionCorrection("translation", "early", 0.0), "max_shift_mm must be a positive number of mm, got 0.0"),
     ):

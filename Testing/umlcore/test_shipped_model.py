@@ -49,7 +49,7 @@ def test_the_reader_reads_the_sample_case_and_leaves_one_volume_alone(predictor)
     phases = [read_volume(sample / f"UMLSyntheticBreastDCE-{p}.nrrd") for p in ("pre", "early", "late")]
     three = predictor.predict(phases).summary
     reader = three["classification"]["reader"]
-    assert reader["applied"] and reader["weight"] == predictor.card.reader.weight > 0 and three["lesions"]
+    assert reader["applied"] and three["classification"]["calibration"] == "reader.stacking" and three["lesions"]
     assert three["lesions"][0]["probabilities"]["washout"] > 0.9 and reader["score"] > 0.9
     # the card's rule may lower the uncertainty below the network's, never raise it
     assert three["classification"]["uncertainty"] <= reader["network_uncertainty"] + 1e-9

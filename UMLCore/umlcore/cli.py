@@ -364,49 +364,39 @@ def _card_text(bundle: ModelBundle) -> str:
         f"classifier pool {arch.cls_pool}",
         f"  review if uncertainty > {card.review_uncertainty:g}",
     ]
-    if card.test_time_augmentation != "none":
-        views = {"flip_w": "as it is and mirrored left-right (2 views",
-                 "flip_hw": "as it is and mirrored left-right, up-down and both (4 views"}[card.test_time_augmentation]
-        lines.append(f"  test-time augmentation: each slice of a multi-phase case read {views}, their evidence averaged)")
     if card.component_max_uncertainty is not None:
-        checked = card.reader is not None and card.reader.segmentation_min_lesion is not None
         lines.append(f"  postprocess:   drop segmentation components with mean uncertainty > {card.component_max_uncertainty:g}"
-                     + (" (from the labelmap of one volume; for multi-phase inputs, from what the case opinion reads)"
-                        if checked else ""))
+                     + (" (one volume; multi-phase cases: the lesion reader's check)" if card.reader is not None else ""))
     if card.reader is not None:
         r = card.reader
         params = sum(p.numel() for p in bundle.reader.parameters()) if bundle.reader is not None else 0
         lines.append(f"  lesion reader: {params:,} parameters, {r.patch_size} x {r.patch_size} patches of {r.pixel_mm:g} mm "
-                     f"(+-{r.context_slices} slices) at the {r.max_components} largest components; "
-                     + ("each read in its 8 flips and transposes; " if r.test_time_augmentation == "dihedral" else "")
-                     + (f"rule {r.fusion}, weight {r.weight:g}" if r.stacking is None else
-                        "rule stacked, " + ", ".join(f"{t} {v:+.3f}" for t, v in r.stacking.items()))
-                     + " in the case opinion of multi-phase inputs")
-        if r.segmentation_min_lesion is not None:
-            lines.append(f"                 multi-phase segmentation: keeps those of the {r.segmentation_max_components} "
-                         f"largest components it reads as lesions with p >= {r.segmentation_min_lesion:g} (instead of "
-                         "the uncertainty filter)")
-    if card.refiner is not None:
-        f = card.refiner
-        params = sum(p.numel() for p in bundle.refiner.parameters()) if bundle.refiner is not None else 0
-        lines.append(f"  refiner:       {params:,} parameters, redraws in 3D the {f.max_components} largest labelmap components "
-                     f"that fit a {' x '.join(str(v) for v in f.crop)} voxel crop (multi-phase inputs; after the case "
-                     "opinion was read)")
-    if card.case_calibration is not None:
-        c = card.case_calibration
-        lines.append(f"  calibration:   case opinion, Platt slope {c['slope']:.3f}, intercept {c['intercept']:.3f}")
-    if card.single_volume_calibration is not None:
-        c = card.single_volume_calibration
-        lines.append(f"                 one volume given: Platt slope {c['slope']:.3f}, intercept {c['intercept']:.3f}")
-    if card.metrics:
-        lines.append("  metrics:       " + ", ".join(f"{k} {v}" for k, v in card.metrics.items()))
-    if card.training:
-        lines.append("  training:      " + ", ".join(f"{k} {v}" for k, v in card.training.items()))
+                     f"(+-{r.context_slices} slices), each read in its 8 flips and transposes (multi-phase cases)")
+        lines.append(f"                 check: keeps those of the {r.segmentation_max_components} largest components it "
+                     f"reads as lesions with p >= {r.segmentation_min_lesion:g}")
+        lines.append(f"                 case opinion: the {r.max_components} largest lesions kept, "
+                     + ("stacked rule " + ", ".join(f"{t} {v:+.3f}" for t, v in r.stacking.items())
+                        if r.stacking is not None else "rule not fitted yet (the network's opinion stands)"))
+    calibrations = [(what, getattr(card, name)) for what, name in (("multi-phase cases", "case_calibration"),
+                                                                   ("one volume given", "single_volume_calibration"))]
+    for n, (what, c) in enumerate((w, c) for w, c in calibrations if c is not None):
+        lines.append(f"  {'calibration:' if n == 0 else '':<15}{what}: Platt slope {c['slope']:.3f}, intercept {c['intercept']:.3f}")
+    if card.changelog:
+        version, change = next(iter(card.changelog.items()))
+        lines.append(f"  changelog:     {version}: {change}" + (f" (and {len(card.changelog) - 1} earlier versions)"
+                                                                if len(card.changelog) > 1 else ""))
+    figures = {k: v for k, v in card.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if figures:
+        lines.append(f"  metrics:       {card.metrics.get('test_set', 'test set not described')}: "
+                     + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
+    if card.training.get("command"):
+        lines.append(f"  training:      {card.training['command']}")
     lines += [
         f"  license:       {card.license}",
         f"  citation:      {card.citation}",
         f"  weights:       sha256 {bundle.sha256} (verified)",
         f"  path:          {bundle.path}",
+        "  (uml info --json prints the whole card)",
     ]
     return "\n".join(lines)
 

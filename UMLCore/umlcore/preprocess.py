@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bundle import Normalization
+from .card import Normalization
 
 __all__ = [
     "SlicingAxis",

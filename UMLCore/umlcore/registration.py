@@ -1,4 +1,4 @@
-"""Motion correction between the phases of a multi-phase case (DESIGN section 5, step 2).
+"""Motion correction between the phases of a multi-phase case (the predictor's step "align").
 
 A patient who moves between the pre-contrast and the post-contrast acquisitions of a DCE-MRI leaves the phases
 offset against each other; the network then reads a lesion's enhancement (post minus pre) from tissue that is not
@@ -17,16 +17,12 @@ or volumes of different scans, and the summary says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["MotionMode", "MOTION_MODES", "PhaseAlignment", "estimate_translation", "translate", "align_phases"]
-
-MotionMode = Literal["none", "translation"]
-#: The card's ``input.motion_correction.mode`` values: read the phases as given, or align them by a translation.
-MOTION_MODES: tuple[str, ...] = ("none", "translation")
+__all__ = ["PhaseAlignment", "estimate_translation", "translate", "align_phases"]
 
 _SAMPLES = 30_000  # voxels the metric samples per level (at most): 0.09 mm median error, about 0.6 s a phase (2-core CPU)
 _MIN_LEVEL_SIZE = 4  # a resolution level keeps at least this many voxels along every axis

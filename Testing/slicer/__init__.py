@@ -1,0 +1,1 @@
+"""Tests of the Slicer module (UMLSegmentation) under slicer-core."""
