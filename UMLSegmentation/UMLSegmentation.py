@@ -585,7 +585,8 @@ class UMLSegmentationTest(ScriptedLoadableModuleTest):
             return logic.resolveModel(None).path
         except UMLSegmentationError:
             pass
-        from umlcore.bundle import InputSpec, ModelCard, Segment, save_bundle
+        from umlcore.bundle import save_bundle
+        from umlcore.card import InputSpec, ModelCard, Segment
         from umlcore.config import UMLConfig
         from umlcore.network import UMLNet
 

@@ -1,48 +1,25 @@
 """Fixtures for the Slicer-side tests: a real MRML scene under the PyPI package ``slicer-core``, freshly
-initialised model bundles, and small volume nodes (helpers in ``umlslicer_helpers.py``).
+initialised model bundles, small volume nodes and the check of a refused run (helpers in ``umlslicer_helpers.py``).
 
 ``slicer-core`` has MRML and the module logics but no application: the ``mrml`` fixture creates the scene,
 sets ``slicer.mrmlScene`` and registers the Colors / Subject hierarchy / Segmentations / Volumes /
 Terminologies / Tables logics with an application logic (their default files are not shipped, so they log
 harmless errors).
 
-This folder is called ``slicer``: the ``slicer`` meta-package extends its ``__path__`` with every
-``<sys.path entry>/slicer`` folder and imports the modules it finds there. pytest puts ``Testing/`` on
-``sys.path`` (for ``Testing/conftest.py``), which would make this folder part of the ``slicer`` package, so
-``slicer`` is imported here first with that entry hidden.
+This folder is the package ``Testing.slicer`` (``pytest.ini`` puts ``UMLSegmentation`` on ``sys.path`` for
+``UMLSegmentationLib``); the repository root, not ``Testing/``, is on ``sys.path``, so it does not shadow the
+``slicer`` package.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-
-
-def _import_slicer_without_this_folder():
-    hidden = [(i, p) for i, p in enumerate(sys.path) if (Path(p or ".").resolve() / "slicer") == HERE]
-    for _, p in reversed(hidden):
-        sys.path.remove(p)
-    try:
-        import slicer  # noqa: F401
-    finally:
-        for i, p in hidden:
-            sys.path.insert(i, p)
-
-
-if "slicer" not in sys.modules:
-    _import_slicer_without_this_folder()
-for path in (str(REPO / "UMLSegmentation"), str(HERE)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
 slicer = pytest.importorskip("slicer")
 
-from umlslicer_helpers import MRML, add_volume, make_card  # noqa: E402
+from .umlslicer_helpers import MRML, add_volume, make_card, scene_node_ids  # noqa: E402
 
 
 @pytest.fixture
@@ -82,6 +59,20 @@ def rgb_bundle_dir(tmp_path_factory) -> Path:
     return save_bundle(UMLNet(config), card, tmp_path_factory.mktemp("models") / card.id)
 
 
+@pytest.fixture(scope="session")
+def shipped_sample_prediction():
+    """The shipped default model's prediction (umlcore, in process, CPU) for the shipped sample case."""
+    from umlcore.bundle import load_bundle
+    from umlcore.catalogue import DEFAULT_MODEL_ID, resolve_model
+    from umlcore.io import read_case
+    from umlcore.predictor import Predictor
+    from UMLSegmentationLib.paths import sampleDataDirectory
+    from UMLSegmentationLib.sampledata import SAMPLE_CASES
+
+    phases = read_case([sampleDataDirectory() / f.fileName for f in SAMPLE_CASES[0].files])
+    return Predictor(load_bundle(resolve_model(DEFAULT_MODEL_ID)), device="cpu").predict(phases)
+
+
 @pytest.fixture
 def volume(mrml):
     """The input volume, placed in a patient / study of the subject hierarchy."""
@@ -91,3 +82,27 @@ def volume(mrml):
     study = sh.CreateStudyItem(patient, "Study 1")
     sh.CreateItem(study, node)
     return node
+
+
+@pytest.fixture
+def check_refused(mrml, tmp_path):
+    """``check_refused(call, match, error=InputError)``: ``call(logic)`` (a fresh ``UMLSegmentationLogic`` with its
+    temporary folder in ``tmp_path / "tmp"``) raises one ``error`` whose one-line message (the problem, then the
+    fix) matches ``match``; no node is added or removed and no temporary file is left. Returns the message."""
+    from UMLSegmentationLib.errors import InputError
+    from UMLSegmentationLib.logic import UMLSegmentationLogic
+
+    logic = UMLSegmentationLogic(temporaryDirectory=tmp_path / "tmp")
+
+    def run(call, match, error=InputError):
+        before = scene_node_ids(mrml.scene)
+        with pytest.raises(error, match=match) as info:
+            call(logic)
+        message = str(info.value)
+        assert "\n" not in message and ": " in message  # one line: the problem, then the fix
+        assert scene_node_ids(mrml.scene) == before
+        tmp = tmp_path / "tmp"
+        assert not tmp.exists() or list(tmp.iterdir()) == []
+        return message
+
+    return run

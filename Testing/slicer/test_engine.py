@@ -1,7 +1,9 @@
-"""The engine runner: progress parsing, command line, exit-code mapping, non-blocking reads."""
+"""``UMLSegmentationLib.engine``: the engine runner (progress parsing, command line, exit-code mapping,
+non-blocking reads, killing the process tree) and the engine's refusals as ``logic.process`` reports them."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import textwrap
 import time
@@ -18,6 +20,9 @@ from UMLSegmentationLib.engine import (
     parseProgressLine,
 )
 from UMLSegmentationLib.errors import EngineError, InputError
+from UMLSegmentationLib.paths import umlcorePythonPath
+
+from .umlslicer_helpers import add_volume, alive
 
 
 def test_parse_progress_lines():
@@ -109,3 +114,54 @@ def test_a_refusing_engine_gives_its_message(tmp_path):
     assert [e.stage for e in events] == ["error"] and engine.lastError.case == "c7"
     failure = engine.failure()
     assert isinstance(failure, InputError) and str(failure) == "input c7.nii.gz has 1 slice: give a 3D volume"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="process checks read /proc")
+def test_kill_ends_the_whole_process_tree(tmp_path):
+    """A child that starts a grandchild: killing the engine process also ends the grandchild."""
+    script = tmp_path / "tree.py"
+    script.write_text(textwrap.dedent(f"""
+        import subprocess, sys, time, json
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        open({str(tmp_path / 'grandchild.pid')!r}, "w").write(str(child.pid))
+        print(json.dumps({{"stage": "inference", "case": "c", "fraction": 0.5, "message": "busy"}}), flush=True)
+        time.sleep(60)
+    """))
+    engine = EngineProcess([sys.executable, str(script)], engineEnvironment(umlcorePythonPath()), tmp_path)
+    deadline = time.monotonic() + 30
+    events = []
+    while not events and time.monotonic() < deadline:
+        events += engine.poll()
+        time.sleep(0.02)
+    assert [e.stage for e in events] == ["inference"]
+    grandchild = int((tmp_path / "grandchild.pid").read_text())
+    assert alive(grandchild)
+    engine.kill()
+    assert engine.finished
+    deadline = time.monotonic() + 10
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(grandchild)
+
+
+def test_tampered_weights_are_refused_by_the_engine(check_refused, bundle_dir, tmp_path):
+    """The card reads fine, the engine's hash check refuses the weights: its message, one InputError, no node."""
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle_dir, tampered)
+    weights = tampered / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    node = add_volume()
+    message = check_refused(lambda logic: logic.process(node, model=tampered, device="cpu"), r"does not match the sha256")
+    assert not message.startswith("uml:")
+
+
+def test_engine_that_cannot_start(check_refused, bundle_dir, tmp_path):
+    node = add_volume()
+
+    def run(logic):
+        logic.pythonExecutable = str(tmp_path / "no-python")
+        logic.process(node, model=bundle_dir)
+
+    check_refused(run, r"could not start the UML engine", error=EngineError)

@@ -1,20 +1,19 @@
-"""Model bundles as the module sees them (torch-free card reader, full validation, listing, resolving)."""
+"""``UMLSegmentationLib.models``: bundles as the module sees them (torch-free card reader, full validation,
+listing, resolving)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import zipfile
 
 import pytest
 
-from umlslicer_helpers import LESION_COLOR, LESION_TERMINOLOGY
-
-from UMLSegmentationLib import logic as logic_module
 from UMLSegmentationLib import models
 from UMLSegmentationLib.errors import InputError
-from UMLSegmentationLib.logic import UMLSegmentationLogic
-from UMLSegmentationLib.paths import moduleDirectory, umlcorePythonPath
+
+from .umlslicer_helpers import LESION_COLOR, LESION_TERMINOLOGY, REPO, add_volume
 
 
 @pytest.fixture
@@ -29,6 +28,7 @@ def test_read_model_info_matches_the_card(bundle_dir, tmp_path):
     from umlcore.bundle import read_card
 
     card, sha = read_card(bundle_dir)
+    assert json.loads((bundle_dir / "model.json").read_text())["schema_version"] == models.SCHEMA_VERSION == 2
     for path in (bundle_dir, bundle_dir / "model.json"):
         info = models.readModelInfo(path)
         assert (info.id, info.version, info.name, info.task) == (card.id, card.version, card.name, card.task)
@@ -111,16 +111,56 @@ def test_list_and_resolve_models(isolated, bundle_dir, rgb_bundle_dir, tmp_path)
         models.resolveModel("nope", [extra])
 
 
-def test_the_engine_and_module_paths():
-    assert (umlcorePythonPath() / "umlcore" / "__main__.py").is_file()
-    assert (moduleDirectory() / "UMLSegmentation.py").is_file()
+def test_the_shipped_card_reads():
+    """The shipped default model's card (schema 2, with a reader and a changelog) reads without torch."""
+    (entry,) = [e for e in models.listModels() if e.shipped and e.path.name == models.DEFAULT_MODEL_ID]
+    assert entry.error is None and entry.path == REPO / "Resources" / "Models" / models.DEFAULT_MODEL_ID
+    info = entry.info
+    card = json.loads((entry.path / "model.json").read_text())
+    assert card["schema_version"] == 2 and card["reader"] is not None and card["changelog"]
+    assert (info.id, info.version, info.channels) == (card["id"], card["version"], ("pre", "early", "late"))
+    assert [s.name for s in info.segments] == ["Lesion"] and info.sha256 == card["weights"]["sha256"]
+    assert models.resolveModel(None).id == models.DEFAULT_MODEL_ID
 
 
-def test_missing_engine_packages_are_named_with_the_fix(monkeypatch, mrml, bundle_dir):
-    from umlslicer_helpers import add_volume
+@pytest.mark.parametrize("version", [1, 2])
+def test_cards_of_both_schema_versions_read_the_same(bundle_dir, tmp_path, version):
+    """A schema-1 card (which umlcore migrates) gives the module the same fields as the schema-2 card."""
+    card = json.loads((bundle_dir / "model.json").read_text())
+    folder = tmp_path / f"schema{version}"
+    folder.mkdir()
+    (folder / "model.json").write_text(json.dumps({**card, "schema_version": version}))
+    assert models.readModelInfo(folder) == dataclasses.replace(models.readModelInfo(bundle_dir), path=folder)
 
-    monkeypatch.setitem(logic_module.ENGINE_PACKAGES, "uml_no_such_module", "uml-no-such-package")
-    logic = UMLSegmentationLogic()
-    assert logic.missingPythonPackages() == ["uml-no-such-package"]
-    with pytest.raises(InputError, match=r"uml-no-such-package missing for the UML engine: run slicer.util.pip_install\('uml-no-such-package'\)"):
-        logic.process(add_volume(), model=bundle_dir)
+
+@pytest.mark.parametrize("version", [0, 3, 99, "2", None, True])
+def test_other_schema_versions_are_refused(bundle_dir, tmp_path, version):
+    card = json.loads((bundle_dir / "model.json").read_text())
+    card["schema_version"] = version
+    if version is None:
+        del card["schema_version"]
+    folder = tmp_path / "card"
+    folder.mkdir()
+    (folder / "model.json").write_text(json.dumps(card))
+    with pytest.raises(InputError, match=rf"has schema_version {version!r}; this module reads schema_version 1 and 2: "
+                                         r"re-export the bundle with python -m training\.export") as info:
+        models.readModelInfo(folder)
+    assert str(info.value).endswith("or update the UML extension")
+
+
+def test_invalid_model_files_are_refused_by_process(check_refused, bundle_dir, tmp_path):
+    node = add_volume()
+    check_refused(lambda logic: logic.process(node, model=tmp_path / "nowhere"), r"does not exist")
+    not_a_bundle = tmp_path / "folder"
+    not_a_bundle.mkdir()
+    check_refused(lambda logic: logic.process(node, model=not_a_bundle), r"is not a UML model bundle \(no model.json\)")
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle_dir, broken)
+    (broken / "model.json").write_text("{ not json")
+    check_refused(lambda logic: logic.process(node, model=broken), r"is not valid JSON")
+    card = json.loads((bundle_dir / "model.json").read_text())
+    wrong_schema = tmp_path / "schema"
+    shutil.copytree(bundle_dir, wrong_schema)
+    (wrong_schema / "model.json").write_text(json.dumps({**card, "schema_version": 99}))
+    check_refused(lambda logic: logic.process(node, model=wrong_schema), r"schema_version 99")
+    check_refused(lambda logic: logic.process(node, model="no-such-model-id"), r"no model with id 'no-such-model-id'")

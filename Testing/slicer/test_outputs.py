@@ -1,4 +1,5 @@
-"""From engine files to nodes: output checks, terminology, reuse, subject hierarchy and transforms."""
+"""``UMLSegmentationLib.outputs``: from engine files to nodes (output checks, terminology, reuse, subject hierarchy
+and transforms)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import numpy as np
 import pytest
 
 import slicer
-from umlslicer_helpers import IJK_TO_RAS, LESION_TERMINOLOGY, SHAPE_KJI, add_volume
-
 from UMLSegmentationLib.errors import EngineError
 from UMLSegmentationLib.models import ModelInfo, SegmentInfo
 from UMLSegmentationLib.outputs import (
@@ -20,6 +19,8 @@ from UMLSegmentationLib.outputs import (
     readCaseOutputs,
     terminologyEntry,
 )
+
+from .umlslicer_helpers import IJK_TO_RAS, LESION_TERMINOLOGY, SHAPE_KJI, add_volume
 
 MODEL = ModelInfo(
     path=None, id="m", version="1", name="M", task="t", classes=("a", "b"),

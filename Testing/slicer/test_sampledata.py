@@ -1,22 +1,17 @@
-"""The shipped sample case (checksums, registration arguments, regeneration) and the engine's packages."""
+"""``UMLSegmentationLib.sampledata``: the shipped sample case (checksums, registration arguments, regeneration) and
+what the shipped model finds in it."""
 
 from __future__ import annotations
 
-import ast
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import slicer
-
-from UMLSegmentationLib.logic import ENGINE_PACKAGES
 from UMLSegmentationLib.paths import moduleDirectory, sampleDataDirectory
 from UMLSegmentationLib.sampledata import (SAMPLE_CASES, SAMPLE_CATEGORY, fileSha256, sampleDataSources,
                                            syntheticSampleCase, writeSyntheticSample)
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def read_array(path: Path):
@@ -62,17 +57,12 @@ def test_sample_regenerates_with_the_same_voxels_and_geometry(tmp_path):
     assert early.max() > pre.max()  # the lesion enhances
 
 
-def test_the_shipped_model_finds_the_sample_lesion_and_calls_it_suspicious():
+def test_the_shipped_model_finds_the_sample_lesion_and_calls_it_suspicious(shipped_sample_prediction):
     """The README's main job, pinned: a retrained bundle that loses it fails here."""
     import SimpleITK as sitk
     from umlcore import metrics
-    from umlcore.bundle import load_bundle
-    from umlcore.catalogue import DEFAULT_MODEL_ID, resolve_model
-    from umlcore.io import read_case
-    from umlcore.predictor import Predictor
 
-    phases = read_case([sampleDataDirectory() / f.fileName for f in SAMPLE_CASES[0].files])
-    pred = Predictor(load_bundle(resolve_model(DEFAULT_MODEL_ID)), device="cpu").predict(phases)
+    pred = shipped_sample_prediction
     truth = syntheticSampleCase()
     assert truth.label == 1 and len(truth.lesions) == 1  # a spiculated lesion with washout: "high suspicion"
     assert metrics.dice(sitk.GetArrayFromImage(pred.labelmap), truth.mask) > 0.35  # 0.44 for 1.2.x (coarse grid)
@@ -80,29 +70,3 @@ def test_the_shipped_model_finds_the_sample_lesion_and_calls_it_suspicious():
     assert c["predicted_class"] == c["positive_class"] and c["verdict"] == "reliable"
     true_ml = truth.mask.sum() * np.prod(truth.spacing) / 1000
     assert pred.summary["segments"][0]["volume_ml"] == pytest.approx(true_ml, rel=0.25)
-
-
-def third_party_imports(folder: Path) -> set[str]:
-    """Third-party modules imported at module level (imports inside functions are optional extras)."""
-    names = set()
-    for path in folder.rglob("*.py"):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        top = [n for n in tree.body] + [c for n in tree.body if isinstance(n, (ast.Try, ast.If)) for c in ast.walk(n)]
-        for node in top:
-            if isinstance(node, ast.Import):
-                names.update(a.name.split(".")[0] for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split(".")[0])
-    return {n for n in names if n not in sys.stdlib_module_names and n != "umlcore"}
-
-
-def test_engine_packages_cover_what_umlcore_needs():
-    """What the module checks (and offers to install) before starting the engine covers every module umlcore
-    imports at module level, and stays within umlcore's declared dependencies."""
-    import re
-    import tomllib
-
-    assert third_party_imports(REPO / "UMLCore" / "umlcore") <= set(ENGINE_PACKAGES)
-    declared = tomllib.loads((REPO / "UMLCore" / "pyproject.toml").read_text())["project"]["dependencies"]
-    declared_names = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() for d in declared}
-    assert {pip.lower() for pip in ENGINE_PACKAGES.values()} <= declared_names

@@ -1,4 +1,4 @@
-"""Case summary -> table rows, CSV rows, confidence panel."""
+"""``UMLSegmentationLib.summary``: the case summary (schema 2) -> table rows, CSV rows, confidence panel."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from UMLSegmentationLib.summary import (
 )
 
 SUMMARY = {
-    "schema_version": 1,
+    "schema_version": 2,
     "case_id": "case01",
     "model": {"id": "m", "version": "1.0", "sha256": "ab" * 32, "path": "/models/m"},
     "geometry": {"size": [40, 32, 6], "spacing": [0.8, 0.75, 2.5], "direction": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]},
@@ -26,13 +26,15 @@ SUMMARY = {
     "classification": {
         "classes": ["no pCR", "pCR"], "probabilities": [0.25, 0.75], "belief": [0.1, 0.6], "uncertainty": 0.3,
         "predicted_index": 1, "predicted_class": "pCR", "positive_class": "pCR", "positive_probability": 0.75,
-        "verdict": "reliable", "fusion": "lesion-weighted evidence pooling",
+        "verdict": "reliable", "fusion": "lesion-weighted evidence pooling", "calibration": "case_calibration",
+        "reader": None,
     },
     "segments": [
         {"label": 1, "name": "Lesion", "color": [0.85, 0.2, 0.25], "voxel_count": 120, "volume_ml": 0.18, "mean_uncertainty": 0.21},
         {"label": 2, "name": "Satellite lesion", "color": [1, 1, 0], "voxel_count": 0, "volume_ml": 0.0, "mean_uncertainty": None},
     ],
     "slices": [{"index": 0, "probabilities": [0.5, 0.5], "lesion_voxels": 0}, {"index": 1, "probabilities": [0.2, 0.8], "lesion_voxels": 9}],
+    "lesions": [],
     "outputs": {},
     "notes": [],
     "flag": True,
@@ -104,35 +106,58 @@ def test_csv_rows_and_columns(tmp_path):
     assert not (tmp_path / "r.csv.part").exists()
 
 
+STACKING_RULE = "logistic stacking of the network and the reader outputs, the reader adding evidence"
+
+
 def test_confidence_panel_says_what_the_lesion_reader_found():
-    assert confidencePanel(SUMMARY).readerText == ""  # a model without a reader
-    reader = {"applied": True, "reason": None, "score": 0.62, "weight": 0.5, "fusion": "averaging fusion at equal uncertainty",
-              "network_probabilities": [0.7, 0.3]}
+    assert confidencePanel(SUMMARY).readerText == "" and confidencePanel(SUMMARY).readerToolTip == ""  # no reader
+    assert confidencePanel({k: v for k, v in SUMMARY.items() if k != "lesions"}).readerText == ""
+    reader = {"applied": True, "reason": None, "score": 0.62, "fusion": STACKING_RULE,
+              "network_probabilities": [0.7, 0.3], "network_uncertainty": 0.39}
     lesions = [{"rank": 0, "suspicion": 0.2, "probabilities": {"lesion": 0.99, "spiculated": 0.1, "washout": 0.1}},
                {"rank": 1, "suspicion": 0.62, "probabilities": {"lesion": 0.9, "spiculated": 0.81, "washout": 0.12}}]
-    read = {**SUMMARY, "classification": {**SUMMARY["classification"], "reader": reader}, "lesions": lesions}
+    read = {**SUMMARY, "classification": {**SUMMARY["classification"], "calibration": "reader.stacking", "reader": reader},
+            "lesions": lesions}
     assert unflattenRows(flattenSummary(read)) == read  # the results table keeps the reader's findings
     panel = confidencePanel(read)
     assert panel.readerText == "62 % suspicious (spiculated 81 %, washout 12 %); most suspicious of 2 lesions read"
-    assert "50 % of the case opinion" in panel.readerToolTip and "alone (uncalibrated) said 30 % pCR" in panel.readerToolTip
-    logit = {**reader, "weight": 0.6, "fusion": "log-odds pooling at equal uncertainty"}
-    tip = confidencePanel({**read, "classification": {**read["classification"], "reader": logit}}).readerToolTip
-    assert "log-odds are added to the case's, times 0.60" in tip and "% of the case opinion" not in tip
-    assert "the uncertainty is the network's" in tip
-    evidence = {**reader, "weight": 0.7, "fusion": "log-odds pooling, the reader adding evidence",
-                "network_uncertainty": 0.39}
-    tip = confidencePanel({**read, "classification": {**read["classification"], "reader": evidence}}).readerToolTip
-    assert "times 0.70" in tip and "may lower the uncertainty (the network alone: 39 %)" in tip
-    assert "the uncertainty is the network's" not in tip
-    stacked = {**reader, "weight": 1.0, "network_uncertainty": 0.39,
-               "fusion": "logistic stacking of the network and the reader outputs, the reader adding evidence"}
-    tip = confidencePanel({**read, "classification": {**read["classification"], "reader": stacked}}).readerToolTip
-    assert "A model fitted on evaluated cases combines its three outputs" in tip and "times" not in tip
-    assert "% of the case opinion" not in tip and "may lower the uncertainty (the network alone: 39 %)" in tip
-    assert "not in the segmentation" not in tip
-    checked = [{**lesions[0], "in_labelmap": False}, {**lesions[1], "in_labelmap": True}]
-    tip = confidencePanel({**read, "lesions": checked}).readerToolTip
-    assert "1 of the lesions read is not in the segmentation: the reader judged it not to be a lesion." in tip
-    unused = {**reader, "applied": False, "score": None, "reason": "nothing was segmented"}
-    panel = confidencePanel({**SUMMARY, "classification": {**SUMMARY["classification"], "reader": unused}, "lesions": []})
-    assert panel.readerText == "not used: nothing was segmented" and panel.readerToolTip == ""
+    tip = panel.readerToolTip
+    assert tip.startswith("A second network read the 2 largest segmented lesions from patches of all phases")
+    assert "A model fitted on evaluated cases combines its three outputs and its score with the network's opinion" in tip
+    assert "may lower the uncertainty (the network alone: 39 %)" in tip
+    assert "alone (uncalibrated) said 30 % pCR" in tip
+    # the removed reader rules (a weight, averaging, log-odds pooling, the network's uncertainty kept) are not described
+    assert "times" not in tip and "% of the case opinion" not in tip and "the uncertainty is the network's" not in tip
+    one = confidencePanel({**read, "lesions": lesions[1:]})
+    assert one.readerText.endswith("most suspicious of 1 lesion read") and "the 1 largest segmented lesion from" in one.readerToolTip
+    no_u = {k: v for k, v in reader.items() if k != "network_uncertainty"}
+    tip = confidencePanel({**read, "classification": {**read["classification"], "reader": no_u}}).readerToolTip
+    assert "may lower the uncertainty." in tip and "the network alone:" not in tip
+    for reason in ("nothing was segmented: the stacked rule reads the network's opinion alone",
+                   "one volume was given: the reader needs every phase (kinetics); the network's opinion stands",
+                   "the reader's rule is not fitted in this bundle (python -m training.fit opinion): the network's "
+                   "opinion stands"):
+        unused = {**reader, "applied": False, "score": None, "reason": reason}
+        panel = confidencePanel({**SUMMARY, "classification": {**SUMMARY["classification"], "reader": unused}, "lesions": []})
+        assert panel.readerText == f"not used: {reason}" and panel.readerToolTip == ""
+
+
+def test_the_panel_and_the_table_read_the_shipped_models_summary(shipped_sample_prediction):
+    """A real schema-2 summary of the shipped model (three phases: its reader reads the lesion) in the panel and the
+    results table."""
+    summary = shipped_sample_prediction.summary
+    assert summary["schema_version"] == 2
+    cls = summary["classification"]
+    assert cls["reader"]["applied"] and cls["reader"]["fusion"] == STACKING_RULE and summary["lesions"]
+    assert unflattenRows(flattenSummary(summary)) == summary
+    panel = confidencePanel(summary)
+    assert (panel.predictedClass, panel.verdict, panel.positiveProbability) == (cls["predicted_class"], cls["verdict"],
+                                                                                cls["positive_probability"])
+    assert math.isclose(sum(b for _, b in panel.beliefs) + panel.uncertainty, 1.0)
+    n, top = len(summary["lesions"]), max(summary["lesions"], key=lambda lesion: lesion["suspicion"])["probabilities"]
+    assert panel.readerText == (f"{100 * cls['reader']['score']:.0f} % suspicious (spiculated {100 * top['spiculated']:.0f} %, "
+                                f"washout {100 * top['washout']:.0f} %); most suspicious of {n} lesion{'s' if n != 1 else ''} read")
+    assert f"(the network alone: {100 * cls['reader']['network_uncertainty']:.0f} %)" in panel.readerToolTip
+    assert panel.removedBy == "reader"  # the reader's check made the labelmap
+    row = caseCsvRow(summary, "sample", "/in/sample", {})
+    assert row["verdict"] == cls["verdict"] and row["lesion_volume_ml"] == repr(summary["segments"][0]["volume_ml"])

@@ -1,10 +1,17 @@
-"""Helpers of the Slicer-side tests (imported by ``conftest.py`` once ``slicer`` is imported safely)."""
+"""Helpers of the Slicer-side tests (``conftest.py`` imports them once ``slicer-core`` is known to be installed)."""
 
 from __future__ import annotations
+
+import ast
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 
 import slicer
+
+REPO = Path(__file__).resolve().parents[2]
 
 LOGICS = (
     ("Colors", "vtkSlicerColorLogic"),
@@ -60,7 +67,7 @@ class MRML:
 
 def make_card(model_id: str = "uml-test-small", channels=("pre", "early", "late")):
     """``(ModelCard, UMLConfig)`` of a small test model with one coded "Lesion" segment."""
-    from umlcore.bundle import InputSpec, ModelCard, Segment
+    from umlcore.card import InputSpec, ModelCard, Segment
     from umlcore.config import UMLConfig
 
     config = UMLConfig.preset("small", in_channels=len(channels))
@@ -90,3 +97,60 @@ def phantom(seed: int = 0, shape=SHAPE_KJI, enhancement: float = 1.0) -> np.ndar
 def add_volume(name: str = "MRBreast", array=None, ijk_to_ras=IJK_TO_RAS, node_class: str = "vtkMRMLScalarVolumeNode"):
     """A volume node in ``slicer.mrmlScene`` (default: the phantom on the oblique grid)."""
     return slicer.util.addVolumeFromArray(phantom() if array is None else array, ijk_to_ras, name=name, nodeClassName=node_class)
+
+
+def scene_node_ids(scene) -> list[str]:
+    """The IDs of every node of ``scene``, sorted (equal before and after: nothing was added or removed)."""
+    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+
+def segment_array(mrml: MRML, segmentation_node, segment_id: str, reference) -> np.ndarray:
+    """A segment's voxels on the reference grid (exported through the Segmentations logic)."""
+    import vtk
+
+    labelmap = mrml.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "export")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    assert mrml.logics["Segmentations"].ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, reference)
+    array = slicer.util.arrayFromVolume(labelmap).copy()
+    mrml.scene.RemoveNode(labelmap)
+    return array
+
+
+def write_case(path: Path, seed: int, spacing=(0.8, 0.75, 2.5), origin=(10.0, -20.0, 5.0)):
+    """The phantom of ``seed`` written as an image file (for folder mode); returns the SimpleITK image."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(phantom(seed).astype(np.float32))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+def alive(pid: int) -> bool:
+    """True while process ``pid`` runs (Linux: a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def third_party_imports(folder: Path) -> set[str]:
+    """Third-party modules imported at module level by the ``.py`` files under ``folder`` (imports inside
+    functions are optional extras; ``umlcore`` itself is left out)."""
+    names = set()
+    for path in folder.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = [n for n in tree.body] + [c for n in tree.body if isinstance(n, (ast.Try, ast.If)) for c in ast.walk(n)]
+        for node in top:
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n != "umlcore"}

@@ -23,6 +23,7 @@ __all__ = [
     "CARD_FILE",
     "WEIGHTS_FILE",
     "SCHEMA_VERSION",
+    "SCHEMA_VERSIONS",
     "DEFAULT_MODEL_ID",
     "COLOUR_CHANNEL_SETS",
     "SegmentInfo",
@@ -36,14 +37,16 @@ __all__ = [
 
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
-SCHEMA_VERSION = 1
+#: The card schema umlcore writes; :data:`SCHEMA_VERSIONS` are those this module reads (umlcore migrates schema 1).
+SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (1, 2)
 DEFAULT_MODEL_ID = "uml-breast-dce-small"
 
 #: Channel lists (lower case) that mean "one RGB(A) colour image", not grayscale phases.
 COLOUR_CHANNEL_SETS = (("r", "g", "b"), ("red", "green", "blue"), ("r", "g", "b", "a"), ("red", "green", "blue", "alpha"))
 
 _REQUIRED = ("id", "version", "name", "task", "classes", "segments", "input", "architecture", "weights")
-_FIX = "re-export the bundle with training/export.py or pick another model"
+_FIX = "re-export the bundle with python -m training.export (docs/training.md) or pick another model"
 
 
 @dataclass(frozen=True)
@@ -168,10 +171,12 @@ def readModelInfo(path: Union[str, Path]) -> ModelInfo:
         raise InputError(f"{source} is not valid JSON ({exc.msg}, line {exc.lineno}): {_FIX}") from None
     if not isinstance(data, dict):
         raise InputError(f"{source} must hold a JSON object: {_FIX}")
-    if data.get("schema_version") != SCHEMA_VERSION:
+    version = data.get("schema_version")
+    if isinstance(version, bool) or version not in SCHEMA_VERSIONS:
+        readable = " and ".join(str(v) for v in SCHEMA_VERSIONS)
         raise InputError(
-            f"{source} has schema_version {data.get('schema_version')!r}; this module reads schema_version "
-            f"{SCHEMA_VERSION}: {_FIX}, or update the UML extension"
+            f"{source} has schema_version {version!r}; this module reads schema_version {readable}: {_FIX}, "
+            "or update the UML extension"
         )
     missing = [k for k in _REQUIRED if k not in data]
     if missing:

@@ -260,29 +260,15 @@ def _readerTexts(summary: Mapping[str, Any]) -> tuple[str, str]:
     positive = summary.get("classification", {}).get("positive_class")
     classes = list(summary.get("classification", {}).get("classes", []))
     alone = network[classes.index(positive)] if positive in classes and len(network) == len(classes) else None
-    weight = float(reader.get("weight", 0))
-    rule = str(reader.get("fusion", ""))
-    if "stacking" in rule:  # reader.fusion "stacked": fitted coefficients, no single weight
-        share = ("A model fitted on evaluated cases combines its three outputs and its score with the network's "
-                 "opinion")
-    elif "log-odds" in rule:  # reader.fusion "logit" or "evidence"
-        share = f"Its score's log-odds are added to the case's, times {weight:.2f}"
-    else:
-        share = f"Its score counts for {100 * weight:.0f} % of the case opinion"
-    if "adding evidence" in rule:  # "evidence": a sure reader may lower the case uncertainty
-        network_u = reader.get("network_uncertainty")
-        own = f" (the network alone: {100 * float(network_u):.0f} %)" if network_u is not None else ""
-        share += f"; the evidence it adds may lower the uncertainty{own}."
-    else:
-        share += "; the uncertainty is the network's."
+    # The one reader rule (summary schema 2, classification.reader.fusion): logistic stacking of the network's opinion
+    # and the reader's outputs, fitted on evaluated cases; the evidence the reader adds may lower the uncertainty.
+    network_u = reader.get("network_uncertainty")
+    own = f" (the network alone: {100 * float(network_u):.0f} %)" if network_u is not None else ""
     tip = (f"A second network read the {n} largest segmented lesion{'s' if n != 1 else ''} from patches of all phases "
-           f"(margin and kinetics). {share}")
+           f"(margin and kinetics). A model fitted on evaluated cases combines its three outputs and its score with "
+           f"the network's opinion; the evidence it adds may lower the uncertainty{own}.")
     if alone is not None:
         tip += f" The network alone (uncalibrated) said {100 * float(alone):.0f} % {positive}."
-    dropped = sum(1 for l in lesions if l.get("in_labelmap") is False)
-    if dropped:
-        tip += (f" {dropped} of the lesions read {'is' if dropped == 1 else 'are'} not in the segmentation: the reader "
-                f"judged {'it' if dropped == 1 else 'them'} not to be a lesion.")
     return text, tip
 
 

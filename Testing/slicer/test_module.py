@@ -1,4 +1,5 @@
-"""The extension's static parts: .ui vs widget code, CMake lists vs files, extension descriptions."""
+"""``UMLSegmentation.py`` (module, widget, self-test) and the extension's static parts: the ``.ui`` file against the
+widget code, the imports of the script, the CMake lists against the files, the extension descriptions."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from .umlslicer_helpers import REPO
+
 MODULE = REPO / "UMLSegmentation"
 UI_FILE = MODULE / "Resources" / "UI" / "UMLSegmentation.ui"
 MODULE_SCRIPT = MODULE / "UMLSegmentation.py"
@@ -140,6 +142,21 @@ def test_module_metadata(module_namespace):
     assert "MICCAI 2023" in module_namespace["UML_CITATION"]
     assert {e.value for e in module_namespace["ComputeDevice"]} == {"auto", "cpu", "cuda"}
     assert "PyTorchUtils" in text and "installTorch" in text and "confirmOkCancelDisplay" in text
+
+
+def test_every_import_of_the_module_script_resolves():
+    """Every name the script imports from umlcore and UMLSegmentationLib, at module level or inside a function (the
+    self-test builds a model with umlcore only when no model is installed), exists where it is imported from."""
+    import importlib
+
+    imports = [n for n in ast.walk(ast.parse(MODULE_SCRIPT.read_text())) if isinstance(n, ast.ImportFrom)
+               and n.level == 0 and n.module and n.module.split(".")[0] in ("umlcore", "UMLSegmentationLib")]
+    modules = {n.module for n in imports}
+    assert {"umlcore.bundle", "umlcore.card", "UMLSegmentationLib.logic"} <= modules
+    for node in imports:
+        module = importlib.import_module(node.module)
+        missing = [a.name for a in node.names if not hasattr(module, a.name)]
+        assert missing == [], f"UMLSegmentation.py line {node.lineno}: {node.module} has no {missing}"
 
 
 # ---------------------------------------------------------------------------------------------- CMake
