@@ -31,7 +31,8 @@ import SimpleITK as sitk
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from umlcore.bundle import MotionCorrection, load_bundle
+from umlcore.bundle import load_bundle
+from umlcore.card import MotionCorrection
 from umlcore.config import UMLConfig
 from umlcore.network import UMLNet
 from umlcore.predictor import Predictor

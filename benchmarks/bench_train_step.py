@@ -3,7 +3,7 @@
     python benchmarks/bench_train_step.py                      # CPU, batch 16 of 128x128 crops
     python benchmarks/bench_train_step.py --device cuda --batch 32 --crop 192 --amp
 
-One step = forward, the UML loss, backward and an AdamW update, as ``training/train.py`` runs it (bf16 autocast on
+One step = forward, the UML loss, backward and an AdamW update, as ``python -m training.train`` runs it (bf16 autocast on
 CUDA with ``--amp``). Prints the median of ``--steps`` timed steps after two warm-up steps for the ``small`` preset,
 ``small`` with 2.5D input (3 phases x 3 slices = 9 channels) and ``medium``.
 """

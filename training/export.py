@@ -1,18 +1,27 @@
-"""Export trained weights as a model bundle (``model.safetensors`` + ``model.json``) with its model card.
+"""Assemble a model bundle: a network run, optionally a lesion reader run, on a new card or an existing bundle's.
 
-Example:
-    python training/export.py --run runs/small --report runs/small/eval/report.json \
-        --out Resources/Models/uml-breast-dce-small --overwrite
+Examples (from the repository root):
+    python -m training.export --run runs/small --out runs/small-bundle                    # a new card for a network
+    python -m training.export --base B --run runs/ft --weights last.safetensors --out B2  # B with a new network
+    python -m training.export --base B --reader runs/reader --out B2                      # B with a lesion reader
+    python -m training.export --base B --report runs/test/report.json --out B2            # B with measured figures
+    python -m training.export --base B --motion-correction early --out B2                 # B aligning its phases
 
-The card takes the architecture from ``RUN/model_config.json``, the training settings and the exact training
-command from ``RUN/train_config.json``, the git commit, and the measured metrics from an evaluation report
-written by ``training/evaluate.py``.
+The network comes from ``--run`` (a ``python -m training.train`` folder) or from ``--base``; the card from
+``--base`` or, without it, a new synthetic breast DCE-MRI card. A new network on a base card keeps the base's
+reader, thresholds and calibrations (they were fitted on the previous network: measure, then refit what the
+measurement says needs it) and empties its metrics; its ``training`` record becomes the run's, with the previous
+network's under ``training.init``. A new reader starts with its rule unfitted (``python -m training.fit opinion``).
+``--report`` writes an evaluation's figures into the card's ``metrics`` (the three-phase figures, and those of
+single-volume inputs under ``metrics.single_volume``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -20,21 +29,20 @@ from typing import Optional
 
 from safetensors.torch import load_file
 
-from umlcore.bundle import InputSpec, ModelCard, MotionCorrection, Segment, load_bundle, save_bundle
+from umlcore.bundle import ModelBundle, load_bundle, save_bundle
+from umlcore.card import InputSpec, ModelCard, MotionCorrection, ReaderConfig, Segment
 from umlcore.config import UMLConfig
+from umlcore.errors import BundleError
 from umlcore.network import UMLNet
+from umlcore.reader import LesionReader
 
-# SNOMED CT codes as used by Slicer's terminology (DICOM CID 7150 / 7151 style entries)
-LESION = Segment(
-    label=1,
-    name="Lesion",
-    color=(0.90, 0.35, 0.10),
-    terminology={
-        "category": {"scheme": "SCT", "code": "49755003", "meaning": "Morphologically Altered Structure"},
-        "type": {"scheme": "SCT", "code": "4147007", "meaning": "Mass"},
-        "region": {"scheme": "SCT", "code": "76752008", "meaning": "Breast"},
-    },
-)
+__all__ = ["LESION", "training_record", "new_card", "save_with_card", "with_version", "main"]
+
+#: The lesion segment, coded as 3D Slicer's terminology codes it (SNOMED CT).
+LESION = Segment(label=1, name="Lesion", color=(0.90, 0.35, 0.10), terminology={
+    "category": {"scheme": "SCT", "code": "49755003", "meaning": "Morphologically Altered Structure"},
+    "type": {"scheme": "SCT", "code": "4147007", "meaning": "Mass"},
+    "region": {"scheme": "SCT", "code": "76752008", "meaning": "Breast"}})
 
 
 def git_commit() -> str:
@@ -45,106 +53,145 @@ def git_commit() -> str:
         return "unknown"
 
 
-def training_record(run: Path, weights: str = "best.safetensors") -> dict:
-    """The card's ``training`` entry for ``weights`` of the train.py output folder ``run``: the data, the settings,
-    the exact command (and every invocation, resumes included), the epochs and the git commit."""
-    train_cfg = json.loads((run / "train_config.json").read_text())
+def training_record(run: Path, weights: str) -> dict:
+    """The card's ``training`` entry for ``weights`` of a ``python -m training.train`` folder: the data, the
+    settings, the command (and every invocation, resumes included), the epochs and the git commit."""
+    cfg = json.loads((run / "train_config.json").read_text())
     state = json.loads((run / "last.json").read_text()) if (run / "last.json").exists() else {}
-    flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                     for k, v in train_cfg.items())
-    return {
-        "data": "synthetic breast DCE-MRI (umlcore.synthetic), training seeds "
-                f"[{train_cfg['seed_base']}, {train_cfg['seed_base'] + train_cfg['train_cases']}), "
-                f"validation seeds from 1000000, label noise {train_cfg['label_noise']}",
-        "seed": train_cfg["seed"],
-        "epochs_planned": train_cfg["epochs"],
-        "epochs_completed": state.get("epoch"),
-        "weights": weights,  # best.safetensors = best validation epoch, last.safetensors = the final epoch
-        "best_epoch": state.get("best_epoch"),
-        "best_validation": state.get("best_metrics"),
-        "commit": git_commit(),
-        "command": f"python training/train.py {flags}",
-        "invocations": (run / "commands.txt").read_text().splitlines() if (run / "commands.txt").exists() else [],
-        "config": train_cfg,
-    }
+    flags = " ".join(f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, list) else shlex.quote(str(v)))
+                     for k, v in cfg.items())
+    return {"data": f"synthetic breast DCE-MRI (umlcore.synthetic), training seeds [{cfg['seed_base']}, "
+                    f"{cfg['seed_base'] + cfg['train_cases']}), {cfg['val_cases']} validation cases, label noise "
+                    f"{cfg['label_noise']}",
+            "seed": cfg["seed"], "epochs_planned": cfg["epochs"], "epochs_completed": state.get("epoch"),
+            "weights": weights, "best_epoch": state.get("best_epoch"), "best_validation": state.get("best_metrics"),
+            "commit": git_commit(), "command": f"python -m training.train {flags}",
+            "invocations": (run / "commands.txt").read_text().splitlines() if (run / "commands.txt").exists() else [],
+            "config": cfg}
 
 
-def build_card(run: Path, report: Optional[dict], model_id: str, version: str, review_uncertainty: float,
-               weights: str = "best.safetensors", component_max_uncertainty: Optional[float] = None) -> ModelCard:
-    arch = UMLConfig.from_json((run / "model_config.json").read_text())
-    train_cfg = json.loads((run / "train_config.json").read_text())
-    training = training_record(run, weights)
-    preset, context = train_cfg.get("preset", "small"), int(train_cfg.get("context_slices", 0))
-    metrics = {}
-    calibration, component_threshold, views, motion = None, None, "none", MotionCorrection()
-    if report is not None:
-        metrics = {"test_set": report.get("dataset"), "command": report.get("command"), **report.get("summary", {})}
-        calibration = metrics.pop("case_calibration", None)
-        component_threshold = metrics.pop("component_max_uncertainty", None)
-        views = metrics.pop("test_time_augmentation", "none")  # the rules the metrics were measured with
-        motion = MotionCorrection(**metrics.pop("motion_correction", {}))
-    if component_max_uncertainty is not None:
-        component_threshold = component_max_uncertainty
+def new_card(architecture: UMLConfig, model_id: str, version: str, context_slices: int) -> ModelCard:
+    """A card for a network trained on the synthetic breast DCE-MRI: three phases, lesion + suspicion."""
     return ModelCard(
-        id=model_id,
-        version=version,
-        name=f"UML breast DCE-MRI lesion segmentation + suspicion ({preset}{', 2.5D' if context else ''})",
-        task="breast-dce-mri-lesion",
-        description=(
-            f"Uncertainty-informed Mutual Learning network ({preset} preset"
-            + (f", 2.5D: {context} neighbouring slice(s) on each side as extra channels" if context else "")
-            + ") trained on synthetic breast DCE-MRI. "
-            "Input: one DCE-MRI volume (any phase or a subtraction image; replicated into the three channels) or "
-            "the pre-contrast, early and late post-contrast phases. Output: lesion segmentation, per-voxel "
-            "evidential uncertainty, and a case-level suspicion opinion (washout kinetics or spiculated margin). "
-            "Research use only; not for diagnosis."
-        ),
-        classes=("low suspicion", "high suspicion"),
-        segments=(LESION,),
-        input=InputSpec(channels=("pre", "early", "late"), context_slices=context, motion_correction=motion),
-        architecture=arch,
-        positive_class=1,
-        review_uncertainty=review_uncertainty,
-        case_calibration=calibration,
-        component_max_uncertainty=component_threshold,
-        test_time_augmentation=views,
-        training=training,
-        metrics=metrics,
-    )
+        id=model_id, version=version, task="breast-dce-mri-lesion",
+        name="UML breast DCE-MRI lesion segmentation + suspicion",
+        description=("Uncertainty-informed Mutual Learning network trained on synthetic breast DCE-MRI. Input: one "
+                     "DCE-MRI volume (any phase or a subtraction image; replicated into the three channels) or the "
+                     "pre-contrast, early and late post-contrast phases. Output: lesion segmentation, per-voxel "
+                     "evidential uncertainty, and a case-level suspicion opinion. Research use only; not for "
+                     "diagnosis."),
+        classes=("low suspicion", "high suspicion"), segments=(LESION,),
+        input=InputSpec(channels=("pre", "early", "late"), context_slices=context_slices), architecture=architecture)
+
+
+def save_with_card(bundle: ModelBundle, card: ModelCard, out: Path, overwrite: bool) -> Path:
+    """``bundle``'s networks with ``card`` as a new bundle at ``out`` (verified by loading it back)."""
+    path = save_bundle(bundle.model, card, out, overwrite=overwrite, reader=bundle.reader)
+    load_bundle(path)
+    return path
+
+
+def with_version(card: ModelCard, version: Optional[str], changelog: Optional[str]) -> ModelCard:
+    """``card`` with a new version and its changelog line first (``None``: unchanged)."""
+    if version is not None:
+        card = dataclasses.replace(card, version=version)
+    if changelog:
+        card = dataclasses.replace(card, changelog={card.version: changelog,
+                                                     **{k: v for k, v in card.changelog.items() if k != card.version}})
+    return card
+
+
+def report_metrics(card: ModelCard, report: dict) -> dict:
+    """``card.metrics`` with an evaluation report's figures: the three-phase ones at the top level (their test set
+    and command with them) and those of single-volume inputs under ``single_volume``."""
+    figures, where = report["figures"], {"test_set": report["dataset"], "command": report["command"]}
+    out = dict(card.metrics)
+    if "phases" in figures:
+        out = {**where, **figures["phases"], **({"single_volume": out["single_volume"]} if "single_volume" in out else {})}
+    single = {k: v for k, v in figures.items() if k in ("pre", "early", "late", "subtraction")}
+    if single:
+        out["single_volume"] = {**where, **single}
+    return out
+
+
+def _network(args, base: Optional[ModelBundle], p) -> tuple[UMLNet, Optional[dict]]:
+    """The network (from ``--run`` or the base) and, for a run, its training record."""
+    if args.run is None:
+        return base.model, None
+    for needed in (args.weights, "model_config.json", "train_config.json"):
+        if not (args.run / needed).is_file():
+            p.error(f"{args.run / needed} is missing: give the --run folder that python -m training.train wrote")
+    model = UMLNet(UMLConfig.from_json((args.run / "model_config.json").read_text()))
+    model.load_state_dict(load_file(str(args.run / args.weights)))
+    return model, training_record(args.run, args.weights)
+
+
+def _reader(args, base: Optional[ModelBundle], card: ModelCard) -> tuple[Optional[LesionReader], ModelCard]:
+    """The reader (from ``--reader`` or the base) and the card with its section."""
+    if args.reader is None:
+        return (None if base is None else base.reader), card
+    section = json.loads((args.reader / "reader.json").read_text())  # both files checked in main
+    kept = {} if card.reader is None else {k: getattr(card.reader, k) for k in (
+        "max_components", "segmentation_min_lesion", "segmentation_max_components")}
+    config = ReaderConfig(**{**section, **kept, "stacking": None})
+    reader = LesionReader(len(card.input.channels) * (2 * config.context_slices + 1), config.width)
+    reader.load_state_dict(load_file(str(args.reader / "reader.safetensors")))
+    return reader, dataclasses.replace(card, reader=config, case_calibration=None)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, type=Path, help="training output folder (holds best.safetensors)")
-    p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
-    p.add_argument("--report", type=Path, help="evaluation report.json to copy the measured metrics from")
-    p.add_argument("--id", default="uml-breast-dce-small")
-    p.add_argument("--version", default="1.0.0")
-    p.add_argument("--weights", default="best.safetensors", help="file in --run to export")
-    p.add_argument("--review-uncertainty", type=float, default=None,
-                   help="case uncertainty above which the verdict is 'review' (default: from the report, else 0.3)")
-    p.add_argument("--component-max-uncertainty", type=float, default=None,
-                   help="the card's component filter (default: the report's choice, else none); e.g. 0.08 to compare "
-                        "a run with the shipped model before a calibration run has chosen one")
-    p.add_argument("--overwrite", action="store_true")
+    p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="the bundle folder to write")
+    p.add_argument("--base", help="an existing bundle whose card (and network, reader) the new one starts from")
+    p.add_argument("--run", type=Path, help="a python -m training.train folder: its network")
+    p.add_argument("--weights", default="best.safetensors", help="the file in --run (default best.safetensors)")
+    p.add_argument("--reader", type=Path, help="a python -m training.train_reader folder: its lesion reader")
+    p.add_argument("--report", type=Path, help="a python -m training.evaluate report.json: its figures as metrics")
+    p.add_argument("--motion-correction", metavar="none|CHANNEL",
+                   help="how multi-phase cases are aligned: none, or the channel the others are moved onto (e.g. early)")
+    p.add_argument("--id", help="the model id (default: the base's, else uml-breast-dce-small)")
+    p.add_argument("--version", help="the version (default: the base's, else 1.0.0)")
+    p.add_argument("--changelog", help="one line for the card's changelog under the version")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
-    for needed in (args.weights, "model_config.json", "train_config.json"):
-        if not (args.run / needed).is_file():
-            p.error(f"{args.run / needed} is missing: give the --run folder that training/train.py wrote")
-    report = json.loads(args.report.read_text()) if args.report else None
-    review = args.review_uncertainty
-    if review is None:
-        review = float((report or {}).get("summary", {}).get("suggested_review_uncertainty", 0.3))
-    t = args.component_max_uncertainty
-    if t is not None and not 0.0 < t <= 1.0:
-        p.error(f"--component-max-uncertainty must be in (0, 1], got {t}")
-    card = build_card(args.run, report, args.id, args.version, review, args.weights, t)
-    model = UMLNet(card.architecture)
-    model.load_state_dict(load_file(str(args.run / args.weights)))
-    path = save_bundle(model, card, args.out, overwrite=args.overwrite)
-    bundle = load_bundle(path)  # verify what we wrote
+    if args.base is None and args.run is None:
+        p.error("give --run (a new bundle) or --base (a bundle to change)")
+    if args.reader is not None and not all((args.reader / f).is_file() for f in ("reader.json", "reader.safetensors")):
+        p.error(f"--reader {args.reader} lacks reader.json or reader.safetensors: give the --out folder of a finished "
+                "python -m training.train_reader run")
+    try:
+        base = None if args.base is None else load_bundle(args.base)
+    except BundleError as exc:
+        p.error(str(exc))
+    model, record = _network(args, base, p)
+    if base is None:
+        card = new_card(model.config, args.id or "uml-breast-dce-small", args.version or "1.0.0",
+                        int(record["config"].get("context_slices", 0)))
+    else:
+        card = base.card if args.id is None else dataclasses.replace(base.card, id=args.id)
+        if record is not None:  # a new network on the base's card: the old figures are the old network's
+            card = dataclasses.replace(card, architecture=model.config, metrics={})
+    if record is not None:
+        card = dataclasses.replace(card, training={**record, **({"init": card.training} if base else {})})
+    reader, card = _reader(args, base, card)
+    if args.motion_correction is not None:
+        mc = (MotionCorrection() if args.motion_correction == "none"
+              else MotionCorrection("translation", args.motion_correction, card.input.motion_correction.max_shift_mm))
+        try:
+            card = dataclasses.replace(card, input=dataclasses.replace(card.input, motion_correction=mc))
+        except BundleError as exc:
+            p.error(f"--motion-correction {args.motion_correction}: {exc}")
+    if args.report is not None:
+        card = dataclasses.replace(card, metrics=report_metrics(card, json.loads(args.report.read_text())))
+    card = with_version(card, args.version, args.changelog)
+    try:
+        path = save_bundle(model, card, args.out, overwrite=args.overwrite, reader=reader)
+        bundle = load_bundle(path)
+    except BundleError as exc:
+        p.error(str(exc))
     size = (path / "model.safetensors").stat().st_size / 1e6
-    print(f"wrote {path} ({size:.2f} MB weights, sha256 {bundle.sha256[:12]}...)")
+    print(f"wrote {path} ({card.id} {card.version}, {size:.2f} MB weights, sha256 {bundle.sha256[:12]}...)")
     return 0
 
 

@@ -6,23 +6,20 @@ slicing axis first, so the network sees the same intensities in training and at 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from umlcore.bundle import InputSpec, Normalization
+from umlcore.card import Normalization
 from umlcore.preprocess import (context_indices, inplane_axes, normalize, pad_to_multiple, slice_axis_index,
                                 to_slices, with_context)
-from umlcore.registration import align_phases, translate
 from umlcore.synthetic import SyntheticCase
 
-__all__ = ["VolumeCase", "case_from_synthetic", "phases_as_read", "SliceSampler", "LesionSampling", "predict_volume"]
+__all__ = ["VolumeCase", "case_from_synthetic", "SliceSampler", "LesionSampling", "predict_volume"]
 
 LesionSampling = Literal["slice", "lesion"]
 
@@ -62,37 +59,6 @@ class VolumeCase:
         return np.where(has, self.label, 0).astype(np.int64)
 
 
-def phases_as_read(case: SyntheticCase, spec: InputSpec,
-                   summary: Optional[Mapping[str, Any]] = None) -> SyntheticCase:
-    """``case`` with its phases as a predictor of a card with input ``spec`` reads them.
-
-    With the card's motion correction (``input.motion_correction`` mode ``"translation"``) the other phases are
-    moved onto the reference phase as the predictor moves them, so patches or crops cut from the result match what
-    the predictor's network and lesion reader read; the mask stays as generated. Without motion correction ``case``
-    itself is returned.
-
-    Args:
-        case: A three-phase synthetic case.
-        spec: The card's input spec.
-        summary: The predictor's ``summary`` of this case, if it was read: its ``motion_correction`` shifts are
-            applied (:func:`umlcore.registration.translate`) instead of being estimated again. Without it the
-            translations are estimated as the predictor does (:func:`umlcore.registration.align_phases`,
-            deterministic).
-    """
-    if spec.motion_reference is None:
-        return case
-    volumes = case.to_sitk()
-    if summary is None:
-        aligned, _ = align_phases(volumes, spec.motion_reference, spec.motion_correction.max_shift_mm)
-    else:
-        moved = {p["channel"]: p["shift_mm"] for p in summary["motion_correction"]["phases"] if p["applied"]}
-        reference = volumes[spec.motion_reference]
-        aligned = [translate(v, reference, moved[name]) if name in moved else v
-                   for name, v in zip(spec.channels, volumes)]
-    phases = np.stack([sitk.GetArrayFromImage(im) for im in aligned]).astype(np.float32)
-    return dataclasses.replace(case, phases=phases)
-
-
 def case_from_synthetic(case: SyntheticCase, norm: Normalization) -> VolumeCase:
     """Normalise a synthetic case and slice it along patient-axial exactly as the predictor does."""
     axis = slice_axis_index(case.direction, "axial")
@@ -125,7 +91,7 @@ class SliceSampler:
             contrast (0.03 = +-3 %, the generator's own per-phase drift).
         noise_max: Each sample gets Gaussian noise of a sigma drawn uniformly from ``[0, noise_max]`` (in the
             normalised intensity units, where the 0.5-99.5 percentile range is 1), independent per channel.
-            ``evaluate.py`` tests robustness up to sigma 0.2.
+            ``python -m training.evaluate --noise`` tests robustness up to sigma 0.2.
         lesion_sampling: How the lesion share of a batch is drawn. ``"slice"``: every slice with a lesion is
             equally likely, so a lesion weighs as many slices as it spans (a 2 cm mass about ten times a 4 mm
             one). ``"lesion"``: every lesion (3D connected component of a case's mask) is equally likely, then

@@ -11,11 +11,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from training.datasets import (  # noqa: E402
+from training.datasets import (
     ADAPTERS,
     Case,
     DatasetLayoutError,
@@ -29,7 +25,7 @@ from training.datasets import (  # noqa: E402
     split_cases,
     write_split,
 )
-from training.datasets.base import parse_binary_label, read_table  # noqa: E402
+from training.datasets.base import parse_binary_label, read_table
 
 # ---------------------------------------------------------------------------------------------------- helpers
 

@@ -1,15 +1,11 @@
-"""training/workers.py: ordered results, early close, and a dead worker raises instead of hanging."""
+"""training.workers: ordered results, early close, and a dead worker raises instead of hanging."""
 
 import multiprocessing
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "training"))
-
-from workers import WorkerError, ordered_map  # noqa: E402
+from training.workers import WorkerError, ordered_map
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -290,7 +290,9 @@ class Predictor:
             UMLInputError: inputs the model cannot take (see :meth:`channel_volumes`).
             CancelledError: ``cancel()`` returned True.
         """
-        report, cancel, trace = progress or _ignore, cancel or (lambda: False), trace or _ignore
+        report = _ignore if progress is None else progress
+        cancel = (lambda: False) if cancel is None else cancel
+        trace = _ignore if trace is None else trace
         t0 = time.perf_counter()
         if cancel():
             raise CancelledError("cancelled before preprocessing")
