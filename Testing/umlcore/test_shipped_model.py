@@ -36,7 +36,7 @@ def test_a_brain_mri_is_sent_to_review(predictor, name):
     """The issue's check on real data: a non-breast scan must not get a "reliable" verdict.
 
     A structural T1 at 4 mm and an EPI volume (case uncertainty 0.43 and 0.51 with 1.2.1, threshold 0.39).
-    nibabel's ``anatomical.nii`` is left out on purpose: at 0.3887 it sits on the threshold (docs/model.md).
+    nibabel's ``anatomical.nii`` is left out on purpose: at 0.3887 it sits on the threshold (0.3885).
     """
     pred = predictor.predict(_first_volume(NIBABEL_DATA / name))
     assert pred.summary["classification"]["verdict"] == "review"

@@ -103,7 +103,7 @@ PRESETS: dict[str, UMLConfig] = {
     # Compact: <= 3 GFLOP per 256x256 slice (measured in Testing/umlcore/test_network.py).
     "small": UMLConfig(cls_pool="avg+max+lesion"),
     # Twice the small widths (16..128): about 4x its parameters (1.75 M, 7 MB) and compute (<= 11 GFLOP per
-    # 256x256 slice), for the small lesions the small preset misses (docs/model.md).
+    # 256x256 slice), for the small lesions the small preset misses.
     "medium": UMLConfig(
         cls_widths=(16, 32, 64, 128),
         seg_widths=(16, 32, 64, 128),

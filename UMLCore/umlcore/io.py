@@ -1,4 +1,4 @@
-"""Image I/O for the predictor (DESIGN section 5.1): read volumes and cases, write images atomically.
+"""Image I/O of the predictor: read volumes and cases, write images atomically.
 
 Supported inputs: NIfTI (``.nii`` / ``.nii.gz``; nibabel reads NIfTI files whose direction cosines SimpleITK
 refuses), NRRD (``.nrrd`` / ``.nhdr``), MetaImage (``.mha`` / ``.mhd``) and folders holding one DICOM series

@@ -1,4 +1,4 @@
-"""Evidential losses of UML (DESIGN section 4), as small pure functions.
+"""Evidential losses of UML, as small pure functions.
 
 All losses are computed per sample and averaged over the batch. Targets are class indices, never
 one-hot tensors of ambiguous shape: a classification target must be ``(B,)`` and a segmentation

@@ -1,4 +1,4 @@
-"""The UML network (DESIGN section 3): encoders -> feature mixer -> mutual decoder -> navigator / instructor.
+"""The UML network: encoders -> feature mixer -> mutual decoder -> navigator / instructor.
 
 Input ``x: (B, C_in, H, W)`` with ``H, W`` multiples of 8. Both encoders share the resolution ladder
 ``H, H/2, H/4, H/8``.

@@ -1,4 +1,4 @@
-"""Pure array steps of the predictor (DESIGN section 5.2): slicing axis, normalisation, in-plane resize, padding.
+"""Pure array steps of the predictor: slicing axis, normalisation, in-plane resize, padding, 2.5D context.
 
 Array conventions: ``sitk.GetArrayFromImage`` gives numpy arrays in ``(z, y, x)`` order, i.e. numpy axis
 ``2 - j`` holds ITK index axis ``j``. :func:`to_slices` moves the slicing axis to the front, giving
