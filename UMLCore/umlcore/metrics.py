@@ -557,7 +557,7 @@ def histogram_auroc(positive_counts: ArrayLike, negative_counts: ArrayLike) -> f
 
     A pair in the same bin counts 0.5, as a tie does in :func:`roc_auc`, so with one bin per distinct score the
     result equals :func:`roc_auc` exactly. Counts of many volumes add up, so an AUROC over every voxel of a test set
-    (``training/evaluate.py``'s pixel uncertainty-error AUROC) needs two histograms, not the voxels.
+    (``python -m training.evaluate``'s pixel uncertainty-error AUROC) needs two histograms, not the voxels.
 
     Args:
         positive_counts: ``(B,)`` how many positives (e.g. wrongly segmented voxels) fall in each score bin.

@@ -111,12 +111,15 @@ def _reader(bundle: "ModelBundle", case: CaseRecord) -> dict[str, Any]:
     network = case.opinion.network
     strength = float(network.sum())
     reading, fitted = case.reading, bundle.card.reader.stacking is not None
+    stands = ("the network's opinion stands" if case.opinion.calibration is None else
+              f"the network's opinion stands, calibrated by the card's {case.opinion.calibration}")
     if reading is None:
-        reason = "one volume was given: the reader needs every phase (kinetics); the network's opinion stands"
+        reason = f"one volume was given: the reader needs every phase (kinetics); {stands}"
     elif not fitted:
-        reason = "the reader's rule is not fitted in this bundle (python -m training.fit opinion): the network's opinion stands"
+        reason = f"the reader's rule is not fitted in this bundle (python -m training.fit opinion): {stands}"
     elif reading.score is None:
-        reason = "nothing was segmented: the stacked rule reads the network's opinion alone"
+        reason = ("nothing was segmented" if not reading.checked_components else
+                  "the reader's check kept no lesion") + ": the stacked rule reads the network's opinion alone"
     else:
         reason = None
     return {"applied": reason is None, "reason": reason, "score": None if reading is None else reading.score,

@@ -4,8 +4,7 @@ Every adapter has the interface of :class:`~.base.DatasetAdapter`: ``case_ids()`
 ``labels()``, ``groups()`` (patient of each case) and ``split(fractions, seed)``. Splits are made with
 :func:`split_cases` and stored with :func:`write_split` / :func:`read_split`.
 
-Imports inside this package are relative, so it works both as ``training.datasets`` (repository root on
-``sys.path``) and as ``datasets`` (``training/`` on ``sys.path``, as the training scripts do).
+Imports inside this package are relative; import it as ``training.datasets`` from the repository root.
 """
 
 from __future__ import annotations
