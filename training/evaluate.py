@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,16 +29,15 @@ import SimpleITK as sitk
 from umlcore import metrics
 from umlcore.bundle import load_bundle
 from umlcore.components import label_components
-from umlcore.errors import BundleError
 from umlcore.predictor import Prediction, Predictor
-from umlcore.preprocess import slice_axis_index, to_slices
+from umlcore.preprocess import to_slices
 from umlcore.reader import READER_TARGETS
 from umlcore.synthetic import SyntheticCase
 
 from .cases import INPUT_MODES, add_noise, input_volumes, synthetic_stream
-from .config import parse_config
+from .config import check_shape, config_parser, parse_config, run_tool
 from .fitting import suggest_review_uncertainty
-from .splits import Split, seeds
+from .splits import seeds
 
 __all__ = ["EvaluateConfig", "case_row", "section_figures", "card_settings", "evaluate", "main"]
 
@@ -49,7 +48,7 @@ class EvaluateConfig:
 
     model: str = ""  # the bundle folder / zip (required)
     out: str = "runs/eval"
-    split: Split = "test"
+    split: Literal["validation", "test"] = "test"
     first_seed: int = -1  # -1: the split's first seed (training.splits); a later one gives cases no report has seen
     cases: int = 100
     inputs: tuple[str, ...] = ("phases",)  # each case given as: phases, pre, early, late, subtraction
@@ -57,7 +56,7 @@ class EvaluateConfig:
     shape: tuple[int, int, int] = (24, 256, 256)
     label_noise: float = 0.02
     workers: int = 1  # processes generating the cases ahead
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = 16
 
 
@@ -90,7 +89,7 @@ def case_row(case: SyntheticCase, pred: Prediction, trace: dict, mode: str, sigm
     reader = c["reader"] or {}
     top = max(s["lesions"], key=lambda x: x["suspicion"], default=None)
     moved = [np.linalg.norm(ph["shift_mm"]) for ph in s["motion_correction"]["phases"] if ph["applied"]]
-    truth = to_slices(case.mask, slice_axis_index(case.direction, "axial")) > 0
+    truth = to_slices(case.mask, s["slicing"]["index_axis"]) > 0
     network = trace["opinion"].network
     positive = c["classes"].index(c["positive_class"])
     return {
@@ -279,26 +278,35 @@ def write_markdown(report: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    cfg, args = parse_config(EvaluateConfig, argv, __doc__)
-    p = args.parser
+def build_parser():
+    return config_parser(EvaluateConfig, "python -m training.evaluate", __doc__)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[EvaluateConfig, range]:
+    """The run's settings, checked, and its cases' seeds."""
+    p = build_parser()
+    cfg, _ = parse_config(EvaluateConfig, argv, p)
     if not cfg.model:
         p.error("--model is required: give a bundle folder or .zip")
     if unknown := sorted(set(cfg.inputs) - set(INPUT_MODES)):
         p.error(f"--inputs {unknown}: choose among {', '.join(INPUT_MODES)}")
     if not all(0.0 <= s < 1.0 for s in cfg.noise):
         p.error(f"--noise must be sigmas in [0, 1) (fractions of the intensity range), got {cfg.noise}")
+    if min(cfg.cases, cfg.workers, cfg.batch_size) < 1:
+        p.error("--cases, --workers and --batch-size must be at least 1")
+    check_shape(p, "--shape", cfg.shape)
     try:
-        cases = seeds(cfg.split, cfg.cases, None if cfg.first_seed < 0 else cfg.first_seed)
-        bundle = load_bundle(cfg.model)
-    except (ValueError, BundleError) as exc:
+        return cfg, seeds(cfg.split, cfg.cases, None if cfg.first_seed < 0 else cfg.first_seed)
+    except ValueError as exc:
         p.error(str(exc))
-    if cfg.split == "train":
-        p.error("--split train: the network was trained on those cases; evaluate on validation or test cases")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    cfg, cases = parse_args(argv)
+    bundle = load_bundle(cfg.model)  # a bundle that cannot be used: one line, exit 2 (run_tool)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor(bundle, device=cfg.device, batch_size=cfg.batch_size)
-    result = evaluate(cfg, predictor)
+    result = evaluate(cfg, Predictor(bundle, device=cfg.device, batch_size=cfg.batch_size))
     report = {"model": {"id": bundle.card.id, "version": bundle.card.version, "sha256": bundle.sha256,
                         "settings": card_settings(bundle.card)},
               "command": "python -m training.evaluate " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -316,4 +324,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, "python -m training.evaluate"))

@@ -11,7 +11,8 @@ The network comes from ``--run`` (a ``python -m training.train`` folder) or from
 ``--base`` or, without it, a new synthetic breast DCE-MRI card. A new network on a base card keeps the base's
 reader, thresholds and calibrations (they were fitted on the previous network: measure, then refit what the
 measurement says needs it) and empties its metrics; its ``training`` record becomes the run's, with the previous
-network's under ``training.init``. A new reader starts with its rule unfitted (``python -m training.fit opinion``).
+network's under ``training.init``. A new reader starts with its rule unfitted (``python -m training.fit opinion``)
+and the base's check settings (or the defaults); until its rule is fitted, the case opinion stays the network's.
 ``--report`` writes an evaluation's figures into the card's ``metrics`` (the three-phase figures, and those of
 single-volume inputs under ``metrics.single_volume``).
 """
@@ -27,14 +28,17 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
 from safetensors.torch import load_file
 
 from umlcore.bundle import ModelBundle, load_bundle, save_bundle
 from umlcore.card import InputSpec, ModelCard, MotionCorrection, ReaderConfig, Segment
 from umlcore.config import UMLConfig
-from umlcore.errors import BundleError
+from umlcore.errors import UMLInputError
 from umlcore.network import UMLNet
 from umlcore.reader import LesionReader
+
+from .config import Parser, read_json, run_tool
 
 __all__ = ["LESION", "training_record", "new_card", "save_with_card", "with_version", "main"]
 
@@ -70,11 +74,11 @@ def training_record(run: Path, weights: str) -> dict:
             "config": cfg}
 
 
-def new_card(architecture: UMLConfig, model_id: str, version: str, context_slices: int) -> ModelCard:
+def new_card(architecture: UMLConfig, model_id: str, version: str, context_slices: int, preset: str) -> ModelCard:
     """A card for a network trained on the synthetic breast DCE-MRI: three phases, lesion + suspicion."""
     return ModelCard(
         id=model_id, version=version, task="breast-dce-mri-lesion",
-        name="UML breast DCE-MRI lesion segmentation + suspicion",
+        name=f"UML breast DCE-MRI lesion segmentation + suspicion ({preset}{', 2.5D' if context_slices else ''})",
         description=("Uncertainty-informed Mutual Learning network trained on synthetic breast DCE-MRI. Input: one "
                      "DCE-MRI volume (any phase or a subtraction image; replicated into the three channels) or the "
                      "pre-contrast, early and late post-contrast phases. Output: lesion segmentation, per-voxel "
@@ -114,15 +118,24 @@ def report_metrics(card: ModelCard, report: dict) -> dict:
     return out
 
 
-def _network(args, base: Optional[ModelBundle], p) -> tuple[UMLNet, Optional[dict]]:
+def _load_state(net: torch.nn.Module, path: Path, what: str) -> None:
+    """``net``'s weights from ``path``, refused with one line where they do not fit."""
+    try:
+        net.load_state_dict(load_file(str(path)))
+    except (RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UMLInputError(f"{path} does not hold the weights of this {what} ({first}): give the run's own file") from None
+
+
+def _network(args, base: Optional[ModelBundle]) -> tuple[UMLNet, Optional[dict]]:
     """The network (from ``--run`` or the base) and, for a run, its training record."""
     if args.run is None:
         return base.model, None
     for needed in (args.weights, "model_config.json", "train_config.json"):
         if not (args.run / needed).is_file():
-            p.error(f"{args.run / needed} is missing: give the --run folder that python -m training.train wrote")
+            raise UMLInputError(f"{args.run / needed} is missing: give the --run folder that python -m training.train wrote")
     model = UMLNet(UMLConfig.from_json((args.run / "model_config.json").read_text()))
-    model.load_state_dict(load_file(str(args.run / args.weights)))
+    _load_state(model, args.run / args.weights, "run's network")
     return model, training_record(args.run, args.weights)
 
 
@@ -130,70 +143,95 @@ def _reader(args, base: Optional[ModelBundle], card: ModelCard) -> tuple[Optiona
     """The reader (from ``--reader`` or the base) and the card with its section."""
     if args.reader is None:
         return (None if base is None else base.reader), card
-    section = json.loads((args.reader / "reader.json").read_text())  # both files checked in main
+    if not all((args.reader / f).is_file() for f in ("reader.json", "reader.safetensors")):
+        raise UMLInputError(f"--reader {args.reader} lacks reader.json or reader.safetensors: give the --out folder of "
+                            "a finished python -m training.train_reader run")
+    section = read_json(args.reader / "reader.json", "the reader.json of python -m training.train_reader")
     kept = {} if card.reader is None else {k: getattr(card.reader, k) for k in (
         "max_components", "segmentation_min_lesion", "segmentation_max_components")}
     config = ReaderConfig(**{**section, **kept, "stacking": None})
     reader = LesionReader(len(card.input.channels) * (2 * config.context_slices + 1), config.width)
-    reader.load_state_dict(load_file(str(args.reader / "reader.safetensors")))
-    return reader, dataclasses.replace(card, reader=config, case_calibration=None)
+    _load_state(reader, args.reader / "reader.safetensors", "reader")
+    return reader, dataclasses.replace(card, reader=config)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _card(args, base: Optional[ModelBundle], model: UMLNet, record: Optional[dict]) -> ModelCard:
+    """The card: new, or the base's with the new network's record (and no figures: they were the old network's)."""
+    if base is None:
+        card = new_card(model.config, args.id or "uml-breast-dce-small", args.version or "1.0.0",
+                        int(record["config"].get("context_slices", 0)), record["config"].get("preset", "small"))
+    else:
+        card = base.card if args.id is None else dataclasses.replace(base.card, id=args.id)
+        if record is not None:
+            card = dataclasses.replace(card, architecture=model.config, metrics={}, training={**record, "init": card.training})
+    if record is not None and base is None:
+        card = dataclasses.replace(card, training=record)
+    changes = {k: v for k, v in (("name", args.name), ("description", args.description)) if v is not None}
+    return dataclasses.replace(card, **changes)
+
+
+def _motion(card: ModelCard, text: Optional[str]) -> ModelCard:
+    """The card with ``--motion-correction`` (``none`` or the channel the others are moved onto)."""
+    if text is None:
+        return card
+    mc = (MotionCorrection() if text == "none"
+          else MotionCorrection("translation", text, card.input.motion_correction.max_shift_mm))
+    return dataclasses.replace(card, input=dataclasses.replace(card.input, motion_correction=mc))
+
+
+def _report(card: ModelCard, path: Optional[Path], sha256: str) -> ModelCard:
+    """The card with ``--report``'s figures, if they were measured on these weights."""
+    if path is None:
+        return card
+    report = read_json(path, "a report.json of python -m training.evaluate")
+    if not isinstance(report, dict) or not isinstance(report.get("figures"), dict):
+        raise UMLInputError(f"{path} is not a report of python -m training.evaluate: give its report.json")
+    if report.get("model", {}).get("sha256") != sha256:
+        raise UMLInputError(f"{path} measured other weights than this bundle's: evaluate this bundle, then add its report")
+    return dataclasses.replace(card, metrics=report_metrics(card, report))
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m training.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="the bundle folder to write")
     p.add_argument("--base", help="an existing bundle whose card (and network, reader) the new one starts from")
     p.add_argument("--run", type=Path, help="a python -m training.train folder: its network")
     p.add_argument("--weights", default="best.safetensors", help="the file in --run (default best.safetensors)")
     p.add_argument("--reader", type=Path, help="a python -m training.train_reader folder: its lesion reader")
-    p.add_argument("--report", type=Path, help="a python -m training.evaluate report.json: its figures as metrics")
+    p.add_argument("--report", type=Path, help="a python -m training.evaluate report.json of the --base bundle: "
+                                                "its figures as the card's metrics")
     p.add_argument("--motion-correction", metavar="none|CHANNEL",
                    help="how multi-phase cases are aligned: none, or the channel the others are moved onto (e.g. early)")
     p.add_argument("--id", help="the model id (default: the base's, else uml-breast-dce-small)")
-    p.add_argument("--version", help="the version (default: the base's, else 1.0.0)")
+    p.add_argument("--version", help="the version (default: the base's, else 1.0.0; required with --base and --run)")
+    p.add_argument("--name", help="the model's name for people (default: the base's, else one from the preset)")
+    p.add_argument("--description", help="what the model does, for people (default: the base's, else a generic one)")
     p.add_argument("--changelog", help="one line for the card's changelog under the version")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.base is None and args.run is None:
         p.error("give --run (a new bundle) or --base (a bundle to change)")
-    if args.reader is not None and not all((args.reader / f).is_file() for f in ("reader.json", "reader.safetensors")):
-        p.error(f"--reader {args.reader} lacks reader.json or reader.safetensors: give the --out folder of a finished "
-                "python -m training.train_reader run")
-    try:
-        base = None if args.base is None else load_bundle(args.base)
-    except BundleError as exc:
-        p.error(str(exc))
-    model, record = _network(args, base, p)
-    if base is None:
-        card = new_card(model.config, args.id or "uml-breast-dce-small", args.version or "1.0.0",
-                        int(record["config"].get("context_slices", 0)))
-    else:
-        card = base.card if args.id is None else dataclasses.replace(base.card, id=args.id)
-        if record is not None:  # a new network on the base's card: the old figures are the old network's
-            card = dataclasses.replace(card, architecture=model.config, metrics={})
-    if record is not None:
-        card = dataclasses.replace(card, training={**record, **({"init": card.training} if base else {})})
-    reader, card = _reader(args, base, card)
-    if args.motion_correction is not None:
-        mc = (MotionCorrection() if args.motion_correction == "none"
-              else MotionCorrection("translation", args.motion_correction, card.input.motion_correction.max_shift_mm))
-        try:
-            card = dataclasses.replace(card, input=dataclasses.replace(card.input, motion_correction=mc))
-        except BundleError as exc:
-            p.error(f"--motion-correction {args.motion_correction}: {exc}")
-    if args.report is not None:
-        card = dataclasses.replace(card, metrics=report_metrics(card, json.loads(args.report.read_text())))
-    card = with_version(card, args.version, args.changelog)
-    try:
-        path = save_bundle(model, card, args.out, overwrite=args.overwrite, reader=reader)
-        bundle = load_bundle(path)
-    except BundleError as exc:
-        p.error(str(exc))
+    if args.base is not None and args.run is not None and args.version is None:
+        p.error("a new network in --base's card is a new model version: give --version")
+    if args.report is not None and (args.run is not None or args.reader is not None):
+        p.error("--report holds figures of --base's weights: export the new networks first, evaluate that bundle, "
+                "then add its report")
+    base = None if args.base is None else load_bundle(args.base)
+    model, record = _network(args, base)
+    reader, card = _reader(args, base, _card(args, base, model, record))
+    card = _report(_motion(card, args.motion_correction), args.report, None if base is None else base.sha256)
+    path = save_bundle(model, with_version(card, args.version, args.changelog), args.out, overwrite=args.overwrite,
+                       reader=reader)
+    bundle = load_bundle(path)
     size = (path / "model.safetensors").stat().st_size / 1e6
-    print(f"wrote {path} ({card.id} {card.version}, {size:.2f} MB weights, sha256 {bundle.sha256[:12]}...)")
+    print(f"wrote {path} ({bundle.card.id} {bundle.card.version}, {size:.2f} MB weights, sha256 {bundle.sha256[:12]}...)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, "python -m training.export"))

@@ -38,10 +38,11 @@ import numpy as np
 from umlcore import metrics
 from umlcore.bundle import load_bundle
 from umlcore.card import STACKING_TERMS, ModelCard
-from umlcore.errors import BundleError
-from umlcore.fusion import card_opinion
+from umlcore.errors import UMLInputError
+from umlcore.fusion import opinion_from_network
 
 from .cases import SINGLE_VOLUME_INPUTS
+from .config import Parser, read_json, run_tool
 from .evaluate import card_settings
 from .export import save_with_card, with_version
 from .fitting import (choose_check_threshold, choose_component_threshold, fit_platt, fit_stacking,
@@ -55,22 +56,25 @@ def read_rows(paths: list[Path], bundle, same_settings: bool) -> tuple[list[dict
     their splits.
 
     Raises:
-        ValueError: a report of other weights (or, with ``same_settings``, other card settings), or a case twice.
+        UMLInputError: a file that is not an evaluation report, a report of other weights (or, with
+            ``same_settings``, other card settings), or a case twice.
     """
     rows, seen, parts, splits = [], set(), [], set()
     for path in paths:
-        report = json.loads(Path(path).read_text())
-        model = report.get("model", {})
+        report = read_json(path, "a report.json of python -m training.evaluate")
+        if not isinstance(report, dict) or not isinstance(report.get("rows"), list) or "model" not in report:
+            raise UMLInputError(f"{path} is not a report of python -m training.evaluate: give its report.json")
+        model = report["model"]
         if model.get("sha256") != bundle.sha256:
-            raise ValueError(f"{path} evaluated other weights (sha256 {str(model.get('sha256'))[:12]}..., this bundle "
-                             f"{bundle.sha256[:12]}...): evaluate this bundle")
+            raise UMLInputError(f"{path} evaluated other weights (sha256 {str(model.get('sha256'))[:12]}..., this "
+                                f"bundle {bundle.sha256[:12]}...): evaluate this bundle")
         if same_settings and model.get("settings") != card_settings(bundle.card):
-            raise ValueError(f"{path} was made with the card settings {model.get('settings')}, this bundle has "
-                             f"{card_settings(bundle.card)}: evaluate this bundle")
+            raise UMLInputError(f"{path} was made with the card settings {model.get('settings')}, this bundle has "
+                                f"{card_settings(bundle.card)}: evaluate this bundle")
         for r in report["rows"]:
             key = (r["seed"], r["input"], r["noise"])
             if key in seen:
-                raise ValueError(f"case {key} is in two of the reports: give each case once")
+                raise UMLInputError(f"case {key} is in two of the reports: give each case once")
             seen.add(key)
             rows.append(r)
         parts.append(f"{report['split']} seeds {report['seeds'][0]}..{report['seeds'][1]}")
@@ -88,8 +92,19 @@ def row_alpha(row: dict, positive: int = 1) -> np.ndarray:
     return np.maximum(alpha, 1.0)
 
 
-def _phases(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r["input"] == "phases" and r["noise"] == 0]
+def _opinions(card: ModelCard, rows: list[dict], single_volume: bool) -> list[np.ndarray]:
+    """The final Dirichlets ``card`` gives ``rows`` (the predictor's, from each row's network opinion and reading)."""
+    return [opinion_from_network(card, row_alpha(r, card.positive_class), None if r["reader_probabilities"] is None
+                                 else np.asarray(r["reader_probabilities"]), single_volume).alpha for r in rows]
+
+
+def _phases(rows: list[dict], lesions: bool = False) -> list[dict]:
+    """The rows of cases given as all phases without noise (``lesions``: those with a lesion), at least one."""
+    out = [r for r in rows if r["input"] == "phases" and r["noise"] == 0 and (r["lesion_voxels"] or not lesions)]
+    if not out:
+        raise UMLInputError("the reports hold no case given as all phases without noise" + (" with a lesion" if lesions
+                            else "") + ": evaluate with --inputs phases --noise 0 on more cases")
+    return out
 
 
 def _record(described: str, command: str, **figures) -> dict:
@@ -97,7 +112,7 @@ def _record(described: str, command: str, **figures) -> dict:
 
 
 def fit_component_filter(card: ModelCard, rows: list[dict], described: str, command: str) -> tuple[ModelCard, dict]:
-    threshold, table = choose_component_threshold(_phases(rows))
+    threshold, table = choose_component_threshold(_phases(rows, lesions=True))
     record = _record(described, command, chosen=threshold, validation_dice=table)
     training = {**card.training, "fits": {**card.training.get("fits", {}), "component_max_uncertainty": record}}
     return dataclasses.replace(card, component_max_uncertainty=threshold, training=training), record
@@ -105,9 +120,9 @@ def fit_component_filter(card: ModelCard, rows: list[dict], described: str, comm
 
 def fit_check(card: ModelCard, rows: list[dict], described: str, command: str) -> tuple[ModelCard, dict]:
     if card.reader is None:
-        raise ValueError("this bundle has no lesion reader to check the segmentation: add one with "
-                         "python -m training.export --reader")
-    threshold, table = choose_check_threshold(_phases(rows))
+        raise UMLInputError("this bundle has no lesion reader to check the segmentation: add one with "
+                            "python -m training.export --reader")
+    threshold, table = choose_check_threshold(_phases(rows, lesions=True))
     record = _record(described, command, chosen=threshold, validation_dice=table)
     reader = dataclasses.replace(card.reader, segmentation_min_lesion=threshold,
                                  training={**card.reader.training, "check_fit": record})
@@ -116,16 +131,10 @@ def fit_check(card: ModelCard, rows: list[dict], described: str, command: str) -
 
 def _opinion_figures(card: ModelCard, rows: list[dict], single_volume: bool) -> dict:
     """NLL, ECE and AUC of the opinions ``card`` gives ``rows``."""
-    p = [_final_p(card, r, single_volume) for r in rows]
+    p = [a[card.positive_class] / a.sum() for a in _opinions(card, rows, single_volume)]
     y = [r["label"] for r in rows]
     return {"cases": len(rows), "nll": metrics.nll(p, y), "ece": metrics.expected_calibration_error(p, y),
             "auc": metrics.roc_auc(p, y)}
-
-
-def _final_p(card: ModelCard, row: dict, single_volume: bool) -> float:
-    top = None if row["reader_probabilities"] is None else np.asarray(row["reader_probabilities"])
-    alpha = card_opinion(card, row_alpha(row, card.positive_class), top, single_volume).alpha
-    return float(alpha[card.positive_class] / alpha.sum())
 
 
 def fit_opinion(card: ModelCard, rows: list[dict], described: str, command: str) -> tuple[ModelCard, dict]:
@@ -152,7 +161,8 @@ def fit_opinion(card: ModelCard, rows: list[dict], described: str, command: str)
 def fit_single_volume(card: ModelCard, rows: list[dict], described: str, command: str) -> tuple[ModelCard, dict]:
     rows = [r for r in rows if r["input"] in SINGLE_VOLUME_INPUTS and r["noise"] == 0]
     if not rows:
-        raise ValueError("the reports hold no case given as one volume: evaluate with --inputs pre early late subtraction")
+        raise UMLInputError("the reports hold no case given as one volume: evaluate with --inputs pre early late "
+                            "subtraction")
     network_p, labels = [r["network_positive_probability"] for r in rows], [r["label"] for r in rows]
     slope, intercept = fit_platt(np.array(network_p), np.array(labels))
     fitted = dataclasses.replace(card, single_volume_calibration={"slope": slope, "intercept": intercept})
@@ -165,8 +175,7 @@ def fit_single_volume(card: ModelCard, rows: list[dict], described: str, command
 
 def fit_review(card: ModelCard, rows: list[dict], described: str, command: str) -> tuple[ModelCard, dict]:
     rows = _phases(rows)
-    opinions = [card_opinion(card, row_alpha(r, card.positive_class), None if r["reader_probabilities"] is None else
-                             np.asarray(r["reader_probabilities"]), False).alpha for r in rows]
+    opinions = _opinions(card, rows, False)
     u = np.array([len(a) / a.sum() for a in opinions])
     correct = np.array([(a[card.positive_class] / a.sum() >= 0.5) == bool(r["label"]) for a, r in zip(opinions, rows)])
     threshold = suggest_review_uncertainty(u, correct.astype(int))
@@ -180,9 +189,12 @@ FITS: dict[str, Callable[[ModelCard, list, str, str], tuple[ModelCard, dict]]] =
     "single-volume": fit_single_volume, "review": fit_review}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.fit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+#: What a fit of the segmentation leaves to refit: the card fields fitted on the segmentation it changes.
+_FITTED_ON_SEGMENTATION = ("case_calibration", "reader.stacking", "review_uncertainty")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m training.fit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=list(FITS), help="the setting to fit")
     p.add_argument("--model", required=True, help="the bundle (folder or .zip) whose evaluated cases the reports hold")
     p.add_argument("--reports", required=True, nargs="+", type=Path, help="report.json files of python -m training.evaluate")
@@ -190,17 +202,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--version", help="the new bundle's version (default: the model's)")
     p.add_argument("--changelog", help="one line for the card's changelog under that version")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     command = "python -m training.fit " + " ".join(sys.argv[1:] if argv is None else argv)
+    bundle = load_bundle(args.model)
+    rows, described, splits = read_rows(args.reports, bundle, same_settings=args.what not in ("component-filter", "check"))
     try:
-        bundle = load_bundle(args.model)
-        rows, described, splits = read_rows(args.reports, bundle, same_settings=args.what in ("opinion", "review"))
         card, record = FITS[args.what](bundle.card, rows, described, command)
-        path = save_with_card(bundle, with_version(card, args.version, args.changelog), args.out, args.overwrite)
-    except (OSError, ValueError, KeyError, BundleError) as exc:
-        p.error(f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc))
+    except ValueError as exc:  # e.g. cases of one class only
+        raise UMLInputError(f"cannot fit {args.what} on these cases ({exc}): evaluate more cases") from None
+    path = save_with_card(bundle, with_version(card, args.version, args.changelog), args.out, args.overwrite)
     shown = {k: v for k, v in record.items() if k not in ("fitted_on", "command")}
     print(f"{args.what}: {json.dumps(shown)}")
+    if args.what in ("component-filter", "check"):
+        print("note: the case opinion reads what the segmentation keeps: evaluate the new bundle on validation cases "
+              "and refit what it has of " + ", ".join(_FITTED_ON_SEGMENTATION))
     if "test" in splits:
         print("note: test-split cases are fitting data from now on: measure the result on fresh seeds")
     print(f"wrote {path}")
@@ -208,4 +227,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, "python -m training.fit"))

@@ -9,7 +9,9 @@ override it, and the run's settings are saved as ``OUT/train_config.json``. ``--
 finished epoch with the saved optimiser state and settings (flags still override them; one that would change the
 architecture is refused); a larger ``--epochs`` stretches the cosine schedule over the new total.
 Checkpoints are safetensors (no pickle): ``best.safetensors`` (the best validation score), ``last.safetensors``
-+ ``last_optim.safetensors`` + ``last.json`` (for ``--resume``); ``log.csv`` gets one row per epoch.
++ ``last_optim.safetensors`` + ``last.json`` (for ``--resume``); ``log.csv`` gets one row per epoch. ``max_minutes``
+stops a run after the epoch that crosses a time budget, ``stop_after_epoch`` after a given epoch (the learning-rate
+schedule still planned over ``epochs``), so a run can be continued with ``--resume``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from umlcore import metrics
 from umlcore.bundle import load_bundle
 from umlcore.card import Normalization
 from umlcore.config import UMLConfig
+from umlcore.errors import UMLInputError
 from umlcore.evidential import opinion
 from umlcore.fusion import fuse_slice_opinions
 from umlcore.losses import DiceMode, LossWeights, kl_annealing, uml_loss
@@ -41,7 +44,8 @@ from umlcore.network import UMLNet
 from umlcore.predictor import strict_fp32
 from umlcore.synthetic import generate_case
 
-from .config import parse_config
+from .cases import PHASES
+from .config import check_shape, config_parser, parse_config, run_tool
 from .slices import LesionSampling, SliceSampler, VolumeCase, case_from_synthetic, predict_volume
 from .splits import seeds
 from .workers import ordered_map
@@ -96,6 +100,12 @@ class TrainConfig:
     workers: int = 2  # processes generating the synthetic cases
     threads: int = 0  # torch CPU threads; 0 = torch default
     max_minutes: float = 0.0  # stop after the epoch that crosses this wall-clock budget (0 = no limit)
+    stop_after_epoch: int = 0  # stop after this epoch, the schedule still planned over `epochs` (0 = run them all)
+
+
+def build_parser():
+    return config_parser(TrainConfig, "python -m training.train", __doc__,
+                         extra=[("--resume", {"action": "store_true", "help": "continue from OUT/last.* if present"})])
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[TrainConfig, bool]:
@@ -105,9 +115,15 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[TrainConfig, bool]:
         path = Path(args.out or TrainConfig.out) / "train_config.json"
         return path if args.resume and path.exists() else None
 
-    cfg, args = parse_config(TrainConfig, argv, __doc__, saved=own_settings,
-                             extra=[("--resume", {"action": "store_true", "help": "continue from OUT/last.* if present"})])
-    p = args.parser
+    p = build_parser()
+    cfg, args = parse_config(TrainConfig, argv, p, saved=own_settings)
+    check_shape(p, "--case-shape", cfg.case_shape)
+    if min(cfg.train_cases, cfg.val_cases, cfg.epochs, cfg.steps_per_epoch, cfg.batch_size) < 1:
+        p.error("--train-cases, --val-cases, --epochs, --steps-per-epoch and --batch-size must be at least 1")
+    if cfg.init and not Path(cfg.init).exists():
+        p.error(f"--init {cfg.init} does not exist: give a bundle folder or .zip, or a .safetensors of this architecture")
+    if not 0 <= cfg.stop_after_epoch <= cfg.epochs:
+        p.error(f"--stop-after-epoch must be from 0 (every epoch) to --epochs ({cfg.epochs}), got {cfg.stop_after_epoch}")
     if cfg.crop % 8:
         p.error(f"--crop must be a multiple of 8, got {cfg.crop}")
     if not 0 <= cfg.new_cases_per_epoch <= cfg.train_cases:
@@ -120,7 +136,6 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[TrainConfig, bool]:
 
 # ------------------------------------------------------------------------------------------------- data
 NORM = Normalization()  # the shipped bundle's input normalisation (percentile 0.5 / 99.5 -> [0, 1])
-PHASES = ("pre", "early", "late")  # the synthetic cases' channels, as the exported card names them
 
 
 def _make_case(args: tuple[int, tuple[int, int, int], float]) -> VolumeCase:
@@ -128,8 +143,9 @@ def _make_case(args: tuple[int, tuple[int, int, int], float]) -> VolumeCase:
     return case_from_synthetic(generate_case(seed, shape=shape, label_noise=noise), NORM)
 
 
-def synthetic_cases(seeds: range, shape: tuple[int, int, int], noise: float, workers: int) -> list[VolumeCase]:
-    return list(ordered_map(_make_case, [(s, shape, noise) for s in seeds], workers))
+def synthetic_cases(case_seeds: range, shape: tuple[int, int, int], noise: float, workers: int) -> list[VolumeCase]:
+    """The cases of ``case_seeds``, generated and normalised in ``workers`` processes."""
+    return list(ordered_map(_make_case, [(s, shape, noise) for s in case_seeds], workers))
 
 
 def case_stream(first_seed: int, shape: tuple[int, int, int], noise: float, workers: int,
@@ -222,8 +238,8 @@ def init_weights(path: str, model: UMLNet) -> list[str]:
     inflate = k_bundle == 0 and ratio > 1 and ratio % 2 == 1 and ratio * arch.in_channels == model.config.in_channels
     same = dataclasses.replace(arch, cls_pool=model.config.cls_pool, in_channels=model.config.in_channels)
     if same != model.config or (arch.in_channels != model.config.in_channels and not inflate):
-        raise SystemExit(f"training.train: error: --init {path} has architecture {arch}, but this run "
-                         f"builds {model.config}; pick the bundle's preset and channels, or train from scratch")
+        raise UMLInputError(f"--init {path} has architecture {arch}, but this run builds {model.config}: pick the "
+                            "bundle's preset and channels, or train from scratch")
     state, notes = model.state_dict(), []
     for name, value in bundle.model.state_dict().items():
         if value.shape == state[name].shape:
@@ -258,16 +274,34 @@ def check_resume(out: Path, cfg: TrainConfig) -> None:
     before = UMLConfig.from_json(saved.read_text())
     now = model_config(cfg)
     if now != before:
-        raise SystemExit(f"training.train: error: {out} was trained with architecture {before}, but this resume builds "
-                         f"{now}; resume with --config {out / 'train_config.json'} (or the run's --preset, "
-                         "--cls-pool and --context-slices)")
+        raise UMLInputError(f"{out} was trained with architecture {before}, but this resume builds {now}: resume "
+                            f"with --config {out / 'train_config.json'} (or the run's --preset, --cls-pool and "
+                            "--context-slices)")
 
 
-# ------------------------------------------------------------------------------------------------- main
-def main(argv: Optional[list[str]] = None) -> dict:
-    cfg, resume = parse_args(argv)
-    t_start = time.time()  # --max-minutes counts from here (data generation included)
+# ------------------------------------------------------------------------------------------------- the run
+LOG_FIELDS = ["epoch", "step", "lr", "kl_weight", "loss", "cls", "seg", "mutual", "dice", "accuracy", "auc", "ece",
+              "case_uncertainty", "pixel_u_auroc", "seconds"]
+
+
+@dataclass
+class Run:
+    """A run in progress: its settings, where it writes, the device, and ``state`` (saved as ``last.json``)."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    use_amp: bool
+    first_epoch: int
+    state: dict = dataclasses.field(default_factory=lambda: {
+        "epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "best_metrics": {}})
+    skipped: int = 0  # updates skipped for a non-finite loss or gradient
+
+
+def start(cfg: TrainConfig, resume: bool, argv: Optional[list[str]]) -> Run:
+    """Refuse a resume of another architecture, write the run's command and settings, seed, pick the device."""
     out = Path(cfg.out)
+    resuming = resume and (out / "last.json").exists()
     if resume:
         check_resume(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -280,155 +314,157 @@ def main(argv: Optional[list[str]] = None) -> dict:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    use_amp = cfg.amp == "auto" and device.type == "cuda"
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed crop size: let cuDNN pick its fastest kernels
+    first_epoch = json.loads((out / "last.json").read_text())["epoch"] if resuming else 0
+    return Run(cfg, out, device, cfg.amp == "auto" and device.type == "cuda", first_epoch)
 
-    # data: a fixed set of training cases, or a window of seeds that slides by new_cases_per_epoch each epoch
-    t0 = time.time()
+
+def load_data(run: Run) -> tuple[SliceSampler, list[VolumeCase], Optional[Iterator[VolumeCase]]]:
+    """The training sampler, the validation cases, and the stream of new cases (a sliding window of seeds) or
+    ``None`` (one fixed set)."""
+    cfg, t0 = run.cfg, time.time()
     val_cases = synthetic_cases(seeds("validation", cfg.val_cases), cfg.case_shape, cfg.label_noise, cfg.workers)
-    first_epoch = 0
-    if resume and (out / "last.json").exists():
-        first_epoch = json.loads((out / "last.json").read_text())["epoch"]
-    window_start = cfg.seed_base + first_epoch * cfg.new_cases_per_epoch
+    window = seeds("train", cfg.train_cases, cfg.seed_base + run.first_epoch * cfg.new_cases_per_epoch)
+    stream = None
     if cfg.new_cases_per_epoch:
-        stream = case_stream(window_start, cfg.case_shape, cfg.label_noise, cfg.workers, cfg.new_cases_per_epoch)
+        stream = case_stream(window.start, cfg.case_shape, cfg.label_noise, cfg.workers, cfg.new_cases_per_epoch)
         train_cases = list(itertools.islice(stream, cfg.train_cases))
     else:
-        train_cases = synthetic_cases(range(window_start, window_start + cfg.train_cases), cfg.case_shape,
-                                      cfg.label_noise, cfg.workers)
+        train_cases = synthetic_cases(window, cfg.case_shape, cfg.label_noise, cfg.workers)
     sampler = SliceSampler(train_cases, cfg.crop, cfg.lesion_fraction, cfg.single_volume_prob, seed=cfg.seed,
-                           device=device, channel_jitter=cfg.channel_jitter, noise_max=cfg.noise_max,
+                           device=run.device, channel_jitter=cfg.channel_jitter, noise_max=cfg.noise_max,
                            lesion_sampling=cfg.lesion_sampling, context_slices=cfg.context_slices)
-    print(f"data: {len(train_cases)} train cases (seeds {window_start}-{window_start + cfg.train_cases - 1}) / "
-          f"{len(val_cases)} val cases, {len(sampler.all_slices)} train slices "
-          f"({len(sampler.lesion_slices)} with lesion) in {time.time() - t0:.1f}s"
-          + (f"; {cfg.new_cases_per_epoch} new cases each epoch" if cfg.new_cases_per_epoch else ""), flush=True)
-    model_cfg = model_config(cfg, train_cases[0].channels.shape[0])
-    del train_cases  # the sampler holds them (on the GPU: its copy); the window drops them as it slides
+    print(f"data: {len(train_cases)} train cases (seeds {window.start}-{window.stop - 1}) / {len(val_cases)} val "
+          f"cases, {len(sampler.all_slices)} train slices ({len(sampler.lesion_slices)} with lesion) in "
+          f"{time.time() - t0:.1f}s" + (f"; {cfg.new_cases_per_epoch} new cases each epoch" if stream else ""), flush=True)
+    return sampler, val_cases, stream
 
-    # model
-    model = UMLNet(model_cfg).to(device)
-    (out / "model_config.json").write_text(model_cfg.to_json())  # written first, so any checkpoint can be exported
+
+def build_model(run: Run, n_phases: int) -> tuple[UMLNet, torch.nn.Module, torch.optim.Optimizer]:
+    """The network (from ``init`` or the resumed checkpoint), the module the steps run (compiled on CUDA when asked:
+    it fuses the many small element-wise ops of this narrow network), and AdamW."""
+    cfg = run.cfg
+    model_cfg = model_config(cfg, n_phases)
+    model = UMLNet(model_cfg).to(run.device)
+    (run.out / "model_config.json").write_text(model_cfg.to_json())  # first, so any checkpoint can be exported
     print(f"model: preset {cfg.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
           f"{model_cfg.in_channels} input channels{f' (2.5D, +-{cfg.context_slices} slices)' if cfg.context_slices else ''}, "
-          f"device {device}{' (bf16 autocast)' if use_amp else ''}", flush=True)
-
-    # the training forward runs compiled on CUDA (fuses the many small element-wise ops of this narrow network);
-    # validation and the checkpoints use the plain module, which shares its parameters
-    step_model = torch.compile(model) if cfg.compile == "auto" and device.type == "cuda" else model
-
-    # schedule: AdamW, linear warm-up then cosine decay over all steps; KL weight annealed per epoch
+          f"device {run.device}{' (bf16 autocast)' if run.use_amp else ''}", flush=True)
+    step_model = torch.compile(model) if cfg.compile == "auto" and run.device.type == "cuda" else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * cfg.steps_per_epoch
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "best_metrics": {}}
-    if cfg.init and not (resume and (out / "last.json").exists()):
+    if run.first_epoch:
+        run.state = load_checkpoint(run.out, model, opt)
+        print(f"resumed from epoch {run.state['epoch']}", flush=True)
+    elif cfg.init:
         notes = init_weights(cfg.init, model)
         print(f"initialised from {cfg.init}" + (f" ({'; '.join(notes)})" if notes else ""), flush=True)
-    if resume and (out / "last.json").exists():
-        state = load_checkpoint(out, model, opt)
-        sampler.reseed(cfg.seed + state["step"])
-        print(f"resumed from epoch {state['epoch']}", flush=True)
+    return model, step_model, opt
 
-    log_path = out / "log.csv"
-    fields = ["epoch", "step", "lr", "kl_weight", "loss", "cls", "seg", "mutual", "dice", "accuracy", "auc", "ece",
-              "case_uncertainty", "pixel_u_auroc", "seconds"]
-    if not (resume and log_path.exists()):
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerow(fields)
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # optional
-        tb = SummaryWriter(str(out / "tensorboard"))
-    except Exception:
-        tb = None
 
-    # loop
-    weights = LossWeights()
-    skipped = 0  # updates skipped for a non-finite gradient (reported per epoch)
-    for epoch in range(state["epoch"], cfg.epochs):
-        if cfg.new_cases_per_epoch and epoch > first_epoch:  # slide the window (made while the last epoch trained)
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay over all the planned steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.epochs * cfg.steps_per_epoch - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def train_epoch(run: Run, model: UMLNet, step_model: torch.nn.Module, opt: torch.optim.Optimizer,
+                sampler: SliceSampler, epoch: int) -> tuple[dict[str, float], torch.nn.Module]:
+    """One epoch of steps; the mean losses, and the module to run next (the plain one if compiling failed)."""
+    cfg, model = run.cfg, model.train()
+    kl_weight = kl_annealing(epoch, cfg.kl_anneal_epochs)
+    sums = {k: torch.zeros((), device=run.device) for k in ("total", "cls", "seg", "mutual")}  # summed on the device
+    for i in range(cfg.steps_per_epoch):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, run.state["step"])
+        x, seg, cls = sampler.batch(cfg.batch_size)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_amp):
+            try:
+                out = step_model(x)
+            except Exception as exc:  # a compile failure surfaces at the first call: go on uncompiled
+                if step_model is model:
+                    raise
+                print(f"\ntorch.compile failed ({type(exc).__name__}: {exc}); training uncompiled", flush=True)
+                step_model, out = model, model(x)
+        out = type(out)(*(o.float() if torch.is_tensor(o) else tuple(t.float() for t in o) for o in out))
+        losses = uml_loss(out, cls, seg, kl_weight, LossWeights(), cfg.dice_mode)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        run.state["step"] += 1
+        if not torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)):
+            run.skipped += 1  # a non-finite loss or gradient: skip the update, keep the weights
+            if run.skipped > 20:
+                raise UMLInputError(f"{run.skipped} steps with a non-finite loss or gradient (last at step "
+                               f"{run.state['step'] - 1}): lower --lr or use --amp off")
+            continue
+        opt.step()
+        for k in sums:
+            sums[k] += losses[k].detach()
+        if (i + 1) % 50 == 0 or i + 1 == cfg.steps_per_epoch:  # reading the loss waits for the device
+            print(f"\repoch {epoch + 1}/{cfg.epochs} [{'#' * int(20 * (i + 1) / cfg.steps_per_epoch):<20}] "
+                  f"loss {sums['total'] / (i + 1):.4f}", end="", flush=True)
+    return {k: float(v) / cfg.steps_per_epoch for k, v in sums.items()} | {"kl_weight": kl_weight}, step_model
+
+
+def finish_epoch(run: Run, model: UMLNet, opt: torch.optim.Optimizer, val_cases: list[VolumeCase], epoch: int,
+                 losses: dict[str, float], t_epoch: float) -> None:
+    """Validate, log a row, keep the best weights, save the checkpoint."""
+    cfg, train_seconds = run.cfg, time.time() - t_epoch
+    val = validate(model, val_cases, run.device, cfg.context_slices)
+    row = {"epoch": epoch + 1, "step": run.state["step"], "lr": lr_at(cfg, run.state["step"]),
+           "kl_weight": losses["kl_weight"], "loss": losses["total"],
+           **{k: losses[k] for k in ("cls", "seg", "mutual")}, **val, "seconds": time.time() - t_epoch}
+    print(f"\repoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} | val dice {val['dice']:.3f} "
+          f"acc {val['accuracy']:.3f} auc {val['auc']:.3f} ece {val['ece']:.3f} u {val['case_uncertainty']:.3f} "
+          f"pix-u-auroc {val['pixel_u_auroc']:.3f} | {row['seconds']:.0f}s "
+          f"({cfg.steps_per_epoch / train_seconds:.1f} steps/s, {run.skipped} skipped)", flush=True)
+    with open(run.out / "log.csv", "a", newline="") as f:
+        csv.writer(f).writerow([row[k] for k in LOG_FIELDS])
+    if score(val) > run.state["best_score"]:
+        run.state.update(best_score=score(val), best_epoch=epoch + 1, best_metrics=val)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(run.out / "best.safetensors"))
+    run.state["epoch"] = epoch + 1
+    save_checkpoint(run.out, model, opt, run.state)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    cfg, resume = parse_args(argv)
+    t_start = time.time()  # --max-minutes counts from here (data generation included)
+    run = start(cfg, resume, argv)
+    sampler, val_cases, stream = load_data(run)
+    model, step_model, opt = build_model(run, sampler.n_channels)
+    if run.first_epoch:
+        sampler.reseed(cfg.seed + run.state["step"])  # the random streams go on from the step it continues at
+    else:
+        with open(run.out / "log.csv", "w", newline="") as f:
+            csv.writer(f).writerow(LOG_FIELDS)
+    last = cfg.stop_after_epoch or cfg.epochs
+    for epoch in range(run.state["epoch"], last):
+        if stream is not None and epoch > run.first_epoch:  # slide the window (made while the last epoch trained)
             t_new = time.time()
             sampler.advance(list(itertools.islice(stream, cfg.new_cases_per_epoch)))
-            print(f"cases: seeds {cfg.seed_base + epoch * cfg.new_cases_per_epoch}-"
-                  f"{cfg.seed_base + epoch * cfg.new_cases_per_epoch + cfg.train_cases - 1} "
-                  f"(waited {time.time() - t_new:.1f}s for the new ones)", flush=True)
-        model.train()
-        kl_weight = kl_annealing(epoch, cfg.kl_anneal_epochs)
+            first = cfg.seed_base + epoch * cfg.new_cases_per_epoch
+            print(f"cases: seeds {first}-{first + cfg.train_cases - 1} (waited {time.time() - t_new:.1f}s for the "
+                  "new ones)", flush=True)
         t_epoch = time.time()
-        sums = {k: torch.zeros((), device=device) for k in ("total", "cls", "seg", "mutual")}  # summed on the device
-        for i in range(cfg.steps_per_epoch):
-            step = state["step"]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            x, seg, cls = sampler.batch(cfg.batch_size)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                try:
-                    out_ = step_model(x)
-                except Exception as exc:  # a compile failure surfaces at the first call: go on uncompiled
-                    if step_model is model:
-                        raise
-                    print(f"\ntorch.compile failed ({type(exc).__name__}: {exc}); training uncompiled", flush=True)
-                    step_model = model
-                    out_ = model(x)
-            out_ = type(out_)(*(o.float() if torch.is_tensor(o) else tuple(t.float() for t in o) for o in out_))
-            losses = uml_loss(out_, cls, seg, kl_weight, weights, cfg.dice_mode)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            if not torch.isfinite(grad_norm):  # a non-finite loss or gradient: skip the update, keep the weights
-                skipped += 1
-                if skipped > 20:
-                    raise SystemExit(f"training.train: error: {skipped} steps with a non-finite loss or gradient "
-                                     f"(last at step {step}); lower --lr or use --amp off")
-                state["step"] = step + 1
-                continue
-            opt.step()
-            state["step"] = step + 1
-            for k in sums:
-                sums[k] += losses[k].detach()
-            if (i + 1) % 50 == 0 or i + 1 == cfg.steps_per_epoch:  # reading the loss waits for the device
-                done = (i + 1) / cfg.steps_per_epoch
-                bar = "#" * int(done * 20)
-                print(f"\repoch {epoch + 1}/{cfg.epochs} [{bar:<20}] loss {sums['total'] / (i + 1):.4f}",
-                      end="", flush=True)
-        sums = {k: float(v) for k, v in sums.items()}
-        train_seconds = time.time() - t_epoch
-        val = validate(model, val_cases, device, cfg.context_slices)
-        row = {"epoch": epoch + 1, "step": state["step"], "lr": lr_at(state["step"]), "kl_weight": kl_weight,
-               "loss": sums["total"] / cfg.steps_per_epoch,
-               **{k: sums[k] / cfg.steps_per_epoch for k in ("cls", "seg", "mutual")}, **val,
-               "seconds": time.time() - t_epoch}
-        print(f"\repoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} | val dice {val['dice']:.3f} "
-              f"acc {val['accuracy']:.3f} auc {val['auc']:.3f} ece {val['ece']:.3f} u {val['case_uncertainty']:.3f} "
-              f"pix-u-auroc {val['pixel_u_auroc']:.3f} | {row['seconds']:.0f}s "
-              f"({cfg.steps_per_epoch / train_seconds:.1f} steps/s, {skipped} skipped)", flush=True)
-        with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerow([row[k] for k in fields])
-        if tb is not None:
-            for k, v in row.items():
-                tb.add_scalar(k, v, epoch + 1)
-        if score(val) > state["best_score"]:
-            state.update(best_score=score(val), best_epoch=epoch + 1, best_metrics=val)
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                      str(out / "best.safetensors"))
-        state["epoch"] = epoch + 1
-        save_checkpoint(out, model, opt, state)
-        if cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes and epoch + 1 < cfg.epochs:
-            print(f"stopping after epoch {epoch + 1}: --max-minutes {cfg.max_minutes} reached "
-                  f"(continue with --resume)", flush=True)
+        losses, step_model = train_epoch(run, model, step_model, opt, sampler, epoch)
+        finish_epoch(run, model, opt, val_cases, epoch, losses, t_epoch)
+        if cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes and epoch + 1 < last:
+            print(f"stopping after epoch {epoch + 1}: --max-minutes {cfg.max_minutes} reached (continue with "
+                  "--resume)", flush=True)
             break
-
-    if cfg.new_cases_per_epoch:
+    if stream is not None:
         stream.close()  # cancels the cases not started and waits for the running ones
-    print(f"best epoch {state['best_epoch']}: {state['best_metrics']}", flush=True)
-    return state
+    print(f"best epoch {run.state['best_epoch']}: {run.state['best_metrics']}", flush=True)
+    return run.state
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    main(argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(cli, "python -m training.train"))

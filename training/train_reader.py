@@ -24,7 +24,9 @@ Example (from the repository root):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -45,7 +47,9 @@ from umlcore.preprocess import inplane_axes, slice_axis_index, to_slices
 from umlcore.reader import READER_TARGETS, LesionReader, cut_patch
 from umlcore.synthetic import SyntheticCase, generate_case
 
-from .config import parse_config
+from .cases import PHASES
+from .config import check_shape, config_parser, parse_config, run_tool
+from .evaluate import card_settings
 from .slices import case_from_synthetic
 from .splits import seeds
 from .workers import ordered_map
@@ -53,7 +57,6 @@ from .workers import ordered_map
 __all__ = ["ReaderTrainConfig", "main"]
 
 MAX_LESIONS = 4  # lesion patches per training case
-PHASES = 3
 
 
 @dataclass
@@ -77,14 +80,11 @@ class ReaderTrainConfig:
     workers: int = 2
 
 
-def _phenotype(case: SyntheticCase) -> np.ndarray:
-    """``(1, spiculated, washout)``: 1 where any lesion of the case has that margin / kinetics."""
+def _targets(case: SyntheticCase) -> np.ndarray:
+    """A lesion patch's targets ``(1, spiculated, washout)``: 1 where any lesion of the case has that margin /
+    kinetics (the generator's case label rule reads them so)."""
     return np.array([1, int(any(les["margin"] == "spiculated" for les in case.lesions)),
                      int(any(les["kinetics"] == "washout" for les in case.lesions))])
-
-
-def _patch(channels: np.ndarray, z: int, y: float, x: float, spacing_hw, size: int, context: int) -> np.ndarray:
-    return cut_patch(channels, z, y, x, spacing_hw, size, context)
 
 
 def training_patches(job: tuple) -> list[tuple[np.ndarray, np.ndarray, int]]:
@@ -93,13 +93,13 @@ def training_patches(job: tuple) -> list[tuple[np.ndarray, np.ndarray, int]]:
     case = generate_case(seed, shape=shape, label_noise=0.02)
     vol = case_from_synthetic(case, norm)
     spacing = (float(vol.spacing[1]), float(vol.spacing[0]))
-    out = [(_patch(vol.channels, z, y, x, spacing, size, context), _phenotype(case), voxels)
+    out = [(cut_patch(vol.channels, z, y, x, spacing, size, context), _targets(case), voxels)
            for voxels, z, y, x in component_centres(vol.mask, MAX_LESIONS)]
     if not case.lesions:  # a negative where a network is tempted: a strongly enhancing pixel
         sub = vol.channels[1] - vol.channels[0]
         top = np.flatnonzero(sub.ravel() >= np.quantile(sub, 0.998))
         z, y, x = np.unravel_index(int(top[np.random.default_rng(seed).integers(top.size)]), sub.shape)
-        out.append((_patch(vol.channels, int(z), float(y), float(x), spacing, size, context), np.zeros(3, int), 0))
+        out.append((cut_patch(vol.channels, int(z), float(y), float(x), spacing, size, context), np.zeros(3, int), 0))
     return out
 
 
@@ -115,7 +115,7 @@ def _stack(rows: list[tuple], channels: int, size: int) -> dict:
 def build_patches(cases: range, cfg: ReaderTrainConfig, norm: Normalization) -> dict:
     jobs = [(s, tuple(cfg.shape), norm, cfg.size, cfg.context) for s in cases]
     rows = [(s, *r) for s, rs in zip(cases, ordered_map(training_patches, jobs, cfg.workers)) for r in rs]
-    return _stack(rows, PHASES * (2 * cfg.context + 1), cfg.size)
+    return _stack(rows, len(PHASES) * (2 * cfg.context + 1), cfg.size)
 
 
 def hard_patches(bundle: ModelBundle, cases: range, cfg: ReaderTrainConfig, log) -> list[tuple]:
@@ -139,8 +139,8 @@ def hard_patches(bundle: ModelBundle, cases: range, cfg: ReaderTrainConfig, log)
             if 0.0 < inside < 0.5:
                 continue
             (voxels, z, y, x), = component_centres(comp, 1)
-            target = _phenotype(case) if inside else np.zeros(3, int)
-            rows.append((seed, _patch(channels, z, y, x, spacing, cfg.size, cfg.context), target, voxels))
+            target = _targets(case) if inside else np.zeros(3, int)
+            rows.append((seed, cut_patch(channels, z, y, x, spacing, cfg.size, cfg.context), target, voxels))
         if (n + 1) % 50 == 0:
             log(f"hard: {n + 1}/{len(cases)} cases, {time.time() - t0:.0f} s")
     return rows
@@ -152,8 +152,9 @@ def cached(path: Path, make, log) -> dict:
         return dict(np.load(path))
     t0 = time.time()
     data = make()
-    np.savez(path.parent / "partial.npz", **data)
-    (path.parent / "partial.npz").replace(path)
+    partial = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    np.savez(partial, **data)
+    partial.replace(path)
     log(f"{path.name}: {len(data['x'])} patches in {time.time() - t0:.0f} s")
     return data
 
@@ -173,7 +174,7 @@ def augment(x: torch.Tensor, crop: int, gen: torch.Generator, noise_max: float) 
         if torch.rand(1, generator=gen) < 0.5:
             p = p.transpose(-1, -2)
         gamma = float(torch.empty(1).uniform_(0.8, 1.25, generator=gen))
-        scale = torch.empty(PHASES).uniform_(0.97, 1.03, generator=gen).repeat_interleave(c // PHASES)
+        scale = torch.empty(len(PHASES)).uniform_(0.97, 1.03, generator=gen).repeat_interleave(c // len(PHASES))
         high = 0.03  # no extra random draw at the default, so runs with noise_max 0.03 reproduce earlier weights
         if noise_max != 0.03 and torch.rand(1, generator=gen) < 0.5:
             high = noise_max
@@ -231,9 +232,13 @@ def train(data: dict, val: dict, net: LesionReader, cfg: ReaderTrainConfig, log)
     return net
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    cfg, args = parse_config(ReaderTrainConfig, argv, __doc__)
-    p = args.parser
+def build_parser():
+    return config_parser(ReaderTrainConfig, "python -m training.train_reader", __doc__)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> ReaderTrainConfig:
+    p = build_parser()
+    cfg, _ = parse_config(ReaderTrainConfig, argv, p)
     if not cfg.model:
         p.error("--model is required: the bundle whose normalisation the patches take (and whose predictor mines "
                 "the hard cases)")
@@ -241,6 +246,32 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error("--train-cases, --val-cases and --steps must be at least 20, --hard-cases within [0, --train-cases]")
     if not 8 <= cfg.crop <= cfg.size or cfg.crop % 8 or not 0.0 <= cfg.noise_max <= 1.0:
         p.error("--crop must be a multiple of 8 in [8, --size]; --noise-max in [0, 1]")
+    check_shape(p, "--shape", cfg.shape)
+    return cfg
+
+
+def patch_sets(cfg: ReaderTrainConfig, bundle: ModelBundle, out: Path, log) -> tuple[dict, dict, Optional[dict]]:
+    """The training patches (with the hard cases'), the validation patches, and the hard cases' alone (``None``:
+    none asked), each cached in ``out`` under a name of the cases, the patch settings and the normalisation (hard
+    cases: also the bundle's weights and the card settings that decide its components)."""
+    norm = bundle.card.input.normalization
+    key = f"{'x'.join(map(str, cfg.shape))}-{cfg.size}-{cfg.context}-{norm.mode}{norm.lower}-{norm.upper}"
+    data = cached(out / f"train-{cfg.train_cases}-{key}.npz",
+                  lambda: build_patches(seeds("train", cfg.train_cases), cfg, norm), log)
+    val = cached(out / f"val-{cfg.val_cases}-{key}.npz",
+                 lambda: build_patches(seeds("validation", cfg.val_cases), cfg, norm), log)
+    if not cfg.hard_cases:
+        return data, val, None
+    settings = hashlib.sha256(json.dumps(card_settings(bundle.card), sort_keys=True).encode()).hexdigest()[:8]
+    hard = cached(out / f"hard-{cfg.hard_cases}-{cfg.components}-{key}-{bundle.sha256[:12]}-{settings}.npz",
+                  lambda: _stack(hard_patches(bundle, seeds("train", cfg.hard_cases), cfg, log),
+                                 len(PHASES) * (2 * cfg.context + 1), cfg.size), log)
+    return {k: np.concatenate([data[k], hard[k]]) for k in data}, val, hard
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    cfg = parse_args(argv)
+    bundle = load_bundle(cfg.model)  # a bundle that cannot be used: one line, exit 2 (run_tool)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -251,22 +282,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             logf.flush()
 
         torch.set_num_threads(cfg.workers)
-        bundle = load_bundle(cfg.model)
-        norm = bundle.card.input.normalization
-        # the cache names the cases, the patch settings and the normalisation (hard cases: also the bundle's weights)
-        key = f"{'x'.join(map(str, cfg.shape))}-{cfg.size}-{cfg.context}-{norm.mode}{norm.lower}-{norm.upper}"
-        data = cached(out / f"train-{cfg.train_cases}-{key}.npz",
-                      lambda: build_patches(seeds("train", cfg.train_cases), cfg, norm), log)
-        val = cached(out / f"val-{cfg.val_cases}-{key}.npz",
-                     lambda: build_patches(seeds("validation", cfg.val_cases), cfg, norm), log)
-        hard = None
-        if cfg.hard_cases:
-            hard = cached(out / f"hard-{cfg.hard_cases}-{cfg.components}-{key}-{bundle.sha256[:12]}.npz",
-                          lambda: _stack(hard_patches(bundle, seeds("train", cfg.hard_cases), cfg, log),
-                                         PHASES * (2 * cfg.context + 1), cfg.size), log)
-            data = {k: np.concatenate([data[k], hard[k]]) for k in data}
+        data, val, hard = patch_sets(cfg, bundle, out, log)
         torch.manual_seed(cfg.seed)  # the reader's initial weights
-        net = train(data, val, LesionReader(PHASES * (2 * cfg.context + 1)), cfg, log)
+        net = train(data, val, LesionReader(len(PHASES) * (2 * cfg.context + 1)), cfg, log)
         save_file(net.state_dict(), str(out / "reader.safetensors"))
         record = {"command": "python -m training.train_reader " + " ".join(sys.argv[1:] if argv is None else argv),
                   "config": dataclasses.asdict(cfg), "train_patches": int(len(data["x"])),
@@ -281,4 +299,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, "python -m training.train_reader"))

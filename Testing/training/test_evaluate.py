@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from training import evaluate
+from training.config import run_tool
 from training.evaluate import card_settings, ece_sampling_floor, json_safe, section_figures
 
 
@@ -54,15 +55,19 @@ def test_the_rows_are_the_predictors_own_opinions(report, tiny_bundle):
     assert row["label"] == case.label and row["lesion_voxels"] == int(case.mask.sum())
 
 
-def test_bad_settings_are_refused(tiny_bundle_dir, tmp_path, capsys):
+def test_bad_settings_are_refused_with_one_line(tiny_bundle_dir, tmp_path, capsys):
+    model = ["--model", str(tiny_bundle_dir)]
     for argv, phrase in ((["--cases", "1"], "--model is required"),
-                         (["--model", str(tiny_bundle_dir), "--inputs", "t2"], "--inputs ['t2']"),
-                         (["--model", str(tiny_bundle_dir), "--split", "train"], "--split train"),
-                         (["--model", str(tiny_bundle_dir), "--first-seed", "5"], "leave the test split"),
+                         ([*model, "--inputs", "t2"], "--inputs ['t2']"),
+                         ([*model, "--split", "train"], "invalid choice: 'train'"),
+                         ([*model, "--first-seed", "5"], "leave the test split"),
+                         ([*model, "--cases", "0"], "must be at least 1"),
+                         ([*model, "--shape", "8", "4", "4"], "--shape must be 3 sizes"),
+                         ([*model, "--device", "tpu"], "invalid choice: 'tpu'"),
                          (["--model", str(tmp_path / "none")], "does not exist")):
-        with pytest.raises(SystemExit) as exc:
-            evaluate.main([*argv, "--out", str(tmp_path / "out")])
-        assert exc.value.code == 2 and phrase in capsys.readouterr().err
+        assert run_tool(evaluate.main, "python -m training.evaluate", [*argv, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("python -m training.evaluate: error: ") and phrase in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from training import export, train
+from training.config import run_tool
 from umlcore.bundle import load_bundle, save_bundle
 from umlcore.card import ReaderConfig
 from umlcore.predictor import Predictor
@@ -69,15 +70,21 @@ def test_a_reader_joins_unfitted_and_keeps_the_bases_check(tiny_bundle, reader_r
     r = bundle.card.reader
     assert (r.width, r.stacking, r.segmentation_min_lesion, r.training) == (8, None, 0.6, {"command": "test"})
     assert sum(p.numel() for p in bundle.reader.parameters()) != sum(p.numel() for p in LesionReader(9, width=4).parameters())
-    with pytest.raises(SystemExit) as exc:  # a folder that holds no finished reader run
-        export.main(["--base", str(base), "--reader", str(tmp_path), "--out", str(tmp_path / "c")])
-    assert exc.value.code == 2 and not (tmp_path / "c").exists()
+    # a folder that holds no finished reader run, or a reader of another shape
+    assert run_tool(export.main, "x", ["--base", str(base), "--reader", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "reader.json").write_text((reader_run / "reader.json").read_text().replace('"width": 8', '"width": 4'))
+    (wrong / "reader.safetensors").write_bytes((reader_run / "reader.safetensors").read_bytes())
+    assert run_tool(export.main, "x", ["--base", str(base), "--reader", str(wrong), "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()
 
 
-def test_a_report_writes_the_figures_and_alignment_is_set(tiny_bundle_dir, tmp_path, capsys):
+def test_a_report_writes_the_figures_and_alignment_is_set(tiny_bundle_dir, tiny_bundle, tmp_path, capsys):
     report = tmp_path / "report.json"
     figures = {"cases": 4, "dice_mean": 0.7, "auc": 0.9}
-    report.write_text(json.dumps({"dataset": "4 cases", "command": "python -m training.evaluate ...",
+    report.write_text(json.dumps({"model": {"sha256": tiny_bundle.sha256}, "dataset": "4 cases",
+                                  "command": "python -m training.evaluate ...",
                                   "figures": {"phases": figures, "early": {"cases": 4, "auc": 0.6}}}))
     assert export.main(["--base", str(tiny_bundle_dir), "--report", str(report), "--motion-correction", "early",
                         "--out", str(tmp_path / "b")]) == 0
@@ -85,8 +92,16 @@ def test_a_report_writes_the_figures_and_alignment_is_set(tiny_bundle_dir, tmp_p
     assert card.metrics["dice_mean"] == 0.7 and card.metrics["test_set"] == "4 cases"
     assert card.metrics["single_volume"]["early"] == {"cases": 4, "auc": 0.6}
     assert card.input.motion_correction.mode == "translation" and card.input.motion_reference == 1
-    for argv, phrase in ((["--motion-correction", "t2"], "must name one of the channels"),
+    other = tmp_path / "other.json"
+    other.write_text(report.read_text().replace(tiny_bundle.sha256, "0" * 64))
+    base = ["--base", str(tiny_bundle_dir)]
+    for argv, phrase in (([*base, "--motion-correction", "t2"], "must name one of the channels"),
+                         ([*base, "--report", str(other)], "measured other weights"),
+                         ([*base, "--report", str(tmp_path / "none.json")], "cannot read"),
+                         ([*base, "--report", str(report), "--reader", str(tmp_path)], "export the new networks first"),
+                         ([*base, "--run", str(tmp_path)], "give --version"),
                          ([], "give --run")):
-        with pytest.raises(SystemExit) as exc:
-            export.main([*(["--base", str(tiny_bundle_dir)] if argv else []), *argv, "--out", str(tmp_path / "c")])
-        assert exc.value.code == 2 and phrase in capsys.readouterr().err
+        assert run_tool(export.main, "python -m training.export", [*argv, "--out", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err
+        assert phrase in err and err.count("\n") == 1, err
+    assert not (tmp_path / "c").exists()

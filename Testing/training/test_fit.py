@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from training import fit
+from training.config import run_tool
 from training.evaluate import card_settings
 from umlcore.bundle import load_bundle, save_bundle
 from umlcore.card import STACKING_TERMS, ReaderConfig
@@ -81,7 +82,8 @@ def test_opinion_fits_the_readers_stacked_rule_and_review_reads_it(reader_bundle
     assert card.review_uncertainty == record["chosen"] and 0 <= record["review_share"] < 1
     top = np.array(rows[1]["reader_probabilities"])
     expected = stack_reader_opinion(fit.row_alpha(rows[1]), top, c)
-    assert fit._final_p(card, rows[1], False) == pytest.approx(expected[1] / expected.sum())
+    (got,) = fit._opinions(card, rows[1:2], False)
+    np.testing.assert_allclose(got, expected)
 
 
 def test_without_a_reader_opinion_fits_the_case_calibration_and_single_volume_its_own(tiny_bundle_dir, tmp_path):
@@ -97,7 +99,7 @@ def test_without_a_reader_opinion_fits_the_case_calibration_and_single_volume_it
     s = card.single_volume_calibration
     assert "early, subtraction" in s["fitted_on"] and card.case_calibration == c
     alpha = calibrate_case_alpha(fit.row_alpha(rows[1]), s["slope"], s["intercept"])
-    assert fit._final_p(card, rows[1], True) == pytest.approx(alpha[1] / alpha.sum())
+    np.testing.assert_allclose(fit._opinions(card, rows[1:2], True)[0], alpha)
 
 
 def test_rows_of_other_weights_other_settings_or_twice_are_refused(reader_bundle_dir, tiny_bundle, tmp_path, capsys):
@@ -109,14 +111,21 @@ def test_rows_of_other_weights_other_settings_or_twice_are_refused(reader_bundle
     data = json.loads(good.read_text())
     data["model"]["settings"]["component_max_uncertainty"] = 0.5
     moved.write_text(json.dumps(data))
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps([]))
+    lesion_free = write_report(tmp_path / "free.json", bundle, [{**r, "lesion_voxels": 0} for r in rows])
     for what, reports, phrase in (("opinion", [other], "evaluated other weights"),
+                                  ("opinion", [empty], "is not a report of python -m training.evaluate"),
+                                  ("opinion", [tmp_path / "none.json"], "cannot read"),
+                                  ("component-filter", [lesion_free], "no case given as all phases without noise with a lesion"),
+                                  ("single-volume", [good], "no case given as one volume"),
                                   ("opinion", [moved], "was made with the card settings"),
                                   ("opinion", [good, good], "is in two of the reports"),
                                   ("check", [other], "evaluated other weights")):
-        with pytest.raises(SystemExit) as exc:
-            fit.main([what, "--model", str(reader_bundle_dir), "--reports", *map(str, reports), "--out",
-                      str(tmp_path / "x")])
-        assert exc.value.code == 2 and phrase in capsys.readouterr().err
+        argv = [what, "--model", str(reader_bundle_dir), "--reports", *map(str, reports), "--out", str(tmp_path / "x")]
+        assert run_tool(fit.main, "python -m training.fit", argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("python -m training.fit: error: ") and phrase in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
     # the thresholds read the network's raw components and the check's reading: rows of other settings will do
     assert run_fit("check", reader_bundle_dir, [moved], tmp_path / "y").reader.segmentation_min_lesion == 0.7

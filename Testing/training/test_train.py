@@ -10,6 +10,7 @@ import torch
 
 from training import export, train
 from umlcore.bundle import load_bundle
+from umlcore.errors import UMLInputError
 from umlcore.predictor import Predictor
 
 
@@ -77,7 +78,7 @@ def test_init_starts_from_a_bundles_weights(run_dir, tmp_path, capsys):
     saved = {k: v for k, v in json.loads((lesion / "train_config.json").read_text()).items() if k != "epochs"}
     assert saved == {k: v for k, v in json.loads(before).items() if k != "epochs"}
     before = (lesion / "train_config.json").read_text()
-    with pytest.raises(SystemExit, match="resume with --config"):
+    with pytest.raises(UMLInputError, match="resume with --config"):
         train.main(["--out", str(lesion), "--resume", "--cls-pool", "avg+max"])
     assert (lesion / "train_config.json").read_text() == before
     with pytest.raises(SystemExit):
@@ -88,7 +89,7 @@ def test_init_starts_from_a_bundles_weights(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--config", str(bad)])
     assert "--lesion-sampling must be one of slice, lesion, got 'component'" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="architecture"):
+    with pytest.raises(UMLInputError, match="architecture"):
         train.main(["--config", str(run_dir / "train_config.json"), "--out", str(tmp_path / "x"), "--init",
                     str(bundle), "--preset", "paper", "--epochs", "1", "--steps-per-epoch", "1"])
 
@@ -138,9 +139,9 @@ def test_a_2_5d_run_exports_its_context_and_warm_starts_from_a_2d_bundle(run_dir
     torch.testing.assert_close(a.seg_alpha, b.seg_alpha, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.cls_alpha, b.cls_alpha, rtol=1e-5, atol=1e-5)
     # a 2.5D bundle starts only a run of its own context; a resume cannot change the context
-    with pytest.raises(SystemExit, match="architecture"):
+    with pytest.raises(UMLInputError, match="architecture"):
         train.init_weights(str(bundle), train.UMLNet(train.UMLConfig.preset("small", in_channels=15)))
-    with pytest.raises(SystemExit, match="--context-slices"):
+    with pytest.raises(UMLInputError, match="--context-slices"):
         train.main(["--out", str(run), "--resume", "--context-slices", "2"])
     with pytest.raises(SystemExit):
         train.parse_args(["--context-slices", "9"])
@@ -165,7 +166,7 @@ def test_non_finite_steps_are_skipped_then_refused(tmp_path, monkeypatch):
         return {**losses, "total": losses["total"] * float("nan")}
 
     monkeypatch.setattr(train, "uml_loss", poisoned)
-    with pytest.raises(SystemExit, match="21 steps with a non-finite loss or gradient.*lower --lr or use --amp off"):
+    with pytest.raises(UMLInputError, match="21 steps with a non-finite loss or gradient.*lower --lr or use --amp off"):
         train.main(["--out", str(tmp_path), *TINY, "--epochs", "1", "--steps-per-epoch", "25"])
 
 

@@ -20,7 +20,7 @@ def test_training_patches_centre_each_true_lesion_with_its_phenotype():
     assert 1 <= len(patches) <= train_reader.MAX_LESIONS
     for x, y, voxels in patches:
         assert x.shape == (9, 24, 24) and x.dtype == np.float32 and voxels > 0
-        assert y[0] == 1 and list(y[1:]) == list(train_reader._phenotype(case)[1:])
+        assert y[0] == 1 and list(y[1:]) == list(train_reader._targets(case)[1:])
     free = next(s for s in range(50) if not generate_case(s, shape=(6, 48, 48), label_noise=0.02).lesions)
     ((x, y, voxels),) = training_patches((free, (6, 48, 48), Normalization(), 24, 1))
     assert list(y) == [0, 0, 0] and voxels == 0  # a lesion-free case gives one enhancing negative

@@ -1,6 +1,5 @@
 """umlcore.bundle: save and load, bit-identical round trips, zips, tampering, refusals."""
 
-import dataclasses
 import json
 
 import pytest
@@ -122,3 +121,13 @@ def test_context_slices_multiply_the_network_channels_and_round_trip(tmp_path):
         make_card(UMLConfig(), input=spec)
 
 
+
+
+def test_a_card_with_nan_is_refused_before_anything_is_written(bundle_dir, tmp_path):
+    import dataclasses
+
+    path, net = bundle_dir
+    card = dataclasses.replace(make_card(net.config), metrics={"dice_mean": float("nan")})
+    with pytest.raises(BundleError, match="NaN or infinite"):
+        save_bundle(net, card, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists() and [p.name for p in tmp_path.iterdir()] == ["bundle"]

@@ -56,3 +56,20 @@ def test_the_reader_reads_the_sample_case_and_leaves_one_volume_alone(predictor)
     one = predictor.predict(phases[1]).summary
     assert not one["classification"]["reader"]["applied"] and one["lesions"] == []
 
+
+
+def test_the_sample_case_gives_what_users_got_before_the_redesign(predictor):
+    """The figures `uml predict` gave on the sample case before the engine's redesign (d735605): the labelmap of
+    3,345 voxels (one component removed by the reader's check), a high-suspicion opinion of p 0.95156 with
+    uncertainty 0.0614, reliable. The tolerances allow the last bits of another machine's registration and BLAS."""
+    sample = Path(__file__).resolve().parents[2] / "UMLSegmentation" / "Resources" / "SampleData"
+    phases = [read_volume(sample / f"UMLSyntheticBreastDCE-{p}.nrrd") for p in ("pre", "early", "late")]
+    pred = predictor.predict(phases)
+    s, c = pred.summary, pred.summary["classification"]
+    assert abs(int((sitk.GetArrayFromImage(pred.labelmap) > 0).sum()) - 3345) <= 20
+    assert s["segments"][0]["voxel_count"] == int((sitk.GetArrayFromImage(pred.labelmap) > 0).sum())
+    assert s["postprocessing"] == {"component_max_uncertainty": 0.08, "segmentation_min_lesion": 0.75,
+                                   "components_removed": 1}
+    assert c["positive_probability"] == pytest.approx(0.95156, abs=0.005)
+    assert c["uncertainty"] == pytest.approx(0.0614, abs=0.005) and c["verdict"] == "reliable"
+    assert c["reader"]["network_probabilities"][1] == pytest.approx(0.96925, abs=0.005)

@@ -76,7 +76,12 @@ def save_bundle(model: UMLNet, card: ModelCard, directory: os.PathLike, overwrit
             state.update({f"{READER_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in reader.state_dict().items()})
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})  # one key: a deterministic header
         digest = sha256_file(tmp / WEIGHTS_FILE)
-        (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(digest), indent=2) + "\n")
+        try:
+            text = json.dumps(card.to_dict(digest), indent=2, allow_nan=False)
+        except ValueError:
+            raise BundleError("the card holds a NaN or infinite number, which JSON cannot: replace it (e.g. with "
+                              "null) before saving") from None
+        (tmp / CARD_FILE).write_text(text + "\n")
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)

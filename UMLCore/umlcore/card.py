@@ -286,7 +286,7 @@ def card_from_dict(d: Any, source: str = "model.json") -> ModelCard:
     """
     if not isinstance(d, dict):
         raise BundleError(f"{source} must hold a JSON object")
-    if d.get("schema_version") == 1:
+    if type(d.get("schema_version")) is int and d["schema_version"] == 1:
         d = migrate_v1(d, source)
     if d.get("schema_version") != SCHEMA_VERSION:
         raise BundleError(f"{source} has schema_version {d.get('schema_version')!r}; this UML reads schema_version "
@@ -336,7 +336,8 @@ def migrate_v1(d: dict[str, Any], source: str = "model.json") -> dict[str, Any]:
 
     def refuse(what: str) -> None:
         raise BundleError(f"{source} is a schema-1 card that uses {what}, which UML removed in schema 2: retrain or "
-                          f"refit that part ({_FIX})")
+                          "refit that part with python -m training (docs/training.md), or run the bundle with umlcore "
+                          "0.1 (commit d735605)")
 
     if d.pop("test_time_augmentation", "none") != "none":
         refuse("the network's mirrored test-time augmentation (test_time_augmentation)")
@@ -353,7 +354,7 @@ def migrate_v1(d: dict[str, Any], source: str = "model.json") -> dict[str, Any]:
             refuse("a reader that does not check the segmentation (segmentation_min_lesion null)")
         calibration = d.get("case_calibration")
         if calibration is not None:
-            if (calibration.get("slope"), calibration.get("intercept")) != (1.0, 0.0):
+            if not isinstance(calibration, dict) or (calibration.get("slope"), calibration.get("intercept")) != (1.0, 0.0):
                 refuse("a case_calibration on top of the reader's stacked rule")
             d["case_calibration"] = None
         d["reader"] = reader

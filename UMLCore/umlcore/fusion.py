@@ -26,7 +26,7 @@ import numpy as np
 from .card import STACKING_TERMS, ModelCard
 
 __all__ = ["FUSION_RULE", "STACKING_RULE", "EVIDENCE_PROBABILITY_CLIP", "STACKING_PROBABILITY_CLIP", "CaseOpinion",
-           "case_opinion", "card_opinion", "fuse_slice_opinions", "stacking_features", "stack_reader_opinion", "calibrate_case_alpha"]
+           "case_opinion", "opinion_from_network", "fuse_slice_opinions", "stacking_features", "stack_reader_opinion", "calibrate_case_alpha"]
 
 #: The slice pooling, as the case summary names it (``classification.fusion``).
 FUSION_RULE = "lesion-weighted evidence pooling"
@@ -65,10 +65,10 @@ def case_opinion(card: ModelCard, slice_alpha: np.ndarray, lesion_voxels: np.nda
         reader_top: The most suspicious read lesion's ``(3,)`` reader probabilities, or ``None`` (nothing read).
         single_volume: The case was given as one volume replicated into every channel (the reader does not read it).
     """
-    return card_opinion(card, fuse_slice_opinions(slice_alpha, lesion_voxels), reader_top, single_volume)
+    return opinion_from_network(card, fuse_slice_opinions(slice_alpha, lesion_voxels), reader_top, single_volume)
 
 
-def card_opinion(card: ModelCard, network: np.ndarray, reader_top: Optional[np.ndarray],
+def opinion_from_network(card: ModelCard, network: np.ndarray, reader_top: Optional[np.ndarray],
                  single_volume: bool) -> CaseOpinion:
     """The card's case opinion from the network's pooled Dirichlet ``network`` (the rest of :func:`case_opinion`)."""
     if card.reader is not None and card.reader.stacking is not None and not single_volume:

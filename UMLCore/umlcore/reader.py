@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn as nn
 
