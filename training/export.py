@@ -39,6 +39,7 @@ from umlcore.network import UMLNet
 from umlcore.reader import LesionReader
 
 from .config import Parser, read_json, run_tool
+from .evaluate import json_safe
 
 __all__ = ["LESION", "training_record", "new_card", "save_with_card", "with_version", "main"]
 
@@ -64,14 +65,14 @@ def training_record(run: Path, weights: str) -> dict:
     state = json.loads((run / "last.json").read_text()) if (run / "last.json").exists() else {}
     flags = " ".join(f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, list) else shlex.quote(str(v)))
                      for k, v in cfg.items())
-    return {"data": f"synthetic breast DCE-MRI (umlcore.synthetic), training seeds [{cfg['seed_base']}, "
+    return json_safe({"data": f"synthetic breast DCE-MRI (umlcore.synthetic), training seeds [{cfg['seed_base']}, "
                     f"{cfg['seed_base'] + cfg['train_cases']}), {cfg['val_cases']} validation cases, label noise "
                     f"{cfg['label_noise']}",
             "seed": cfg["seed"], "epochs_planned": cfg["epochs"], "epochs_completed": state.get("epoch"),
             "weights": weights, "best_epoch": state.get("best_epoch"), "best_validation": state.get("best_metrics"),
             "commit": git_commit(), "command": f"python -m training.train {flags}",
             "invocations": (run / "commands.txt").read_text().splitlines() if (run / "commands.txt").exists() else [],
-            "config": cfg}
+            "config": cfg})  # a tiny validation set can leave a figure undefined (NaN): null in the card
 
 
 def new_card(architecture: UMLConfig, model_id: str, version: str, context_slices: int, preset: str) -> ModelCard:

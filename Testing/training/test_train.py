@@ -158,6 +158,18 @@ def test_max_minutes_stops_after_the_epoch_that_crosses_it(tmp_path, capsys):
     assert "stopping after epoch 1: --max-minutes 0.0001 reached" in capsys.readouterr().out
 
 
+def test_stop_after_epoch_keeps_the_schedule_of_all_epochs(tmp_path):
+    state = train.main(["--out", str(tmp_path / "a"), *TINY, "--epochs", "4", "--stop-after-epoch", "2"])
+    full = tmp_path / "b"
+    train.main(["--out", str(full), *TINY, "--epochs", "4"])
+    assert state["epoch"] == 2 and state["step"] == 4
+    rows = [line.split(",") for line in (tmp_path / "a" / "log.csv").read_text().splitlines()[1:]]
+    whole = [line.split(",") for line in (full / "log.csv").read_text().splitlines()[1:]]
+    assert [r[2] for r in rows] == [r[2] for r in whole[:2]]  # the learning rate of a 4-epoch schedule
+    assert train.main(["--out", str(tmp_path / "a"), "--resume"])["epoch"] == 2  # the run's own settings stop it
+    assert train.main(["--out", str(tmp_path / "a"), "--resume", "--stop-after-epoch", "0"])["epoch"] == 4
+
+
 def test_non_finite_steps_are_skipped_then_refused(tmp_path, monkeypatch):
     real = train.uml_loss
 
