@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from umlcore.bundle import CARD_FILE, WEIGHTS_FILE, load_bundle, read_card, save_bundle
-from umlcore.card import InputSpec, ModelCard, Segment
+from umlcore.card import InputSpec, ModelCard, Segment, card_digest
 from umlcore.config import UMLConfig
 from umlcore.errors import BundleError
 from umlcore.network import UMLNet
@@ -80,6 +80,7 @@ def test_weights_of_another_architecture_are_refused(bundle_dir):
     path, _ = bundle_dir
     card = json.loads((path / CARD_FILE).read_text())
     card["architecture"]["cls_head_width"] = 32
+    card["weights"]["card_sha256"] = card_digest(card)  # resealed: the weights check is reached
     (path / CARD_FILE).write_text(json.dumps(card))
     with pytest.raises(BundleError, match="do not fit the declared architecture"):
         load_bundle(path)
@@ -131,3 +132,47 @@ def test_a_card_with_nan_is_refused_before_anything_is_written(bundle_dir, tmp_p
     with pytest.raises(BundleError, match="NaN or infinite"):
         save_bundle(net, card, tmp_path / "nan")
     assert not (tmp_path / "nan").exists() and [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_a_card_edited_after_export_is_refused_and_the_summary_names_the_card(bundle_dir, make_volume):
+    from umlcore.predictor import Predictor
+
+    path, _ = bundle_dir
+    bundle = load_bundle(path)
+    summary = Predictor(bundle, device="cpu").predict(make_volume()).summary
+    assert summary["model"]["card_sha256"] == bundle.card_sha256 == json.loads((path / CARD_FILE).read_text())["weights"]["card_sha256"]
+    card = json.loads((path / CARD_FILE).read_text())
+    card["review_uncertainty"] = 0.99  # the weights untouched
+    (path / CARD_FILE).write_text(json.dumps(card, indent=2))
+    for load in (load_bundle, read_card):
+        with pytest.raises(BundleError, match="model.json was changed after the bundle was exported"):
+            load(path)
+    del card["weights"]["card_sha256"]  # a schema-2 card must carry its seal
+    (path / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="was changed after the bundle was exported"):
+        load_bundle(path)
+
+
+def test_a_zip_is_checked_before_it_is_unpacked_and_errors_name_the_zip(bundle_dir, tmp_path, monkeypatch):
+    import zipfile
+
+    import umlcore.bundle as bundle_module
+
+    path, _ = bundle_dir
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in (CARD_FILE, WEIGHTS_FILE):
+            zf.write(path / name, f"bundle/{name}")
+    monkeypatch.setattr(bundle_module, "MAX_WEIGHTS_BYTES", 100_000)  # the weights (~1.8 MB) are now "too large"
+    monkeypatch.setattr(bundle_module.tempfile, "TemporaryDirectory", _refuse_extraction)
+    with pytest.raises(BundleError, match=f"{archive} holds a model.safetensors of .* GB, more than the 0 MB"):
+        load_bundle(archive)
+    # a zip whose listing lies about a member's size is stopped while unpacking, and names the zip
+    monkeypatch.undo()
+    with zipfile.ZipFile(archive) as zf:
+        with pytest.raises(BundleError, match=f"{archive} holds a model.safetensors larger than the 0 MB"):
+            bundle_module._extract(zf, zf.getinfo(f"bundle/{WEIGHTS_FILE}"), tmp_path / "x", 1000, str(archive))
+
+
+def _refuse_extraction(*args, **kwargs):
+    raise AssertionError("a bundle too large was unpacked")

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import torch
 import umlcore.catalogue
 import umlcore.cli
 from umlcore.bundle import CARD_FILE, WEIGHTS_FILE, load_bundle
+from umlcore.card import card_digest
 from umlcore.cli import main
 
 STAGES = {"read", "preprocess", "inference", "postprocess", "write", "done", "error"}
@@ -74,6 +76,7 @@ def edit_card(w, edit) -> Path:
     b = copy_bundle(w)
     card = json.loads((b / CARD_FILE).read_text())
     edit(card)
+    card["weights"]["card_sha256"] = card_digest(card)  # resealed: these tests reach the card's other checks
     (b / CARD_FILE).write_text(json.dumps(card))
     return b
 
@@ -87,6 +90,12 @@ def commas(*paths):
 
 
 # ----------------------------------------------------------------------------------------------- bad inputs
+
+
+def _truncated_mha(w):
+    path = write(w.dir / "cut.mha", w.make_volume())
+    path.write_bytes(path.read_bytes()[:-200])
+    return predict_argv(w, path)
 
 
 def _truncated_gzip(w):
@@ -139,7 +148,14 @@ def _two_dicom_series(w, dicom_writer):
 def _outputs_exist(w):
     (w.out / "good").mkdir(parents=True)
     (w.out / "good" / "segmentation.nii.gz").write_bytes(b"an older result")
+    (w.out / "good" / ".uml-output").write_text("{}")  # uml wrote it
     return predict_argv(w, w.good)
+
+
+def _foreign_folder(w):
+    (w.out / "good").mkdir(parents=True)
+    (w.out / "good" / "thesis.tex").write_text("the user's own")  # not uml's: never replaced
+    return predict_argv(w, w.good, extra=["--overwrite"])
 
 
 def _tampered(w):
@@ -187,6 +203,7 @@ BAD_INPUTS = {
     "text file named .nii.gz": (lambda w: ((w.dir / "fake.nii.gz").write_text("hello"), predict_argv(w, w.dir / "fake.nii.gz"))[1], "not a valid gzip file"),
     "truncated gzip": (_truncated_gzip, "truncated gzip"),
     "truncated nii": (_truncated_nii, "is truncated"),
+    "truncated .mha": (_truncated_mha, "cannot be read"),
     "NaN voxels": (_nan, "NaN/Inf voxels"),
     "Inf voxels": (_inf, "NaN/Inf voxels"),
     "constant image": (lambda w: _array_file(w, "flat.nii.gz", np.full((4, 16, 24), 5, np.int16)), "constant image"),
@@ -213,6 +230,7 @@ BAD_INPUTS = {
     "output folder is a file": (lambda w: predict_argv(w, w.good)[:3] + [str(w.phases[0])] + predict_argv(w, w.good)[4:], "is a file, not a folder"),
     "output folder not writable": (_outdir_not_writable, "not writable"),
     "outputs exist without --overwrite": (_outputs_exist, "already exists: pass --overwrite"),
+    "--overwrite of a folder uml did not write": (_foreign_folder, "was not written by uml"),
     "unknown --format": (lambda w: predict_argv(w, w.good, extra=["--format", "png"]), "argument --format: invalid choice: 'png'"),
     "batch size 0": (lambda w: predict_argv(w, w.good, extra=["--batch-size", "0"]), "batch size must be a positive integer"),
     "batch size not a number": (lambda w: predict_argv(w, w.good, extra=["--batch-size", "many"]), "batch size must be a positive integer"),
@@ -223,10 +241,142 @@ BAD_INPUTS = {
 }
 
 
+# -- the hostile inputs and faults of the "nothing lost, nothing silent" issue
+
+
+def _data_folder(w):
+    """``data/case01/case01.nrrd`` with a sibling ``notes.txt``: what ``-o data --overwrite`` once deleted."""
+    case = w.root / "data" / "case01"
+    case.mkdir(parents=True)
+    (case / "notes.txt").write_text("the user's notes")
+    return write(case / "case01.nrrd", w.make_volume())
+
+
+def _output_holds_the_input(w):
+    scan = _data_folder(w)
+    return ["predict", str(scan), "-o", str(w.root / "data"), "--model", str(w.bundle), "--overwrite"]
+
+
+def _output_is_the_dicom_input(w, dicom_writer):
+    series = dicom_writer(w.make_volume(), w.root / "data" / "case02")
+    return ["predict", str(series), "-o", str(w.root / "data"), "--model", str(w.bundle), "--overwrite"]
+
+
+def _tampered_card(w):
+    """The card's review threshold edited, the weights untouched: the card's own hash no longer matches."""
+    b = copy_bundle(w)
+    card = json.loads((b / CARD_FILE).read_text())
+    card["review_uncertainty"] = 0.99
+    (b / CARD_FILE).write_text(json.dumps(card))
+    return predict_argv(w, w.good, model=b)
+
+
+def _nifti(w, name, data, affine=None):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.0, 1.0]) if affine is None else affine), str(w.dir / name))
+    return predict_argv(w, w.dir / name, extra=["--preview"])
+
+
+def _zero_pixdim(w):
+    """A NIfTI whose stored pixdim[2] is 0 (nibabel and ITK read it as 1 mm): patched into the header's bytes."""
+    import struct
+
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.random.default_rng(0).random((24, 16, 4)).astype(np.float32), np.diag([0.8, 0.8, 2.0, 1.0]))
+    img.set_sform(None, code=0)
+    path = w.dir / "flat.nii"
+    nib.save(img, str(path))
+    data = bytearray(path.read_bytes())
+    data[84:88] = struct.pack("<f", 0.0)  # pixdim[2] of a NIfTI-1 header
+    path.write_bytes(bytes(data))
+    return predict_argv(w, path)
+
+
+def _complex(w):
+    rng = np.random.default_rng(0)
+    return _nifti(w, "complex.nii.gz", (rng.random((24, 16, 4)) + 1j * rng.random((24, 16, 4))).astype(np.complex64))
+
+
+def _sheared(w):
+    affine = np.array([[0.8, 0.3, 0.0, 0.0], [0.0, 0.8, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0], [0, 0, 0, 1.0]])
+    return _nifti(w, "sheared.nii.gz", np.random.default_rng(0).random((24, 16, 4)).astype(np.float32), affine)
+
+
+def _blank_late_phase(w):
+    blank = np.zeros((4, 16, 24), np.float32)
+    blank[2, 8, 12] = 100.0  # blank but for one voxel
+    image = sitk.GetImageFromArray(blank)
+    image.CopyInformation(sitk.ReadImage(str(w.phases[0])))
+    return predict_argv(w, commas(w.phases[0], w.phases[1], write(w.dir / "late.nrrd", image)))
+
+
+def _dicom_gap(w, dicom_writer):
+    series = dicom_writer(w.make_volume(size=(24, 16, 6)), w.dir / "gap")
+    (series / "slice003.dcm").unlink()  # the middle slice is missing
+    return predict_argv(w, series)
+
+
+def _dicom_truncated(w, dicom_writer):
+    series = dicom_writer(w.make_volume(size=(24, 16, 6)), w.dir / "cut")
+    data = (series / "slice002.dcm").read_bytes()
+    (series / "slice002.dcm").write_bytes(data[: len(data) // 3])
+    return predict_argv(w, series)
+
+
+def _zero_spacing_mha(w):
+    path = write(w.dir / "flat.mha", w.make_volume())
+    path.write_bytes(re.sub(rb"ElementSpacing = \S+", b"ElementSpacing = 0", path.read_bytes(), count=1))
+    return predict_argv(w, path)
+
+
+def _symlink_loop(w):
+    loop = w.dir / "loop.nii.gz"
+    loop.symlink_to(loop)
+    return predict_argv(w, loop)
+
+
+def _nhdr_without_data(w):
+    header = w.dir / "scan.nhdr"
+    sitk.WriteImage(w.make_volume(), str(header))
+    data = [p for p in w.dir.iterdir() if p.name.startswith("scan.") and p.suffix != ".nhdr"]
+    for p in data:
+        p.unlink()
+    return predict_argv(w, header)
+
+
+def _too_big(w):
+    return predict_argv(w, write(w.dir / "big.nrrd", w.make_volume(size=(1024, 1024, 2))), extra=["--max-memory-gb", "0.3"])
+
+
+BAD_INPUTS.update({
+    "output folder holds the input (--overwrite)": (_output_holds_the_input, "would hold the input"),
+    "model.json edited after export": (_tampered_card, "was changed after the bundle was exported"),
+    "complex voxels (with --preview)": (_complex, "complex-valued voxels"),
+    "pixdim 0": (_zero_pixdim, "voxel size (pixdim) of 0.8 x 0 x 2 mm"),
+    "sheared NIfTI": (_sheared, "sheared or non-orthogonal voxel grid"),
+    "late phase blank but for one voxel": (_blank_late_phase, "is blank: all but 1 of its 1536 voxels are 0"),
+    "DICOM series with a missing slice": ("dicom", "uneven slice spacing"),
+    "DICOM series with a truncated file": ("dicom", "cannot be read (truncated or damaged)"),
+    "zero spacing in a .mha": (_zero_spacing_mha, "voxel spacing of 0 x 0.9"),
+    "symbolic link loop": (_symlink_loop, "loops back on itself"),
+    ".nhdr whose data file is missing": (_nhdr_without_data, "names its voxel data file"),
+    "empty -o": (lambda w: ["predict", str(w.good), "-o", "", "--model", str(w.bundle)], "the output folder (-o/--output) is empty"),
+    "too big for the memory limit": (_too_big, "needs about"),
+})
+DICOM_BUILDERS = {"DICOM series with a missing slice": _dicom_gap, "DICOM series with a truncated file": _dicom_truncated,
+                  "output folder is the DICOM input (--overwrite)": _output_is_the_dicom_input}
+BAD_INPUTS["output folder is the DICOM input (--overwrite)"] = ("dicom", "is the input")
+
+
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_exits_2_with_one_line_and_creates_nothing(name, work, capsys, dicom_writer):
     build, phrase = BAD_INPUTS[name]
-    argv = _two_dicom_series(work, dicom_writer) if build is None else build(work)
+    if build == "dicom":
+        argv = DICOM_BUILDERS[name](work, dicom_writer)
+    else:
+        argv = _two_dicom_series(work, dicom_writer) if build is None else build(work)
     before = snapshot(work.root)
     code = main(argv)
     out, err = capsys.readouterr()
@@ -242,8 +392,10 @@ def test_enough_distinct_bad_inputs():
     assert len(BAD_INPUTS) >= 20
 
 
-@pytest.mark.parametrize("name", ["missing file", "model tampered weights", "batch size 0"])
+@pytest.mark.parametrize("name", ["missing file", "model tampered weights", "batch size 0", "zero spacing in a .mha",
+                                  "truncated .mha", "complex voxels (with --preview)"])
 def test_bad_input_through_a_real_process(name, work):
+    """Through a real process, so that what C++ libraries write to stderr (MetaIO, ITK) is seen too: one line."""
     argv = BAD_INPUTS[name][0](work)
     before = snapshot(work.root)
     proc = run_uml(*argv, "--progress", "json", cwd=work.root) if argv[0] == "predict" and "--batch-size" not in argv else run_uml(*argv, cwd=work.root)
@@ -274,7 +426,7 @@ def test_predict_in_a_real_process_with_json_progress(work):
     assert sorted(p.name for p in work.out.iterdir()) == ["good", "phase0"]
     for case, ref in (("good", work.good), ("phase0", work.phases[0])):
         folder = work.out / case
-        assert sorted(p.name for p in folder.iterdir()) == ["segmentation.nii.gz", "summary.json", "uncertainty.nii.gz"]
+        assert sorted(p.name for p in folder.iterdir()) == [".uml-output", "segmentation.nii.gz", "summary.json", "uncertainty.nii.gz"]
         seg = sitk.ReadImage(str(folder / "segmentation.nii.gz"))
         unc = sitk.ReadImage(str(folder / "uncertainty.nii.gz"))
         (src,) = umlcore.io.read_case([ref])
@@ -296,7 +448,7 @@ def test_predict_in_a_real_process_with_json_progress(work):
     inputs = json.loads((work.out / "good" / "summary.json").read_text())["inputs"]
     assert [i["path"] for i in inputs] == [str(work.good)] * 3
     assert {str(p): snapshot(work.dir)[str(p)] for p in [work.good, *work.phases]} == before
-    assert not [p for p in work.out.rglob(".*")]  # no temporary files left
+    assert not [p for p in work.out.rglob(".*") if p.name != ".uml-output"]  # no temporary files or locks left
 
 
 def test_predict_nrrd_dicom_and_4d_in_process(work, dicom_writer, capsys):
@@ -307,7 +459,8 @@ def test_predict_nrrd_dicom_and_4d_in_process(work, dicom_writer, capsys):
     assert out == "" and err == ""
     assert sorted(p.name for p in work.out.iterdir()) == ["Series 7", "dce"]
     for case in ("Series 7", "dce"):
-        assert sorted(p.name for p in (work.out / case).iterdir()) == ["segmentation.nrrd", "summary.json", "uncertainty.nrrd"]
+        assert sorted(p.name for p in (work.out / case).iterdir()) == [".uml-output", "segmentation.nrrd", "summary.json",
+                                                                      "uncertainty.nrrd"]
     (src,) = umlcore.io.read_case([series])
     seg = sitk.ReadImage(str(work.out / "Series 7" / "segmentation.nrrd"))
     assert seg.GetSize() == src.GetSize() and np.allclose(seg.GetDirection(), src.GetDirection(), atol=1e-12)
@@ -327,7 +480,8 @@ def test_overwrite_replaces_only_with_the_flag(work, capsys):
     assert snapshot(work.out) == first
     assert main(predict_argv(work, work.good, work.phases[1], extra=["--overwrite", "--batch-size", "2"])) == 0
     assert sorted(p.name for p in work.out.iterdir()) == ["good", "phase1"]
-    assert sorted(p.name for p in (work.out / "good").iterdir()) == ["segmentation.nii.gz", "summary.json", "uncertainty.nii.gz"]
+    assert sorted(p.name for p in (work.out / "good").iterdir()) == [".uml-output", "segmentation.nii.gz", "summary.json",
+                                                                     "uncertainty.nii.gz"]
     assert json.loads(summary.read_text())["case_id"] == "good"
 
 
@@ -384,7 +538,9 @@ def test_info_and_models(work, capsys, monkeypatch, tmp_path):
     card = json.loads((work.bundle / "model.json").read_text())
     logged = tmp_path / "logged"
     shutil.copytree(work.bundle, logged)
-    (logged / "model.json").write_text(json.dumps({**card, "changelog": {"0.0.1": "first", "0.0.0": "none"}}))
+    logged_card = {**card, "changelog": {"0.0.1": "first", "0.0.0": "none"}}
+    logged_card["weights"] = {**card["weights"], "card_sha256": card_digest(logged_card)}
+    (logged / "model.json").write_text(json.dumps(logged_card))
     assert main(["info", str(logged)]) == 0
     assert "  changelog:     0.0.1: first (and 1 earlier versions)\n" in capsys.readouterr().out
 

@@ -1,6 +1,7 @@
 """umlcore.io: reading volumes and cases (geometry kept), refusing bad inputs, atomic writes."""
 
 import gzip
+import shutil
 import os
 
 import nibabel as nib
@@ -11,6 +12,7 @@ import SimpleITK as sitk
 from umlcore.errors import UMLInputError
 from umlcore.io import (
     check_same_grid,
+    check_volume,
     geometry,
     read_case,
     read_volume,
@@ -52,10 +54,12 @@ def test_dicom_series_folder_keeps_geometry(tmp_path, make_volume, dicom_writer)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read), np.round(sitk.GetArrayFromImage(image)))
 
 
-def test_sheared_nifti_is_read_with_nibabel(tmp_path):
-    affine = np.array([[-0.8, 0.2, 0.0, 5.0], [0.0, -0.9, 0.0, 3.0], [0.0, 0.0, 2.0, 1.0], [0, 0, 0, 1.0]])
+def test_a_nearly_orthonormal_nifti_is_read_with_nibabel_and_a_sheared_one_is_refused(tmp_path):
+    """ITK refuses a direction 5e-4 off orthonormal (rounding in some exporters): nibabel reads it onto the nearest
+    orthonormal grid, a sub-millimetre change. A real shear would put the outputs tens of mm off: refused."""
+    affine = np.array([[-0.8, 0.8 * 5e-4, 0.0, 5.0], [0.0, -0.9, 0.0, 3.0], [0.0, 0.0, 2.0, 1.0], [0, 0, 0, 1.0]])
     data = np.random.default_rng(0).random((32, 24, 5)).astype(np.float32)
-    path = tmp_path / "sheared.nii.gz"
+    path = tmp_path / "rounded.nii.gz"
     nib.save(nib.Nifti1Image(data, affine), str(path))
     with pytest.raises(RuntimeError, match="orthonormal"):
         sitk.ReadImage(str(path))  # the case the fallback exists for
@@ -66,6 +70,11 @@ def test_sheared_nifti_is_read_with_nibabel(tmp_path):
     d = np.array(image.GetDirection()).reshape(3, 3)
     np.testing.assert_allclose(d @ d.T, np.eye(3), atol=1e-12)
     np.testing.assert_allclose(sitk.GetArrayFromImage(image), np.transpose(data, (2, 1, 0)))
+    sheared = affine.copy()
+    sheared[0, 1] = 0.2
+    nib.save(nib.Nifti1Image(data, sheared), str(tmp_path / "sheared.nii.gz"))
+    with pytest.raises(UMLInputError, match="sheared or non-orthogonal voxel grid.*resample it onto an orthogonal grid"):
+        read_volume(tmp_path / "sheared.nii.gz")
 
 
 def test_read_case_several_volumes_and_4d(tmp_path, make_volume):
@@ -208,8 +217,8 @@ def test_write_image_atomic(tmp_path, make_volume):
     write_image_atomic(sitk.Cast(image, sitk.sitkUInt8), tmp_path / "out.nrrd")
     assert sitk.ReadImage(str(tmp_path / "out.nrrd")).GetPixelID() == sitk.sitkUInt8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mha", "out.nii.gz", "out.nrrd"]
-    # a failing write leaves nothing behind
-    with pytest.raises(RuntimeError):
+    # a failing write leaves nothing behind, and says so in one line
+    with pytest.raises(UMLInputError, match="cannot write .*out.unknownformat"):
         write_image_atomic(image, tmp_path / "out.unknownformat")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mha", "out.nii.gz", "out.nrrd"]
     with pytest.raises(UMLInputError, match="does not exist"):
@@ -237,3 +246,47 @@ def test_strip_image_extension_and_geometry(make_volume):
     assert strip_image_extension("dicomdir") == "dicomdir"
     g = geometry(make_volume())
     assert g["size"] == [32, 32, 6] and g["spacing"] == [0.7, 0.9, 2.5] and len(g["direction"]) == 9
+
+
+def test_a_dicom_series_with_a_duplicated_or_damaged_slice_is_refused(tmp_path, make_volume, dicom_writer):
+    series = dicom_writer(make_volume(size=(24, 16, 6)), tmp_path / "dup")
+    shutil.copy(series / "slice002.dcm", series / "slice002-copy.dcm")  # the same slice twice
+    with pytest.raises(UMLInputError, match="two slices at the same position"):
+        read_volume(series)
+    last = dicom_writer(make_volume(size=(24, 16, 6)), tmp_path / "last")
+    data = (last / "slice005.dcm").read_bytes()
+    (last / "slice005.dcm").write_bytes(data[: len(data) // 3])  # the last slice cut: GDCM drops it silently
+    with pytest.raises(UMLInputError, match="slice005.dcm in the DICOM series .* cannot be read \\(truncated or damaged\\)"):
+        read_volume(last)
+    (last / "notes.txt").write_text("not DICOM: not judged")
+    (last / "slice005.dcm").unlink()
+    assert read_volume(last).GetSize() == (24, 16, 5)
+
+
+def test_a_non_orthonormal_grid_is_refused_in_any_format(tmp_path, make_volume):
+    image = make_volume()
+    image.SetDirection((1.0, 0.4, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # sheared axes
+    for name in ("skewed.nrrd", "skewed.mha"):
+        sitk.WriteImage(image, str(tmp_path / name))
+        with pytest.raises(UMLInputError, match="sheared or non-orthogonal voxel grid"):
+            read_volume(tmp_path / name)
+    with pytest.raises(UMLInputError, match="sheared or non-orthogonal"):
+        check_volume(image, "in memory")
+
+
+def test_blank_and_complex_volumes_are_refused(make_volume):
+    blank = np.zeros((6, 32, 32), np.float32)
+    blank[3, 10:12, 10:12] = 7.0  # 4 voxels of 6144
+    with pytest.raises(UMLInputError, match="is blank: all but 4 of its 6144 voxels are 0"):
+        check_volume(sitk.GetImageFromArray(blank), "late")
+    complex_image = sitk.GetImageFromArray(np.ones((6, 32, 32), np.complex64) * (1 + 2j))
+    with pytest.raises(UMLInputError, match="complex-valued voxels"):
+        check_volume(complex_image, "c")
+
+
+def test_what_c_libraries_print_is_kept_off_stderr(capfd):
+    from umlcore.io import quiet_stderr
+
+    with quiet_stderr() as captured:
+        os.write(2, b"MetaImage: Read: Cannot read data\n")
+    assert capfd.readouterr().err == "" and captured == ["MetaImage: Read: Cannot read data\n"]

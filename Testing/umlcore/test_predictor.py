@@ -289,7 +289,8 @@ def test_one_volume_gets_the_single_volume_calibration_and_three_the_case_calibr
 
     raw_card = tiny_bundle.card
     card = dataclasses.replace(raw_card, case_calibration=three, single_volume_calibration=one)
-    for volumes, used, field in (([volume], one, "single_volume_calibration"), ([volume] * 3, three, "case_calibration")):
+    phases = [make_volume(seed=s, scale=100.0 + 20 * s) for s in range(3)]
+    for volumes, used, field in (([volume], one, "single_volume_calibration"), (phases, three, "case_calibration")):
         raw = predict(raw_card, volumes)["classification"]
         got = predict(card, volumes)["classification"]
         assert raw["calibration"] is None and got["calibration"] == field
@@ -328,3 +329,43 @@ def test_trace_hands_out_every_step_and_the_written_outputs_follow_from_them(pre
     # tracing changes nothing
     again = predictor.predict(volume)
     assert again.summary["classification"] == pred.summary["classification"]
+
+
+def test_identical_volumes_are_read_as_one_and_say_so(predictor, make_volume):
+    """The same file given as every phase is one volume: it gets the one-volume calibration, not the phases'."""
+    volume = make_volume()
+    three = predictor.predict([volume, volume, volume]).summary
+    one = predictor.predict(volume).summary
+    assert three["inputs"] == one["inputs"] == [{"channel": c, "volume": 0} for c in ("pre", "early", "late")]
+    assert three["input_check"] == ["the 3 volumes given are identical: read as one volume"] and one["input_check"] == []
+    assert three["classification"] == one["classification"]
+    copy = sitk.Image(volume)
+    assert predictor.predict([volume, copy, volume]).summary["input_check"]  # equal voxels, not the same object
+
+
+def test_a_spacing_outside_the_cards_range_is_refused(tiny_bundle, make_volume):
+    card = dataclasses.replace(tiny_bundle.card, input=dataclasses.replace(tiny_bundle.card.input, spacing_mm=(0.2, 8.0)))
+    predictor = Predictor(dataclasses.replace(tiny_bundle, card=card), device="cpu")
+    for spacing, fix in (((0.0008, 0.0008, 0.002), "metres or microns"), ((1000.0, 1000.0, 1000.0), "metres or microns")):
+        with pytest.raises(UMLInputError, match=f"voxel spacing .* lies outside the 0.2-8 mm .*{fix}"):
+            predictor.predict(make_volume(spacing=spacing))
+    assert predictor.predict(make_volume()).summary["classification"]  # 0.7 x 0.9 x 2.5 mm is read
+
+
+def test_the_batch_shrinks_to_the_memory_limit_and_too_large_slices_are_refused(tiny_bundle, make_volume):
+    from umlcore.resources import estimate_bytes
+
+    limit = 0.5 * 2**30
+    predictor = Predictor(tiny_bundle, device="cpu", batch_size=8, max_memory_gb=0.5)
+    need = {b: estimate_bytes(tiny_bundle.card, 6, (512, 512), b) for b in (1, 2, 4, 8)}
+    assert need[1] < need[2] < need[4] < need[8]
+    expected = max([b for b in (1, 2, 4, 8) if need[b] <= limit], default=1)
+    assert need[8] > limit, "the test needs a limit that shrinks the batch"
+    assert predictor.plan_batch((512, 512, 6), (1, 0, 0, 0, 1, 0, 0, 0, 1), (1.0, 1.0, 1.0)) == expected < 8
+    with pytest.raises(UMLInputError, match=r"a 4096x4096x2 volume needs about .* GB of memory to segment, more than "
+                                            r"the limit of 0\.5 GB .*--max-memory-gb"):
+        predictor.plan_batch((4096, 4096, 2), (1, 0, 0, 0, 1, 0, 0, 0, 1), (0.5, 0.5, 2.0))
+    with pytest.raises(UMLInputError, match="needs about"):
+        Predictor(tiny_bundle, device="cpu", max_memory_gb=1e-6).predict(make_volume())
+    with pytest.raises(UMLInputError, match="memory limit must be a positive"):
+        Predictor(tiny_bundle, device="cpu", max_memory_gb=0)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from umlcore.bundle import CARD_FILE, WEIGHTS_FILE, load_bundle, save_bundle, sha256_file
-from umlcore.card import ReaderConfig
+from umlcore.card import ReaderConfig, card_digest
 from umlcore.errors import BundleError
 from umlcore.fusion import stack_reader_opinion
 from umlcore.predictor import Predictor
@@ -133,6 +133,7 @@ def _rewrite(folder, card=None, state=None):
         save_file(state, str(folder / WEIGHTS_FILE))
         card = card or json.loads((folder / CARD_FILE).read_text())
         card["weights"]["sha256"] = sha256_file(folder / WEIGHTS_FILE)
+    card["weights"]["card_sha256"] = card_digest(card)
     (folder / CARD_FILE).write_text(json.dumps(card))
 
 
@@ -169,6 +170,11 @@ def _lesion_volume(make_volume):
     return make_volume(size=(48, 40, 6), spacing=(0.8, 0.6, 2.0))
 
 
+def _phases(make_volume):
+    """Three phases on the test volume's grid (three different volumes: identical ones are read as one)."""
+    return [make_volume(size=(48, 40, 6), spacing=(0.8, 0.6, 2.0), seed=s, scale=100.0 + 20 * s) for s in range(3)]
+
+
 @pytest.fixture(scope="module")
 def forced(reader_bundle_dir, box_segmentation):
     """The reader bundle whose segmentation is fixed: label 1 in a 10 x 12 box of every slice but the first."""
@@ -187,12 +193,12 @@ def test_predictor_checks_and_reads_the_segmented_lesions(forced, make_volume):
     seen = []
     hook = forced.reader.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     try:
-        with_reader = Predictor(forced, device="cpu").predict([volume] * 3)
+        with_reader = Predictor(forced, device="cpu").predict(_phases(make_volume))
     finally:
         hook.remove()
     assert seen == [8]  # one component, read once in its 8 flips and transposes
     without = Predictor(dataclasses.replace(forced, card=dataclasses.replace(forced.card, reader=None), reader=None),
-                        device="cpu").predict([volume] * 3)
+                        device="cpu").predict(_phases(make_volume))
     c, c0 = with_reader.summary["classification"], without.summary["classification"]
     assert c0["reader"] is None and without.summary["lesions"] == []
     # the rule is not fitted: the reader reads and checks, the opinion is the network's
@@ -215,8 +221,8 @@ def test_predictor_checks_and_reads_the_segmented_lesions(forced, make_volume):
 
 def test_the_check_removes_what_the_reader_does_not_read_as_a_lesion(forced, make_volume):
     volume = _lesion_volume(make_volume)
-    kept = _predict(forced, [volume] * 3, segmentation_min_lesion=0.5)
-    dropped = _predict(forced, [volume] * 3, segmentation_min_lesion=0.9999)
+    kept = _predict(forced, _phases(make_volume), segmentation_min_lesion=0.5)
+    dropped = _predict(forced, _phases(make_volume), segmentation_min_lesion=0.9999)
     assert P_CONSTANT[0] >= 0.5 and P_CONSTANT[0] < 0.9999
     assert sitk.GetArrayFromImage(kept.labelmap).sum() == 600 and sitk.GetArrayFromImage(dropped.labelmap).max() == 0
     assert dropped.summary["postprocessing"]["components_removed"] == 1
@@ -239,7 +245,7 @@ def test_predictor_with_the_stacked_rule(forced, make_volume, tmp_path):
     saved = load_bundle(save_bundle(forced.model.inner, card, tmp_path / "stacked", reader=forced.reader))
     assert saved.card.reader.stacking == COEFFICIENTS
     bundle = dataclasses.replace(forced, card=card)
-    s = Predictor(bundle, device="cpu").predict([volume] * 3).summary
+    s = Predictor(bundle, device="cpu").predict(_phases(make_volume)).summary
     c, r = s["classification"], s["classification"]["reader"]
     assert r["applied"] and r["reason"] is None and c["calibration"] == "reader.stacking"
     strength = 2.0 / r["network_uncertainty"]
@@ -248,7 +254,7 @@ def test_predictor_with_the_stacked_rule(forced, make_volume, tmp_path):
     np.testing.assert_allclose(c["probabilities"], expected / expected.sum(), rtol=1e-6)
     assert c["uncertainty"] == pytest.approx(2.0 / expected.sum(), rel=1e-6)
     # nothing kept: the stacking still applies, with the reader's terms 0
-    empty = _predict(bundle, [volume] * 3, segmentation_min_lesion=0.9999).summary["classification"]
+    empty = _predict(bundle, _phases(make_volume), segmentation_min_lesion=0.9999).summary["classification"]
     r = empty["reader"]
     assert not r["applied"] and "stacked rule reads the network's opinion alone" in r["reason"]
     expected = stack_reader_opinion(2.0 / r["network_uncertainty"] * np.array(r["network_probabilities"]), None,

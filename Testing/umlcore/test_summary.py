@@ -11,7 +11,7 @@ from umlcore.fusion import fuse_slice_opinions
 from umlcore.predictor import Predictor
 
 SUMMARY_KEYS = {
-    "schema_version", "case_id", "inputs", "model", "geometry", "slicing", "device", "precision", "timings_s",
+    "schema_version", "case_id", "inputs", "input_check", "model", "geometry", "slicing", "device", "precision", "timings_s",
     "motion_correction", "classification", "segments", "slices", "outputs", "postprocessing", "lesions",
 }
 CLASSIFICATION_KEYS = {
@@ -29,7 +29,9 @@ def test_summary_has_the_documented_fields(base_prediction, tiny_bundle, make_vo
     s = base_prediction.summary
     assert set(s) == SUMMARY_KEYS
     assert s["schema_version"] == 2 and s["case_id"] == "case" and s["device"] == "cpu" and s["outputs"] == {}
-    assert s["model"] == {"id": "test-model", "version": "0.0.1", "sha256": tiny_bundle.sha256, "path": str(tiny_bundle.path)}
+    assert s["model"] == {"id": "test-model", "version": "0.0.1", "sha256": tiny_bundle.sha256,
+                          "card_sha256": tiny_bundle.card_sha256, "path": str(tiny_bundle.path)}
+    assert len(tiny_bundle.card_sha256) == 64
     assert s["geometry"] == {"size": [32, 32, 6], "spacing": [0.7, 0.9, 2.5], "origin": [-12.5, 30.25, 7.0],
                              "direction": list(make_volume().GetDirection())}
     assert s["inputs"] == [{"channel": c, "volume": 0} for c in ("pre", "early", "late")]

@@ -9,6 +9,8 @@ loading weights).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -17,7 +19,7 @@ from .config import UMLConfig
 from .errors import BundleError
 
 __all__ = ["SCHEMA_VERSION", "STACKING_TERMS", "Segment", "Normalization", "MotionCorrection", "InputSpec",
-           "ReaderConfig", "ModelCard", "card_from_dict", "migrate_v1"]
+           "ReaderConfig", "ModelCard", "card_digest", "card_from_dict", "migrate_v1"]
 
 SCHEMA_VERSION = 2
 _FIX = "re-export the bundle with python -m training.export (docs/training.md)"
@@ -82,6 +84,8 @@ class InputSpec:
         context_slices: 2.5D input: the network also sees this many neighbouring slices on each side as extra
             channels (``len(channels) * (2 * context_slices + 1)`` network channels); ``0``: 2D slices.
         motion_correction: :class:`MotionCorrection` of multi-phase cases.
+        spacing_mm: ``(smallest, largest)`` voxel spacing in mm, along every axis, of the scans the model reads:
+            a volume outside it (a header in metres, say) is refused; ``None``: any spacing.
     """
 
     channels: tuple[str, ...] = ("pre", "early", "late")
@@ -92,8 +96,13 @@ class InputSpec:
     normalization: Normalization = Normalization()
     context_slices: int = 0
     motion_correction: MotionCorrection = MotionCorrection()
+    spacing_mm: Optional[tuple[float, float]] = None
 
     def __post_init__(self) -> None:
+        r = self.spacing_mm
+        if r is not None and (len(r) != 2 or not all(_is_number(v) for v in r) or not 0 < r[0] < r[1]):
+            raise BundleError(f"input.spacing_mm must be null or [smallest, largest] mm with 0 < smallest < largest, "
+                              f"got {r!r}: fix model.json")
         k = self.context_slices
         if not _is_int(k) or not 0 <= k <= 8:
             raise BundleError(f"input.context_slices must be an integer from 0 to 8, got {k!r}")
@@ -272,10 +281,20 @@ class ModelCard:
         return (name, value) if value is not None else (None, None)
 
     def to_dict(self, sha256: str) -> dict[str, Any]:
-        """The JSON object of ``model.json`` for weights with this ``sha256``."""
+        """The JSON object of ``model.json`` for weights with this ``sha256``, sealed with its own hash."""
         d = dataclasses.asdict(self)
         d["architecture"] = self.architecture.to_dict()
-        return {"schema_version": SCHEMA_VERSION, **d, "weights": {"file": "model.safetensors", "sha256": sha256}}
+        out = {"schema_version": SCHEMA_VERSION, **d, "weights": {"file": "model.safetensors", "sha256": sha256}}
+        out["weights"]["card_sha256"] = card_digest(out)
+        return out
+
+
+def card_digest(d: dict[str, Any]) -> str:
+    """The SHA-256 of a ``model.json`` object without its ``weights`` section, in a canonical JSON form (sorted keys,
+    no spaces): ``weights.card_sha256``, which makes a card edited after export evident."""
+    body = {k: v for k, v in d.items() if k != "weights"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def card_from_dict(d: Any, source: str = "model.json") -> ModelCard:
@@ -303,8 +322,9 @@ def card_from_dict(d: Any, source: str = "model.json") -> ModelCard:
         inp = dict(d["input"])
         inp["normalization"] = Normalization(**inp.get("normalization", {}))
         inp["motion_correction"] = MotionCorrection(**inp.get("motion_correction", {}))
-        if inp.get("target_spacing") is not None:
-            inp["target_spacing"] = tuple(float(v) for v in inp["target_spacing"])
+        for key in ("target_spacing", "spacing_mm"):
+            if inp.get(key) is not None:
+                inp[key] = tuple(float(v) for v in inp[key])
         if "channels" in inp:
             inp["channels"] = tuple(inp["channels"])
         fields = {k: v for k, v in d.items() if k in known}

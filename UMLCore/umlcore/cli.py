@@ -10,10 +10,10 @@ Commands:
 Exit codes: 0 success; 2 bad input or usage (one line on stderr starting with ``uml: error: ``); 1 internal
 error (one line plus a hint; the traceback only with ``--debug``); 130 when interrupted (Ctrl-C, SIGTERM).
 
-``predict`` validates everything (inputs readable and acceptable to the model, model loads, outputs absent
-unless ``--overwrite``, OUTDIR creatable) before writing anything, writes every case into a temporary folder
-inside OUTDIR and moves the case folders into place only when all cases succeeded; on failure nothing new
-is left behind.
+``predict`` validates everything (inputs readable and acceptable to the model, the memory they need, model
+loads, outputs that touch no input and are absent or uml's own with ``--overwrite``, OUTDIR creatable) before
+writing anything, then claims its case folders, writes every case into a temporary folder inside OUTDIR and moves
+them into place only when all cases succeeded; on failure nothing new is left behind (:mod:`umlcore.outputs`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -38,8 +35,9 @@ import SimpleITK as sitk
 from .bundle import ModelBundle, load_bundle
 from .catalogue import list_models, resolve_model, shipped_models_dir, user_models_dir
 from .errors import BundleError, CancelledError, UMLError, UMLInputError
-from .io import read_case, strip_image_extension, write_image_atomic
-from .predictor import Predictor
+from .io import read_case, read_geometry, strip_image_extension, write_image_atomic
+from .outputs import OutputClaim, check_output_folder, check_targets, os_error_message, refuse_inputs
+from .predictor import Predictor, ProgressCallback
 from .preview import write_preview
 
 __all__ = ["main", "build_parser", "OUTPUT_FILES", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_INTERRUPTED"]
@@ -82,6 +80,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``uml`` argument parser."""
     common = argparse.ArgumentParser(add_help=False)
@@ -106,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="image format of the outputs (default nii.gz)")
     p.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                    help="bar: text bar on stderr (default on a terminal); json: one JSON object per line on stdout; none (default otherwise)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing OUTDIR/<case> folders")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing OUTDIR/<case> folders that uml wrote (never anything else)")
+    p.add_argument("--max-memory-gb", type=_positive_float, default=None, metavar="GB",
+                   help="the memory a case may take (default: 70%% of what is available); a larger volume is refused")
     p.add_argument("--preview", action="store_true",
                    help="also write OUTDIR/<case>/preview.png: key slice with the lesion outline, uncertainty, confidence")
     p.set_defaults(func=_cmd_predict)
@@ -190,23 +201,6 @@ def _parse_cases(inputs: Sequence[str]) -> list[_Case]:
     return cases
 
 
-def _check_outdir(outdir: Path) -> None:
-    """Refuse an OUTDIR that cannot be created or written, without creating anything."""
-    if outdir.exists():
-        if not outdir.is_dir():
-            raise UMLInputError(f"output folder {outdir} is a file, not a folder: choose another -o")
-        if not os.access(outdir, os.W_OK | os.X_OK):
-            raise UMLInputError(f"output folder {outdir} is not writable: choose another -o or fix its permissions")
-        return
-    ancestor = outdir.absolute().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UMLInputError(f"cannot create output folder {outdir}: {ancestor} is a file, not a folder: choose another -o")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UMLInputError(f"cannot create output folder {outdir}: {ancestor} is not writable: choose another -o")
-
-
 def _load_model(spec: Optional[str]) -> ModelBundle:
     if spec is None:
         try:
@@ -221,113 +215,80 @@ def _load_model(spec: Optional[str]) -> ModelBundle:
     return load_bundle(path)
 
 
-def _makedirs(path: Path) -> list[Path]:
-    """Create ``path`` and missing parents; return the folders created, deepest first."""
-    created: list[Path] = []
-    p = path.absolute()
-    while not p.exists():
-        created.append(p)
-        p = p.parent
-    for d in reversed(created):
-        d.mkdir()
-    return created
-
-
-def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict) -> int:
-    fmt: OutputFormat = args.format
-    cases = _parse_cases(args.inputs)
-    outdir = Path(args.outdir)
-    _check_outdir(outdir)
-    for case in cases:
-        target = outdir / case.id
-        if (target.exists() or target.is_symlink()) and not args.overwrite:
-            raise UMLInputError(f"output {target} already exists: pass --overwrite to replace it, or choose another -o")
-    if args.preview and importlib.util.find_spec("matplotlib") is None:
-        raise UMLInputError("--preview needs matplotlib: pip install matplotlib, or leave out --preview")
-    bundle = _load_model(args.model)
-    predictor = Predictor(bundle, device=args.device, batch_size=args.batch_size, precision=args.precision)
-
-    # Read and check every case before writing anything.
+def _read_cases(cases: list[_Case], predictor: Predictor, progress: _Progress, state: dict) -> None:
+    """Check every case before anything is written: the memory it needs (from its header), then its volumes
+    (one case is kept in memory rather than read twice)."""
     for n, case in enumerate(cases):
         state["case"] = case.id
         progress.emit("read", case.id, _READ_SHARE * n / len(cases), f"reading and checking {', '.join(case.paths)}")
+        try:
+            geometry = read_geometry(case.paths[0])
+        except UMLInputError:  # read_case below names what is wrong with the file
+            geometry = None
+        if geometry is not None:
+            size, spacing, direction = geometry
+            predictor.plan_batch(size, direction, spacing)  # the memory it needs, before its voxels are read
         t0 = time.perf_counter()
         volumes = read_case(case.paths)
         case.read_s = time.perf_counter() - t0
         predictor.channel_volumes(volumes)
-        case.volumes = volumes if len(cases) == 1 else None  # one case: keep it rather than read it twice
+        case.volumes = volumes if len(cases) == 1 else None
     progress.emit("read", None, _READ_SHARE, f"{len(cases)} case(s) checked")
 
-    created = _makedirs(outdir) if not outdir.exists() else []
-    staging: Optional[Path] = None
-    committed: list[tuple[Path, Optional[Path], Path]] = []
+
+def _write_case(case: _Case, predictor: Predictor, folder: Path, args: argparse.Namespace,
+                on_progress: ProgressCallback) -> None:
+    """Predict one case and write its files into its (staging) ``folder``."""
+    volumes, read_s = case.volumes, case.read_s
+    if volumes is None:
+        t0 = time.perf_counter()
+        volumes = read_case(case.paths)
+        read_s = time.perf_counter() - t0
+    case.volumes = None
+    prediction = predictor.predict(volumes, progress=on_progress, case_id=case.id)
+    summary = prediction.summary
+    summary["timings_s"]["read"] = read_s
+    summary["timings_s"]["total"] += read_s
+    four_d = len(case.paths) == 1 and len(volumes) > 1
+    for entry in summary["inputs"]:
+        entry["path"] = case.paths[0] if four_d else case.paths[entry["volume"]]
+    names = {k: v.format(fmt=args.format) for k, v in OUTPUT_FILES.items()}
+    summary["outputs"] = {**names, **({"preview": PREVIEW_FILE} if args.preview else {})}
     try:
-        try:
-            staging = Path(tempfile.mkdtemp(prefix=".uml-tmp-", dir=outdir))
-        except OSError as exc:
-            raise UMLInputError(f"output folder {outdir} is not writable ({exc.strerror}): choose another -o") from None
-        share = (1.0 - _READ_SHARE) / len(cases)
-        for n, case in enumerate(cases):
-            state["case"] = case.id
-            base = _READ_SHARE + n * share
-            if case.volumes is not None:
-                volumes, read_s = case.volumes, case.read_s
-            else:
-                t0 = time.perf_counter()
-                volumes = read_case(case.paths)
-                read_s = time.perf_counter() - t0
-            case.volumes = None
+        write_image_atomic(prediction.labelmap, folder / names["segmentation"])
+        write_image_atomic(prediction.uncertainty, folder / names["uncertainty"])
+        if args.preview:
+            write_preview(volumes, prediction.labelmap, prediction.uncertainty, summary, folder / PREVIEW_FILE)
+        (folder / names["summary"]).write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as exc:
+        raise UMLInputError(os_error_message(exc, f"the outputs of case {case.id!r}")) from None
 
-            def on_progress(stage: str, fraction: float, message: str, _base: float = base, _id: str = case.id) -> None:
-                progress.emit(stage, _id, _base + share * _PREDICT_SHARE * fraction, message)
 
-            prediction = predictor.predict(volumes, progress=on_progress, case_id=case.id)
-            progress.emit("write", case.id, base + share * _PREDICT_SHARE, "writing the outputs")
-            summary = prediction.summary
-            summary["timings_s"]["read"] = read_s
-            summary["timings_s"]["total"] += read_s
-            four_d = len(case.paths) == 1 and len(volumes) > 1
-            for entry in summary["inputs"]:
-                entry["path"] = case.paths[0] if four_d else case.paths[entry["volume"]]
-            names = {k: v.format(fmt=fmt) for k, v in OUTPUT_FILES.items()}
-            summary["outputs"] = dict(names)
-            if args.preview:
-                summary["outputs"]["preview"] = PREVIEW_FILE
-            folder = staging / case.id
-            folder.mkdir()
-            write_image_atomic(prediction.labelmap, folder / names["segmentation"])
-            write_image_atomic(prediction.uncertainty, folder / names["uncertainty"])
-            if args.preview:
-                write_preview(volumes, prediction.labelmap, prediction.uncertainty, summary, folder / PREVIEW_FILE)
-            (folder / names["summary"]).write_text(json.dumps(summary, indent=2) + "\n")
-            del prediction, volumes
-        # Every case succeeded: move the case folders into place (old ones aside first, deleted at the end).
-        for case in cases:
-            target = outdir / case.id
-            old: Optional[Path] = None
-            if target.exists() or target.is_symlink():
-                old = staging / f".old-{case.id}"
-                os.replace(target, old)
-            committed.append((target, old, staging / case.id))
-            os.replace(staging / case.id, target)
-    except BaseException:
-        for target, old, new in reversed(committed):  # roll back a commit that failed half-way
-            try:
-                if not new.exists() and target.exists():
-                    shutil.rmtree(target)
-                if old is not None and old.exists():
-                    os.replace(old, target)
-            except OSError:
-                pass
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        for d in created:  # deepest first; only folders this run created
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-        raise
-    shutil.rmtree(staging, ignore_errors=True)
+def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict) -> int:
+    cases = _parse_cases(args.inputs)
+    outdir = check_output_folder(args.outdir)
+    targets = {case.id: outdir / case.id for case in cases}
+    refuse_inputs([p for case in cases for p in case.paths], outdir, targets)
+    check_targets(targets, args.overwrite)
+    if args.preview and importlib.util.find_spec("matplotlib") is None:
+        raise UMLInputError("--preview needs matplotlib: pip install matplotlib, or leave out --preview")
+    predictor = Predictor(_load_model(args.model), device=args.device, batch_size=args.batch_size,
+                          precision=args.precision, max_memory_gb=args.max_memory_gb)
+    _read_cases(cases, predictor, progress, state)
+    share = (1.0 - _READ_SHARE) / len(cases)
+    try:
+        with OutputClaim(outdir, targets, args.overwrite) as claim:
+            for n, case in enumerate(cases):
+                state["case"], base = case.id, _READ_SHARE + n * share
+
+                def on_progress(stage: str, fraction: float, message: str, _base: float = base, _id: str = case.id) -> None:
+                    progress.emit(stage, _id, _base + share * _PREDICT_SHARE * fraction, message)
+
+                _write_case(case, predictor, claim.folder(case.id), args, on_progress)
+                progress.emit("write", case.id, base + share, "written")
+            claim.commit()
+    except OSError as exc:  # creating, staging or moving the folders
+        raise UMLInputError(os_error_message(exc, f"into {outdir}")) from None
     state["case"] = None
     progress.emit("done", None, 1.0, f"wrote {len(cases)} case(s) to {outdir}")
     return EXIT_OK
@@ -354,7 +315,8 @@ def _card_text(bundle: ModelBundle) -> str:
         f"  input:         channels {', '.join(spec.channels)} (at least {spec.min_channels}; missing: {spec.missing_channels}), "
         f"{spec.slicing_axis} slices"
         + (f" with {spec.context_slices} neighbouring slice(s) on each side (2.5D)" if spec.context_slices else ""),
-        f"  spacing:       {'native' if spec.target_spacing is None else ' x '.join(f'{v:g}' for v in spec.target_spacing) + ' mm in-plane'}",
+        f"  spacing:       {'native' if spec.target_spacing is None else ' x '.join(f'{v:g}' for v in spec.target_spacing) + ' mm in-plane'}"
+        + ("" if spec.spacing_mm is None else f"; reads voxels of {spec.spacing_mm[0]:g}-{spec.spacing_mm[1]:g} mm"),
         f"  normalisation: {norm_text}",
         "  motion:        " + ("phases read as given" if spec.motion_correction.mode == "none" else
                               f"the other phases of a multi-phase case moved onto the {spec.motion_correction.reference} "

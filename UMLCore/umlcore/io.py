@@ -10,12 +10,16 @@ and the fix. Inputs are only ever opened for reading.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import re
 import secrets
+import sys
+import tempfile
 import zlib
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,7 +31,9 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "PathLike",
     "read_volume",
+    "read_geometry",
     "read_case",
+    "quiet_stderr",
     "split_4d",
     "check_volume",
     "check_same_grid",
@@ -97,20 +103,79 @@ def _check_gzip(path: Path) -> int:
     return total
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Refuse NIfTI files whose voxel data is shorter than the header says (SimpleITK reads them silently)."""
+#: Largest deviation of a grid's direction matrix from orthonormal (``|D^T D - I|``) that is read: beyond it the
+#: voxel axes are sheared or skewed, and outputs on the grid ITK keeps would not lie where the input's voxels do.
+ORTHONORMAL_TOLERANCE = 1e-3
+#: Relative spread of the distances between consecutive slices of a DICOM series that is still one spacing.
+SLICE_SPACING_RTOL = 0.01
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[list[str]]:
+    """Route what C++ libraries (ITK, MetaIO, GDCM) print to the process's stderr into a list instead (one string,
+    appended on exit), so a command's error stays one line; Python's own ``sys.stderr`` is not touched."""
+    captured: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode("utf-8", "replace"))
+
+
+def _check_direction(direction: Sequence[float], source: str) -> None:
+    """Refuse a grid whose voxel axes are not perpendicular unit vectors (sheared, skewed or degenerate)."""
+    d = np.asarray(direction, dtype=np.float64)
+    n = int(round(np.sqrt(d.size)))
+    d = d.reshape(n, n)
+    if not np.all(np.isfinite(d)) or np.abs(d.T @ d - np.eye(n)).max() > ORTHONORMAL_TOLERANCE:
+        raise UMLInputError(
+            f"{source} has a sheared or non-orthogonal voxel grid (its axes are not perpendicular): UML's outputs "
+            "could not lie on it; resample it onto an orthogonal grid first (e.g. Slicer's Resample Scalar Volume)")
+
+
+def _check_spacing(spacing: Sequence[float], source: str) -> None:
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise UMLInputError(f"{source} has a voxel spacing of {' x '.join(f'{v:g}' for v in spacing)} mm (zero, "
+                            "negative or not a number): fix the spacing (pixdim) in its header")
+
+
+def _check_pixel_type(pixel_id: int, source: str) -> None:
+    if pixel_id in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise UMLInputError(f"{source} has complex-valued voxels: UML reads magnitude images; save the magnitude "
+                            "(e.g. numpy.abs) as a real-valued volume first")
+
+
+def _check_nifti(path: Path) -> None:
+    """What SimpleITK reads silently wrong in a NIfTI: truncated data, NaN voxels (read as 0), a zero pixdim (read as
+    1 mm), a sheared affine (orthonormalised), complex voxels (the imaginary part dropped)."""
     import nibabel as nib
 
     size = _check_gzip(path) if _has_ext(path, (".gz",)) else path.stat().st_size
     try:
-        proxy = nib.load(str(path)).dataobj
-        expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
+        with _quiet_nibabel():
+            img = nib.load(str(path))
+            proxy, header = img.dataobj, img.header
+            expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
+            zooms = _stored_pixdim(path)  # as stored: nibabel and ITK silently turn a zero into 1
+            affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # nibabel raises many types on bad headers
         raise UMLInputError(f"{path} is not a readable NIfTI file ({_first_line(exc)}): {_READ_HINT}") from None
     if size < expected:
         raise UMLInputError(
-            f"{path} is truncated: its header announces {expected} bytes but it holds {size}: copy or export it again"
-        )
+            f"{path} is truncated: its header announces {expected} bytes but it holds {size}: copy or export it again")
+    if np.issubdtype(np.dtype(proxy.dtype), np.complexfloating):
+        _check_pixel_type(sitk.sitkComplexFloat32, str(path))
+    if len(zooms) >= 3 and any(v <= 0 for v in zooms):
+        raise UMLInputError(f"{path} has a voxel size (pixdim) of {' x '.join(f'{v:g}' for v in zooms)} mm: a zero or "
+                            "negative size is not a real spacing; fix pixdim in its header")
+    columns = affine[:3, :3] / np.maximum(np.linalg.norm(affine[:3, :3], axis=0), 1e-12)
+    _check_direction(columns.ravel(), str(path))
     if np.issubdtype(np.dtype(proxy.dtype), np.floating):
         # ITK's NIfTI reader silently turns NaN voxels into 0: look at the stored values themselves.
         try:
@@ -122,17 +187,61 @@ def _check_nifti_complete(path: Path) -> None:
             raise UMLInputError(f"{path} has {bad} NaN/Inf voxels: replace them (e.g. with 0) before running UML")
 
 
+def _stored_pixdim(path: Path) -> list[float]:
+    """``pixdim[1:4]`` of a NIfTI-1 or NIfTI-2 header as the file stores them."""
+    import struct
+
+    opener = gzip.open if _has_ext(path, (".gz",)) else open
+    with opener(path, "rb") as f:
+        head = f.read(540)
+    for order in "<>":
+        size = struct.unpack(order + "i", head[:4])[0]
+        if size == 348:
+            return list(struct.unpack(order + "3f", head[80:92]))
+        if size == 540:
+            return list(struct.unpack(order + "3d", head[112:136]))
+    return [1.0, 1.0, 1.0]  # not a header this check knows: nibabel has read it, ITK will judge it
+
+
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """nibabel logs header problems (e.g. a zero pixdim it replaces by 1) to stderr: this module says them itself."""
+    import logging
+
+    logger = logging.getLogger("nibabel")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_nrrd_header(path: Path) -> None:
+    """A detached NRRD header (``.nhdr``) names its data file: refuse, naming it, when it is missing."""
+    try:
+        head = path.read_bytes()[:65536].decode("latin-1").splitlines()
+    except OSError:
+        return
+    for line in head:
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("data file", "datafile") and value.strip() and not value.strip().startswith("LIST"):
+            name = value.strip().split()[0]
+            if "%" not in name and not (path.parent / name).is_file():
+                raise UMLInputError(f"{path} names its voxel data file {path.parent / name}, which does not exist: "
+                                    "copy the data file beside the header")
+
+
 def _first_line(exc: BaseException) -> str:
-    """The most telling single line of an (often multi-line ITK) exception message."""
+    """The most telling single line of an (often multi-line ITK) exception message, without object addresses."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "ERROR" in ln or "error" in ln:
-            return ln.split("ERROR:")[-1].strip()[:200]
-    return (lines[-1] if lines else type(exc).__name__)[:200]
+    line = next((ln for ln in reversed(lines) if "ERROR" in ln or "error" in ln), lines[-1] if lines else type(exc).__name__)
+    return re.sub(r"\S*\(0x[0-9a-f]+\)\S*:?\s*", "", line.split("ERROR:")[-1]).strip()[:200]
 
 
 def _read_nifti_with_nibabel(path: Path) -> sitk.Image:
-    """Read a NIfTI SimpleITK refuses (e.g. sheared or non-orthonormal affine) with nibabel.
+    """Read a NIfTI SimpleITK refuses for a direction a little off orthonormal (within
+    :data:`ORTHONORMAL_TOLERANCE`; :func:`_check_nifti` refused a larger shear) with nibabel.
 
     The voxel-to-world affine is converted from RAS to LPS; the spacing is the norm of each affine column and
     the direction is the nearest orthonormal matrix (polar decomposition) of the normalised columns.
@@ -140,9 +249,10 @@ def _read_nifti_with_nibabel(path: Path) -> sitk.Image:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-        affine = np.asarray(img.affine, dtype=np.float64)
+        with _quiet_nibabel():
+            img = nib.load(str(path))
+            data = np.asanyarray(img.dataobj)
+            affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:
         raise UMLInputError(f"{path} is not a readable NIfTI file ({_first_line(exc)}): {_READ_HINT}") from None
     if data.ndim < 3:
@@ -171,41 +281,102 @@ def _read_nifti_with_nibabel(path: Path) -> sitk.Image:
     return sitk.JoinSeries([to_sitk(data[..., t]) for t in range(data.shape[3])])
 
 
-def _read_dicom_folder(folder: Path) -> sitk.Image:
-    try:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError:
-        series = ()
+def _dicom_files(folder: Path) -> list[str]:
+    """The files of the one DICOM series in ``folder``, in GDCM's slice order."""
+    with quiet_stderr():
+        try:
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        except RuntimeError:
+            series = ()
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]) if len(series) == 1 else ()
     if not series:
         raise UMLInputError(f"folder {folder} holds no DICOM series: give the folder of one DICOM series, or an image file")
     if len(series) > 1:
+        raise UMLInputError(f"folder {folder} holds {len(series)} DICOM series: give the folder of a single series "
+                            "(e.g. sort the files into one folder per series)")
+    left_out = sorted(p for p in folder.iterdir() if p.is_file() and str(p) not in set(files) and _is_dicom(p))
+    if left_out:  # GDCM leaves a damaged slice out of the series without a word
+        raise UMLInputError(f"{left_out[0]} in the DICOM series {folder} cannot be read (truncated or damaged): copy or "
+                            "export the series again")
+    return list(files)
+
+
+def _is_dicom(path: Path) -> bool:
+    """Whether ``path`` starts like a DICOM file (the "DICM" mark after the 128-byte preamble)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _check_dicom_slices(folder: Path, files: list[str]) -> None:
+    """Every file of a series readable, and its slices evenly spaced along their normal: a missing, duplicated or
+    truncated slice would otherwise be read with the wrong spacing, without a word."""
+    positions, reader = [], sitk.ImageFileReader()
+    for name in files:
+        reader.SetFileName(name)
+        try:
+            with quiet_stderr():
+                reader.ReadImageInformation()
+        except RuntimeError:
+            raise UMLInputError(f"{name} in the DICOM series {folder} cannot be read (truncated or damaged): copy or "
+                                "export the series again") from None
+        positions.append(reader.GetOrigin())
+        direction = reader.GetDirection()
+    if len(files) < 2:
+        return
+    normal = np.asarray(direction, dtype=np.float64).reshape(3, 3)[:, 2]
+    along = np.sort(np.asarray(positions) @ normal)
+    steps = np.diff(along)
+    if np.any(steps <= 1e-6 * max(1.0, abs(along).max())):
+        raise UMLInputError(f"the DICOM series in {folder} has two slices at the same position (a duplicated file): "
+                            "remove the duplicate, or export the series again")
+    if np.abs(steps - np.median(steps)).max() > SLICE_SPACING_RTOL * np.median(steps):
         raise UMLInputError(
-            f"folder {folder} holds {len(series)} DICOM series: give the folder of a single series "
-            "(e.g. sort the files into one folder per series)"
-        )
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+            f"the DICOM series in {folder} has uneven slice spacing ({steps.min():.3g} to {steps.max():.3g} mm): a "
+            "slice is missing, or the series mixes acquisitions; export the complete series")
+
+
+def _read_dicom_folder(folder: Path) -> sitk.Image:
+    files = _dicom_files(folder)
+    _check_dicom_slices(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        return reader.Execute()
+        with quiet_stderr():
+            return reader.Execute()
     except RuntimeError as exc:
         raise UMLInputError(f"DICOM series in {folder} cannot be read ({_first_line(exc)}): check that all its files are complete") from None
 
 
 def _read_file(path: Path) -> sitk.Image:
     if _has_ext(path, _NIFTI):
-        _check_nifti_complete(path)
+        _check_nifti(path)
     elif _has_ext(path, (".gz",)):
         _check_gzip(path)
+    elif _has_ext(path, (".nhdr",)):
+        _check_nrrd_header(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        return sitk.ReadImage(str(path))
+        with quiet_stderr():
+            reader.ReadImageInformation()
+        _check_spacing(reader.GetSpacing(), str(path))
+        _check_pixel_type(reader.GetPixelID(), str(path))
+        with quiet_stderr():
+            return reader.Execute()
     except RuntimeError as exc:
-        message = str(exc)
-        if _has_ext(path, _NIFTI) and "orthonormal" in message:
+        if _has_ext(path, _NIFTI) and "orthonormal" in str(exc):
             return _read_nifti_with_nibabel(path)
-        if "Unable to determine ImageIO reader" in message:
-            raise UMLInputError(f"{path} is not an image file SimpleITK can read: {_READ_HINT}") from None
-        raise UMLInputError(f"{path} cannot be read ({_first_line(exc)}): check the file is complete, or {_READ_HINT}") from None
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: RuntimeError) -> UMLInputError:
+    """The one-line refusal of a file ITK cannot read."""
+    if "Unable to determine ImageIO reader" in str(exc):
+        return UMLInputError(f"{path} is not an image file SimpleITK can read: {_READ_HINT}")
+    return UMLInputError(f"{path} cannot be read ({_first_line(exc)}): check the file is complete, or {_READ_HINT}")
 
 
 def check_volume(image: sitk.Image, source: str = "image") -> sitk.Image:
@@ -219,8 +390,9 @@ def check_volume(image: sitk.Image, source: str = "image") -> sitk.Image:
         ``image`` unchanged.
 
     Raises:
-        UMLInputError: vector/RGB pixels, a dimension other than 3, NaN/Inf voxels, a constant image, or
-            fewer than two axes with at least ``MIN_INPLANE_SIZE`` voxels (e.g. a 3x3x1 volume).
+        UMLInputError: vector/RGB or complex pixels, a dimension other than 3, fewer than two axes with at least
+            ``MIN_INPLANE_SIZE`` voxels (e.g. a 3x3x1 volume), a zero or negative spacing, a sheared grid, NaN/Inf
+            voxels, a constant or blank image (its 0.5 and 99.5 percentiles equal: nothing to normalise).
     """
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UMLInputError(
@@ -235,6 +407,9 @@ def check_volume(image: sitk.Image, source: str = "image") -> sitk.Image:
             f"{source} is too small ({'x'.join(map(str, size))} voxels): slices must be at least "
             f"{MIN_INPLANE_SIZE}x{MIN_INPLANE_SIZE} voxels; give the full volume"
         )
+    _check_pixel_type(image.GetPixelID(), source)
+    _check_spacing(image.GetSpacing(), source)
+    _check_direction(image.GetDirection(), source)
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         bad = int(np.count_nonzero(~np.isfinite(array)))
@@ -242,7 +417,51 @@ def check_volume(image: sitk.Image, source: str = "image") -> sitk.Image:
     lo, hi = array.min(), array.max()
     if lo == hi:
         raise UMLInputError(f"{source} is a constant image (every voxel is {lo}): check that the right file was exported")
+    p_lo, p_hi = np.percentile(array, (0.5, 99.5))
+    if p_lo == p_hi:
+        rest = int(np.count_nonzero(array != p_lo))
+        raise UMLInputError(f"{source} is blank: all but {rest} of its {array.size} voxels are {p_lo:g}, so it holds no "
+                            "image to read; check that the right file was exported")
     return image
+
+
+def read_geometry(path: PathLike) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+    """``(size, spacing, direction)`` of the 3D grid of an image file or DICOM folder, read from the header(s)
+    only (so a run can know what it needs before reading the voxels); a 4D image's first three axes.
+
+    Raises:
+        UMLInputError: what :func:`read_volume` would refuse from the header alone.
+    """
+    p = _check_input_path(Path(path))
+    if p.is_dir():
+        files = _dicom_files(p)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        with quiet_stderr():
+            try:
+                reader.ReadImageInformation()
+            except RuntimeError:
+                raise UMLInputError(f"{files[0]} in the DICOM series {p} cannot be read (truncated or damaged): copy or "
+                                    "export the series again") from None
+        size, spacing = reader.GetSize(), reader.GetSpacing()
+        return (size[0], size[1], len(files)), tuple(spacing[:3]), tuple(reader.GetDirection())
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        with quiet_stderr():
+            reader.ReadImageInformation()
+    except RuntimeError as exc:
+        if _has_ext(p, _NIFTI) and "orthonormal" in str(exc):  # read_volume decides (nibabel or a refusal)
+            return (1, 1, 1), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)
+        raise _unreadable(p, exc) from None
+    except PermissionError:
+        raise UMLInputError(f"input {p} cannot be opened (permission denied): make it readable") from None
+    size, spacing, direction = reader.GetSize(), reader.GetSpacing(), reader.GetDirection()
+    n = len(size)
+    if n < 3:
+        return tuple(size) + (1,) * (3 - n), tuple(spacing) + (1.0,) * (3 - n), (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    d = np.asarray(direction, dtype=np.float64).reshape(n, n)[:3, :3]
+    return tuple(size[:3]), tuple(spacing[:3]), tuple(float(v) for v in d.ravel())
 
 
 def read_volume(path: PathLike) -> sitk.Image:
@@ -259,13 +478,9 @@ def read_volume(path: PathLike) -> sitk.Image:
         UMLInputError: missing path, folder without DICOM, non-image file, truncated file or gzip, 2D image,
             RGB/vector pixels, NaN/Inf voxels, a constant or too small volume.
     """
-    p = Path(path)
-    if not p.exists():
-        raise UMLInputError(f"input {p} does not exist: check the path (several phases of one case are joined with commas)")
+    p = _check_input_path(Path(path))
     if p.is_dir():
         image = _read_dicom_folder(p)
-    elif not p.is_file():
-        raise UMLInputError(f"input {p} is not a regular file or folder: {_READ_HINT}")
     else:
         try:
             image = _read_file(p)
@@ -276,6 +491,25 @@ def read_volume(path: PathLike) -> sitk.Image:
             check_volume(volume, f"{p} (volume {t} of its 4D image)")
         return image
     return check_volume(image, str(p))
+
+
+def _check_input_path(p: Path) -> Path:
+    """``p`` if it is an existing regular file or folder; a missing path, a dangling or looping link refused."""
+    if not p.exists():
+        if p.is_symlink():
+            try:
+                p.resolve(strict=True)
+            except RuntimeError:
+                raise UMLInputError(f"input {p} is a symbolic link that loops back on itself: point it at the real "
+                                    "file") from None
+            except OSError:
+                pass
+            raise UMLInputError(f"input {p} is a symbolic link to {os.readlink(p)}, which does not exist: point it at "
+                                "the real file")
+        raise UMLInputError(f"input {p} does not exist: check the path (several phases of one case are joined with commas)")
+    if not (p.is_dir() or p.is_file()):
+        raise UMLInputError(f"input {p} is not a regular file or folder: {_READ_HINT}")
+    return p
 
 
 def split_4d(image: sitk.Image) -> list[sitk.Image]:
@@ -367,7 +601,12 @@ def write_image_atomic(image: sitk.Image, path: PathLike) -> Path:
     # A fresh name (not mkstemp, whose 0600 mode the writer would keep): the file gets the usual umask mode.
     tmp = str(path.parent / f".tmp-{secrets.token_hex(8)}-{path.name}")
     try:
-        sitk.WriteImage(image, tmp, useCompression=True)
+        try:
+            with quiet_stderr():
+                sitk.WriteImage(image, tmp, useCompression=True)
+        except RuntimeError as exc:  # ITK's writers report a full disk as "could not write"
+            raise UMLInputError(f"cannot write {path} ({_first_line(exc)}): check that its device has free space and "
+                                "the folder is writable, or choose another -o") from None
         os.replace(tmp, path)
     except BaseException:
         try:

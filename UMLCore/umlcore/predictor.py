@@ -45,6 +45,7 @@ from .preprocess import (crop_to, from_slices, inplane_axes, normalize, pad_to_m
                          resized_shape, slice_axis_index, to_slices, with_context)
 from .reader import Reading, check_and_read
 from .registration import align_phases
+from .resources import memory_limit_bytes, plan_batch
 from .summary import CaseRecord, build_summary
 
 __all__ = ["DeviceName", "Precision", "ProgressCallback", "CancelCheck", "TraceCallback", "TRACE_STEPS",
@@ -141,13 +142,16 @@ class Predictor:
         batch_size: Slices per forward pass (>= 1).
         precision: ``fp32`` (default): full float32 on every device, TF32 off on CUDA, so a GPU reproduces the
             CPU's outputs. ``mixed``: bf16 (fp16 where bf16 is missing) autocast on CUDA; the CPU stays fp32.
+        max_memory_gb: The memory a prediction may take (default: 70 % of what is available when it starts): the
+            batch is made smaller to fit, and a volume whose slices do not fit one at a time is refused
+            (:mod:`umlcore.resources`).
 
     Raises:
-        UMLInputError: a bad device, batch size or precision.
+        UMLInputError: a bad device, batch size, precision or memory limit.
     """
 
     def __init__(self, bundle: ModelBundle, device: DeviceName = "auto", batch_size: int = 8,
-                 precision: Precision = "fp32") -> None:
+                 precision: Precision = "fp32", max_memory_gb: Optional[float] = None) -> None:
         if not isinstance(bundle, ModelBundle):
             raise UMLInputError(f"Predictor needs a ModelBundle from umlcore.load_bundle, got {type(bundle).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -156,10 +160,12 @@ class Predictor:
             raise UMLInputError("the bundle has more than 256 segmentation labels, which a uint8 labelmap cannot hold")
         if precision not in ("fp32", "mixed"):
             raise UMLInputError(f"unknown precision {precision!r}: choose fp32 (exact, the default) or mixed (bf16 on CUDA)")
+        memory_limit_bytes(max_memory_gb)  # refuses a bad limit now
         self.bundle = bundle
         self.card = bundle.card
         self.batch_size = int(batch_size)
         self.precision = precision
+        self.max_memory_gb = max_memory_gb
         self._move_to(resolve_device(device))
 
     @property
@@ -177,14 +183,18 @@ class Predictor:
     # ------------------------------------------------------------------------------------------ inputs
 
     def channel_volumes(self, volumes: Union[sitk.Image, Sequence[sitk.Image]]) -> tuple[list[sitk.Image], list[int]]:
+        """``(channels, source)`` of :meth:`_channels` (the check a caller runs before predicting)."""
+        return self._channels(volumes)[:2]
+
+    def _channels(self, volumes: Union[sitk.Image, Sequence[sitk.Image]]) -> tuple[list[sitk.Image], list[int], list[str]]:
         """Validate ``volumes`` against the card and map them to the network's channels.
 
         Args:
             volumes: One 3D volume, one 4D image (split along t), or a list of 3D volumes on one grid.
 
         Returns:
-            ``(channels, source)``: one 3D image per network channel and, per channel, the index of the
-            input volume it came from.
+            ``(channels, source, notes)``: one 3D image per network channel, per channel the index of the input
+            volume it came from, and what was noticed (volumes that are all identical are read as one volume).
 
         Raises:
             UMLInputError: a wrong number of volumes, volumes off one grid, slices smaller than 8x8, or any
@@ -212,6 +222,7 @@ class Predictor:
         for i, v in enumerate(volumes):
             check_volume(v, f"volume {i}")
         check_same_grid(volumes)
+        self._check_spacing(volumes[0])
         axis = slice_axis_index(volumes[0].GetDirection(), spec.slicing_axis)
         w_axis, h_axis = inplane_axes(axis)
         size = volumes[0].GetSize()
@@ -220,8 +231,34 @@ class Predictor:
                 f"{spec.slicing_axis} slices of this volume are {size[w_axis]}x{size[h_axis]} voxels, smaller than "
                 f"{MIN_INPLANE_SIZE}x{MIN_INPLANE_SIZE}: give a volume with larger {spec.slicing_axis} slices"
             )
-        source = [0] * n_channels if len(volumes) == 1 else list(range(n_channels))
-        return [volumes[s] for s in source], source
+        same = len(volumes) > 1 and all(np.array_equal(sitk.GetArrayViewFromImage(volumes[0]),
+                                                       sitk.GetArrayViewFromImage(v)) for v in volumes[1:])
+        source = [0] * n_channels if len(volumes) == 1 or same else list(range(n_channels))
+        notes = [f"the {len(volumes)} volumes given are identical: read as one volume"] if same else []
+        return [volumes[s] for s in source], source, notes
+
+    def _check_spacing(self, image: sitk.Image) -> None:
+        """Refuse a spacing outside the card's ``input.spacing_mm`` (a header in metres or microns, say)."""
+        limits = self.card.input.spacing_mm
+        spacing = image.GetSpacing()
+        if limits is not None and not all(limits[0] <= v <= limits[1] for v in spacing):
+            raise UMLInputError(
+                f"the volume's voxel spacing {' x '.join(f'{v:g}' for v in spacing)} mm lies outside the "
+                f"{limits[0]:g}-{limits[1]:g} mm of the scans model {self.card.id!r} reads: if the header is in "
+                "metres or microns, fix its spacing; otherwise this is not a scan this model can read")
+
+    def plan_batch(self, size: Sequence[int], direction: Sequence[float], spacing: Sequence[float]) -> int:
+        """The batch a volume of this geometry is run with (at most ``batch_size``), known before its voxels are
+        read (:func:`umlcore.resources.plan_batch`).
+
+        Raises:
+            UMLInputError: its slices do not fit the memory limit one at a time.
+        """
+        axis = slice_axis_index(direction, self.card.input.slicing_axis)
+        w_axis, h_axis = inplane_axes(axis)
+        hw = self._network_size(spacing, axis, (size[h_axis], size[w_axis]))
+        return plan_batch(self.card, int(size[axis]), hw, self.batch_size, memory_limit_bytes(self.max_memory_gb),
+                          "x".join(str(int(v)) for v in size))
 
     # ------------------------------------------------------------------------------------------ inference
 
@@ -297,15 +334,17 @@ class Predictor:
         if cancel():
             raise CancelledError("cancelled before preprocessing")
         report("preprocess", 0.0, "checking and normalising the input volumes")
-        channels, source = self.channel_volumes(volumes)
+        channels, source, notes = self._channels(volumes)
         single_volume = len(set(source)) < len(source)  # one volume replicated into every channel
         reference = channels[0]  # the input grid: every output lies on it
+        batch_size = self.plan_batch(reference.GetSize(), reference.GetDirection(), reference.GetSpacing())
         channels, alignment = self._align(channels, single_volume, report)
         axis = slice_axis_index(reference.GetDirection(), self.card.input.slicing_axis)
         stack = self._normalise(channels, source, axis)
         trace("stack", stack)
         t1 = time.perf_counter()
-        network = self._infer(stack, self._network_size(reference, axis, stack.shape[-2:]), report, cancel)
+        network = self._infer(stack, self._network_size(reference.GetSpacing(), axis, stack.shape[-2:]), batch_size,
+                              report, cancel)
         trace("network", network)
         t2 = time.perf_counter()
         report("postprocess", _INFER_END, "building the outputs and the case summary")
@@ -320,7 +359,7 @@ class Predictor:
         trace("opinion", opinion)
         written = filtered if reading is None else reading.checked
         images = [self._on_grid(a, reference, axis) for a in (written, network.uncertainty, network.foreground)]
-        record = CaseRecord(case_id=case_id, reference=reference, axis=axis, source=source,
+        record = CaseRecord(case_id=case_id, reference=reference, axis=axis, source=source, input_check=notes,
                             single_volume=single_volume, device=self.device, precision=self.precision,
                             network=network, lesion_voxels=lesion_voxels, written=written, removed=removed if reading is None else reading.removed,
                             reading=reading, opinion=opinion, alignment=alignment,
@@ -349,13 +388,12 @@ class Predictor:
                 normalised[s] = to_slices(normalize(array, self.card.input.normalization), axis)
         return np.ascontiguousarray(np.stack([normalised[s] for s in source], axis=1))
 
-    def _network_size(self, reference: sitk.Image, axis: int, hw: tuple[int, int]) -> tuple[int, int]:
+    def _network_size(self, spacing: Sequence[float], axis: int, hw: tuple[int, int]) -> tuple[int, int]:
         """The in-plane size the network reads: the slices' own, or resampled to the card's ``target_spacing``."""
         spec = self.card.input
         if spec.target_spacing is None:
             return tuple(hw)
         w_axis, h_axis = inplane_axes(axis)
-        spacing = reference.GetSpacing()
         net_hw = resized_shape(tuple(hw), (spacing[h_axis], spacing[w_axis]), (spec.target_spacing[1], spec.target_spacing[0]))
         if min(net_hw) < MIN_INPLANE_SIZE:
             raise UMLInputError(
@@ -363,14 +401,14 @@ class Predictor:
                 f"than {MIN_INPLANE_SIZE}x{MIN_INPLANE_SIZE}: give a volume that covers a larger field of view")
         return net_hw
 
-    def _infer(self, stack: np.ndarray, net_hw: tuple[int, int], report: ProgressCallback,
+    def _infer(self, stack: np.ndarray, net_hw: tuple[int, int], batch_size: int, report: ProgressCallback,
                cancel: CancelCheck) -> NetworkSlices:
         """Every slice through the network, in batches, with the out-of-memory fallback."""
         n, _, h, w = stack.shape
         report("preprocess", _PRE_END, f"{n} {self.card.input.slicing_axis} slices of {w}x{h} voxels")
         out = NetworkSlices(np.empty((n, h, w), np.uint8), np.empty((n, h, w), np.float32),
                             np.empty((n, h, w), np.float32), np.empty((n, self.card.architecture.num_classes)))
-        done, batch_size = 0, self.batch_size
+        done = 0
         while done < n:
             fraction = _PRE_END + (_INFER_END - _PRE_END) * done / n
             if cancel():

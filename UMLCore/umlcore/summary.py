@@ -30,6 +30,7 @@ class CaseRecord:
         reference: The first input volume (its grid is the outputs' grid).
         axis: The ITK index axis that became the slice axis.
         source: Per network channel, the index of the input volume it came from.
+        input_check: What the predictor noticed about the input and did about it (e.g. identical phases read as one).
         single_volume: One volume was replicated into every channel.
         network: The network's outputs (:class:`umlcore.predictor.NetworkSlices`).
         lesion_voxels: ``(S,)`` the lesion voxels per slice that weighed the slices' opinions (those of the
@@ -46,6 +47,7 @@ class CaseRecord:
     reference: sitk.Image
     axis: int
     source: list[int]
+    input_check: list[str]
     single_volume: bool
     device: str
     precision: str
@@ -66,7 +68,9 @@ def build_summary(bundle: "ModelBundle", case: CaseRecord) -> dict[str, Any]:
         "schema_version": SUMMARY_SCHEMA_VERSION,
         "case_id": case.case_id,
         "inputs": [{"channel": name, "volume": s} for name, s in zip(card.input.channels, case.source)],
-        "model": {"id": card.id, "version": card.version, "sha256": bundle.sha256, "path": str(bundle.path)},
+        "input_check": list(case.input_check),
+        "model": {"id": card.id, "version": card.version, "sha256": bundle.sha256, "card_sha256": bundle.card_sha256,
+                  "path": str(bundle.path)},
         "geometry": geometry(case.reference),
         "slicing": {"axis": card.input.slicing_axis, "index_axis": case.axis, "count": int(len(case.written)),
                     "context_slices": card.input.context_slices},
