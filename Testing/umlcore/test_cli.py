@@ -623,3 +623,55 @@ def test_info_shows_the_cards_motion_correction(bundle_factory, capsys):
     assert main(["info", str(moved)]) == 0
     assert ("  motion:        the other phases of a multi-phase case moved onto the early phase by a 3D translation "
             "(up to 8 mm)\n") in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------- the output folder
+def test_a_full_disk_exits_2_with_one_line_and_leaves_nothing(work):
+    """A real process whose file size limit (RLIMIT_FSIZE) stands in for a full disk: writes fail with EFBIG."""
+    import resource
+
+    def small_files_only():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400, 400))
+
+    before = snapshot(work.root)
+    proc = subprocess.run([sys.executable, "-B", "-m", "umlcore", *predict_argv(work, work.good)], cwd=work.root,
+                          capture_output=True, text=True, timeout=300, preexec_fn=small_files_only)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("uml: error: no space left on the device while writing"), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert snapshot(work.root) == before
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(work, capsys):
+    work.out.mkdir()
+    (work.out / ".good.uml-lock").write_text(f"{os.getpid()}\n")  # a live process holds the case
+    before = snapshot(work.root)
+    assert main(predict_argv(work, work.good)) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"uml: error: another uml run (process {os.getpid()}) is writing {work.out / 'good'}: wait "
+                           "for it to finish, or choose another -o")
+    assert snapshot(work.root) == before
+
+
+def test_the_leftovers_of_a_killed_run_are_cleaned_by_the_next(work):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    work.out.mkdir()
+    (work.out / f".uml-tmp-{dead.pid}-x1" / "good").mkdir(parents=True)
+    (work.out / ".good.uml-lock").write_text(f"{dead.pid}\n")
+    assert main(predict_argv(work, work.good)) == 0
+    assert sorted(p.name for p in work.out.iterdir()) == ["good"]
+
+
+def test_the_memory_plan_refuses_before_any_voxel_is_read(work, capsys, monkeypatch):
+    def never(paths):
+        raise AssertionError("the voxels were read")
+
+    monkeypatch.setattr(umlcore.cli, "read_case", never)
+    argv = _too_big(work)
+    before = snapshot(work.root)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "--max-memory-gb" in err and err.count("\n") == 1
+    assert snapshot(work.root) == before

@@ -5,6 +5,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -114,3 +115,18 @@ def test_the_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path):
 def test_os_errors_become_one_line_with_the_fix():
     assert "no space left on the device while writing X: free some space" in os_error_message(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "X")
     assert "cannot write X (Permission denied): choose another -o" in os_error_message(OSError(errno.EACCES, os.strerror(errno.EACCES)), "X")
+
+
+def test_an_empty_lock_is_stale_only_when_old(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".a.uml-lock"
+    lock.write_text("")
+    with pytest.raises(UMLInputError, match="another uml run"):
+        with OutputClaim(out, {"a": out / "a"}, overwrite=False):
+            pass
+    os.utime(lock, (time.time() - 120, time.time() - 120))
+    with OutputClaim(out, {"a": out / "a"}, overwrite=False) as claim:
+        claim.folder("a")
+        claim.commit()
+    assert not lock.exists() and (out / "a" / MARKER).is_file()

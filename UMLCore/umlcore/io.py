@@ -160,7 +160,7 @@ def _check_nifti(path: Path) -> None:
     try:
         with _quiet_nibabel():
             img = nib.load(str(path))
-            proxy, header = img.dataobj, img.header
+            proxy = img.dataobj
             expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
             zooms = _stored_pixdim(path)  # as stored: nibabel and ITK silently turn a zero into 1
             affine = np.asarray(img.affine, dtype=np.float64)

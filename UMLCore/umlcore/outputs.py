@@ -186,7 +186,14 @@ class OutputClaim:
             elif name.startswith(".") and name.endswith(".uml-lock") and entry.is_file():
                 with contextlib.suppress(OSError):
                     pid = entry.read_text().strip()
-            if pid is not None and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if pid is None:
+                continue
+            # a lock left empty is one whose run was killed between creating and writing it
+            try:
+                empty_and_old = pid == "" and time.time() - entry.stat().st_mtime > 60
+            except OSError:  # removed meanwhile by another run
+                continue
+            if empty_and_old or (pid.isdigit() and int(pid) not in (0, os.getpid()) and not _alive(int(pid))):
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
