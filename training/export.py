@@ -180,6 +180,13 @@ def _motion(card: ModelCard, text: Optional[str]) -> ModelCard:
     return dataclasses.replace(card, input=dataclasses.replace(card.input, motion_correction=mc))
 
 
+def _spacing(card: ModelCard, limits: Optional[list[float]]) -> ModelCard:
+    """The card with ``--spacing-mm``: the voxel sizes (mm) the model accepts; others are refused."""
+    if limits is None:
+        return card
+    return dataclasses.replace(card, input=dataclasses.replace(card.input, spacing_mm=tuple(limits)))
+
+
 def _report(card: ModelCard, path: Optional[Path], sha256: str) -> ModelCard:
     """The card with ``--report``'s figures, if they were measured on these weights."""
     if path is None:
@@ -203,6 +210,9 @@ def build_parser() -> Parser:
                                                 "its figures as the card's metrics")
     p.add_argument("--motion-correction", metavar="none|CHANNEL",
                    help="how multi-phase cases are aligned: none, or the channel the others are moved onto (e.g. early)")
+    p.add_argument("--spacing-mm", nargs=2, type=float, metavar=("SMALLEST", "LARGEST"),
+                   help="the voxel sizes in mm the model accepts along every axis; a scan outside is refused "
+                        "(default: the base's, else any)")
     p.add_argument("--id", help="the model id (default: the base's, else uml-breast-dce-small)")
     p.add_argument("--version", help="the version (default: the base's, else 1.0.0; required with --base and --run)")
     p.add_argument("--name", help="the model's name for people (default: the base's, else one from the preset)")
@@ -225,7 +235,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     base = None if args.base is None else load_bundle(args.base)
     model, record = _network(args, base)
     reader, card = _reader(args, base, _card(args, base, model, record))
-    card = _report(_motion(card, args.motion_correction), args.report, None if base is None else base.sha256)
+    card = _report(_spacing(_motion(card, args.motion_correction), args.spacing_mm), args.report, None if base is None else base.sha256)
     path = save_bundle(model, with_version(card, args.version, args.changelog), args.out, overwrite=args.overwrite,
                        reader=reader)
     bundle = load_bundle(path)

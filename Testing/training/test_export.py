@@ -87,11 +87,12 @@ def test_a_report_writes_the_figures_and_alignment_is_set(tiny_bundle_dir, tiny_
                                   "command": "python -m training.evaluate ...",
                                   "figures": {"phases": figures, "early": {"cases": 4, "auc": 0.6}}}))
     assert export.main(["--base", str(tiny_bundle_dir), "--report", str(report), "--motion-correction", "early",
-                        "--out", str(tmp_path / "b")]) == 0
+                        "--spacing-mm", "0.5", "4", "--out", str(tmp_path / "b")]) == 0
     card = load_bundle(tmp_path / "b").card
     assert card.metrics["dice_mean"] == 0.7 and card.metrics["test_set"] == "4 cases"
     assert card.metrics["single_volume"]["early"] == {"cases": 4, "auc": 0.6}
     assert card.input.motion_correction.mode == "translation" and card.input.motion_reference == 1
+    assert card.input.spacing_mm == (0.5, 4.0)
     other = tmp_path / "other.json"
     other.write_text(report.read_text().replace(tiny_bundle.sha256, "0" * 64))
     base = ["--base", str(tiny_bundle_dir)]
