@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 
 import numpy as np
@@ -17,7 +18,7 @@ from UMLSegmentationLib import logic as logic_module
 from UMLSegmentationLib.engine import EngineProcess
 from UMLSegmentationLib.errors import InputError, RunCancelled
 from UMLSegmentationLib.inputs import ijkToRasArray, volumeDimensions
-from UMLSegmentationLib.logic import ENGINE_PACKAGES, RESULTS_CSV, UMLSegmentationLogic
+from UMLSegmentationLib.logic import ENGINE_PACKAGES, OUTPUT_MARKER, RESULTS_CSV, UMLSegmentationLogic
 from UMLSegmentationLib.outputs import (
     REVIEW_SEGMENT_ID,
     REVIEW_SEGMENT_NAME,
@@ -173,7 +174,7 @@ def test_process_folder_writes_per_case_files_and_one_csv(mrml, bundle_dir, tmp_
 
     assert csv_path == out / RESULTS_CSV
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [RESULTS_CSV] + [f"case{i}{suffix}" for i in range(3) for suffix in (".seg.nrrd", "_uncertainty.nrrd", "_summary.json")]
+        [RESULTS_CSV, OUTPUT_MARKER] + [f"case{i}{suffix}" for i in range(3) for suffix in (".seg.nrrd", "_uncertainty.nrrd", "_summary.json")]
     )
     assert mrml.count() == nodes_before  # no node added to the user's scene
     assert list((tmp_path / "tmp").iterdir()) == []
@@ -252,6 +253,141 @@ def test_process_folder_refuses_bad_folders_before_running(mrml, bundle_dir, tmp
     with pytest.raises(InputError, match=r"case name\(s\) \['a'\]"):
         logic.processFolder(clash, tmp_path / "out", model=bundle_dir, pattern="a.*")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- processFolder: nothing lost
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its bytes (links as their target): compared before and after a refusal."""
+    found = {}
+    for root, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            p = os.path.join(root, name)
+            if os.path.islink(p):
+                found[p] = ("link", os.readlink(p))
+            elif os.path.isfile(p):
+                found[p] = open(p, "rb").read()
+    return found
+
+
+def _case_outputs(case):
+    return [f"{case}.seg.nrrd", f"{case}_uncertainty.nrrd", f"{case}_summary.json"]
+
+
+def _marker(out):
+    data = json.loads((out / OUTPUT_MARKER).read_text())
+    assert data["written_by"] == "UML Slicer folder mode"
+    return data["files"]
+
+
+@pytest.mark.parametrize("layout", ["previous-result-as-input", "uncertainty-name", "results-csv", "link-to-input"])
+def test_process_folder_never_replaces_an_input(check_refused, bundle_dir, tmp_path, layout):
+    """An output that is (resolved through links) one of the inputs is refused before the engine runs: nothing is
+    written, every input keeps its bytes."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_case(inputs / "case.nii.gz", 0)
+    out, pattern = inputs, "*"
+    if layout == "previous-result-as-input":  # '*' in the output folder takes an earlier result for a case
+        write_case(inputs / "case.seg.nrrd", 1)
+        victim = inputs / "case.seg.nrrd"
+    elif layout == "uncertainty-name":  # case 'a' writes a_uncertainty.nrrd, which is the input of case 'a_uncertainty'
+        write_case(inputs / "a.nrrd", 1)
+        write_case(inputs / "a_uncertainty.nrrd", 2)
+        pattern, victim = "*.nrrd", inputs / "a_uncertainty.nrrd"
+    elif layout == "results-csv":
+        (inputs / RESULTS_CSV).write_text("case_id,notes\ncase,my own notes\n")
+        victim = inputs / RESULTS_CSV
+    else:  # the output folder holds a link named like an output, pointing at an input elsewhere
+        out, pattern, victim = tmp_path / "out", "*.nii.gz", inputs / "case.nii.gz"
+        out.mkdir()
+        os.symlink(inputs / "case.nii.gz", out / "case.seg.nrrd")
+    before = _snapshot(tmp_path)
+    message = check_refused(lambda logic: logic.processFolder(inputs, out, model=bundle_dir, pattern=pattern, device="cpu"),
+                            r"would replace the input ")
+    assert str(victim) in message and message.endswith(
+        "UML never replaces or writes into an input; choose another output folder (or rename the input)")
+    assert _snapshot(tmp_path) == before
+
+
+def test_process_folder_never_writes_into_a_dicom_case_folder(check_refused, bundle_dir, tmp_path):
+    """An output folder inside an input (DICOM) case folder, directly or through a link, is refused before the
+    engine runs, and nothing is created there."""
+    inputs = tmp_path / "in"
+    dicom = inputs / "patient1"
+    dicom.mkdir(parents=True)
+    for i in range(3):
+        (dicom / f"IM{i:04d}").write_bytes(b"\0" * 128 + b"DICM" + bytes([i]))
+    write_case(inputs / "case0.nii.gz", 0)
+    (tmp_path / "link").symlink_to(dicom)
+    before = _snapshot(tmp_path)
+    for out in (dicom / "results", tmp_path / "link" / "results"):
+        message = check_refused(lambda logic: logic.processFolder(inputs, out, model=bundle_dir, pattern="*", device="cpu"),
+                                r"lies inside the input folder .*patient1: UML never writes into an input; "
+                                r"choose an output folder outside it$")
+        assert message.startswith(f"output folder {out} ")
+        assert not (dicom / "results").exists()
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("marker", [None, "other-files", "other-writer", "not-json"])
+def test_process_folder_refuses_a_file_it_did_not_write(check_refused, bundle_dir, tmp_path, marker):
+    """An existing file named like an output that folder mode did not write (not listed in the output folder's
+    marker) is refused by name with the fix; nothing is written and the file keeps its bytes."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_case(inputs / "case0.nii.gz", 0)
+    write_case(inputs / "case1.nii.gz", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "case1.seg.nrrd").write_bytes(b"a segmentation drawn by hand")
+    (out / "notes.txt").write_text("unrelated")
+    if marker == "other-files":
+        (out / OUTPUT_MARKER).write_text(json.dumps({"written_by": "UML Slicer folder mode", "files": ["case9.seg.nrrd"]}))
+    elif marker == "other-writer":
+        (out / OUTPUT_MARKER).write_text(json.dumps({"written_by": "someone else", "files": ["case1.seg.nrrd"]}))
+    elif marker == "not-json":
+        (out / OUTPUT_MARKER).write_text("case1.seg.nrrd")
+    before = _snapshot(tmp_path)
+    message = check_refused(lambda logic: logic.processFolder(inputs, out, model=bundle_dir, device="cpu"),
+                            r"exists and was not written by UML's folder mode")
+    assert message == (f"output {out / 'case1.seg.nrrd'} exists and was not written by UML's folder mode (it is not "
+                       f"listed in {out / OUTPUT_MARKER}): UML replaces only its own outputs; choose another output "
+                       "folder, or move it away yourself")
+    assert _snapshot(tmp_path) == before
+
+
+def test_process_folder_reruns_replace_its_own_files_and_leave_others(mrml, bundle_dir, tmp_path):
+    """Into a subfolder of the input folder holding an unrelated file: the run lists what it wrote in the marker, a
+    rerun replaces those files, a narrower run keeps the others listed; the input folder itself works as output."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_case(inputs / "case0.nii.gz", 0)
+    write_case(inputs / "case1.nii.gz", 1)
+    out = inputs / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("unrelated")
+    logic = UMLSegmentationLogic(temporaryDirectory=tmp_path / "tmp")
+    ours = sorted(_case_outputs("case0") + _case_outputs("case1") + [RESULTS_CSV])
+
+    logic.processFolder(inputs, out, model=bundle_dir, pattern="*", device="cpu")  # 'results' is not a case
+    assert sorted(p.name for p in out.iterdir()) == sorted(ours + ["notes.txt", OUTPUT_MARKER])
+    assert _marker(out) == ours
+
+    (out / "case0_summary.json").write_text("stale")
+    logic.processFolder(inputs, out, model=bundle_dir, pattern="*", device="cpu")
+    assert json.loads((out / "case0_summary.json").read_text())["case_id"] == "case0"  # replaced
+    assert (out / "notes.txt").read_text() == "unrelated" and _marker(out) == ours
+
+    logic.processFolder(inputs, out, model=bundle_dir, pattern="case1.*", device="cpu")
+    assert _marker(out) == ours  # case0's files stay listed: a later run may still replace them
+    assert [r["case_id"] for r in csv.DictReader(open(out / RESULTS_CSV, newline="", encoding="utf-8"))] == ["case1"]
+
+    logic.processFolder(inputs, inputs, model=bundle_dir, device="cpu")  # nothing collides: fine
+    assert _marker(inputs) == ours
+    assert sorted(p.name for p in inputs.iterdir()) == sorted(ours + ["case0.nii.gz", "case1.nii.gz", "results", OUTPUT_MARKER])
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------- cancel

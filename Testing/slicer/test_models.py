@@ -13,7 +13,7 @@ import pytest
 from UMLSegmentationLib import models
 from UMLSegmentationLib.errors import InputError
 
-from .umlslicer_helpers import LESION_COLOR, LESION_TERMINOLOGY, REPO, add_volume
+from .umlslicer_helpers import LESION_COLOR, LESION_TERMINOLOGY, REPO, add_volume, sealed
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_read_model_info_matches_the_card(bundle_dir, tmp_path):
     shutil.copytree(bundle_dir, card_2_5d)
     data = json.loads((card_2_5d / "model.json").read_text())
     data["input"]["context_slices"] = 1
-    (card_2_5d / "model.json").write_text(json.dumps(data))
+    (card_2_5d / "model.json").write_text(json.dumps(sealed(data)))
     assert models.readModelInfo(card_2_5d).contextSlices == 1
 
 
@@ -65,7 +65,7 @@ def test_invalid_cards_are_refused_with_the_fix(bundle_dir, tmp_path, edit, matc
     edit(card)
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "model.json").write_text(json.dumps(card))
+    (bad / "model.json").write_text(json.dumps(sealed(card)))  # sealed: refused for what it holds, not as edited
     with pytest.raises(InputError, match=match) as info:
         models.readModelInfo(bad)
     assert "re-export the bundle" in str(info.value)
@@ -120,7 +120,88 @@ def test_the_shipped_card_reads():
     assert card["schema_version"] == 2 and card["reader"] is not None and card["changelog"]
     assert (info.id, info.version, info.channels) == (card["id"], card["version"], ("pre", "early", "late"))
     assert [s.name for s in info.segments] == ["Lesion"] and info.sha256 == card["weights"]["sha256"]
+    assert card["weights"]["card_sha256"] == models.cardDigest(card)  # sealed, and the seal checked without torch
     assert models.resolveModel(None).id == models.DEFAULT_MODEL_ID
+
+
+EDITED = r"model.json was changed after the bundle was exported \(it no longer matches weights.card_sha256\): " \
+         r"restore the original card, or re-export the bundle with python -m training.export"
+
+
+def _edit_name(card):
+    card["segments"][0]["name"] = "Tumour"
+
+
+@pytest.mark.parametrize("edit", [
+    _edit_name,
+    lambda c: c.update(review_uncertainty=0.9),  # a looser verdict threshold: the edit that matters most
+    lambda c: c["input"].update(channels=["early", "pre", "late"]),
+    lambda c: c.update(review_uncertainty=float("nan")),
+    lambda c: c["weights"].pop("card_sha256"),  # the seal removed
+    lambda c: c["weights"].update(card_sha256="0" * 64),
+    lambda c: c["weights"].update(card_sha256=None),
+], ids=["segment-name", "review-uncertainty", "channels", "nan", "no-seal", "wrong-seal", "null-seal"])
+def test_a_card_edited_after_export_is_refused(isolated, bundle_dir, tmp_path, edit):
+    """A schema-2 card whose own hash (weights.card_sha256) no longer matches it is an unusable bundle: listed with
+    the reason, refused by the card reader, resolve and process, folder or zip alike."""
+    from umlcore.card import card_digest
+
+    card = json.loads((bundle_dir / "model.json").read_text())
+    assert card["weights"]["card_sha256"] == models.cardDigest(card) == card_digest(card)  # the two implementations agree
+    isolated.mkdir()
+    edited = isolated / "edited"
+    shutil.copytree(bundle_dir, edited)
+    edit(card)
+    (edited / "model.json").write_text(json.dumps(card, indent=2))
+    for path in (edited, edited / "model.json"):
+        with pytest.raises(InputError, match=EDITED):
+            models.readModelInfo(path)
+    archive = tmp_path / "edited.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in edited.iterdir():
+            zf.write(f, f"edited/{f.name}")
+    with pytest.raises(InputError, match=EDITED):
+        models.readModelInfo(archive)
+    (entry,) = models.listModels()
+    assert entry.info is None and entry.path == edited and "was changed after the bundle was exported" in entry.error
+    with pytest.raises(InputError, match=r"no model with id 'uml-test-small' \(known: none installed\)"):
+        models.resolveModel("uml-test-small")
+
+
+def test_a_resealed_or_schema_1_card_is_not_refused_as_edited(bundle_dir, tmp_path):
+    """The seal covers the whole card but the weights section, in a canonical form: layout does not matter, an
+    exporter that re-seals makes an edit legitimate, and a schema-1 card has no seal to check."""
+    card = json.loads((bundle_dir / "model.json").read_text())
+    relaid = tmp_path / "relaid"  # the same card, keys reordered and indented: same seal
+    relaid.mkdir()
+    (relaid / "model.json").write_text(json.dumps(dict(reversed(list(card.items()))), indent=4))
+    assert models.readModelInfo(relaid).id == card["id"]
+    _edit_name(card)
+    resealed = tmp_path / "resealed"
+    resealed.mkdir()
+    (resealed / "model.json").write_text(json.dumps(sealed(card)))
+    assert models.readModelInfo(resealed).segments[0].name == "Tumour"
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    (v1 / "model.json").write_text(json.dumps({**card, "schema_version": 1}))  # edited, stale seal: not checked
+    assert models.readModelInfo(v1).segments[0].name == "Tumour"
+
+
+def test_process_refuses_a_card_edited_after_export(check_refused, bundle_dir, tmp_path, monkeypatch):
+    """Refused by the module's card reader, before any engine process starts (not only by the engine)."""
+    from UMLSegmentationLib import logic as logic_module
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine process was started for an edited card")
+
+    monkeypatch.setattr(logic_module, "EngineProcess", no_engine)
+    edited = tmp_path / "edited"
+    shutil.copytree(bundle_dir, edited)
+    card = json.loads((edited / "model.json").read_text())
+    card["review_uncertainty"] = 0.9
+    (edited / "model.json").write_text(json.dumps(card))
+    node = add_volume()
+    check_refused(lambda logic: logic.process(node, model=edited, device="cpu"), EDITED)
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -85,6 +85,13 @@ def make_card(model_id: str = "uml-test-small", channels=("pre", "early", "late"
     return card, config
 
 
+def sealed(card: dict) -> dict:
+    """``card`` (a ``model.json`` object) with ``weights.card_sha256`` set as umlcore's exporter seals it."""
+    from umlcore.card import card_digest
+
+    return {**card, "weights": {**card.get("weights", {}), "card_sha256": card_digest(card)}}
+
+
 def phantom(seed: int = 0, shape=SHAPE_KJI, enhancement: float = 1.0) -> np.ndarray:
     """A small int16 'breast' phantom with a bright blob (deterministic for a seed)."""
     rng = np.random.default_rng(seed)

@@ -148,7 +148,7 @@ def _two_dicom_series(w, dicom_writer):
 def _outputs_exist(w):
     (w.out / "good").mkdir(parents=True)
     (w.out / "good" / "segmentation.nii.gz").write_bytes(b"an older result")
-    (w.out / "good" / ".uml-output").write_text("{}")  # uml wrote it
+    (w.out / "good" / ".uml-output").write_text(json.dumps({"written_by": "uml predict"}))  # uml wrote it
     return predict_argv(w, w.good)
 
 

@@ -37,9 +37,15 @@ def test_an_output_that_is_holds_or_lies_inside_an_input_is_refused(tmp_path):
 def test_only_uml_s_own_outputs_are_replaced(tmp_path):
     ours, foreign, missing = tmp_path / "ours", tmp_path / "foreign", tmp_path / "missing"
     ours.mkdir()
-    (ours / MARKER).write_text("{}")
+    (ours / MARKER).write_text('{"written_by": "uml predict"}')
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("mine")
+    for i, marker in enumerate(("{}", "not json", '{"written_by": "UML Slicer folder mode"}', "[]")):
+        other = tmp_path / f"other{i}"  # another writer's marker (Slicer's folder mode), or a damaged one
+        other.mkdir()
+        (other / MARKER).write_text(marker)
+        with pytest.raises(UMLInputError, match="was not written by uml"):
+            check_targets({"x": other}, overwrite=True)
     check_targets({"m": missing}, overwrite=False)
     check_targets({"o": ours}, overwrite=True)
     with pytest.raises(UMLInputError, match="already exists: pass --overwrite"):

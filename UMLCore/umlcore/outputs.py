@@ -32,6 +32,8 @@ __all__ = ["MARKER", "check_output_folder", "refuse_inputs", "check_targets", "O
 
 #: The file uml writes into every case folder it creates (what ``--overwrite`` may replace).
 MARKER = ".uml-output"
+#: What the marker of a case folder written by ``uml predict`` says (Slicer's folder mode writes another).
+WRITTEN_BY = "uml predict"
 _LOCK = ".{}.uml-lock"
 _STAGING = ".uml-tmp-"
 
@@ -82,13 +84,23 @@ def refuse_inputs(inputs: Sequence[os.PathLike], outdir: Path, targets: dict[str
                     f"{given}: uml never replaces or writes into an input; choose another -o (or rename the input)")
 
 
+def _marked(folder: Path) -> bool:
+    """Whether ``folder`` is a case folder that ``uml predict`` wrote (its :data:`MARKER` says so)."""
+    marker = folder / MARKER
+    if folder.is_symlink() or not folder.is_dir() or marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("written_by") == WRITTEN_BY
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_targets(targets: dict[str, Path], overwrite: bool) -> None:
     """Refuse a case folder that exists unless ``overwrite`` is given and uml wrote it (it holds :data:`MARKER`)."""
     for case, target in targets.items():
         if not (target.exists() or target.is_symlink()):
             continue
-        ours = target.is_dir() and not target.is_symlink() and (target / MARKER).is_file()
-        if not ours:
+        if not _marked(target):
             raise UMLInputError(f"output {target} exists and was not written by uml (it has no {MARKER} mark): uml "
                                 "replaces only its own outputs; choose another -o, or move it away yourself")
         if not overwrite:
@@ -150,7 +162,7 @@ class OutputClaim:
         """The staging folder of ``case`` (created, marked)."""
         folder = self.staging / case
         folder.mkdir()
-        (folder / MARKER).write_text(json.dumps({"written_by": "uml predict", "case": case, "pid": os.getpid(),
+        (folder / MARKER).write_text(json.dumps({"written_by": WRITTEN_BY, "case": case, "pid": os.getpid(),
                                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
         return folder
 

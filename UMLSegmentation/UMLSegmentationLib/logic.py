@@ -16,9 +16,11 @@ succeeded and its outputs passed the checks, so an error or a cancel leaves the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -59,6 +61,7 @@ __all__ = [
     "MODULE_NAME",
     "ENGINE_PACKAGES",
     "RESULTS_CSV",
+    "OUTPUT_MARKER",
     "Display",
     "OnError",
     "ProgressCallback",
@@ -84,12 +87,103 @@ ENGINE_PACKAGES = {
 #: The CSV written by :meth:`UMLSegmentationLogic.processFolder`.
 RESULTS_CSV = "uml_results.csv"
 
+#: The file :meth:`UMLSegmentationLogic.processFolder` keeps in its output folder: JSON listing the files it wrote
+#: there (``{"written_by": "UML Slicer folder mode", "files": [...]}``), the only existing files it replaces.
+OUTPUT_MARKER = ".uml-output"
+_MARKER_WRITER = "UML Slicer folder mode"
+
 Display = Literal["overlay", "none"]
 OnError = Literal["record", "raise"]
 ProgressCallback = Callable[[ProgressEvent], None]
 
 _IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _log = logging.getLogger(__name__)
+
+
+def _caseFileNames(case: str) -> dict[str, str]:
+    """The files folder mode writes for ``case`` (names inside the output folder)."""
+    return {"segmentation": f"{case}.seg.nrrd", "uncertainty": f"{case}_uncertainty.nrrd", "summary": f"{case}_summary.json"}
+
+
+def _resolved(path: Path) -> Path:
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def _readOutputMarker(outputDir: Path) -> set[str]:
+    """The names folder mode listed in ``outputDir``'s :data:`OUTPUT_MARKER` (none when it is absent, unreadable
+    or not folder mode's)."""
+    marker = outputDir / OUTPUT_MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return set()
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return set()
+    if not isinstance(data, dict) or data.get("written_by") != _MARKER_WRITER or not isinstance(data.get("files"), list):
+        return set()
+    return {f for f in data["files"] if isinstance(f, str) and f and "/" not in f and "\\" not in f}
+
+
+def _writeOutputMarker(outputDir: Path, files: set[str]) -> None:
+    """Replace ``outputDir``'s :data:`OUTPUT_MARKER` (atomically) by one listing ``files``."""
+    fd, tmp = tempfile.mkstemp(prefix=OUTPUT_MARKER + ".", suffix=".part", dir=outputDir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"written_by": _MARKER_WRITER, "files": sorted(files)}, indent=1) + "\n")
+        os.replace(tmp, outputDir / OUTPUT_MARKER)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _checkFolderOutputs(inputs: Sequence[Path], outputDir: Path, caseIds: Sequence[str]) -> set[str]:
+    """Refuse folder-mode outputs that would touch an input or replace a file folder mode did not write.
+
+    - No output may be an input, lie inside an input (DICOM) folder or hold one, and ``outputDir`` may not lie
+      inside an input folder (all resolved through symbolic links).
+    - An existing file with the name of an output is replaced only when ``outputDir``'s :data:`OUTPUT_MARKER`
+      lists it (folder mode wrote it) and it is a plain file (not a link).
+
+    Returns:
+        The names the marker lists that are still plain files there (folder mode's own files, of any run).
+    """
+    planned = [outputDir / name for case in caseIds for name in _caseFileNames(case).values()] + [outputDir / RESULTS_CSV]
+    out = _resolved(outputDir)
+    sources = {_resolved(p): p for p in inputs}
+    for source, given in sources.items():
+        if given.is_dir() and (out == source or source in out.parents):
+            raise InputError(f"output folder {outputDir} lies inside the input folder {given}: UML never writes into "
+                             "an input; choose an output folder outside it")
+    planned_places = {}
+    for target in planned:
+        place = _resolved(target)
+        planned_places[place] = target
+        if place in sources:
+            raise InputError(f"output {target} would replace the input {sources[place]}: UML never replaces or "
+                             "writes into an input; choose another output folder (or rename the input)")
+        inside = next((sources[a] for a in place.parents if a in sources), None)
+        if inside is not None:
+            raise InputError(f"output {target} would be written inside the input folder {inside}: UML never "
+                             "replaces or writes into an input; choose another output folder")
+    for source, given in sources.items():
+        holder = next((planned_places[a] for a in source.parents if a in planned_places), None)
+        if holder is not None:
+            raise InputError(f"output {holder} would replace the folder holding the input {given}: UML never "
+                             "replaces or writes into an input; choose another output folder")
+    marker = outputDir / OUTPUT_MARKER
+    if marker.is_symlink() or (marker.exists() and not marker.is_file()):
+        raise InputError(f"{marker} is not a file UML's folder mode wrote: UML keeps the list of its outputs there; "
+                         "choose another output folder, or move it away yourself")
+    ours = {name for name in _readOutputMarker(outputDir)
+            if (outputDir / name).is_file() and not (outputDir / name).is_symlink()}
+    foreign = [t for t in planned if (t.exists() or t.is_symlink()) and t.name not in ours]
+    if foreign:
+        more = f"; {len(foreign) - 1} more output(s) exist likewise" if len(foreign) > 1 else ""
+        raise InputError(f"output {foreign[0]} exists and was not written by UML's folder mode (it is not listed in "
+                         f"{marker}{more}): UML replaces only its own outputs; choose another output folder, or move "
+                         "it away yourself")
+    return ours
 
 
 def stripImageExtension(name: str) -> str:
@@ -464,8 +558,12 @@ class UMLSegmentationLogic:
         """Run UML on every file (or DICOM folder) of ``inputDir`` matching ``pattern``; no scene is touched.
 
         Writes per case ``<case>.seg.nrrd`` (segments named, coloured and coded as in the model card),
-        ``<case>_uncertainty.nrrd`` and ``<case>_summary.json`` into ``outputDir`` (existing files of the
-        same cases are replaced), and one CSV for all cases, :data:`RESULTS_CSV`.
+        ``<case>_uncertainty.nrrd`` and ``<case>_summary.json`` into ``outputDir``, and one CSV for all cases,
+        :data:`RESULTS_CSV`. Inputs are never touched and only its own files are replaced: the run is refused
+        (before anything is written) when an output would be, replace or lie inside an input (or ``outputDir``
+        inside an input folder), or when a file of an output's name exists that folder mode did not write; the
+        files it writes are listed in ``outputDir``'s :data:`OUTPUT_MARKER`, so a later run may replace them.
+        Other files in ``outputDir`` are left alone.
 
         Args:
             inputDir: Folder with one image per case (a 4D file holds the phases of its case).
@@ -484,7 +582,8 @@ class UMLSegmentationLogic:
             The CSV path.
 
         Raises:
-            InputError: no such folder, no matching file, clashing case names, bad options.
+            InputError: no such folder, no matching file, clashing case names, bad options, an output that would
+                touch an input, an existing file of an output's name that folder mode did not write.
         """
         inputDir, outputDir = Path(inputDir), Path(outputDir)
         if not inputDir.is_dir():
@@ -504,12 +603,22 @@ class UMLSegmentationLogic:
         clashes = sorted({c for c in caseIds if caseIds.count(c) > 1})
         if clashes:
             raise InputError(f"several inputs give the case name(s) {clashes}: rename them or use a narrower pattern")
+        if outputDir.exists() and not outputDir.is_dir():
+            raise InputError(f"output folder {outputDir} is a file, not a folder: choose another output folder")
+        ours = _checkFolderOutputs(files, outputDir, caseIds)
         info = self.resolveModel(model)
         self._checkOptions(device, batchSize, reviewThreshold, "none")
         self._checkPackages()
         enginePath = umlcorePythonPath()
         outputDir.mkdir(parents=True, exist_ok=True)
         emit = progressCallback or (lambda event: None)
+
+        def claim(names: Sequence[str]) -> None:
+            """List ``names`` in the output marker before they are written (a later run may replace them)."""
+            if not set(names) <= ours:
+                ours.update(names)
+                _writeOutputMarker(outputDir, ours)
+
         rows: dict[str, dict[str, str]] = {}
         total = len(files)
 
@@ -540,6 +649,7 @@ class UMLSegmentationLogic:
                     caseId = stripImageExtension(path.name)
                     try:
                         outputs = readCaseOutputs(tmp / "outputs" / caseId, info, "nrrd")
+                        claim(list(_caseFileNames(caseId).values()))
                         written = self._exportCase(outputs, info, outputDir, reviewThreshold)
                     except UMLSegmentationError as exc:
                         exc.caseId = caseId
@@ -585,6 +695,7 @@ class UMLSegmentationLogic:
                     pending = []
             done = min(total, start + casesPerRun)
             emit(ProgressEvent("case", "", done / total, f"{done}/{total} case(s) processed"))
+        claim([RESULTS_CSV])
         csvPath = writeCasesCsv([rows[c] for c in caseIds if c in rows], outputDir / RESULTS_CSV)
         emit(ProgressEvent("finished", "", 1.0, f"wrote {csvPath}"))
         return csvPath
@@ -601,7 +712,7 @@ class UMLSegmentationLogic:
         updateSegmentation(segmentation, reference, outputs.labels, model, reviewMask)
         uncertainty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{case}_uncertainty")
         updateUncertaintyVolume(uncertainty, reference, outputs.uncertainty)
-        names = {"segmentation": f"{case}.seg.nrrd", "uncertainty": f"{case}_uncertainty.nrrd", "summary": f"{case}_summary.json"}
+        names = _caseFileNames(case)
         writeSegmentationFile(segmentation, outputDir / names["segmentation"])
         writeVolumeFile(uncertainty, outputDir / names["uncertainty"])
         summary = dict(outputs.summary)

@@ -2,9 +2,10 @@
 
 ``readModelInfo`` reads a bundle's ``model.json`` with the standard library only, so the module can list
 models before PyTorch is installed (importing ``umlcore`` imports torch). It checks what the module relies
-on (schema version, required fields, segment labels, channel names) and leaves the authoritative check of
-the weights to umlcore: ``validateModel`` runs ``umlcore.bundle.load_bundle`` (hash, schema, weights fit the
-architecture), and the engine repeats it before every run.
+on (schema version, required fields, segment labels, channel names, and the seal of a schema-2 card: its own
+SHA-256 in ``weights.card_sha256``, so a card edited after export is listed as unusable) and leaves the
+authoritative check of the weights to umlcore: ``validateModel`` runs ``umlcore.bundle.load_bundle`` (hash,
+schema, weights fit the architecture), and the engine repeats it before every run.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "SegmentInfo",
     "ModelInfo",
     "ModelEntry",
+    "cardDigest",
     "readModelInfo",
     "validateModel",
     "listModels",
@@ -151,6 +153,37 @@ def _colour(value: Any, source: str) -> tuple[float, float, float]:
     return rgb  # type: ignore[return-value]
 
 
+def cardDigest(card: Mapping[str, Any]) -> str:
+    """The seal of a ``model.json`` object: the SHA-256 (hex) of the card without its ``weights`` section in a
+    canonical JSON form (sorted keys, no spaces, ASCII), as ``umlcore.card.card_digest`` computes it (this module
+    cannot import umlcore, which imports torch).
+
+    Raises:
+        ValueError: the card holds a value canonical JSON cannot hold (NaN, infinity): no card umlcore sealed does.
+    """
+    body = {k: v for k, v in card.items() if k != "weights"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _checkSeal(data: Mapping[str, Any], source: str) -> None:
+    """Refuse a schema-2 card whose ``weights.card_sha256`` is missing or no longer matches it (edited after
+    export); a schema-1 card has no seal to check."""
+    if data.get("schema_version") == 1:
+        return
+    weights = data.get("weights")
+    declared = weights.get("card_sha256") if isinstance(weights, dict) else None
+    try:
+        actual = cardDigest(data)
+    except ValueError:
+        actual = None
+    if not isinstance(declared, str) or declared != actual:
+        raise InputError(
+            f"{source} was changed after the bundle was exported (it no longer matches weights.card_sha256): "
+            f"restore the original card, or {_FIX}"
+        )
+
+
 def readModelInfo(path: Union[str, Path]) -> ModelInfo:
     """Read the card of a bundle without loading weights or importing torch.
 
@@ -161,7 +194,8 @@ def readModelInfo(path: Union[str, Path]) -> ModelInfo:
         The :class:`ModelInfo`.
 
     Raises:
-        InputError: missing file, not JSON, unknown schema version, missing fields, inconsistent segments.
+        InputError: missing file, not JSON, unknown schema version, missing fields, inconsistent segments, a
+            schema-2 card edited after export (its ``weights.card_sha256`` is missing or no longer matches).
     """
     path = Path(path)
     text, source = _readCardText(path)
@@ -227,6 +261,7 @@ def readModelInfo(path: Union[str, Path]) -> ModelInfo:
         raise InputError(f"{source}: needs at least two classes and positive_class inside them: {_FIX}")
     if len(info.sha256) != 64:
         raise InputError(f"{source} lacks weights.sha256: {_FIX}")
+    _checkSeal(data, source)
     return info
 
 
