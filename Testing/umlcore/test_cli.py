@@ -331,6 +331,13 @@ def _zero_spacing_mha(w):
     return predict_argv(w, path)
 
 
+def _spacing_in_metres(w):
+    bundle = edit_card(w, lambda card: card["input"].update(spacing_mm=[0.2, 8.0]))
+    scan = w.make_volume()
+    scan.SetSpacing((0.0008, 0.0008, 0.002))
+    return predict_argv(w, write(w.dir / "metres.nii.gz", scan), model=bundle)
+
+
 def _symlink_loop(w):
     loop = w.dir / "loop.nii.gz"
     loop.symlink_to(loop)
@@ -361,6 +368,7 @@ BAD_INPUTS.update({
     "DICOM series with a truncated file": ("dicom", "cannot be read (truncated or damaged)"),
     "zero spacing in a .mha": (_zero_spacing_mha, "voxel spacing of 0 x 0.9"),
     "symbolic link loop": (_symlink_loop, "loops back on itself"),
+    "spacing in metres": (_spacing_in_metres, "metres or microns"),
     ".nhdr whose data file is missing": (_nhdr_without_data, "names its voxel data file"),
     "empty -o": (lambda w: ["predict", str(w.good), "-o", "", "--model", str(w.bundle)], "the output folder (-o/--output) is empty"),
     "too big for the memory limit": (_too_big, "needs about"),
