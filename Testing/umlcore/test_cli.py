@@ -683,3 +683,12 @@ def test_the_memory_plan_refuses_before_any_voxel_is_read(work, capsys, monkeypa
     err = capsys.readouterr().err
     assert "needs about" in err and "--max-memory-gb" in err and err.count("\n") == 1
     assert snapshot(work.root) == before
+
+
+def test_a_closed_stdout_stops_quietly(work):
+    """`uml info MODEL --json | head -1`: the reader goes away; no traceback, no 'Exception ignored' line."""
+    proc = subprocess.Popen([sys.executable, "-m", "umlcore", "info", str(work.bundle), "--json"], cwd=work.root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before uml writes anything
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and err == b"", err

@@ -19,8 +19,10 @@ them into place only when all cases succeeded; on failure nothing new is left be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
+import os
 import signal
 import sys
 import threading
@@ -43,6 +45,7 @@ from .preview import write_preview
 __all__ = ["main", "build_parser", "OUTPUT_FILES", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a program stopped by a closed pipe
 
 ProgressMode = Literal["bar", "json", "none"]
 OutputFormat = Literal["nii.gz", "nrrd"]
@@ -426,6 +429,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         progress.error(state["case"], "cancelled")
         sys.stderr.write("uml: cancelled: nothing was written\n")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout went away (`uml info ... | head`): stop quietly, as cat does
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return EXIT_BROKEN_PIPE
     except UMLError as exc:
         message = _one_line(exc)
         progress.error(state["case"], message)
