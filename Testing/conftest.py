@@ -6,6 +6,8 @@ Generic on purpose so every part's tests can reuse them:
 - ``bundle_factory(**options) -> Path``: save a freshly initialised bundle (seeded, ``small`` preset by default).
 - ``tiny_bundle_dir`` / ``tiny_bundle``: a session-wide 3-channel ``small`` bundle (path / loaded bundle).
   Do not modify them in place; make your own with ``bundle_factory`` when a test tampers with a bundle.
+- ``picture_bundle_dir``: a session-wide ``small`` bundle for 2D RGB pictures (``input.kind`` picture, resized to
+  64 x 64); read-only too.
 - ``make_volume(**options) -> sitk.Image``: a deterministic 3D volume with a bright blob, oblique by default.
 - ``oblique_direction``: the default rotated (det +1) direction matrix, row-major.
 - ``box_segmentation(bundle)``: a copy of a loaded bundle whose network segments a fixed box (see there).
@@ -78,6 +80,14 @@ def bundle_factory(tmp_path_factory):
 def tiny_bundle_dir(bundle_factory) -> Path:
     """A 3-channel ``small`` bundle folder shared by the session (treat as read-only)."""
     return bundle_factory()
+
+
+@pytest.fixture(scope="session")
+def picture_bundle_dir(bundle_factory) -> Path:
+    """A ``small`` bundle for 2D RGB pictures shared by the session (treat as read-only): ``input.kind`` picture,
+    channels red, green, blue (one grey picture replicated), every picture resized to 64 x 64 pixels."""
+    spec = InputSpec(channels=("red", "green", "blue"), kind="picture", target_size=(64, 64))
+    return bundle_factory(id="test-picture-model", input=spec)
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from umlcore.bundle import CARD_FILE, load_bundle, save_bundle
-from umlcore.card import (SCHEMA_VERSION, STACKING_TERMS, InputSpec, ModelCard, ReaderConfig, Segment, card_from_dict,
-                          migrate_v1)
+from umlcore.card import (SCHEMA_VERSION, STACKING_TERMS, InputSpec, ModelCard, MotionCorrection, ReaderConfig, Segment,
+                          card_digest, card_from_dict, migrate_v1)
 from umlcore.config import UMLConfig
 from umlcore.errors import BundleError
 from umlcore.network import UMLNet
@@ -164,3 +164,49 @@ def test_other_schema_versions_and_unknown_fields_are_refused(version):
     d["refiner"] = None  # a schema-1 field in a schema-2 card
     with pytest.raises(BundleError, match=r"unknown field\(s\) \['refiner'\]"):
         card_from_dict(d)
+
+
+PICTURE = dict(channels=("red", "green", "blue"), kind="picture", target_size=(256, 256))
+
+
+def test_a_picture_card_round_trips_and_a_volume_card_is_the_default(tmp_path):
+    assert (InputSpec().kind, InputSpec().target_size) == ("volume", None)
+    net = UMLNet(UMLConfig())
+    card = make_card(net.config, input=InputSpec(**PICTURE))
+    d = json.loads(json.dumps(card.to_dict("0" * 64)))  # as model.json holds it
+    assert d["input"]["kind"] == "picture" and d["input"]["target_size"] == [256, 256]
+    assert card_from_dict(d) == card
+    assert load_bundle(save_bundle(net, card, tmp_path / "b")).card.input == card.input
+    assert InputSpec(target_size=(32, 48)).target_size == (32, 48)  # a volume model may resize its slices too
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"kind": "photo"}, "input.kind must be 'volume' or 'picture', got 'photo'"),
+    ({"target_size": (7, 64)}, "input.target_size must be null or \\[rows, columns\\], two integers of at least 8"),
+    ({"target_size": (64,)}, "input.target_size must be null"),
+    ({"target_size": (64.0, 64)}, "input.target_size must be null"),
+    ({"target_size": (True, 64)}, "input.target_size must be null"),
+    ({"target_spacing": (1.0, 1.0)}, "input.target_size and input.target_spacing are both set"),
+    ({"slicing_axis": "coronal"}, "input.slicing_axis is 'coronal' but a picture model .* set input.slicing_axis to 'axial'"),
+    ({"context_slices": 1}, "input.context_slices is 1 but a picture model .* set input.context_slices to 0"),
+    ({"motion_correction": MotionCorrection("translation", "red")},
+     "input.motion_correction.mode is 'translation' but a picture model .* to 'none'"),
+])
+def test_picture_and_target_size_fields_are_checked(change, fragment):
+    with pytest.raises(BundleError, match=fragment):
+        InputSpec(**{**PICTURE, **change})
+
+
+def test_a_bad_target_size_in_model_json_is_refused_with_the_field():
+    d = make_card(UMLConfig(), input=InputSpec(**PICTURE)).to_dict("0" * 64)
+    d["input"]["target_size"] = [256, "wide"]
+    with pytest.raises(BundleError, match="input.target_size must be null"):
+        card_from_dict(d)
+
+
+def test_the_shipped_card_loads_unchanged_as_a_volume_card():
+    raw = json.loads(SHIPPED.read_text())
+    assert "kind" not in raw["input"] and "target_size" not in raw["input"]  # written before the fields existed
+    assert card_digest(raw) == raw["weights"]["card_sha256"]
+    card = load_bundle(SHIPPED.parent).card
+    assert card.input.kind == "volume" and card.input.target_size is None

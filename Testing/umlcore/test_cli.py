@@ -55,8 +55,9 @@ def write(path: Path, image: sitk.Image) -> Path:
 
 
 @pytest.fixture
-def work(tmp_path, make_volume, tiny_bundle_dir):
-    """Inputs in ``tmp_path/in``; ``out`` (absent) is the output folder; ``bundle`` the shared tiny bundle."""
+def work(tmp_path, make_volume, tiny_bundle_dir, picture_bundle_dir):
+    """Inputs in ``tmp_path/in``; ``out`` (absent) is the output folder; ``bundle`` the shared tiny bundle,
+    ``picture_bundle`` the shared RGB picture bundle."""
     inp = tmp_path / "in"
     inp.mkdir()
     def small_volume(**kw):  # small by default to keep the runs fast
@@ -65,7 +66,7 @@ def work(tmp_path, make_volume, tiny_bundle_dir):
     good = write(inp / "good.nii.gz", small_volume())
     phases = [write(inp / f"phase{i}.nrrd", small_volume(seed=i, scale=60.0 * (i + 1))) for i in range(3)]
     return SimpleNamespace(root=tmp_path, dir=inp, good=good, phases=phases, bundle=tiny_bundle_dir,
-                           out=tmp_path / "out", make_volume=small_volume)
+                           picture_bundle=picture_bundle_dir, out=tmp_path / "out", make_volume=small_volume)
 
 
 def copy_bundle(w) -> Path:
@@ -209,7 +210,8 @@ BAD_INPUTS = {
     "constant image": (lambda w: _array_file(w, "flat.nii.gz", np.full((4, 16, 24), 5, np.int16)), "constant image"),
     "3x3x1 volume": (lambda w: _array_file(w, "tiny.nrrd", np.arange(9, dtype=np.float32).reshape(1, 3, 3)), "too small"),
     "thin axial slices": (lambda w: predict_argv(w, write(w.dir / "thin.mha", w.make_volume(size=(24, 4, 16), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)))), "smaller than 8x8"),
-    "2D image": (lambda w: _array_file(w, "photo.nii.gz", np.arange(1024, dtype=np.float32).reshape(32, 32)), "2D image"),
+    "2D image": (lambda w: _array_file(w, "photo.nii.gz", np.arange(1024, dtype=np.float32).reshape(32, 32)),
+                 "model 'test-model' reads 3D volumes (pre, early, late), but got a 2D picture or single slice of 32x32 pixels"),
     "RGB pixels": (lambda w: _array_file(w, "rgb.nrrd", np.random.default_rng(0).random((4, 16, 24, 3)).astype(np.float32), isVector=True), "RGB/vector"),
     "two phases": (lambda w: predict_argv(w, commas(*w.phases[:2])), "got 2 volumes"),
     "four phases": (lambda w: predict_argv(w, commas(*w.phases, w.phases[0])), "got 4 volumes"),
@@ -231,7 +233,7 @@ BAD_INPUTS = {
     "output folder not writable": (_outdir_not_writable, "not writable"),
     "outputs exist without --overwrite": (_outputs_exist, "already exists: pass --overwrite"),
     "--overwrite of a folder uml did not write": (_foreign_folder, "was not written by uml"),
-    "unknown --format": (lambda w: predict_argv(w, w.good, extra=["--format", "png"]), "argument --format: invalid choice: 'png'"),
+    "unknown --format": (lambda w: predict_argv(w, w.good, extra=["--format", "jpg"]), "argument --format: invalid choice: 'jpg'"),
     "batch size 0": (lambda w: predict_argv(w, w.good, extra=["--batch-size", "0"]), "batch size must be a positive integer"),
     "batch size not a number": (lambda w: predict_argv(w, w.good, extra=["--batch-size", "many"]), "batch size must be a positive integer"),
     "unknown --device": (lambda w: predict_argv(w, w.good, extra=["--device", "tpu"]), "argument --device: invalid choice"),
@@ -372,6 +374,43 @@ BAD_INPUTS.update({
     ".nhdr whose data file is missing": (_nhdr_without_data, "names its voxel data file"),
     "empty -o": (lambda w: ["predict", str(w.good), "-o", "", "--model", str(w.bundle)], "the output folder (-o/--output) is empty"),
     "too big for the memory limit": (_too_big, "needs about"),
+})
+
+
+def _picture(w, name, array, mode=None):
+    """A picture file written with Pillow (``array`` uint8/uint16, ``(H, W)`` or ``(H, W, C)``)."""
+    from PIL import Image
+
+    path = w.dir / name
+    Image.fromarray(array, mode).save(path)
+    return path
+
+
+def _rgb(h=30, w=40, seed=0):
+    """A small deterministic RGB picture: a bright red disc on a noisy background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    disc = 120 * np.exp(-((xx - w / 2) ** 2 + (yy - h / 2) ** 2) / (h * w / 20))
+    noise = rng.integers(0, 60, (h, w, 3))
+    return np.clip(noise + np.stack([disc + 60, disc / 2 + 30, 0 * disc + 20], axis=-1), 0, 255).astype(np.uint8)
+
+
+BAD_INPUTS.update({
+    "a picture for a volume model": (lambda w: predict_argv(w, _picture(w, "fundus.png", _rgb())),
+                                     "model 'test-model' reads 3D volumes (pre, early, late), but got a 2D picture or "
+                                     "single slice of 40x30 pixels: give the whole volume"),
+    "a volume for a picture model": (lambda w: predict_argv(w, w.good, model=w.picture_bundle),
+                                     "model 'test-picture-model' reads 2D pictures (red, green, blue), but got a 3D "
+                                     "volume of 24x16x4 voxels: give a picture (PNG, JPEG, BMP, TIFF)"),
+    "--format png for a volume": (lambda w: predict_argv(w, w.good, extra=["--format", "png"]),
+                                  "has 4 slices (24x16x4 voxels) but a PNG holds one 2D picture"),
+    "a constant picture": (lambda w: predict_argv(w, _picture(w, "flat.png", np.full((30, 40, 3), 90, np.uint8)),
+                                                  model=w.picture_bundle), "flat.png (red) is a constant image"),
+    "a colour picture with other inputs": (lambda w: predict_argv(w, commas(_picture(w, "a.png", _rgb()), w.good),
+                                                                  model=w.picture_bundle), "one of them is a colour picture"),
+    "four grey pictures for an RGB model": (lambda w: predict_argv(w, commas(*(_picture(w, f"g{i}.png", _rgb(seed=i)[..., 0])
+                                                                               for i in range(4))), model=w.picture_bundle),
+                                            "got a picture of 4 channel(s) but model 'test-picture-model' takes 1"),
 })
 DICOM_BUILDERS = {"DICOM series with a missing slice": _dicom_gap, "DICOM series with a truncated file": _dicom_truncated,
                   "output folder is the DICOM input (--overwrite)": _output_is_the_dicom_input}
@@ -692,3 +731,102 @@ def test_a_closed_stdout_stops_quietly(work):
     proc.stdout.close()  # before uml writes anything
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 141 and err == b"", err
+
+
+# ----------------------------------------------------------------------------------------------- pictures
+
+
+def _pictures(w):
+    """The same picture as RGB PNG, JPEG, BMP and TIFF, a grey PNG, an RGBA PNG and a grey + alpha PNG."""
+    rgb = _rgb()
+    alpha = np.full(rgb.shape[:2], 200, np.uint8)
+    return {"fundus.png": _picture(w, "fundus.png", rgb), "photo.jpg": _picture(w, "photo.jpg", rgb),
+            "scan.bmp": _picture(w, "scan.bmp", rgb), "slide.tiff": _picture(w, "slide.tiff", rgb),
+            "grey.png": _picture(w, "grey.png", rgb[..., 0]), "rgba.png": _picture(w, "rgba.png", np.dstack([rgb, alpha])),
+            "grey-alpha.png": _picture(w, "grey-alpha.png", np.dstack([rgb[..., 0], alpha]), "LA")}
+
+
+def test_pictures_give_png_outputs_on_their_pixel_grid(work, capsys):
+    pictures = _pictures(work)
+    before = snapshot(work.dir)
+    assert main(predict_argv(work, *pictures.values(), model=work.picture_bundle, extra=["--preview"])) == 0
+    assert capsys.readouterr().err == ""
+    assert snapshot(work.dir) == before
+    for name in pictures:
+        case = name.split(".")[0]
+        folder = work.out / case
+        assert sorted(p.name for p in folder.iterdir()) == [".uml-output", "preview.png", "segmentation.png",
+                                                            "summary.json", "uncertainty.png"]
+        seg, unc = (sitk.ReadImage(str(folder / f)) for f in ("segmentation.png", "uncertainty.png"))
+        assert seg.GetSize() == unc.GetSize() == (40, 30)
+        assert seg.GetPixelID() == sitk.sitkUInt8 and unc.GetPixelID() == sitk.sitkUInt16
+        assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1} and sitk.GetArrayFromImage(unc).min() > 0
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["case_id"] == case and summary["geometry"]["size"] == [40, 30, 1]
+        assert summary["slicing"]["count"] == 1 and len(summary["slices"]) == 1
+        assert summary["outputs"] == {"segmentation": "segmentation.png", "uncertainty": "uncertainty.png",
+                                      "summary": "summary.json", "preview": "preview.png"}
+        grey = case.startswith("grey")
+        assert [i["volume"] for i in summary["inputs"]] == ([0, 0, 0] if grey else [0, 1, 2])
+    rgba = json.loads((work.out / "rgba" / "summary.json").read_text())
+    png = json.loads((work.out / "fundus" / "summary.json").read_text())
+    assert rgba["classification"] == png["classification"]  # the alpha channel is dropped
+    grey = json.loads((work.out / "grey-alpha" / "summary.json").read_text())
+    assert grey["classification"] == json.loads((work.out / "grey" / "summary.json").read_text())["classification"]
+
+
+def test_the_uncertainty_png_is_the_uncertainty_times_65535(work):
+    picture = _picture(work, "fundus.png", _rgb())
+    assert main(predict_argv(work, picture, model=work.picture_bundle, extra=["--format", "nrrd"])) == 0
+    seg = sitk.ReadImage(str(work.out / "fundus" / "segmentation.nrrd"))
+    unc = sitk.ReadImage(str(work.out / "fundus" / "uncertainty.nrrd"))
+    assert seg.GetSize() == unc.GetSize() == (40, 30, 1) and unc.GetPixelID() == sitk.sitkFloat32
+    assert main(predict_argv(work, picture, model=work.picture_bundle, extra=["--overwrite"])) == 0
+    scaled = sitk.GetArrayFromImage(sitk.ReadImage(str(work.out / "fundus" / "uncertainty.png")))
+    np.testing.assert_array_equal(scaled, np.round(sitk.GetArrayFromImage(unc)[0].astype(np.float64) * 65535))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(work.out / "fundus" / "segmentation.png")))
+    np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(seg)[0])
+
+
+def test_a_picture_slicer_saved_as_a_vector_nrrd_is_read_as_its_colours(work):
+    """3D Slicer saves a colour picture loaded as a vector volume as a single-slice vector NRRD, on its own grid."""
+    vector = sitk.GetImageFromArray(_rgb()[None], isVector=True)
+    vector.SetSpacing((0.02, 0.02, 1.0))
+    vector.SetOrigin((-3.0, 4.5, 0.0))
+    vector.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    path = write(work.dir / "fundus-vector.nrrd", vector)
+    assert main(predict_argv(work, path, _picture(work, "fundus.png", _rgb()), model=work.picture_bundle)) == 0
+    seg = sitk.ReadImage(str(work.out / "fundus-vector" / "segmentation.nii.gz"))  # auto: not a picture file
+    assert seg.GetSize() == (40, 30, 1)
+    np.testing.assert_allclose(seg.GetSpacing(), (0.02, 0.02, 1.0), rtol=1e-6)
+    np.testing.assert_allclose(seg.GetOrigin(), (-3.0, 4.5, 0.0), atol=1e-6)
+    summary = json.loads((work.out / "fundus-vector" / "summary.json").read_text())
+    assert summary["classification"] == json.loads((work.out / "fundus" / "summary.json").read_text())["classification"]
+
+
+def test_a_picture_in_a_real_process(work):
+    picture = _picture(work, "ISIC_0000001.jpg", _rgb())
+    proc = run_uml(*predict_argv(work, picture, model=work.picture_bundle, extra=["--preview", "--progress", "json"]),
+                   cwd=work.root)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["stage"] == "done"
+    folder = work.out / "ISIC_0000001"
+    assert sitk.ReadImage(str(folder / "segmentation.png")).GetSize() == (40, 30)
+    assert (folder / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mismatch = run_uml(*predict_argv(work, picture, extra=["--overwrite"]), cwd=work.root)
+    assert mismatch.returncode == 2 and mismatch.stderr.count("\n") == 1
+    assert "reads 3D volumes (pre, early, late), but got a 2D picture" in mismatch.stderr
+
+
+def test_info_says_what_the_model_reads_and_its_size(work, capsys):
+    assert main(["info", str(work.picture_bundle)]) == 0
+    text = capsys.readouterr().out
+    assert "  input:         2D pictures (PNG, JPEG, BMP, TIFF), channels red, green, blue" in text
+    assert "  size:          every slice resized to 64 rows x 64 columns\n" in text
+    assert main(["info", str(work.bundle)]) == 0
+    text = capsys.readouterr().out
+    assert "  input:         3D volumes in axial slices, channels pre, early, late" in text
+    assert "  size:          native\n" in text
+    assert main(["info", str(work.picture_bundle), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["input"]["kind"] == "picture" and card["input"]["target_size"] == [64, 64]

@@ -170,7 +170,7 @@ BAD = {
     "nan in NIfTI": (lambda t, mv: _write(t, "nan.nii.gz", np.where(np.eye(32)[None] > 0, np.nan, 1.0).repeat(4, 0).astype(np.float32)), "NaN/Inf"),
     "constant": (lambda t, mv: _write(t, "c.nii.gz", np.full((4, 32, 32), 7, np.int16)), "constant image"),
     "3x3x1": (lambda t, mv: _write(t, "tiny.nii.gz", np.arange(9, dtype=np.float32).reshape(1, 3, 3)), "too small"),
-    "2D": (lambda t, mv: _write(t, "flat.nii.gz", np.arange(1024, dtype=np.float32).reshape(32, 32)), "2D image"),
+    "2D too small": (lambda t, mv: _write(t, "flat.nii.gz", np.arange(24, dtype=np.float32).reshape(4, 6)), "too small"),
     "RGB": (lambda t, mv: _write(t, "rgb.nrrd", np.random.default_rng(0).random((4, 32, 32, 3)).astype(np.float32), isVector=True), "RGB/vector"),
 }
 

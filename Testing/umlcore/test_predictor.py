@@ -369,3 +369,82 @@ def test_the_batch_shrinks_to_the_memory_limit_and_too_large_slices_are_refused(
         Predictor(tiny_bundle, device="cpu", max_memory_gb=1e-6).predict(make_volume())
     with pytest.raises(UMLInputError, match="memory limit must be a positive"):
         Predictor(tiny_bundle, device="cpu", max_memory_gb=0)
+
+
+class _Seen(torch.nn.Module):
+    """The network, recording the in-plane size of every batch it reads."""
+
+    def __init__(self, inner, seen):
+        super().__init__()
+        self.inner, self.config, self.seen = inner, inner.config, seen
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        return self.inner(x)
+
+
+def test_target_size_resizes_every_slice_and_the_outputs_return_to_the_input_grid(bundle_factory, make_volume):
+    spec = InputSpec(target_size=(32, 48), normalization=Normalization("zscore"))
+    bundle, seen = load_bundle(bundle_factory(input=spec)), []
+    v = make_volume(size=(40, 28, 5))
+    pred = Predictor(dataclasses.replace(bundle, model=_Seen(bundle.model, seen)), device="cpu").predict(v)
+    assert seen == [(32, 48)]  # rows x columns, whatever the slices' own 28 x 40
+    for image in (pred.labelmap, pred.uncertainty, pred.probability):
+        assert_on_grid(image, v)
+    u = sitk.GetArrayFromImage(pred.uncertainty)
+    assert u.min() > 0 and u.max() <= 1
+    card = dataclasses.replace(bundle.card, input=dataclasses.replace(spec, target_size=None))
+    native = Predictor(dataclasses.replace(bundle, card=card), device="cpu").predict(v)  # the slices' own size
+    assert not np.allclose(u, sitk.GetArrayFromImage(native.uncertainty))
+
+
+def picture(seed=0, h=30, w=40):
+    """The three single-slice colour volumes of a picture, as umlcore.io.read_case gives them."""
+    rng = np.random.default_rng(seed)
+    return [sitk.GetImageFromArray(rng.integers(0, 256, (1, h, w)).astype(np.uint8)) for _ in range(3)]
+
+
+@pytest.fixture(scope="module")
+def picture_predictor(picture_bundle_dir):
+    return Predictor(load_bundle(picture_bundle_dir), device="cpu")
+
+
+def test_a_picture_model_reads_pictures_and_refuses_volumes(picture_predictor, predictor, make_volume):
+    rgb = picture()
+    pred = picture_predictor.predict(rgb)
+    assert_on_grid(pred.labelmap, rgb[0])
+    assert pred.summary["slicing"]["count"] == 1 and pred.summary["geometry"]["size"] == [40, 30, 1]
+    with pytest.raises(UMLInputError, match=r"^model 'test-picture-model' reads 2D pictures \(red, green, blue\), but got "
+                                            r"a 3D volume of 32x32x6 voxels: give a picture \(PNG, JPEG, BMP, TIFF\)$"):
+        picture_predictor.predict(make_volume())
+    with pytest.raises(UMLInputError, match=r"^model 'test-model' reads 3D volumes \(pre, early, late\), but got a 2D "
+                                            r"picture or single slice of 40x30 pixels: give the whole volume"):
+        predictor.predict(rgb)
+
+
+def test_a_grey_picture_is_replicated_and_a_grey_rgb_picture_read_as_one(picture_predictor):
+    rgb = picture()
+    grey = picture_predictor.predict(rgb[:1]).summary
+    assert [i["volume"] for i in grey["inputs"]] == [0, 0, 0] and grey["input_check"] == []
+    same = picture_predictor.predict([rgb[0]] * 3).summary
+    assert same["input_check"] == ["the picture's 3 colours are identical (a grey picture): read as one grey picture"]
+    assert same["classification"] == grey["classification"]
+    with pytest.raises(UMLInputError, match=r"got a picture of 4 channel\(s\) but model 'test-picture-model' takes 1 "
+                                            r"\(a grey picture, replicated into all 3 channels\) or 3 \(red, green, blue\)"):
+        picture_predictor.predict(rgb + picture(seed=1)[:1])
+
+
+def test_the_memory_plan_of_a_resized_picture(picture_predictor):
+    """A 4000 x 3000 photo resized to 64 x 64: the network's activations are small, its arrays are not."""
+    from umlcore.resources import estimate_bytes
+
+    card = picture_predictor.card
+    assert picture_predictor.plan_batch((4000, 3000, 1), IDENTITY, (1.0, 1.0, 1.0)) == 8
+    resized = estimate_bytes(card, 1, (3000, 4000), 1, network_hw=(64, 64))
+    assert estimate_bytes(card, 1, (64, 64), 1) < resized < estimate_bytes(card, 1, (3000, 4000), 1)
+    with pytest.raises(UMLInputError, match="a 4000x3000x1 volume needs about"):
+        Predictor(picture_predictor.bundle, device="cpu", max_memory_gb=resized / 2**30 / 2).plan_batch(
+            (4000, 3000, 1), IDENTITY, (1.0, 1.0, 1.0))
+
+
+IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)

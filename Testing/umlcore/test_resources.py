@@ -33,3 +33,17 @@ def test_the_limit_is_a_share_of_what_is_available_or_the_given_gb():
     for bad in (0, -1.0):
         with pytest.raises(UMLInputError, match="positive number of GB"):
             memory_limit_bytes(bad)
+
+
+def test_resized_slices_are_estimated_at_both_sizes(card_factory):
+    """The network reads the card's target size; the arrays and the batch's input and outputs stay at the slices'."""
+    from umlcore.resources import RESIZE_BYTES_PER_PIXEL_AND_CHANNEL
+
+    card = card_factory(UMLConfig.preset("small"))
+    native, small = estimate_bytes(card, 1, (2048, 2048), 2), estimate_bytes(card, 1, (64, 64), 2)
+    resized = estimate_bytes(card, 1, (2048, 2048), 2, network_hw=(64, 64))
+    assert small < resized < native
+    arch = card.architecture
+    assert resized - small >= 2048 * 2048 * 2 * (arch.in_channels + arch.num_seg_labels) * RESIZE_BYTES_PER_PIXEL_AND_CHANNEL
+    assert estimate_bytes(card, 1, (64, 64), 2, network_hw=(64, 64)) == small
+    assert plan_batch(card, 1, (2048, 2048), 8, 4 * resized, "x", network_hw=(64, 64)) == 8

@@ -18,8 +18,8 @@ from typing import Any, Literal, Optional
 from .config import UMLConfig
 from .errors import BundleError
 
-__all__ = ["SCHEMA_VERSION", "STACKING_TERMS", "Segment", "Normalization", "MotionCorrection", "InputSpec",
-           "ReaderConfig", "ModelCard", "card_digest", "card_from_dict", "migrate_v1"]
+__all__ = ["SCHEMA_VERSION", "STACKING_TERMS", "MIN_TARGET_SIZE", "InputKind", "Segment", "Normalization",
+           "MotionCorrection", "InputSpec", "ReaderConfig", "ModelCard", "card_digest", "card_from_dict", "migrate_v1"]
 
 SCHEMA_VERSION = 2
 _FIX = "re-export the bundle with python -m training.export (docs/training.md)"
@@ -29,6 +29,10 @@ _FIX = "re-export the bundle with python -m training.export (docs/training.md)"
 STACKING_TERMS = ("intercept", "network", "suspicion", "lesion", "spiculated", "washout")
 
 MotionMode = Literal["none", "translation"]
+#: What a model reads: ``"volume"`` (3D scans, sliced) or ``"picture"`` (2D pictures: fundus photos, dermoscopy).
+InputKind = Literal["volume", "picture"]
+#: Smallest side of ``input.target_size`` (the network downsamples three times).
+MIN_TARGET_SIZE = 8
 
 
 def _is_int(v: Any) -> bool:
@@ -86,6 +90,12 @@ class InputSpec:
         motion_correction: :class:`MotionCorrection` of multi-phase cases.
         spacing_mm: ``(smallest, largest)`` voxel spacing in mm, along every axis, of the scans the model reads:
             a volume outside it (a header in metres, say) is refused; ``None``: any spacing.
+        kind: ``"volume"``: the model reads 3D volumes slice by slice; ``"picture"``: it reads 2D pictures (one
+            slice; channels e.g. ``("red", "green", "blue")`` or ``("grey",)``), which needs ``slicing_axis``
+            ``"axial"``, ``context_slices`` 0 and no motion correction.
+        target_size: ``(rows, columns)`` every slice is resized to (bilinearly, after normalisation) before the
+            network, the outputs resized back to the input grid; both at least :data:`MIN_TARGET_SIZE`. ``None``:
+            the slices' own size (or ``target_spacing``'s). Not with ``target_spacing``.
     """
 
     channels: tuple[str, ...] = ("pre", "early", "late")
@@ -97,8 +107,11 @@ class InputSpec:
     context_slices: int = 0
     motion_correction: MotionCorrection = MotionCorrection()
     spacing_mm: Optional[tuple[float, float]] = None
+    kind: InputKind = "volume"
+    target_size: Optional[tuple[int, int]] = None
 
     def __post_init__(self) -> None:
+        self._check_kind_and_size()
         r = self.spacing_mm
         if r is not None and (len(r) != 2 or not all(_is_number(v) for v in r) or not 0 < r[0] < r[1]):
             raise BundleError(f"input.spacing_mm must be null or [smallest, largest] mm with 0 < smallest < largest, "
@@ -117,6 +130,25 @@ class InputSpec:
             if not _is_number(mc.max_shift_mm) or mc.max_shift_mm <= 0:
                 raise BundleError(f"input.motion_correction.max_shift_mm must be a positive number of mm, got "
                                   f"{mc.max_shift_mm!r}: fix model.json (e.g. 10)")
+
+    def _check_kind_and_size(self) -> None:
+        """``kind`` and ``target_size``, and what a picture model cannot have (neighbouring slices, several phases)."""
+        if self.kind not in ("volume", "picture"):
+            raise BundleError(f"input.kind must be 'volume' or 'picture', got {self.kind!r}: fix model.json")
+        t = self.target_size
+        if t is not None and (len(t) != 2 or not all(_is_int(v) and v >= MIN_TARGET_SIZE for v in t)):
+            raise BundleError(f"input.target_size must be null or [rows, columns], two integers of at least "
+                              f"{MIN_TARGET_SIZE}, got {t!r}: fix model.json (e.g. [256, 256])")
+        if t is not None and self.target_spacing is not None:
+            raise BundleError("input.target_size and input.target_spacing are both set: a slice is resized to one "
+                              "or the other; set one of them to null in model.json")
+        if self.kind != "picture":
+            return
+        for name, value, needed in (("slicing_axis", self.slicing_axis, "axial"), ("context_slices", self.context_slices, 0),
+                                    ("motion_correction.mode", self.motion_correction.mode, "none")):
+            if value != needed:
+                raise BundleError(f"input.{name} is {value!r} but a picture model (input.kind 'picture') reads one "
+                                  f"2D picture: set input.{name} to {needed!r} in model.json")
 
     @property
     def motion_reference(self) -> Optional[int]:
@@ -325,6 +357,8 @@ def card_from_dict(d: Any, source: str = "model.json") -> ModelCard:
         for key in ("target_spacing", "spacing_mm"):
             if inp.get(key) is not None:
                 inp[key] = tuple(float(v) for v in inp[key])
+        if inp.get("target_size") is not None:
+            inp["target_size"] = tuple(inp["target_size"])
         if "channels" in inp:
             inp["channels"] = tuple(inp["channels"])
         fields = {k: v for k, v in d.items() if k in known}

@@ -3,7 +3,7 @@
 Commands:
 
 - ``uml predict INPUT [INPUT ...] -o OUTDIR [--model ID|PATH] [--device auto|cpu|cuda] [--batch-size N]
-  [--precision fp32|mixed] [--format nii.gz|nrrd] [--progress bar|json|none] [--overwrite]``
+  [--precision fp32|mixed] [--format auto|nii.gz|nrrd|png] [--progress bar|json|none] [--overwrite]``
 - ``uml info MODEL [--json]``
 - ``uml models [--json]``
 
@@ -39,6 +39,7 @@ from .catalogue import list_models, resolve_model, shipped_models_dir, user_mode
 from .errors import BundleError, CancelledError, UMLError, UMLInputError
 from .io import read_case, read_geometry, strip_image_extension, write_image_atomic
 from .outputs import OutputClaim, check_output_folder, check_targets, os_error_message, refuse_inputs
+from .pictures import UNCERTAINTY_PNG_SCALE, as_png, check_single_slice, is_picture_file
 from .predictor import Predictor, ProgressCallback
 from .preview import write_preview
 
@@ -48,9 +49,9 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a program stopped by a closed pipe
 
 ProgressMode = Literal["bar", "json", "none"]
-OutputFormat = Literal["nii.gz", "nrrd"]
+OutputFormat = Literal["auto", "nii.gz", "nrrd", "png"]
 
-#: Files written per case (``{fmt}`` is ``nii.gz`` or ``nrrd``).
+#: Files written per case (``{fmt}`` is ``nii.gz``, ``nrrd`` or ``png``).
 OUTPUT_FILES = {"segmentation": "segmentation.{fmt}", "uncertainty": "uncertainty.{fmt}", "summary": "summary.json"}
 PREVIEW_FILE = "preview.png"
 
@@ -114,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per forward pass (default 8)")
     p.add_argument("--precision", choices=("fp32", "mixed"), default="fp32",
                    help="fp32: exact, a GPU gives the CPU's results (default); mixed: bf16 autocast on CUDA")
-    p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="image format of the outputs (default nii.gz)")
+    p.add_argument("--format", choices=("auto", "nii.gz", "nrrd", "png"), default="auto",
+                   help="image format of the outputs; auto (default): png for a picture input, else nii.gz; png only "
+                        "for pictures (one slice)")
     p.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                    help="bar: text bar on stderr (default on a terminal); json: one JSON object per line on stdout; none (default otherwise)")
     p.add_argument("--overwrite", action="store_true",
@@ -182,6 +185,7 @@ class _Case:
     paths: list[str]
     volumes: Optional[list] = None
     read_s: float = 0.0
+    format: str = "nii.gz"
 
 
 def _parse_cases(inputs: Sequence[str]) -> list[_Case]:
@@ -218,7 +222,17 @@ def _load_model(spec: Optional[str]) -> ModelBundle:
     return load_bundle(path)
 
 
-def _read_cases(cases: list[_Case], predictor: Predictor, progress: _Progress, state: dict) -> None:
+def _case_format(case: _Case, size: Sequence[int], fmt: OutputFormat) -> str:
+    """The image format of a case's outputs: ``auto`` is ``png`` for a picture file (one slice), else ``nii.gz``;
+    ``png`` is refused for a grid of several slices."""
+    if fmt == "auto":
+        return "png" if is_picture_file(case.paths[0]) and size[2] == 1 else "nii.gz"
+    if fmt == "png":
+        check_single_slice(size, f"case {case.id!r} ({', '.join(case.paths)})")
+    return fmt
+
+
+def _read_cases(cases: list[_Case], predictor: Predictor, progress: _Progress, state: dict, fmt: OutputFormat) -> None:
     """Check every case before anything is written: the memory it needs (from its header), then its volumes
     (one case is kept in memory rather than read twice)."""
     for n, case in enumerate(cases):
@@ -235,6 +249,7 @@ def _read_cases(cases: list[_Case], predictor: Predictor, progress: _Progress, s
         volumes = read_case(case.paths)
         case.read_s = time.perf_counter() - t0
         predictor.channel_volumes(volumes)
+        case.format = _case_format(case, volumes[0].GetSize(), fmt)
         case.volumes = volumes if len(cases) == 1 else None
     progress.emit("read", None, _READ_SHARE, f"{len(cases)} case(s) checked")
 
@@ -255,13 +270,18 @@ def _write_case(case: _Case, predictor: Predictor, folder: Path, args: argparse.
     four_d = len(case.paths) == 1 and len(volumes) > 1
     for entry in summary["inputs"]:
         entry["path"] = case.paths[0] if four_d else case.paths[entry["volume"]]
-    names = {k: v.format(fmt=args.format) for k, v in OUTPUT_FILES.items()}
+    names = {k: v.format(fmt=case.format) for k, v in OUTPUT_FILES.items()}
     summary["outputs"] = {**names, **({"preview": PREVIEW_FILE} if args.preview else {})}
+    labelmap, uncertainty = prediction.labelmap, prediction.uncertainty
+    if case.format == "png":
+        labelmap = as_png(labelmap, "the segmentation")
+        uncertainty = as_png(uncertainty, "the uncertainty", UNCERTAINTY_PNG_SCALE, sitk.sitkUInt16)
     try:
-        write_image_atomic(prediction.labelmap, folder / names["segmentation"])
-        write_image_atomic(prediction.uncertainty, folder / names["uncertainty"])
+        write_image_atomic(labelmap, folder / names["segmentation"])
+        write_image_atomic(uncertainty, folder / names["uncertainty"])
         if args.preview:
-            write_preview(volumes, prediction.labelmap, prediction.uncertainty, summary, folder / PREVIEW_FILE)
+            write_preview(volumes, prediction.labelmap, prediction.uncertainty, summary, folder / PREVIEW_FILE,
+                          picture=predictor.card.input.kind == "picture")
         (folder / names["summary"]).write_text(json.dumps(summary, indent=2) + "\n")
     except OSError as exc:
         raise UMLInputError(os_error_message(exc, f"the outputs of case {case.id!r}")) from None
@@ -277,7 +297,7 @@ def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict) -> 
         raise UMLInputError("--preview needs matplotlib: pip install matplotlib, or leave out --preview")
     predictor = Predictor(_load_model(args.model), device=args.device, batch_size=args.batch_size,
                           precision=args.precision, max_memory_gb=args.max_memory_gb)
-    _read_cases(cases, predictor, progress, state)
+    _read_cases(cases, predictor, progress, state, args.format)
     share = (1.0 - _READ_SHARE) / len(cases)
     try:
         with OutputClaim(outdir, targets, args.overwrite) as claim:
@@ -300,6 +320,14 @@ def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict) -> 
 # --------------------------------------------------------------------------------------------- info / models
 
 
+def _kind_text(spec) -> str:
+    """What the model reads, as ``uml info`` says it: ``2D pictures`` or ``3D volumes in axial slices``."""
+    if spec.kind == "picture":
+        return "2D pictures (PNG, JPEG, BMP, TIFF)"
+    return (f"3D volumes in {spec.slicing_axis} slices"
+            + (f" with {spec.context_slices} neighbouring slice(s) on each side (2.5D)" if spec.context_slices else ""))
+
+
 def _card_text(bundle: ModelBundle) -> str:
     card = bundle.card
     spec = card.input
@@ -315,11 +343,12 @@ def _card_text(bundle: ModelBundle) -> str:
     lines += [
         f"  classes:       {', '.join(card.classes)} (positive: {card.classes[card.positive_class]})",
         "  segments:      " + ", ".join(f"{s.label} {s.name}" for s in card.segments),
-        f"  input:         channels {', '.join(spec.channels)} (at least {spec.min_channels}; missing: {spec.missing_channels}), "
-        f"{spec.slicing_axis} slices"
-        + (f" with {spec.context_slices} neighbouring slice(s) on each side (2.5D)" if spec.context_slices else ""),
+        f"  input:         {_kind_text(spec)}, channels {', '.join(spec.channels)} (at least {spec.min_channels}; "
+        f"missing: {spec.missing_channels})",
         f"  spacing:       {'native' if spec.target_spacing is None else ' x '.join(f'{v:g}' for v in spec.target_spacing) + ' mm in-plane'}"
         + ("" if spec.spacing_mm is None else f"; reads voxels of {spec.spacing_mm[0]:g}-{spec.spacing_mm[1]:g} mm"),
+        "  size:          " + ("native" if spec.target_size is None else
+                               f"every slice resized to {spec.target_size[0]} rows x {spec.target_size[1]} columns"),
         f"  normalisation: {norm_text}",
         "  motion:        " + ("phases read as given" if spec.motion_correction.mode == "none" else
                               f"the other phases of a multi-phase case moved onto the {spec.motion_correction.reference} "

@@ -1,8 +1,9 @@
 """Image I/O of the predictor: read volumes and cases, write images atomically.
 
 Supported inputs: NIfTI (``.nii`` / ``.nii.gz``; nibabel reads NIfTI files whose direction cosines SimpleITK
-refuses), NRRD (``.nrrd`` / ``.nhdr``), MetaImage (``.mha`` / ``.mhd``) and folders holding one DICOM series
-(SimpleITK's ``ImageSeriesReader``). SimpleITK keeps the geometry in LPS, as 3D Slicer and DICOM do.
+refuses), NRRD (``.nrrd`` / ``.nhdr``), MetaImage (``.mha`` / ``.mhd``), folders holding one DICOM series
+(SimpleITK's ``ImageSeriesReader``) and 2D pictures (PNG, JPEG, BMP, TIFF), which become single-slice volumes, one
+per colour (:mod:`umlcore.pictures`). SimpleITK keeps the geometry in LPS, as 3D Slicer and DICOM do.
 
 Every problem a user can fix raises :class:`~umlcore.errors.UMLInputError` with one line naming the problem
 and the fix. Inputs are only ever opened for reading.
@@ -25,6 +26,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import UMLInputError
+from .pictures import (PICTURE_EXTENSIONS, is_picture_file, is_picture_image, picture_size_with_pillow,
+                       read_picture_with_pillow, split_picture)
 
 __all__ = [
     "MIN_INPLANE_SIZE",
@@ -49,10 +52,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 MIN_INPLANE_SIZE = 8
 
 #: Image file extensions, longest first (``strip_image_extension`` removes the first that matches).
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd") + PICTURE_EXTENSIONS
 
 _NIFTI = (".nii", ".nii.gz")
-_READ_HINT = "give a NIfTI (.nii/.nii.gz), NRRD (.nrrd), MetaImage (.mha/.mhd) file or a folder with one DICOM series"
+_READ_HINT = ("give a NIfTI (.nii/.nii.gz), NRRD (.nrrd), MetaImage (.mha/.mhd) file, a folder with one DICOM series, "
+              "or a picture (.png/.jpg/.bmp/.tif)")
 
 # Geometry comparison tolerances (relative to the voxel spacing for origins).
 _SPACING_RTOL = 1e-4
@@ -369,6 +373,8 @@ def _read_file(path: Path) -> sitk.Image:
     except RuntimeError as exc:
         if _has_ext(path, _NIFTI) and "orthonormal" in str(exc):
             return _read_nifti_with_nibabel(path)
+        if is_picture_file(path) and "Unknown PixelType" in str(exc):  # grey + alpha
+            return read_picture_with_pillow(path)
         raise _unreadable(path, exc) from None
 
 
@@ -396,11 +402,12 @@ def check_volume(image: sitk.Image, source: str = "image") -> sitk.Image:
     """
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UMLInputError(
-            f"{source} has {image.GetNumberOfComponentsPerPixel()}-component (RGB/vector) pixels but UML volume models "
-            "take grayscale volumes: convert it to a scalar volume (e.g. one channel or luminance) first"
-        )
+            f"{source} has {image.GetNumberOfComponentsPerPixel()}-component (RGB/vector) pixels but a volume holds one "
+            "value per voxel: split a picture into its colours first (umlcore.io.read_case does), or convert it to a "
+            "scalar volume")
     if image.GetDimension() != 3:
-        raise UMLInputError(f"{source} is a {image.GetDimension()}D image: UML takes 3D volumes; save it as a 3D volume (one slice is fine)")
+        raise UMLInputError(f"{source} is a {image.GetDimension()}D image: UML takes 3D volumes (a picture is one of "
+                            "one slice, as umlcore.io.read_case reads it); save it as a 3D volume (one slice is fine)")
     size = image.GetSize()
     if min(size) < 1 or sorted(size)[1] < MIN_INPLANE_SIZE:
         raise UMLInputError(
@@ -453,6 +460,8 @@ def read_geometry(path: PathLike) -> tuple[tuple[int, ...], tuple[float, ...], t
     except RuntimeError as exc:
         if _has_ext(p, _NIFTI) and "orthonormal" in str(exc):  # read_volume decides (nibabel or a refusal)
             return (1, 1, 1), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)
+        if is_picture_file(p) and "Unknown PixelType" in str(exc):  # grey + alpha: read with Pillow
+            return picture_size_with_pillow(p) + (1,), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)
         raise _unreadable(p, exc) from None
     except PermissionError:
         raise UMLInputError(f"input {p} cannot be opened (permission denied): make it readable") from None
@@ -468,29 +477,47 @@ def read_volume(path: PathLike) -> sitk.Image:
     """Read an image file or a DICOM series folder.
 
     Args:
-        path: A NIfTI / NRRD / MetaImage file or a folder holding one DICOM series.
+        path: A NIfTI / NRRD / MetaImage file, a folder holding one DICOM series, or a picture (PNG, JPEG, BMP, TIFF).
 
     Returns:
-        The image as SimpleITK reads it (geometry in LPS): a 3D volume, or a 4D image (x, y, z, t) that
-        :func:`read_case` splits into 3D volumes. Scalar 3D volumes are validated with :func:`check_volume`.
+        The image as SimpleITK reads it (geometry in LPS): a 3D volume; a 4D image (x, y, z, t) that
+        :func:`read_case` splits into 3D volumes; or a picture, i.e. a 2D image or a 3D vector image with one slice,
+        that :func:`read_case` splits into one single-slice volume per colour (:mod:`umlcore.pictures`). Every
+        volume it holds is validated with :func:`check_volume`.
 
     Raises:
-        UMLInputError: missing path, folder without DICOM, non-image file, truncated file or gzip, 2D image,
-            RGB/vector pixels, NaN/Inf voxels, a constant or too small volume.
+        UMLInputError: missing path, folder without DICOM, non-image file, truncated file or gzip, RGB/vector
+            pixels in several slices, NaN/Inf voxels, a constant or too small volume.
     """
+    image = _read_path(path)
+    _volumes(image, str(path))
+    return image
+
+
+def _read_path(path: PathLike) -> sitk.Image:
+    """The image of a file or DICOM folder, as read (checked only as far as reading it needs)."""
     p = _check_input_path(Path(path))
     if p.is_dir():
-        image = _read_dicom_folder(p)
-    else:
-        try:
-            image = _read_file(p)
-        except PermissionError:
-            raise UMLInputError(f"input {p} cannot be opened (permission denied): make it readable") from None
+        return _read_dicom_folder(p)
+    try:
+        return _read_file(p)
+    except PermissionError:
+        raise UMLInputError(f"input {p} cannot be opened (permission denied): make it readable") from None
+
+
+def _volumes(image: sitk.Image, source: str) -> tuple[list[sitk.Image], list[str]]:
+    """The 3D scalar volumes an image as read holds (a 4D image's along t, a picture's colours), each checked with
+    :func:`check_volume`, and their names."""
     if image.GetDimension() == 4 and image.GetNumberOfComponentsPerPixel() == 1:
-        for t, volume in enumerate(split_4d(image)):
-            check_volume(volume, f"{p} (volume {t} of its 4D image)")
-        return image
-    return check_volume(image, str(p))
+        volumes = split_4d(image)
+        names = [f"{source} (volume {t} of its 4D image)" for t in range(len(volumes))]
+    elif is_picture_image(image):
+        volumes, names = split_picture(image, source)
+    else:
+        volumes, names = [image], [source]
+    for volume, name in zip(volumes, names):
+        check_volume(volume, name)
+    return volumes, names
 
 
 def _check_input_path(p: Path) -> Path:
@@ -546,7 +573,9 @@ def check_same_grid(volumes: Sequence[sitk.Image], names: Sequence[str] | None =
 
 
 def read_case(paths: Sequence[PathLike]) -> list[sitk.Image]:
-    """Read the volumes of one case: several 3D volumes on the same grid, or one 4D image split along t.
+    """Read the volumes of one case: several 3D volumes on the same grid, one 4D image split along t, or one
+    picture split into its colours (RGB -> red, green, blue; grey -> one; alpha dropped), each colour a
+    single-slice 3D volume (:mod:`umlcore.pictures`).
 
     Args:
         paths: One or more paths (files or DICOM folders), in channel order.
@@ -555,26 +584,24 @@ def read_case(paths: Sequence[PathLike]) -> list[sitk.Image]:
         The 3D volumes, in order.
 
     Raises:
-        UMLInputError: any :func:`read_volume` problem, a 4D image mixed with other inputs, or volumes that do
-            not share one voxel grid.
+        UMLInputError: any :func:`read_volume` problem, a 4D image or a colour picture mixed with other inputs, or
+            volumes that do not share one voxel grid.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = list(paths)
     if not paths:
         raise UMLInputError("no input given: pass at least one volume (file or DICOM folder)")
-    images = [read_volume(p) for p in paths]
-    if any(im.GetDimension() == 4 for im in images):
-        if len(images) > 1:
-            raise UMLInputError(
-                f"{len(images)} inputs given for one case and one of them is a 4D image: give one 4D image or several 3D volumes"
-            )
-        volumes = split_4d(images[0])
-        names = [f"{paths[0]} (volume {t})" for t in range(len(volumes))]
-    else:
-        volumes = images
-        names = [str(p) for p in paths]
-    check_same_grid(volumes, names)
+    images = [_read_path(p) for p in paths]
+    read = [_volumes(image, str(p)) for image, p in zip(images, paths)]
+    if len(paths) > 1 and any(im.GetDimension() == 4 for im in images):
+        raise UMLInputError(
+            f"{len(images)} inputs given for one case and one of them is a 4D image: give one 4D image or several 3D volumes")
+    if len(paths) > 1 and any(len(volumes) > 1 for volumes, _ in read):
+        raise UMLInputError(f"{len(images)} inputs given for one case and one of them is a colour picture: give one "
+                            "colour picture, or several grey pictures or 3D volumes")
+    volumes = [v for vs, _ in read for v in vs]
+    check_same_grid(volumes, [n for _, ns in read for n in ns])
     return volumes
 
 

@@ -41,6 +41,7 @@ from .components import remove_uncertain_components
 from .errors import CancelledError, UMLError, UMLInputError
 from .fusion import case_opinion
 from .io import MIN_INPLANE_SIZE, check_same_grid, check_volume, split_4d
+from .pictures import is_picture_image, split_picture
 from .preprocess import (crop_to, from_slices, inplane_axes, normalize, pad_to_multiple, resize_slices,
                          resized_shape, slice_axis_index, to_slices, with_context)
 from .reader import Reading, check_and_read
@@ -190,38 +191,32 @@ class Predictor:
         """Validate ``volumes`` against the card and map them to the network's channels.
 
         Args:
-            volumes: One 3D volume, one 4D image (split along t), or a list of 3D volumes on one grid.
+            volumes: One 3D volume, one 4D image (split along t), one picture (a 2D image or a single-slice vector
+                image, split into its colours: :func:`umlcore.pictures.split_picture`), or a list of 3D volumes on
+                one grid.
 
         Returns:
             ``(channels, source, notes)``: one 3D image per network channel, per channel the index of the input
             volume it came from, and what was noticed (volumes that are all identical are read as one volume).
 
         Raises:
-            UMLInputError: a wrong number of volumes, volumes off one grid, slices smaller than 8x8, or any
-                :func:`umlcore.io.check_volume` problem.
+            UMLInputError: a picture for a volume model or a volume for a picture model, a wrong number of volumes,
+                volumes off one grid, slices smaller than 8x8, or any :func:`umlcore.io.check_volume` problem.
         """
-        if isinstance(volumes, sitk.Image):
+        if isinstance(volumes, sitk.Image) and is_picture_image(volumes):
+            volumes = split_picture(volumes, "the picture")[0]
+        elif isinstance(volumes, sitk.Image):
             volumes = split_4d(volumes) if volumes.GetDimension() == 4 else [volumes]
         volumes = list(volumes)
         if not volumes or not all(isinstance(v, sitk.Image) for v in volumes):
             raise UMLInputError("volumes must be a SimpleITK image or a non-empty list of them (read them with umlcore.io.read_case)")
-        spec = self.card.input
-        n_channels = len(spec.channels)
-        accepted = [n_channels]
-        if spec.missing_channels == "replicate" and spec.min_channels <= 1 and n_channels > 1:
-            accepted.insert(0, 1)
-        if len(volumes) not in accepted:
-            ways = " or ".join(
-                f"1 (replicated into all {n_channels} channels)" if a == 1 and n_channels > 1 else f"{a} ({', '.join(spec.channels)})"
-                for a in accepted
-            )
-            raise UMLInputError(
-                f"got {len(volumes)} volumes for one case but model {self.card.id!r} takes {ways}: "
-                "give that many phases (joined with commas on the command line)"
-            )
         for i, v in enumerate(volumes):
             check_volume(v, f"volume {i}")
+        self._check_kind(volumes[0].GetSize(), volumes[0].GetDirection())
+        self._check_count(len(volumes))
         check_same_grid(volumes)
+        spec = self.card.input
+        n_channels = len(spec.channels)
         self._check_spacing(volumes[0])
         axis = slice_axis_index(volumes[0].GetDirection(), spec.slicing_axis)
         w_axis, h_axis = inplane_axes(axis)
@@ -234,8 +229,49 @@ class Predictor:
         same = len(volumes) > 1 and all(np.array_equal(sitk.GetArrayViewFromImage(volumes[0]),
                                                        sitk.GetArrayViewFromImage(v)) for v in volumes[1:])
         source = [0] * n_channels if len(volumes) == 1 or same else list(range(n_channels))
-        notes = [f"the {len(volumes)} volumes given are identical: read as one volume"] if same else []
+        notes = [] if not same else [
+            f"the picture's {len(volumes)} colours are identical (a grey picture): read as one grey picture"
+            if spec.kind == "picture" else f"the {len(volumes)} volumes given are identical: read as one volume"]
         return [volumes[s] for s in source], source, notes
+
+    def _accepted_counts(self) -> list[int]:
+        """How many input volumes the card takes: one per channel, or one replicated into every channel."""
+        spec = self.card.input
+        n_channels = len(spec.channels)
+        if spec.missing_channels == "replicate" and spec.min_channels <= 1 and n_channels > 1:
+            return [1, n_channels]
+        return [n_channels]
+
+    def _check_count(self, count: int) -> None:
+        """Refuse a number of volumes (phases, or a picture's colours) the card does not take."""
+        spec, accepted = self.card.input, self._accepted_counts()
+        if count in accepted:
+            return
+        n_channels, names = len(spec.channels), ", ".join(spec.channels)
+        one = "a grey picture, replicated" if spec.kind == "picture" else "replicated"
+        ways = " or ".join(f"1 ({one} into all {n_channels} channels)" if a == 1 and n_channels > 1 else f"{a} ({names})"
+                           for a in accepted)
+        if spec.kind == "picture":
+            raise UMLInputError(f"got a picture of {count} channel(s) but model {self.card.id!r} takes {ways}: give a "
+                                "picture with those channels (RGB for red, green, blue; an alpha channel is dropped)")
+        raise UMLInputError(f"got {count} volumes for one case but model {self.card.id!r} takes {ways}: "
+                            "give that many phases (joined with commas on the command line)")
+
+    def _check_kind(self, size: Sequence[int], direction: Sequence[float]) -> None:
+        """Refuse a 3D volume for a picture model, and a picture (one slice) for a volume model."""
+        spec = self.card.input
+        axis = slice_axis_index(direction, spec.slicing_axis)
+        w_axis, h_axis = inplane_axes(axis)
+        channels = ", ".join(spec.channels)
+        if spec.kind == "picture" and size[axis] > 1:
+            raise UMLInputError(
+                f"model {self.card.id!r} reads 2D pictures ({channels}), but got a 3D volume of "
+                f"{'x'.join(str(int(v)) for v in size)} voxels: give a picture (PNG, JPEG, BMP, TIFF)")
+        if spec.kind == "volume" and size[axis] == 1:
+            raise UMLInputError(
+                f"model {self.card.id!r} reads 3D volumes ({channels}), but got a 2D picture or single slice of "
+                f"{size[w_axis]}x{size[h_axis]} pixels: give the whole volume, or a model made for pictures "
+                "(uml models lists them)")
 
     def _check_spacing(self, image: sitk.Image) -> None:
         """Refuse a spacing outside the card's ``input.spacing_mm`` (a header in metres or microns, say)."""
@@ -256,9 +292,9 @@ class Predictor:
         """
         axis = slice_axis_index(direction, self.card.input.slicing_axis)
         w_axis, h_axis = inplane_axes(axis)
-        hw = self._network_size(spacing, axis, (size[h_axis], size[w_axis]))
+        hw = (int(size[h_axis]), int(size[w_axis]))
         return plan_batch(self.card, int(size[axis]), hw, self.batch_size, memory_limit_bytes(self.max_memory_gb),
-                          "x".join(str(int(v)) for v in size))
+                          "x".join(str(int(v)) for v in size), network_hw=self._network_size(spacing, axis, hw))
 
     # ------------------------------------------------------------------------------------------ inference
 
@@ -389,8 +425,11 @@ class Predictor:
         return np.ascontiguousarray(np.stack([normalised[s] for s in source], axis=1))
 
     def _network_size(self, spacing: Sequence[float], axis: int, hw: tuple[int, int]) -> tuple[int, int]:
-        """The in-plane size the network reads: the slices' own, or resampled to the card's ``target_spacing``."""
+        """The in-plane size ``(H, W)`` the network reads: the slices' own, the card's ``target_size``, or resampled
+        to the card's ``target_spacing``."""
         spec = self.card.input
+        if spec.target_size is not None:
+            return tuple(spec.target_size)
         if spec.target_spacing is None:
             return tuple(hw)
         w_axis, h_axis = inplane_axes(axis)
@@ -405,7 +444,8 @@ class Predictor:
                cancel: CancelCheck) -> NetworkSlices:
         """Every slice through the network, in batches, with the out-of-memory fallback."""
         n, _, h, w = stack.shape
-        report("preprocess", _PRE_END, f"{n} {self.card.input.slicing_axis} slices of {w}x{h} voxels")
+        report("preprocess", _PRE_END, f"a picture of {w}x{h} pixels" if self.card.input.kind == "picture" else
+               f"{n} {self.card.input.slicing_axis} slices of {w}x{h} voxels")
         out = NetworkSlices(np.empty((n, h, w), np.uint8), np.empty((n, h, w), np.float32),
                             np.empty((n, h, w), np.float32), np.empty((n, self.card.architecture.num_classes)))
         done = 0
