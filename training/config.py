@@ -123,8 +123,9 @@ def config_flags(p: argparse.ArgumentParser, cls: type) -> None:
         if typing.get_origin(hint) is Literal:
             p.add_argument(flag, choices=typing.get_args(hint), default=None, help=f"default {value!r}")
         elif isinstance(value, tuple):
-            p.add_argument(flag, type=type(value[0]) if value else str, nargs="+", default=None,
-                           help=f"default {' '.join(map(str, value))}")
+            item = typing.get_args(hint)[0] if typing.get_args(hint) else str  # tuple[int, ...] -> int
+            p.add_argument(flag, type=item, nargs="+", default=None,
+                           help=f"default {' '.join(map(str, value)) or '(none)'}")
         else:
             p.add_argument(flag, type=type(value), default=None, help=f"default {value!r}")
 

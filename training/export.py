@@ -32,23 +32,17 @@ import torch
 from safetensors.torch import load_file
 
 from umlcore.bundle import ModelBundle, load_bundle, save_bundle
-from umlcore.card import InputSpec, ModelCard, MotionCorrection, ReaderConfig, Segment
+from umlcore.card import InputSpec, ModelCard, MotionCorrection, ReaderConfig
 from umlcore.config import UMLConfig
 from umlcore.errors import UMLInputError
 from umlcore.network import UMLNet
 from umlcore.reader import LesionReader
 
 from .config import Parser, read_json, run_tool
+from .data import SYNTHETIC_INFO, DatasetInfo
 from .evaluate import json_safe
 
-__all__ = ["LESION", "training_record", "new_card", "save_with_card", "with_version", "main"]
-
-#: The lesion segment, coded as 3D Slicer's terminology codes it (SNOMED CT).
-LESION = Segment(label=1, name="Lesion", color=(0.90, 0.35, 0.10), terminology={
-    "category": {"scheme": "SCT", "code": "49755003", "meaning": "Morphologically Altered Structure"},
-    "type": {"scheme": "SCT", "code": "4147007", "meaning": "Mass"},
-    "region": {"scheme": "SCT", "code": "76752008", "meaning": "Breast"}})
-
+__all__ = ["training_record", "run_dataset", "new_card", "save_with_card", "with_version", "main"]
 
 def git_commit() -> str:
     try:
@@ -58,16 +52,32 @@ def git_commit() -> str:
         return "unknown"
 
 
+def run_dataset(run: Path) -> DatasetInfo:
+    """What a ``python -m training.train`` run trained on (``dataset.json``; a run older than it: synthetic)."""
+    path = run / "dataset.json"
+    return DatasetInfo.from_json(path.read_text()) if path.exists() else SYNTHETIC_INFO
+
+
+def _data_text(cfg: dict, info: DatasetInfo) -> str:
+    if info.data == "synthetic":
+        return (f"synthetic breast DCE-MRI (umlcore.synthetic), training seeds [{cfg['seed_base']}, "
+                f"{cfg['seed_base'] + cfg['train_cases']}), {cfg['val_cases']} validation cases, label noise "
+                f"{cfg['label_noise']}")
+    counts = ", ".join(f"{n} {part}" for part, n in info.cases.items())
+    return f"{info.name} ({info.data}): {counts} cases (split sha256 {info.split_sha256})"
+
+
 def training_record(run: Path, weights: str) -> dict:
-    """The card's ``training`` entry for ``weights`` of a ``python -m training.train`` folder: the data, the
-    settings, the command (and every invocation, resumes included), the epochs and the git commit."""
+    """The card's ``training`` entry for ``weights`` of a ``python -m training.train`` folder: the data (and its
+    split's SHA-256), the settings, the command (and every invocation, resumes included), the epochs and the git
+    commit."""
     cfg = json.loads((run / "train_config.json").read_text())
+    info = run_dataset(run)
     state = json.loads((run / "last.json").read_text()) if (run / "last.json").exists() else {}
     flags = " ".join(f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, list) else shlex.quote(str(v)))
                      for k, v in cfg.items())
-    return json_safe({"data": f"synthetic breast DCE-MRI (umlcore.synthetic), training seeds [{cfg['seed_base']}, "
-                    f"{cfg['seed_base'] + cfg['train_cases']}), {cfg['val_cases']} validation cases, label noise "
-                    f"{cfg['label_noise']}",
+    split = {"split_sha256": info.split_sha256} if info.split_sha256 else {}
+    return json_safe({"data": _data_text(cfg, info), **split,
             "seed": cfg["seed"], "epochs_planned": cfg["epochs"], "epochs_completed": state.get("epoch"),
             "weights": weights, "best_epoch": state.get("best_epoch"), "best_validation": state.get("best_metrics"),
             "commit": git_commit(), "command": f"python -m training.train {flags}",
@@ -75,18 +85,31 @@ def training_record(run: Path, weights: str) -> dict:
             "config": cfg})  # a tiny validation set can leave a figure undefined (NaN): null in the card
 
 
-def new_card(architecture: UMLConfig, model_id: str, version: str, context_slices: int, preset: str) -> ModelCard:
-    """A card for a network trained on the synthetic breast DCE-MRI: three phases, lesion + suspicion."""
+def new_card(architecture: UMLConfig, model_id: str, version: str, cfg: dict, info: DatasetInfo) -> ModelCard:
+    """A card for a network trained on ``info``'s data with the run settings ``cfg``."""
+    context, preset = int(cfg.get("context_slices", 0)), cfg.get("preset", "small")
+    replicate = float(cfg.get("single_volume_prob", 0)) > 0 or len(info.channels) == 1
+    spec = InputSpec(kind=info.input_kind, channels=info.channels, min_channels=1 if replicate else len(info.channels),
+                     context_slices=context, target_size=tuple(cfg.get("target_size") or ()) or None)
+    if info.data == "synthetic":
+        return ModelCard(
+            id=model_id, version=version, task="breast-dce-mri-lesion",
+            name=f"UML breast DCE-MRI lesion segmentation + suspicion ({preset}{', 2.5D' if context else ''})",
+            description=("Uncertainty-informed Mutual Learning network trained on synthetic breast DCE-MRI. Input: one "
+                         "DCE-MRI volume (any phase or a subtraction image; replicated into the three channels) or the "
+                         "pre-contrast, early and late post-contrast phases. Output: lesion segmentation, per-voxel "
+                         "evidential uncertainty, and a case-level suspicion opinion. Research use only; not for "
+                         "diagnosis."),
+            classes=info.classes, segments=info.segments, input=spec, architecture=architecture)
+    segments = ", ".join(s.name.lower() for s in info.segments)
+    what = "picture" if info.input_kind == "picture" else "volume"
     return ModelCard(
-        id=model_id, version=version, task="breast-dce-mri-lesion",
-        name=f"UML breast DCE-MRI lesion segmentation + suspicion ({preset}{', 2.5D' if context_slices else ''})",
-        description=("Uncertainty-informed Mutual Learning network trained on synthetic breast DCE-MRI. Input: one "
-                     "DCE-MRI volume (any phase or a subtraction image; replicated into the three channels) or the "
-                     "pre-contrast, early and late post-contrast phases. Output: lesion segmentation, per-voxel "
-                     "evidential uncertainty, and a case-level suspicion opinion. Research use only; not for "
-                     "diagnosis."),
-        classes=("low suspicion", "high suspicion"), segments=(LESION,),
-        input=InputSpec(channels=("pre", "early", "late"), context_slices=context_slices), architecture=architecture)
+        id=model_id, version=version, task=info.data.split(":")[0], architecture=architecture, input=spec,
+        name=f"UML {info.name}: {segments} segmentation + {' / '.join(info.classes)} ({preset})",
+        description=(f"Uncertainty-informed Mutual Learning network trained on {info.name}. Input: one {what} "
+                     f"({', '.join(info.channels)}). Output: {segments} segmentation, per-pixel evidential uncertainty "
+                     f"and a case-level opinion ({' / '.join(info.classes)}). Research use only; not for diagnosis."),
+        classes=info.classes, segments=info.segments, positive_class=len(info.classes) - 1)
 
 
 def save_with_card(bundle: ModelBundle, card: ModelCard, out: Path, overwrite: bool) -> Path:
@@ -159,8 +182,9 @@ def _reader(args, base: Optional[ModelBundle], card: ModelCard) -> tuple[Optiona
 def _card(args, base: Optional[ModelBundle], model: UMLNet, record: Optional[dict]) -> ModelCard:
     """The card: new, or the base's with the new network's record (and no figures: they were the old network's)."""
     if base is None:
-        card = new_card(model.config, args.id or "uml-breast-dce-small", args.version or "1.0.0",
-                        int(record["config"].get("context_slices", 0)), record["config"].get("preset", "small"))
+        info = run_dataset(args.run)
+        default_id = "uml-breast-dce-small" if info.data == "synthetic" else f"uml-{info.data.split(':')[0]}"
+        card = new_card(model.config, args.id or default_id, args.version or "1.0.0", record["config"], info)
     else:
         card = base.card if args.id is None else dataclasses.replace(base.card, id=args.id)
         if record is not None:

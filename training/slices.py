@@ -36,6 +36,8 @@ class VolumeCase:
         label: Reported (possibly noisy) case label.
         clean_label: Noise-free label where known, else ``label``.
         spacing: ``(x, y, z)`` voxel size in mm after the axis move.
+        slice_label: The slices' class targets (:meth:`slice_labels`): ``lesion`` (the synthetic suspicion task)
+            or ``case`` (the case label on every slice, e.g. pCR).
     """
 
     case_id: str
@@ -45,16 +47,17 @@ class VolumeCase:
     label: int
     clean_label: int
     spacing: tuple[float, float, float]
+    slice_label: Literal["lesion", "case"] = "lesion"
 
     @property
     def lesion_slices(self) -> np.ndarray:
         return np.flatnonzero(self.mask.reshape(self.mask.shape[0], -1).any(axis=1))
 
     def slice_labels(self) -> np.ndarray:
-        """Per-slice class targets: the case label on slices with a lesion (or on every slice of a case
-        without lesions); 0 on lesion-free slices of a case that has a lesion elsewhere."""
+        """Per-slice class targets. ``lesion``: the case label on slices with a lesion (or on every slice of a case
+        without lesions); 0 on lesion-free slices of a case that has a lesion elsewhere. ``case``: the case label."""
         has = self.mask.reshape(self.mask.shape[0], -1).any(axis=1)
-        if not has.any():
+        if self.slice_label == "case" or not has.any():
             return np.full(self.mask.shape[0], self.label, dtype=np.int64)
         return np.where(has, self.label, 0).astype(np.int64)
 

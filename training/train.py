@@ -2,7 +2,18 @@
 
 Examples (from the repository root):
     python -m training.train --config training/configs/synthetic-small.json --out runs/small
+    python -m training.train --config training/configs/refuge.json --data refuge:/data/REFUGE --out runs/refuge
     python -m training.train --out runs/small --resume              # continue from runs/small/last.*
+
+``--data`` is ``synthetic`` (the generator) or ``KIND:PATH``, a dataset folder (:mod:`training.data`): a dataset run
+writes its split (``OUT/split.json``, or ``--split FILE``'s) and what its data is (``OUT/dataset.json``, for the
+card). ``cache_cases`` bounds the cases held in memory: a window of that many slides through the training cases,
+``new_cases_per_epoch`` of them replaced each epoch by cases loaded while the epoch before trains.
+
+The same command runs under ``torchrun`` (several GPUs or machines; :mod:`training.distributed`): each process
+trains on its shard of the training cases with ``batch_size / processes`` samples a step, the gradients averaged,
+and the first process alone validates and writes (``cache_cases`` then counts per process):
+    torchrun --nproc_per_node 4 -m training.train --config training/configs/refuge.json --data refuge:/data/REFUGE
 
 Every setting is a field of :class:`TrainConfig`: a JSON config in ``training/configs/`` gives them, flags
 override it, and the run's settings are saved as ``OUT/train_config.json``. ``--resume`` continues from the last
@@ -23,7 +34,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -31,6 +42,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 
 from umlcore import metrics
 from umlcore.bundle import load_bundle
@@ -44,8 +56,11 @@ from umlcore.network import UMLNet
 from umlcore.predictor import strict_fp32
 from umlcore.synthetic import generate_case
 
-from .cases import PHASES
+from . import distributed
 from .config import check_shape, config_parser, parse_config, run_tool
+from .data import (SYNTHETIC_INFO, DataSpec, DatasetInfo, Preparation, SliceLabel, SliceMode, StreamedCases, checked,
+                   describe, load_case, resolve_split)
+from .datasets import read_split
 from .slices import LesionSampling, SliceSampler, VolumeCase, case_from_synthetic, predict_volume
 from .splits import seeds
 from .workers import ordered_map
@@ -58,7 +73,16 @@ class TrainConfig:
     """All settings of a training run (saved beside the weights as JSON)."""
 
     out: str = "runs/uml-small"
-    data: Literal["synthetic"] = "synthetic"
+    data: str = "synthetic"  # synthetic, or KIND:PATH (folder, ispy1, refuge, isic2017: training.data)
+    # dataset runs: a split file to reuse ("" = split the dataset: patient-level, stratified, these fractions and seed)
+    split: str = ""
+    split_fractions: tuple[float, ...] = (0.7, 0.1, 0.2)
+    split_seed: int = 0
+    target_size: tuple[int, ...] = ()  # (rows, columns) every slice is resized to (the card's input.target_size)
+    slices: SliceMode = "all"  # train on every slice, or on the segmented ones nearest the largest cross-section
+    lesion_slices: int = 10  # with slices "largest-lesion": how many (the UML paper keeps 10 for I-SPY1)
+    slice_label: SliceLabel = "lesion"  # a slice's class: the case's on slices with a segment ("lesion") or all ("case")
+    cache_cases: int = 0  # dataset cases held in memory (0 = all); with fewer, new_cases_per_epoch slide through
     preset: Literal["small", "medium", "paper"] = "small"
     cls_pool: Literal["preset", "avg", "avg+max", "avg+max+lesion"] = "preset"  # the instructor's pooling
     init: str = ""  # start from these weights (a bundle folder / zip, or a .safetensors of the same architecture)
@@ -126,12 +150,31 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[TrainConfig, bool]:
         p.error(f"--stop-after-epoch must be from 0 (every epoch) to --epochs ({cfg.epochs}), got {cfg.stop_after_epoch}")
     if cfg.crop % 8:
         p.error(f"--crop must be a multiple of 8, got {cfg.crop}")
-    if not 0 <= cfg.new_cases_per_epoch <= cfg.train_cases:
-        p.error(f"--new-cases-per-epoch must be from 0 (a fixed set) to --train-cases ({cfg.train_cases}), "
-                f"got {cfg.new_cases_per_epoch}")
+    _check_data(p, cfg)
     if not 0 <= cfg.context_slices <= 8:
         p.error(f"--context-slices must be from 0 (2D) to 8, got {cfg.context_slices}")
     return cfg, args.resume
+
+
+def _check_data(p, cfg: TrainConfig) -> None:
+    """Refuse data settings that cannot work, before anything is read."""
+    try:
+        spec = DataSpec.parse(cfg.data)
+    except UMLInputError as exc:
+        p.error(str(exc))
+    window = cfg.train_cases if spec.kind == "synthetic" else cfg.cache_cases
+    if window and not 0 <= cfg.new_cases_per_epoch <= window:
+        p.error(f"--new-cases-per-epoch must be from 0 (a fixed set) to the cases held ({window}: --train-cases for "
+                f"synthetic data, --cache-cases for a dataset), got {cfg.new_cases_per_epoch}")
+    if spec.kind != "synthetic" and cfg.cache_cases and not cfg.new_cases_per_epoch:
+        p.error("--cache-cases holds a window of the training cases: give --new-cases-per-epoch (how many it replaces "
+                "each epoch)")
+    if cfg.target_size and (len(cfg.target_size) != 2 or min(cfg.target_size) < 8):
+        p.error(f"--target-size must be two sizes (rows, columns) of at least 8, got {' '.join(map(str, cfg.target_size))}")
+    if len(cfg.split_fractions) != 3 or min(cfg.split_fractions) < 0 or abs(sum(cfg.split_fractions) - 1) > 1e-6:
+        p.error(f"--split-fractions must be 3 fractions (train, val, test) summing to 1, got {cfg.split_fractions}")
+    if cfg.lesion_slices < 1 or min(cfg.cache_cases, cfg.split_seed) < 0:
+        p.error("--lesion-slices must be at least 1, --cache-cases and --split-seed at least 0")
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -156,8 +199,9 @@ def case_stream(first_seed: int, shape: tuple[int, int, int], noise: float, work
 
 
 # ------------------------------------------------------------------------------------------- validation
-def validate(model: UMLNet, cases: list[VolumeCase], device: torch.device, context_slices: int = 0) -> dict[str, float]:
-    """Volume-level Dice (cases with a lesion), case accuracy / AUC / ECE from fused slice opinions."""
+def validate(model: UMLNet, cases: Iterable[VolumeCase], device: torch.device, context_slices: int = 0) -> dict[str, float]:
+    """Volume-level Dice (mean over the segments a case has), case accuracy / AUC (two classes) / ECE from fused
+    slice opinions."""
     model.eval()
     dices, probs, labels, u_case = [], [], [], []
     pix_counts = np.zeros((2, metrics.UNCERTAINTY_BINS), dtype=np.int64)  # does a high u flag the wrong voxels?
@@ -165,20 +209,22 @@ def validate(model: UMLNet, cases: list[VolumeCase], device: torch.device, conte
         with strict_fp32():  # as the predictor runs by default: no TF32 convolutions on CUDA
             seg_alpha, cls_alpha, labelmap = predict_volume(model, case.channels, batch_size=32, device=device,
                                                             context_slices=context_slices)
-        if case.mask.any():
-            dices.append(metrics.dice(labelmap, case.mask))
+        present = [k for k in range(1, seg_alpha.shape[1]) if (case.mask == k).any()]
+        if present:
+            dices.append(float(np.mean([metrics.dice(labelmap, case.mask, label=k) for k in present])))
         pix_counts += metrics.uncertainty_error_counts(seg_alpha.shape[1] / seg_alpha.sum(1), labelmap != case.mask)
         lesion_voxels = (labelmap > 0).reshape(labelmap.shape[0], -1).sum(1)
         alpha = fuse_slice_opinions(cls_alpha, lesion_voxels)
         op = opinion(torch.from_numpy(alpha)[None])
-        probs.append(float(op.probability[0, 1]))
+        probs.append(op.probability[0].double().numpy())
         u_case.append(float(op.uncertainty[0, 0]))
         labels.append(case.label)
     probs_a, labels_a = np.array(probs), np.array(labels)
+    probs_a /= probs_a.sum(axis=1, keepdims=True)
     return {
         "dice": float(np.mean(dices)) if dices else float("nan"),
         "accuracy": metrics.accuracy(probs_a, labels_a),
-        "auc": metrics.roc_auc(probs_a, labels_a),
+        "auc": metrics.roc_auc(probs_a, labels_a) if probs_a.shape[1] == 2 else float("nan"),
         "ece": metrics.expected_calibration_error(probs_a, labels_a),
         "case_uncertainty": float(np.mean(u_case)),
         "pixel_u_auroc": metrics.histogram_auroc(*pix_counts),
@@ -259,11 +305,12 @@ def init_weights(path: str, model: UMLNet) -> list[str]:
     return notes
 
 
-def model_config(cfg: TrainConfig, n_phases: int = len(PHASES)) -> UMLConfig:
-    """The run's architecture: its preset, with ``--cls-pool`` unless that is ``preset``, taking ``n_phases``
-    input volumes at ``2 * context_slices + 1`` slices each."""
+def model_config(cfg: TrainConfig, info: DatasetInfo = SYNTHETIC_INFO) -> UMLConfig:
+    """The run's architecture: its preset, with ``--cls-pool`` unless that is ``preset``, taking the data's channels
+    at ``2 * context_slices + 1`` slices each, predicting its classes and segments."""
     pool = {} if cfg.cls_pool == "preset" else {"cls_pool": cfg.cls_pool}
-    return UMLConfig.preset(cfg.preset, in_channels=n_phases * (2 * cfg.context_slices + 1), **pool)
+    return UMLConfig.preset(cfg.preset, in_channels=len(info.channels) * (2 * cfg.context_slices + 1),
+                            num_classes=len(info.classes), num_seg_labels=1 + len(info.segments), **pool)
 
 
 def check_resume(out: Path, cfg: TrainConfig) -> None:
@@ -272,7 +319,8 @@ def check_resume(out: Path, cfg: TrainConfig) -> None:
     if not ((out / "last.json").exists() and saved.exists()):
         return
     before = UMLConfig.from_json(saved.read_text())
-    now = model_config(cfg)
+    info = DatasetInfo.from_json((out / "dataset.json").read_text()) if (out / "dataset.json").exists() else SYNTHETIC_INFO
+    now = model_config(cfg, info)
     if now != before:
         raise UMLInputError(f"{out} was trained with architecture {before}, but this resume builds {now}: resume "
                             f"with --config {out / 'train_config.json'} (or the run's --preset, --cls-pool and "
@@ -293,64 +341,124 @@ class Run:
     device: torch.device
     use_amp: bool
     first_epoch: int
+    ranks: distributed.Ranks = distributed.Ranks()
     state: dict = dataclasses.field(default_factory=lambda: {
         "epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "best_metrics": {}})
     skipped: int = 0  # updates skipped for a non-finite loss or gradient
+    compiled: bool = False  # the steps run a torch.compile'd network
 
 
 def start(cfg: TrainConfig, resume: bool, argv: Optional[list[str]]) -> Run:
-    """Refuse a resume of another architecture, write the run's command and settings, seed, pick the device."""
-    out = Path(cfg.out)
+    """Refuse a resume of another architecture, write the run's command and settings, seed, pick the device, join
+    the other processes of a ``torchrun`` run."""
+    out, ranks = Path(cfg.out), distributed.from_launcher()
+    if cfg.batch_size % ranks.world:
+        raise UMLInputError(f"--batch-size {cfg.batch_size} must be a multiple of the {ranks.world} processes")
     resuming = resume and (out / "last.json").exists()
     if resume:
         check_resume(out, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "commands.txt", "a") as f:  # every invocation, so a resumed run's history is complete
-        f.write("python -m training.train " + " ".join(sys.argv[1:] if argv is None else argv) + "\n")
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "commands.txt", "a") as f:  # every invocation, so a resumed run's history is complete
+            f.write("python -m training.train " + " ".join(sys.argv[1:] if argv is None else argv) + "\n")
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
+    if device.type == "cuda" and ranks.world > 1:
+        device = torch.device("cuda", ranks.local)
+    distributed.start(ranks, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed crop size: let cuDNN pick its fastest kernels
     first_epoch = json.loads((out / "last.json").read_text())["epoch"] if resuming else 0
-    return Run(cfg, out, device, cfg.amp == "auto" and device.type == "cuda", first_epoch)
+    return Run(cfg, out, device, cfg.amp == "auto" and device.type == "cuda", first_epoch, ranks)
 
 
-def load_data(run: Run) -> tuple[SliceSampler, list[VolumeCase], Optional[Iterator[VolumeCase]]]:
-    """The training sampler, the validation cases, and the stream of new cases (a sliding window of seeds) or
-    ``None`` (one fixed set)."""
+@dataclass
+class Data:
+    """What a run trains and validates on: the data's description (for the card), the training sampler, the
+    validation cases, and the stream of new training cases of a sliding window (``None``: one fixed set)."""
+
+    info: DatasetInfo
+    sampler: SliceSampler
+    validation: Iterable[VolumeCase]
+    stream: Optional[Iterator[VolumeCase]]
+
+
+def load_data(run: Run) -> Data:
+    """The run's data (synthetic or a dataset), described in ``OUT/dataset.json``."""
     cfg, t0 = run.cfg, time.time()
-    val_cases = synthetic_cases(seeds("validation", cfg.val_cases), cfg.case_shape, cfg.label_noise, cfg.workers)
+    spec = DataSpec.parse(cfg.data)
+    info, train, validation, stream, source = (_synthetic_data(run) if spec.kind == "synthetic"
+                                               else _dataset_data(run, spec))
+    if run.ranks.main:
+        (run.out / "dataset.json").write_text(info.to_json())
+    sampler = SliceSampler(train, cfg.crop, cfg.lesion_fraction, cfg.single_volume_prob, seed=cfg.seed + run.ranks.rank,
+                           device=run.device, channel_jitter=cfg.channel_jitter, noise_max=cfg.noise_max,
+                           lesion_sampling=cfg.lesion_sampling, context_slices=cfg.context_slices)
+    shard = f" (process {run.ranks.rank + 1} of {run.ranks.world})" if run.ranks.world > 1 else ""
+    print(f"data{shard}: {len(train)} train cases ({source}) / {len(validation)} val cases, {len(sampler.all_slices)} "
+          f"train slices ({len(sampler.lesion_slices)} with a segment) in {time.time() - t0:.1f}s"
+          + (f"; {cfg.new_cases_per_epoch} new cases each epoch" if stream else ""), flush=True)
+    return Data(info, sampler, validation, stream)
+
+
+def _synthetic_data(run: Run):
+    """Generated cases: the validation seeds, and the training seeds (or a sliding window of them)."""
+    cfg = run.cfg
+    if run.ranks.world > 1 and cfg.new_cases_per_epoch:
+        raise UMLInputError("a sliding window of synthetic cases (--new-cases-per-epoch) runs in one process: drop "
+                            "it, or run without torchrun")
+    val_cases = (synthetic_cases(seeds("validation", cfg.val_cases), cfg.case_shape, cfg.label_noise, cfg.workers)
+                 if run.ranks.main else [])
     window = seeds("train", cfg.train_cases, cfg.seed_base + run.first_epoch * cfg.new_cases_per_epoch)
     stream = None
-    if cfg.new_cases_per_epoch:
+    if run.ranks.world > 1:
+        train_cases = synthetic_cases(distributed.shard(window, run.ranks), cfg.case_shape, cfg.label_noise, cfg.workers)
+    elif cfg.new_cases_per_epoch:
         stream = case_stream(window.start, cfg.case_shape, cfg.label_noise, cfg.workers, cfg.new_cases_per_epoch)
         train_cases = list(itertools.islice(stream, cfg.train_cases))
     else:
         train_cases = synthetic_cases(window, cfg.case_shape, cfg.label_noise, cfg.workers)
-    sampler = SliceSampler(train_cases, cfg.crop, cfg.lesion_fraction, cfg.single_volume_prob, seed=cfg.seed,
-                           device=run.device, channel_jitter=cfg.channel_jitter, noise_max=cfg.noise_max,
-                           lesion_sampling=cfg.lesion_sampling, context_slices=cfg.context_slices)
-    print(f"data: {len(train_cases)} train cases (seeds {window.start}-{window.stop - 1}) / {len(val_cases)} val "
-          f"cases, {len(sampler.all_slices)} train slices ({len(sampler.lesion_slices)} with lesion) in "
-          f"{time.time() - t0:.1f}s" + (f"; {cfg.new_cases_per_epoch} new cases each epoch" if stream else ""), flush=True)
-    return sampler, val_cases, stream
+    return SYNTHETIC_INFO, train_cases, val_cases, stream, f"seeds {window.start}-{window.stop - 1}"
 
 
-def build_model(run: Run, n_phases: int) -> tuple[UMLNet, torch.nn.Module, torch.optim.Optimizer]:
+def _dataset_data(run: Run, spec: DataSpec):
+    """A dataset's cases, loaded by the workers: all of them, or a window that slides through the training cases."""
+    cfg = run.cfg
+    if run.ranks.main:
+        resolve_split(spec, cfg.split, cfg.split_fractions, cfg.split_seed, run.out)
+    distributed.barrier(run.ranks)  # the others read the split the first process wrote
+    split = read_split(run.out / "split.json")
+    info = describe(spec, split, run.out / "split.json")
+    prep = Preparation(NORM, tuple(cfg.target_size), cfg.slices, cfg.lesion_slices, cfg.slice_label)
+    ids = distributed.shard([str(c) for c in np.random.default_rng(cfg.seed).permutation(split["train"])], run.ranks)
+    val_jobs = [(spec, c, prep, False) for c in (split["val"] if run.ranks.main else [])]
+    window = min(cfg.cache_cases or len(ids), len(ids))
+    if window == len(ids):
+        train = list(checked(ordered_map(load_case, [(spec, c, prep, True) for c in ids], cfg.workers), info))
+        return info, train, list(checked(ordered_map(load_case, val_jobs, cfg.workers), info)), None, str(spec)
+    first = run.first_epoch * cfg.new_cases_per_epoch
+    order = (ids[(first + i) % len(ids)] for i in itertools.count())
+    stream = checked(ordered_map(load_case, ((spec, c, prep, True) for c in order), cfg.workers,
+                                 ahead=cfg.new_cases_per_epoch), info)
+    train = list(itertools.islice(stream, window))
+    return info, train, StreamedCases(val_jobs, cfg.workers, info), stream, f"{spec}, {window} of {len(ids)} held"
+
+
+def build_model(run: Run, info: DatasetInfo) -> tuple[UMLNet, torch.nn.Module, torch.optim.Optimizer]:
     """The network (from ``init`` or the resumed checkpoint), the module the steps run (compiled on CUDA when asked:
     it fuses the many small element-wise ops of this narrow network), and AdamW."""
     cfg = run.cfg
-    model_cfg = model_config(cfg, n_phases)
+    model_cfg = model_config(cfg, info)
     model = UMLNet(model_cfg).to(run.device)
-    (run.out / "model_config.json").write_text(model_cfg.to_json())  # first, so any checkpoint can be exported
+    if run.ranks.main:
+        (run.out / "model_config.json").write_text(model_cfg.to_json())  # first, so any checkpoint can be exported
     print(f"model: preset {cfg.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
           f"{model_cfg.in_channels} input channels{f' (2.5D, +-{cfg.context_slices} slices)' if cfg.context_slices else ''}, "
           f"device {run.device}{' (bf16 autocast)' if run.use_amp else ''}", flush=True)
-    step_model = torch.compile(model) if cfg.compile == "auto" and run.device.type == "cuda" else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if run.first_epoch:
         run.state = load_checkpoint(run.out, model, opt)
@@ -358,6 +466,11 @@ def build_model(run: Run, n_phases: int) -> tuple[UMLNet, torch.nn.Module, torch
     elif cfg.init:
         notes = init_weights(cfg.init, model)
         print(f"initialised from {cfg.init}" + (f" ({'; '.join(notes)})" if notes else ""), flush=True)
+    if run.ranks.world > 1:  # gradients averaged over the processes at every step
+        step_model = DistributedDataParallel(model, device_ids=[run.device] if run.device.type == "cuda" else None)
+    else:
+        run.compiled = cfg.compile == "auto" and run.device.type == "cuda"
+        step_model = torch.compile(model) if run.compiled else model
     return model, step_model, opt
 
 
@@ -378,13 +491,14 @@ def train_epoch(run: Run, model: UMLNet, step_model: torch.nn.Module, opt: torch
     for i in range(cfg.steps_per_epoch):
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, run.state["step"])
-        x, seg, cls = sampler.batch(cfg.batch_size)
+        x, seg, cls = sampler.batch(cfg.batch_size // run.ranks.world)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_amp):
             try:
                 out = step_model(x)
             except Exception as exc:  # a compile failure surfaces at the first call: go on uncompiled
-                if step_model is model:
+                if not run.compiled:
                     raise
+                run.compiled = False
                 print(f"\ntorch.compile failed ({type(exc).__name__}: {exc}); training uncompiled", flush=True)
                 step_model, out = model, model(x)
         out = type(out)(*(o.float() if torch.is_tensor(o) else tuple(t.float() for t in o) for o in out))
@@ -401,13 +515,14 @@ def train_epoch(run: Run, model: UMLNet, step_model: torch.nn.Module, opt: torch
         opt.step()
         for k in sums:
             sums[k] += losses[k].detach()
-        if (i + 1) % 50 == 0 or i + 1 == cfg.steps_per_epoch:  # reading the loss waits for the device
+        if run.ranks.main and ((i + 1) % 50 == 0 or i + 1 == cfg.steps_per_epoch):  # reading waits for the device
             print(f"\repoch {epoch + 1}/{cfg.epochs} [{'#' * int(20 * (i + 1) / cfg.steps_per_epoch):<20}] "
                   f"loss {sums['total'] / (i + 1):.4f}", end="", flush=True)
+    sums = {k: distributed.mean(run.ranks, v) for k, v in sums.items()}  # the losses of the whole batch
     return {k: float(v) / cfg.steps_per_epoch for k, v in sums.items()} | {"kl_weight": kl_weight}, step_model
 
 
-def finish_epoch(run: Run, model: UMLNet, opt: torch.optim.Optimizer, val_cases: list[VolumeCase], epoch: int,
+def finish_epoch(run: Run, model: UMLNet, opt: torch.optim.Optimizer, val_cases: Iterable[VolumeCase], epoch: int,
                  losses: dict[str, float], t_epoch: float) -> None:
     """Validate, log a row, keep the best weights, save the checkpoint."""
     cfg, train_seconds = run.cfg, time.time() - t_epoch
@@ -433,11 +548,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     cfg, resume = parse_args(argv)
     t_start = time.time()  # --max-minutes counts from here (data generation included)
     run = start(cfg, resume, argv)
-    sampler, val_cases, stream = load_data(run)
-    model, step_model, opt = build_model(run, sampler.n_channels)
-    if run.first_epoch:
-        sampler.reseed(cfg.seed + run.state["step"])  # the random streams go on from the step it continues at
-    else:
+    data = load_data(run)
+    sampler, stream = data.sampler, data.stream
+    model, step_model, opt = build_model(run, data.info)
+    if run.first_epoch:  # the random streams go on from the step it continues at
+        sampler.reseed(cfg.seed + run.ranks.rank + run.state["step"])
+    elif run.ranks.main:
         with open(run.out / "log.csv", "w", newline="") as f:
             csv.writer(f).writerow(LOG_FIELDS)
     last = cfg.stop_after_epoch or cfg.epochs
@@ -446,18 +562,24 @@ def main(argv: Optional[list[str]] = None) -> dict:
             t_new = time.time()
             sampler.advance(list(itertools.islice(stream, cfg.new_cases_per_epoch)))
             first = cfg.seed_base + epoch * cfg.new_cases_per_epoch
-            print(f"cases: seeds {first}-{first + cfg.train_cases - 1} (waited {time.time() - t_new:.1f}s for the "
-                  "new ones)", flush=True)
+            what = (f"seeds {first}-{first + cfg.train_cases - 1}" if data.info.data == "synthetic"
+                    else f"{cfg.new_cases_per_epoch} new")
+            print(f"cases: {what} (waited {time.time() - t_new:.1f}s for the new ones)", flush=True)
         t_epoch = time.time()
         losses, step_model = train_epoch(run, model, step_model, opt, sampler, epoch)
-        finish_epoch(run, model, opt, val_cases, epoch, losses, t_epoch)
-        if cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes and epoch + 1 < last:
+        if run.ranks.main:  # one process validates and writes the checkpoints
+            finish_epoch(run, model, opt, data.validation, epoch, losses, t_epoch)
+        out_of_time = bool(cfg.max_minutes) and time.time() - t_start > 60 * cfg.max_minutes
+        if distributed.agree(run.ranks, out_of_time) and epoch + 1 < last:
             print(f"stopping after epoch {epoch + 1}: --max-minutes {cfg.max_minutes} reached (continue with "
                   "--resume)", flush=True)
             break
     if stream is not None:
         stream.close()  # cancels the cases not started and waits for the running ones
-    print(f"best epoch {run.state['best_epoch']}: {run.state['best_metrics']}", flush=True)
+    distributed.barrier(run.ranks)
+    distributed.finish(run.ranks)
+    if run.ranks.main:
+        print(f"best epoch {run.state['best_epoch']}: {run.state['best_metrics']}", flush=True)
     return run.state
 
 
