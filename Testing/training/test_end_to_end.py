@@ -100,3 +100,13 @@ def test_torchrun_with_two_processes_follows_the_single_process_loss(tmp_path):
     np.testing.assert_allclose(losses["ddp"], losses["single"], rtol=0.1)
     assert (runs["ddp"] / "commands.txt").read_text().count("\n") == 1  # written once, by the first process
     assert export.main(["--run", str(runs["ddp"]), "--out", str(tmp_path / "bundle")]) == 0
+
+
+def test_a_dataset_run_resumes_with_its_own_split(tmp_path, capsys):
+    root = write_folder_pictures(tmp_path / "data", n=8)
+    args = ["--data", f"folder:{root}", "--out", str(tmp_path / "run"), *QUICK]
+    train.main([*args, "--epochs", "1"])
+    split = (tmp_path / "run" / "split.json").read_text()
+    state = train.main(["--out", str(tmp_path / "run"), "--resume", "--epochs", "2", "--split-seed", "5"])
+    assert state["epoch"] == 2 and "resumed from epoch 1" in capsys.readouterr().out
+    assert (tmp_path / "run" / "split.json").read_text() == split  # the run keeps the split it started with
