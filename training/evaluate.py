@@ -1,7 +1,15 @@
-"""Measure a model bundle end to end on held-out synthetic cases, through ``umlcore``'s predictor.
+"""Measure a model bundle end to end on held-out synthetic cases or a dataset's split, through ``umlcore``'s predictor.
 
-Example (from the repository root):
+Examples (from the repository root):
     python -m training.evaluate --model Resources/Models/uml-breast-dce-small --out runs/eval --cases 100
+    python -m training.evaluate --model B --data refuge:/data/REFUGE --split-file RUN/split.json --noise 0.1 --out E
+
+``--data KIND:PATH`` (``ispy1``, ``refuge``, ``isic2017``, ``folder``) evaluates the cases of one part of a split
+file (``--split train|val|test``, ``--split-file``: the training run's ``split.json``) clean and under every
+``--noise`` sigma and ``--salt-pepper`` amount: AUC, accuracy, kappa, sensitivity, specificity, F1, ECE, NLL,
+Brier of the case class; per segment Dice, ASSD and HD95; the pixel uncertainty-error AUROC and the case
+risk-coverage (:mod:`training.evaluate_dataset`). Its ``report.json`` has the noise-free figures under
+``figures["clean"]``. What follows is the synthetic evaluation (``--data synthetic``, the default).
 
 Each case is given as a user would give it (``--inputs``: the three phases, one phase, or the subtraction image),
 optionally with Gaussian noise (``--noise``: sigmas as a fraction of each volume's 0.5-99.5 percentile range).
@@ -29,6 +37,7 @@ import SimpleITK as sitk
 from umlcore import metrics
 from umlcore.bundle import load_bundle
 from umlcore.components import label_components
+from umlcore.errors import UMLInputError
 from umlcore.predictor import Prediction, Predictor
 from umlcore.preprocess import to_slices
 from umlcore.reader import READER_TARGETS
@@ -36,6 +45,7 @@ from umlcore.synthetic import SyntheticCase
 
 from .cases import INPUT_MODES, add_noise, input_volumes, synthetic_stream
 from .config import check_shape, config_parser, parse_config, run_tool
+from .data import DataSpec
 from .fitting import suggest_review_uncertainty
 from .splits import seeds
 
@@ -48,11 +58,14 @@ class EvaluateConfig:
 
     model: str = ""  # the bundle folder / zip (required)
     out: str = "runs/eval"
-    split: Literal["validation", "test"] = "test"
+    data: str = "synthetic"  # synthetic, or KIND:PATH (ispy1, refuge, isic2017, folder) of a dataset
+    split: Literal["validation", "test", "val", "train"] = "test"  # synthetic: validation|test; dataset: train|val|test
+    split_file: str = ""  # a dataset's split (required with --data KIND:PATH: the training run's split.json)
     first_seed: int = -1  # -1: the split's first seed (training.splits); a later one gives cases no report has seen
-    cases: int = 100
+    cases: int = -1  # -1: 100 synthetic cases, or every case of the dataset's split; a dataset: 0 = every case
     inputs: tuple[str, ...] = ("phases",)  # each case given as: phases, pre, early, late, subtraction
     noise: tuple[float, ...] = (0.0,)  # each case also with this Gaussian noise (fraction of the intensity range)
+    salt_pepper: tuple[float, ...] = ()  # a dataset's cases also with this fraction of pixels set to min / max
     shape: tuple[int, int, int] = (24, 256, 256)
     label_noise: float = 0.02
     workers: int = 1  # processes generating the cases ahead
@@ -282,17 +295,39 @@ def build_parser():
     return config_parser(EvaluateConfig, "python -m training.evaluate", __doc__)
 
 
-def parse_args(argv: Optional[list[str]] = None) -> tuple[EvaluateConfig, range]:
-    """The run's settings, checked, and its cases' seeds."""
+#: Settings only the synthetic generator has, and only a dataset has.
+SYNTHETIC_SETTINGS = ("first_seed", "inputs", "shape", "label_noise")
+DATASET_SETTINGS = ("data", "split_file", "salt_pepper")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[EvaluateConfig, Optional[range]]:
+    """The run's settings, checked, and its synthetic cases' seeds (``None`` for a dataset)."""
     p = build_parser()
     cfg, _ = parse_config(EvaluateConfig, argv, p)
     if not cfg.model:
         p.error("--model is required: give a bundle folder or .zip")
-    if unknown := sorted(set(cfg.inputs) - set(INPUT_MODES)):
-        p.error(f"--inputs {unknown}: choose among {', '.join(INPUT_MODES)}")
+    try:
+        spec = DataSpec.parse(cfg.data)
+    except UMLInputError as exc:
+        p.error(str(exc))
     if not all(0.0 <= s < 1.0 for s in cfg.noise):
         p.error(f"--noise must be sigmas in [0, 1) (fractions of the intensity range), got {cfg.noise}")
-    if min(cfg.cases, cfg.workers, cfg.batch_size) < 1:
+    if min(cfg.workers, cfg.batch_size) < 1:
+        p.error("--workers and --batch-size must be at least 1")
+    if spec.kind != "synthetic":
+        return _dataset_args(p, cfg), None
+    defaults = EvaluateConfig()
+    if given := [f"--{k.replace('_', '-')}" for k in DATASET_SETTINGS[1:] if getattr(cfg, k) != getattr(defaults, k)]:
+        p.error(f"{' and '.join(given)} are settings of a dataset (--data KIND:PATH), not of synthetic data")
+    if cfg.split in ("val", "train"):
+        if cfg.split == "train":
+            p.error("argument --split: invalid choice: 'train' (synthetic data: validation or test; train, val and "
+                    "test are the parts of a dataset's --split-file)")
+        cfg = dataclasses.replace(cfg, split="validation")
+    cfg = dataclasses.replace(cfg, cases=100 if cfg.cases == -1 else cfg.cases)
+    if unknown := sorted(set(cfg.inputs) - set(INPUT_MODES)):
+        p.error(f"--inputs {unknown}: choose among {', '.join(INPUT_MODES)}")
+    if cfg.cases < 1:
         p.error("--cases, --workers and --batch-size must be at least 1")
     check_shape(p, "--shape", cfg.shape)
     try:
@@ -301,16 +336,37 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[EvaluateConfig, range]
         p.error(str(exc))
 
 
+def _dataset_args(p, cfg: EvaluateConfig) -> EvaluateConfig:
+    """The settings of a dataset evaluation, checked (``validation`` read as the split file's ``val``)."""
+    defaults = EvaluateConfig()
+    if given := [f"--{k.replace('_', '-')}" for k in SYNTHETIC_SETTINGS if getattr(cfg, k) != getattr(defaults, k)]:
+        p.error(f"{', '.join(given)}: settings of the synthetic generator, not of --data {cfg.data}")
+    if not cfg.split_file:
+        p.error(f"--split-file is required with --data {cfg.data}: give the split the model was trained with "
+                "(the training run's RUN/split.json), so that --split names cases it did not train on")
+    if not all(0.0 <= a < 1.0 for a in cfg.salt_pepper):
+        p.error(f"--salt-pepper must be fractions of the pixels in [0, 1), got {cfg.salt_pepper}")
+    if cfg.cases < -1:
+        p.error(f"--cases must be 0 (every case of the split) or more, got {cfg.cases}")
+    return dataclasses.replace(cfg, split="val" if cfg.split == "validation" else cfg.split)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     cfg, cases = parse_args(argv)
+    command = "python -m training.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+    if cases is None:
+        from .evaluate_dataset import run  # a dataset's evaluation (it imports this module)
+
+        return run(cfg, DataSpec.parse(cfg.data), command)
     bundle = load_bundle(cfg.model)  # a bundle that cannot be used: one line, exit 2 (run_tool)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate(cfg, Predictor(bundle, device=cfg.device, batch_size=cfg.batch_size))
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in DATASET_SETTINGS}
     report = {"model": {"id": bundle.card.id, "version": bundle.card.version, "sha256": bundle.sha256,
                         "settings": card_settings(bundle.card)},
-              "command": "python -m training.evaluate " + " ".join(sys.argv[1:] if argv is None else argv),
-              "config": dataclasses.asdict(cfg), "split": cfg.split, "seeds": [cases.start, cases.stop - 1], **result}
+              "command": command, "config": config, "split": cfg.split, "seeds": [cases.start, cases.stop - 1],
+              **result}
     (out / "report.json").write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
     write_markdown(report, out / "report.md")
     phases = [r for r in result["rows"] if r["input"] == "phases" and r["noise"] == 0]

@@ -130,10 +130,13 @@ def with_version(card: ModelCard, version: Optional[str], changelog: Optional[st
 
 
 def report_metrics(card: ModelCard, report: dict) -> dict:
-    """``card.metrics`` with an evaluation report's figures: the three-phase ones at the top level (their test set
-    and command with them) and those of single-volume inputs under ``single_volume``."""
+    """``card.metrics`` with an evaluation report's figures: a dataset's clean cases or the synthetic three-phase ones
+    at the top level (their test set and command with them), and those of single-volume inputs under
+    ``single_volume``."""
     figures, where = report["figures"], {"test_set": report["dataset"], "command": report["command"]}
     out = dict(card.metrics)
+    if "clean" in figures:  # a dataset's report: its cases without added noise
+        out = {**where, **figures["clean"]}
     if "phases" in figures:
         out = {**where, **figures["phases"], **({"single_volume": out["single_volume"]} if "single_volume" in out else {})}
     single = {k: v for k, v in figures.items() if k in ("pre", "early", "late", "subtraction")}

@@ -71,15 +71,25 @@ def read_rows(paths: list[Path], bundle, same_settings: bool) -> tuple[list[dict
         if same_settings and model.get("settings") != card_settings(bundle.card):
             raise UMLInputError(f"{path} was made with the card settings {model.get('settings')}, this bundle has "
                                 f"{card_settings(bundle.card)}: evaluate this bundle")
-        for r in report["rows"]:
+        for r in map(_synthetic_vocabulary, report["rows"]):
             key = (r["seed"], r["input"], r["noise"])
             if key in seen:
                 raise UMLInputError(f"case {key} is in two of the reports: give each case once")
             seen.add(key)
             rows.append(r)
-        parts.append(f"{report['split']} seeds {report['seeds'][0]}..{report['seeds'][1]}")
+        parts.append(f"{report['split']} seeds {report['seeds'][0]}..{report['seeds'][1]}" if "seeds" in report
+                     else f"{report['split']} cases of {report['data']['spec']} ({len(report['rows'])} rows)")
         splits.add(report["split"])
     return rows, "; ".join(parts), splits
+
+
+def _synthetic_vocabulary(row: dict) -> dict:
+    """A dataset report's row in the words the fits read: its case id as ``seed``, its clean section (every channel,
+    no noise) as ``phases``, its true segment voxels as ``lesion_voxels``."""
+    if "case_id" not in row:
+        return row
+    return {**row, "seed": row["case_id"], "lesion_voxels": row["true_voxels"],
+            "input": "phases" if row["section"] == "clean" else row["section"]}
 
 
 def row_alpha(row: dict, positive: int = 1) -> np.ndarray:
@@ -221,7 +231,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("note: the case opinion reads what the segmentation keeps: evaluate the new bundle on validation cases "
               "and refit what it has of " + ", ".join(_FITTED_ON_SEGMENTATION))
     if "test" in splits:
-        print("note: test-split cases are fitting data from now on: measure the result on fresh seeds")
+        print("note: test-split cases are fitting data from now on: measure the result on cases no fit has seen "
+              "(fresh seeds, or cases of the dataset outside this split)")
     print(f"wrote {path}")
     return 0
 

@@ -288,3 +288,105 @@ def test_risk_coverage_ties_are_accepted_together():
     assert b["aurc"] == a["aurc"]
     with pytest.raises(UMLInputError, match="kind"):
         m.risk_coverage([0.5], [1], kind="margin")
+
+
+# ---------------------------------------------------------------------------------------------------- ASSD
+
+
+def test_assd_is_the_mean_of_the_two_directed_mean_surface_distances():
+    a = np.zeros((1, 11), np.uint8)
+    b = np.zeros((1, 11), np.uint8)
+    a[0, 0] = 1
+    b[0, 0] = b[0, 10] = 1
+    # d(a -> b) = [0] (mean 0); d(b -> a) = [0, 10] (mean 5): ASSD = (0 + 5) / 2 = 2.5 (HD95 9.5)
+    assert m.assd(a, b) == pytest.approx(2.5)
+    assert m.assd(b, a) == pytest.approx(2.5)
+    assert m.assd(a, b, spacing=(2.0, 1.0)) == pytest.approx(5.0)  # ITK order: x is numpy axis 1
+    assert m.assd(a, b, spacing=(1.0, 2.0)) == pytest.approx(2.5)
+    assert m.assd(a, b, spacing=(2.0, 1.0), spacing_order="array") == pytest.approx(2.5)
+
+
+def test_assd_of_shifted_squares_and_slices():
+    a = np.zeros((7, 7), np.uint8)
+    b = np.zeros((7, 7), np.uint8)
+    a[2:5, 1:4] = 1
+    b[2:5, 2:5] = 1
+    # 8 border pixels each; 4 of them lie on the other's border, 4 one pixel off: mean 0.5 both ways
+    assert m.assd(a, b) == pytest.approx(0.5)
+    # x spacing 3: the three pixels of a's left column are 3 mm from b's; a's centre-right pixel (3, 3) lies 1 mm
+    # (one row, y) from b's top pixel (2, 3): (3 + 3 + 3 + 1) / 8 = 1.25 each way
+    assert m.assd(a, b, spacing=(3.0, 1.0)) == pytest.approx(1.25)
+    v = np.zeros((3, 4, 4), np.uint8)
+    w = np.zeros((3, 4, 4), np.uint8)
+    v[0, 1, 1] = 1
+    w[2, 1, 1] = 1
+    assert m.assd(v, w, spacing=(0.5, 0.5, 3.0)) == pytest.approx(6.0)  # two slices of 3 mm apart
+    assert m.assd(a, a) == 0.0
+
+
+def test_assd_selects_label_and_empty_cases():
+    pred = np.array([[0, 2, 2, 0, 1]])
+    target = np.array([[0, 0, 2, 2, 1]])
+    # label 2: {1, 2} vs {2, 3}: both ways one pixel at 0 and one at 1 -> 0.5
+    assert m.assd(pred, target, label=2) == pytest.approx(0.5)
+    assert m.assd(pred, target, label=1) == 0.0
+    zeros = np.zeros((4, 4), np.uint8)
+    one = zeros.copy()
+    one[1, 1] = 1
+    assert m.assd(zeros, zeros) == 0.0
+    assert m.assd(one, zeros) == math.inf and m.assd(zeros, one) == math.inf
+    with pytest.raises(UMLInputError, match="one value per dimension"):
+        m.assd(one, one, spacing=(1.0, 1.0, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------------- kappa, F1
+
+
+def test_confusion_matrix_rows_are_true_classes():
+    p = np.array([0.9, 0.2, 0.6, 0.4, 0.5])  # predicted 1, 0, 1, 0, 1 (threshold 0.5 inclusive)
+    y = np.array([1, 0, 0, 1, 1])
+    assert m.confusion_matrix(p, y).tolist() == [[1, 1], [1, 2]]
+    assert m.confusion_matrix(p, y, threshold=0.7).tolist() == [[2, 0], [2, 1]]
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.3, 0.2]])
+    assert m.confusion_matrix(probs, [0, 1, 1, 2]).tolist() == [[1, 0, 0], [0, 1, 1], [1, 0, 0]]
+
+
+def test_cohen_kappa_hand_values():
+    # TP 20, FN 5, FP 10, TN 15 (n = 50): p_o = 0.7; p_e = (25 * 30 + 25 * 20) / 2500 = 0.5 -> kappa 0.4
+    p = np.array([1.0] * 20 + [0.0] * 5 + [1.0] * 10 + [0.0] * 15)
+    y = np.array([1] * 25 + [0] * 25)
+    assert m.cohen_kappa(p, y) == pytest.approx(0.4)
+    assert m.cohen_kappa(y.astype(float), y) == pytest.approx(1.0)
+    assert m.cohen_kappa(1.0 - y, y) == pytest.approx(-1.0)
+    assert math.isnan(m.cohen_kappa(np.ones(4), np.ones(4, int)))  # one class everywhere: chance agreement is 1
+    # three classes: diag (1, 1, 1) of 4, marginals true (1, 1, 2), predicted (1, 2, 1): p_e = 5 / 16
+    probs = np.eye(3)[[0, 1, 2, 1]]
+    assert m.cohen_kappa(probs, [0, 1, 2, 2]) == pytest.approx((0.75 - 5 / 16) / (1 - 5 / 16))
+
+
+def test_sensitivity_specificity_and_f1_hand_values():
+    p = np.array([1.0] * 20 + [0.0] * 5 + [1.0] * 10 + [0.0] * 15)  # TP 20, FN 5, FP 10, TN 15
+    y = np.array([1] * 25 + [0] * 25)
+    assert m.sensitivity(p, y) == pytest.approx(0.8)
+    assert m.specificity(p, y) == pytest.approx(0.6)
+    assert m.f1_score(p, y) == pytest.approx(40 / 55)  # 2 TP / (2 TP + FP + FN)
+    assert m.f1_score(p, y, positive=0) == pytest.approx(30 / 45)  # class 0: TP 15, FP 5, FN 10
+    assert m.f1_score(p, y, average="macro") == pytest.approx((40 / 55 + 30 / 45) / 2)
+    assert m.f1_score(p, y, average="weighted") == pytest.approx((40 / 55 + 30 / 45) / 2)  # 25 labels each
+    assert m.sensitivity(p, y, positive=0) == pytest.approx(0.6)  # the recall of class 0 is class 1's specificity
+    assert math.isnan(m.sensitivity(np.zeros(3), np.zeros(3, int)))  # no positive label
+    assert math.isnan(m.specificity(np.ones(3), np.ones(3, int)))  # no negative label
+    assert m.f1_score(np.zeros(3), np.zeros(3, int)) == 0.0  # class 1 never labelled nor predicted
+
+
+def test_f1_weighted_and_macro_with_unequal_classes():
+    probs = np.eye(3)[[0, 0, 0, 1, 2, 2]]  # predictions
+    y = np.array([0, 0, 1, 1, 2, 0])
+    # class 0: TP 2, FP 1, FN 1 -> 2/3 (support 3); class 1: TP 1, FN 1 -> 2/3 (2); class 2: TP 1, FP 1 -> 2/3 (1)
+    assert m.f1_score(probs, y, average="macro") == pytest.approx(2 / 3)
+    y2 = np.array([0, 0, 0, 1, 1, 1])
+    # class 0: 1 (support 3); class 1: TP 1, FN 2 -> 0.5 (support 3); class 2: TP 0, FP 2 -> 0 (support 0)
+    assert m.f1_score(probs, y2, average="macro") == pytest.approx(0.5)  # (1 + 0.5 + 0) / 3: class 2 was predicted
+    assert m.f1_score(probs, y2, average="weighted") == pytest.approx(0.75)
+    with pytest.raises(UMLInputError, match="average"):
+        m.f1_score(probs, y2, average="micro")

@@ -13,7 +13,8 @@ Conventions
 - Undefined values are ``nan`` (e.g. AUROC when only one class is present), never an exception, so that an
   evaluation of a small fold still completes; the docstring of each function says when.
 
-matplotlib is only imported inside :func:`plot_reliability_diagram`; scipy only inside :func:`hd95`.
+matplotlib is only imported inside :func:`plot_reliability_diagram`; scipy only inside :func:`hd95` and
+:func:`assd`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,14 @@ from .errors import UMLInputError
 __all__ = [
     "dice",
     "hd95",
+    "assd",
     "accuracy",
     "balanced_accuracy",
+    "confusion_matrix",
+    "cohen_kappa",
+    "sensitivity",
+    "specificity",
+    "f1_score",
     "roc_auc",
     "expected_calibration_error",
     "brier_score",
@@ -159,6 +166,54 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~eroded
 
 
+def _surface_distances(
+    pred: ArrayLike,
+    target: ArrayLike,
+    spacing: Optional[Sequence[float]],
+    label: int,
+    spacing_order: str,
+) -> Union[float, tuple[np.ndarray, np.ndarray]]:
+    """The distances (mm) of ``pred``'s surface voxels to ``target``'s surface and back, for :func:`hd95` and
+    :func:`assd`; ``0.0`` when the label is absent from both masks, ``inf`` when it is present in exactly one."""
+    pred, target = _label_maps(pred, target)
+    ndim = pred.ndim
+    if spacing is None:
+        sampling = np.ones(ndim)
+    else:
+        sampling = np.asarray(spacing, dtype=np.float64).reshape(-1)
+        if sampling.shape != (ndim,):
+            raise UMLInputError(
+                f"spacing must have one value per dimension of the masks ({ndim}), got {tuple(sampling)}"
+            )
+        if not np.all(np.isfinite(sampling)) or np.any(sampling <= 0):
+            raise UMLInputError(f"spacing values must be positive, got {tuple(sampling)}")
+        if spacing_order == "xyz":
+            sampling = sampling[::-1].copy()
+        elif spacing_order != "array":
+            raise UMLInputError(f"spacing_order must be 'xyz' or 'array', got {spacing_order!r}")
+
+    p = pred == label
+    t = target == label
+    has_p, has_t = bool(p.any()), bool(t.any())
+    if not has_p and not has_t:
+        return 0.0
+    if has_p != has_t:
+        return math.inf
+    try:
+        from scipy import ndimage
+    except ImportError as exc:  # pragma: no cover - scipy is a dependency
+        raise UMLInputError("hd95 and assd need scipy: pip install scipy") from exc
+
+    # only the box around both masks (one voxel more, where the array has it) matters: the surfaces and every
+    # distance between them are the same in it, and a small lesion in a large volume costs a small box
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(p | t))
+    p, t = p[box], t[box]
+    sp, st = _surface(p), _surface(t)
+    dist_to_t = ndimage.distance_transform_edt(~st, sampling=sampling)
+    dist_to_p = ndimage.distance_transform_edt(~sp, sampling=sampling)
+    return dist_to_t[sp], dist_to_p[st]
+
+
 def hd95(
     pred: ArrayLike,
     target: ArrayLike,
@@ -187,41 +242,44 @@ def hd95(
         HD95 in mm. ``0.0`` when the label is absent from both masks; ``inf`` when it is present in exactly one
         (no surface to measure to: report such cases separately rather than averaging them).
     """
-    pred, target = _label_maps(pred, target)
-    ndim = pred.ndim
-    if spacing is None:
-        sampling = np.ones(ndim)
-    else:
-        sampling = np.asarray(spacing, dtype=np.float64).reshape(-1)
-        if sampling.shape != (ndim,):
-            raise UMLInputError(
-                f"spacing must have one value per dimension of the masks ({ndim}), got {tuple(sampling)}"
-            )
-        if not np.all(np.isfinite(sampling)) or np.any(sampling <= 0):
-            raise UMLInputError(f"spacing values must be positive, got {tuple(sampling)}")
-        if spacing_order == "xyz":
-            sampling = sampling[::-1].copy()
-        elif spacing_order != "array":
-            raise UMLInputError(f"spacing_order must be 'xyz' or 'array', got {spacing_order!r}")
-
-    p = pred == label
-    t = target == label
-    has_p, has_t = bool(p.any()), bool(t.any())
-    if not has_p and not has_t:
-        return 0.0
-    if has_p != has_t:
-        return math.inf
-    try:
-        from scipy import ndimage
-    except ImportError as exc:  # pragma: no cover - scipy is a dependency
-        raise UMLInputError("hd95 needs scipy: pip install scipy") from exc
-
-    sp, st = _surface(p), _surface(t)
-    dist_to_t = ndimage.distance_transform_edt(~st, sampling=sampling)
-    dist_to_p = ndimage.distance_transform_edt(~sp, sampling=sampling)
-    d_pt = dist_to_t[sp]
-    d_tp = dist_to_p[st]
+    d = _surface_distances(pred, target, spacing, label, spacing_order)
+    if isinstance(d, float):
+        return d
+    d_pt, d_tp = d
     return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
+
+
+def assd(
+    pred: ArrayLike,
+    target: ArrayLike,
+    spacing: Optional[Sequence[float]] = None,
+    label: int = 1,
+    spacing_order: Literal["xyz", "array"] = "xyz",
+) -> float:
+    """Average symmetric surface distance between two masks, in mm (the UML paper's ASSD, medpy's ``assd``).
+
+    Surfaces and distances as in :func:`hd95`: the mean distance of ``pred``'s surface voxels to ``target``'s
+    surface, the mean distance of ``target``'s surface voxels to ``pred``'s, and the result the mean of those two
+    means, ``(mean d(pred -> target) + mean d(target -> pred)) / 2`` (medpy's convention, which the official UML code
+    uses; it weighs both directions equally however many surface voxels each mask has).
+
+    Args:
+        pred: Predicted label map, ``(Z, Y, X)`` or ``(H, W)`` (any number of dimensions), integer or bool.
+        target: Reference label map of the same shape.
+        spacing: Voxel size in mm, one value per dimension; ``None`` means 1 mm everywhere (pixel units).
+        label: The structure to compare.
+        spacing_order: ``"xyz"`` (default, ITK order: pass ``case.spacing`` or ``image.GetSpacing()`` as is) or
+            ``"array"`` (the numpy axes of ``pred``), as for :func:`hd95`.
+
+    Returns:
+        ASSD in mm. ``0.0`` when the label is absent from both masks; ``inf`` when it is present in exactly one
+        (report such cases separately rather than averaging them).
+    """
+    d = _surface_distances(pred, target, spacing, label, spacing_order)
+    if isinstance(d, float):
+        return d
+    d_pt, d_tp = d
+    return float((d_pt.mean() + d_tp.mean()) / 2.0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,6 +329,127 @@ def balanced_accuracy(probs: ArrayLike, labels: ArrayLike, threshold: float = 0.
     pred = _predict(p, threshold)
     recalls = [np.mean(pred[y == c] == c) for c in np.unique(y)]
     return float(np.mean(recalls))
+
+
+def confusion_matrix(probs: ArrayLike, labels: ArrayLike, threshold: float = 0.5) -> np.ndarray:
+    """Counts of (true class, predicted class) pairs.
+
+    Args:
+        probs: ``(N, K)`` probabilities (prediction = argmax) or ``(N,)`` positive-class probabilities.
+        labels: ``(N,)`` class indices.
+        threshold: For binary problems (``(N,)`` or ``K == 2``): predict class 1 when ``p_1 >= threshold``.
+
+    Returns:
+        ``(K, K)`` int64 array, row = true class, column = predicted class (``K = 2`` for ``(N,)`` probabilities).
+    """
+    _check_threshold(threshold)
+    p, y = _probs_labels(probs, labels)
+    k = p.shape[1]
+    return np.bincount(y * k + _predict(p, threshold), minlength=k * k).reshape(k, k).astype(np.int64)
+
+
+def cohen_kappa(probs: ArrayLike, labels: ArrayLike, threshold: float = 0.5) -> float:
+    """Cohen's kappa between the predicted classes and the labels (unweighted, as sklearn's
+    ``cohen_kappa_score``): ``(p_o - p_e) / (1 - p_e)`` with ``p_o`` the accuracy and ``p_e`` the agreement expected
+    by chance from the marginal frequencies, ``sum_k (true_k / N) (predicted_k / N)``.
+
+    Args:
+        probs: ``(N, K)`` or ``(N,)`` probabilities, as for :func:`accuracy`.
+        labels: ``(N,)`` class indices.
+        threshold: Binary decision threshold, as for :func:`accuracy`.
+
+    Returns:
+        Kappa in ``[-1, 1]`` (1 = perfect agreement, 0 = chance); ``nan`` when chance agreement is already
+        perfect (labels and predictions all of one and the same class).
+    """
+    cm = confusion_matrix(probs, labels, threshold).astype(np.float64)
+    n = cm.sum()
+    observed = np.trace(cm) / n
+    expected = float((cm.sum(axis=1) * cm.sum(axis=0)).sum() / (n * n))
+    if expected >= 1.0:
+        return math.nan
+    return float((observed - expected) / (1.0 - expected))
+
+
+def _one_vs_rest(probs: ArrayLike, labels: ArrayLike, threshold: float, positive: int) -> tuple[int, int, int, int]:
+    """``(tp, fp, fn, tn)`` of class ``positive`` against the others."""
+    cm = confusion_matrix(probs, labels, threshold)
+    if not 0 <= positive < cm.shape[0]:
+        raise UMLInputError(f"positive must be a class index in [0, {cm.shape[0]}), got {positive}")
+    tp = int(cm[positive, positive])
+    fn = int(cm[positive].sum()) - tp
+    fp = int(cm[:, positive].sum()) - tp
+    return tp, fp, fn, int(cm.sum()) - tp - fp - fn
+
+
+def sensitivity(probs: ArrayLike, labels: ArrayLike, threshold: float = 0.5, positive: int = 1) -> float:
+    """Sensitivity (recall, true-positive rate) of class ``positive``: ``TP / (TP + FN)``.
+
+    Args:
+        probs: ``(N, K)`` or ``(N,)`` probabilities, as for :func:`accuracy`.
+        labels: ``(N,)`` class indices.
+        threshold: Binary decision threshold, as for :func:`accuracy`.
+        positive: The class whose recall is measured (default class 1).
+
+    Returns:
+        Sensitivity in ``[0, 1]``; ``nan`` when no label is ``positive``.
+    """
+    tp, _, fn, _ = _one_vs_rest(probs, labels, threshold, positive)
+    return float(tp / (tp + fn)) if tp + fn else math.nan
+
+
+def specificity(probs: ArrayLike, labels: ArrayLike, threshold: float = 0.5, positive: int = 1) -> float:
+    """Specificity (true-negative rate) with respect to class ``positive``: ``TN / (TN + FP)``, i.e. the fraction of
+    the samples of every other class that are not predicted ``positive``.
+
+    Args:
+        probs: ``(N, K)`` or ``(N,)`` probabilities, as for :func:`accuracy`.
+        labels: ``(N,)`` class indices.
+        threshold: Binary decision threshold, as for :func:`accuracy`.
+        positive: The positive class (default class 1).
+
+    Returns:
+        Specificity in ``[0, 1]``; ``nan`` when every label is ``positive``.
+    """
+    _, fp, _, tn = _one_vs_rest(probs, labels, threshold, positive)
+    return float(tn / (tn + fp)) if tn + fp else math.nan
+
+
+def f1_score(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    threshold: float = 0.5,
+    average: Literal["binary", "macro", "weighted"] = "binary",
+    positive: int = 1,
+) -> float:
+    """F1 score ``2 TP / (2 TP + FP + FN)`` (harmonic mean of precision and recall), as sklearn's ``f1_score``.
+
+    Args:
+        probs: ``(N, K)`` or ``(N,)`` probabilities, as for :func:`accuracy`.
+        labels: ``(N,)`` class indices.
+        threshold: Binary decision threshold, as for :func:`accuracy`.
+        average: ``"binary"``: the F1 of class ``positive``; ``"macro"``: the unweighted mean of the per-class F1
+            over the classes that occur in the labels or the predictions; ``"weighted"``: the mean of the per-class
+            F1 weighted by each class's number of labels (the official UML code's ``average='weighted'``).
+        positive: The class of ``average="binary"``.
+
+    Returns:
+        F1 in ``[0, 1]``; a class never labelled nor predicted has no F1 (``"binary"``: 0.0, as sklearn's default).
+    """
+    cm = confusion_matrix(probs, labels, threshold)
+    tp = np.diag(cm).astype(np.float64)
+    true, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    denom = true + predicted  # 2 TP + FP + FN
+    per_class = np.divide(2.0 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    if average == "binary":
+        if not 0 <= positive < cm.shape[0]:
+            raise UMLInputError(f"positive must be a class index in [0, {cm.shape[0]}), got {positive}")
+        return float(per_class[positive])
+    if average == "macro":
+        return float(per_class[denom > 0].mean())
+    if average == "weighted":
+        return float((per_class * true).sum() / true.sum())
+    raise UMLInputError(f"average must be 'binary', 'macro' or 'weighted', got {average!r}")
 
 
 def _rank_auc(scores: np.ndarray, positive: np.ndarray) -> float:
