@@ -64,7 +64,8 @@ class UMLSegmentation(ScriptedLoadableModule):
 (e.g. pCR / no pCR on breast DCE-MRI) and segments the lesion, and says how far both can be trusted.</p>
 <ol>
 <li><b>Inputs</b>: select the volume (for DCE-MRI the pre-contrast phase; select the early and late phases
-below it when the model asks for them, or leave them empty to use one volume for all phases).</li>
+below it when the model asks for them, or leave them empty to use one volume for all phases). A picture model
+(e.g. fundus or dermoscopy) takes a 2D picture: load the PNG / JPEG / BMP / TIFF file and select it.</li>
 <li><b>Model</b>: pick a shipped model, or <i>Add model from file...</i> (a bundle folder's model.json or a .zip).</li>
 <li>Click <b>Run UML</b> (it turns into <b>Cancel</b> while the engine runs in the background).</li>
 </ol>
@@ -314,6 +315,7 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 + _("Inputs") + f": {', '.join(m.channels)}"
                 + (" (" + _("2.5D: {count} neighbouring slice(s) on each side").format(count=m.contextSlices) + ")"
                    if m.contextSlices else "")
+                + (" (" + _("one 2D picture") + ")" if m.isPicture else "")
             )
         if self._parameterNode is not None and path and self._parameterNode.modelPath != path:
             self._parameterNode.modelPath = path
@@ -342,7 +344,7 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updatePhaseSelectors(self) -> None:
         """Show one extra selector per further channel of the model, named after the channel."""
-        channels = self._model.channels if self._model is not None and not self._model.isColour else ()
+        channels = self._model.channels if self._model is not None and not self._model.isPicture else ()
         for i, (selectorName, labelName) in enumerate(zip(self.PHASE_SELECTORS, self.PHASE_LABELS)):
             visible = i + 1 < len(channels)
             getattr(self.ui, selectorName).visible = visible
@@ -351,8 +353,10 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 getattr(self.ui, labelName).text = f"{channels[i + 1].capitalize()} " + _("phase") + ":"
         if self._model is None:
             self.ui.inputHintLabel.text = ""
-        elif self._model.isColour:
-            self.ui.inputHintLabel.text = _("This model takes one RGB colour image.")
+        elif self._model.isPicture:
+            self.ui.inputHintLabel.text = _(
+                "This model reads one 2D picture ({channels}): load a PNG, JPEG, BMP or TIFF file (drag it into "
+                "Slicer) and select it as input volume.").format(channels=", ".join(self._model.channels))
         elif len(channels) > 1:
             self.ui.inputHintLabel.text = _(
                 "Select the {first} phase as input volume and the other phases below, or leave them empty to "
@@ -414,7 +418,7 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not self.ensureEngineDependencies():
             return
-        phases = [p.phase1Volume, p.phase2Volume, p.phase3Volume] if self._model is not None and not self._model.isColour else []
+        phases = [p.phase1Volume, p.phase2Volume, p.phase3Volume] if self._model is not None and not self._model.isPicture else []
         phases = phases[: max(0, len(self._model.channels) - 1)] if self._model is not None else []
         outputs = OutputNodes(p.outputSegmentation, p.outputUncertainty, p.outputTable)
         try:
@@ -518,19 +522,16 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.predictedClassLabel.text = panel.predictedClass
         self.ui.probabilityLabel.text = f"{100 * panel.predictedProbability:.1f} %  ({panel.positiveClass}: {100 * panel.positiveProbability:.1f} %)"
         if panel.singleVolume:
-            self.ui.probabilityLabel.text += "; from one volume"
+            self.ui.probabilityLabel.text += "; " + panel.singleInputText
         self.ui.probabilityLabel.toolTip = (
             "The case was given as one volume, replicated into all of the model's channels: its opinion is weaker "
-            "than from all phases (calibrated for one volume when the model has such a calibration). Give all "
-            "phases for the full opinion." if panel.singleVolume else "")
+            "than from all channels (calibrated for one volume when the model has such a calibration). Give all "
+            "phases (or the colour picture) for the full opinion." if panel.singleVolume else "")
         self.setBeliefBars(panel.beliefs)
         self.ui.uncertaintyProgressBar.value = int(round(100 * panel.uncertainty))
         self.ui.verdictLabel.text = panel.verdict.upper()
         self.ui.verdictLabel.styleSheet = f"font-weight: bold; color: {panel.verdictColor}"
-        if panel.lesionVolumeMl is None:
-            self.ui.lesionVolumeLabel.text = "-"
-        else:
-            self.ui.lesionVolumeLabel.text = f"{panel.lesionVolumeMl:.2f} ml ({panel.lesionName})"
+        self.ui.lesionVolumeLabel.text = panel.lesionSizeText
         byReader = panel.removedBy == "reader"
         if panel.componentsRemoved:  # the model's filter dropped regions: say so, they may matter
             n = panel.componentsRemoved

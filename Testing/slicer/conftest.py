@@ -1,5 +1,5 @@
 """Fixtures for the Slicer-side tests: a real MRML scene under the PyPI package ``slicer-core``, freshly
-initialised model bundles, small volume nodes and the check of a refused run (helpers in ``umlslicer_helpers.py``).
+initialised model bundles (volume and picture models), small volume nodes and the check of a refused run (helpers in ``umlslicer_helpers.py``).
 
 ``slicer-core`` has MRML and the module logics but no application: the ``mrml`` fixture creates the scene,
 sets ``slicer.mrmlScene`` and registers the Colors / Subject hierarchy / Segmentations / Volumes /
@@ -48,13 +48,15 @@ def bundle_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def rgb_bundle_dir(tmp_path_factory) -> Path:
-    """A bundle whose channels are an RGB colour image."""
+def picture_model_dir(tmp_path_factory) -> Path:
+    """A bundle for 2D pictures: ``input.kind`` picture, channels red, green, blue (a grey picture is replicated:
+    ``min_channels`` 1), every picture resized to 32 x 32 pixels for the network."""
     import torch
     from umlcore.bundle import save_bundle
     from umlcore.network import UMLNet
 
-    card, config = make_card("uml-test-rgb", ("red", "green", "blue"))
+    card, config = make_card("uml-test-picture", ("red", "green", "blue"), name="UML test picture model",
+                             kind="picture", target_size=(32, 32))
     torch.manual_seed(0)
     return save_bundle(UMLNet(config), card, tmp_path_factory.mktemp("models") / card.id)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .umlslicer_helpers import IJK_TO_RAS, add_volume, phantom
+from .umlslicer_helpers import IJK_TO_RAS, PICTURE_IJK_TO_RAS, add_volume, phantom, picture
 
 
 def test_no_volume(check_refused, bundle_dir):
@@ -24,13 +24,17 @@ def test_not_an_image(check_refused, mrml, bundle_dir):
     check_refused(lambda logic: logic.process(empty, model=bundle_dir), r"holds no voxels")
 
 
-def test_rgb_volume_for_a_grayscale_model_and_the_reverse(check_refused, mrml, bundle_dir, rgb_bundle_dir):
-    rgb = add_volume("photo", np.zeros((1, 32, 40, 3), np.uint8), node_class="vtkMRMLVectorVolumeNode")
+def test_pictures_for_a_volume_model(check_refused, bundle_dir):
+    rgb = add_volume("photo", picture(), PICTURE_IJK_TO_RAS, node_class="vtkMRMLVectorVolumeNode")
     message = check_refused(lambda logic: logic.process(rgb, model=bundle_dir),
                             r"is an RGB colour image, but model 'UML test model' expects grayscale volumes \(pre, early, late\)")
-    assert "Vector to Scalar Volume" in message
-    gray = add_volume()
-    check_refused(lambda logic: logic.process(gray, model=rgb_bundle_dir), r"expects an RGB colour image")
+    assert "pick a model made for pictures" in message and "Vector to Scalar Volume" in message
+    grey = add_volume("grey photo", picture(colour=False), PICTURE_IJK_TO_RAS)
+    check_refused(lambda logic: logic.process(grey, model=bundle_dir),
+                  r"the input 'grey photo' \(vtkMRMLScalarVolumeNode\) is a single slice \(a 2D picture\), but model "
+                  r"'UML test model' reads 3D volumes \(pre, early, late\): load the whole volume, or pick a model made for pictures")
+    frames = add_volume("one slice of 3 frames", picture().astype(np.float32), PICTURE_IJK_TO_RAS, node_class="vtkMRMLVectorVolumeNode")
+    check_refused(lambda logic: logic.process(frames, model=bundle_dir), r"is a single slice \(a 2D picture\)")
 
 
 def test_4d_input_without_the_right_phases(check_refused, bundle_dir):

@@ -34,7 +34,8 @@ def test_read_model_info_matches_the_card(bundle_dir, tmp_path):
         assert (info.id, info.version, info.name, info.task) == (card.id, card.version, card.name, card.task)
         assert info.classes == card.classes and info.channels == card.input.channels
         assert info.sha256 == sha and info.reviewUncertainty == card.review_uncertainty
-        assert info.positiveClass == card.positive_class and not info.isColour
+        assert info.positiveClass == card.positive_class and not info.isPicture
+        assert (info.kind, info.targetSize, info.slicingAxis, info.acceptedChannelCounts) == ("volume", None, "axial", (1, 3))
         assert info.contextSlices == card.input.context_slices == 0
         (segment,) = info.segments
         assert (segment.label, segment.name, segment.color) == (1, "Lesion", LESION_COLOR)
@@ -52,6 +53,18 @@ def test_read_model_info_matches_the_card(bundle_dir, tmp_path):
     assert models.readModelInfo(card_2_5d).contextSlices == 1
 
 
+def test_a_picture_card_reads(picture_model_dir):
+    """A picture model's card: what it reads (kind, size) and how many colours it takes (RGB, or grey replicated)."""
+    from umlcore.bundle import read_card
+
+    card, _ = read_card(picture_model_dir)
+    info = models.readModelInfo(picture_model_dir)
+    assert card.input.kind == "picture" and info.isPicture and info.kind == "picture"
+    assert info.targetSize == card.input.target_size == (32, 32)
+    assert info.channels == ("red", "green", "blue") and info.acceptedChannelCounts == (1, 3)
+    assert dataclasses.replace(info, minChannels=3).acceptedChannelCounts == (3,)
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda c: c.pop("segments"), r"missing required field\(s\) \['segments'\]"),
     (lambda c: c.update(segments=[{"label": 0, "name": "bg"}]), r"segment labels \[0\] must be distinct integers in 1..255"),
@@ -59,6 +72,9 @@ def test_read_model_info_matches_the_card(bundle_dir, tmp_path):
     (lambda c: c["weights"].pop("sha256"), r"lacks weights.sha256"),
     (lambda c: c.update(classes=["only one"]), r"needs at least two classes"),
     (lambda c: c.update(input={"channels": []}), r"input.channels is empty"),
+    (lambda c: c["input"].update(kind="movie"), r"input.kind 'movie' is not one of \['volume', 'picture'\]"),
+    (lambda c: c["input"].update(slicing_axis="oblique"), r"input.slicing_axis 'oblique' is not one of"),
+    (lambda c: c["input"].update(target_size=[32]), r"input.target_size \[32\] is not \[rows, columns\]"),
 ])
 def test_invalid_cards_are_refused_with_the_fix(bundle_dir, tmp_path, edit, match):
     card = json.loads((bundle_dir / "model.json").read_text())
@@ -90,7 +106,7 @@ def test_validate_model_checks_the_weights(bundle_dir, tmp_path, monkeypatch):
         models.validateModel(tampered)
 
 
-def test_list_and_resolve_models(isolated, bundle_dir, rgb_bundle_dir, tmp_path):
+def test_list_and_resolve_models(isolated, bundle_dir, picture_model_dir, tmp_path):
     with pytest.raises(InputError, match="no model given and no UML model is installed"):
         models.resolveModel(None)
     isolated.mkdir()
@@ -99,15 +115,15 @@ def test_list_and_resolve_models(isolated, bundle_dir, rgb_bundle_dir, tmp_path)
     (isolated / "broken" / "model.json").write_text("{}")
     extra = tmp_path / "extra"
     extra.mkdir()
-    shutil.copytree(rgb_bundle_dir, extra / "rgb")
+    shutil.copytree(picture_model_dir, extra / "pictures")
     entries = models.listModels([extra])
     assert [(e.path.name, e.info.id if e.info else None, e.shipped) for e in entries] == [
-        ("a-model", "uml-test-small", False), ("broken", None, False), ("rgb", "uml-test-rgb", False)]
+        ("a-model", "uml-test-small", False), ("broken", None, False), ("pictures", "uml-test-picture", False)]
     assert "schema_version" in entries[1].error
-    assert models.resolveModel("uml-test-rgb", [extra]).isColour
+    assert models.resolveModel("uml-test-picture", [extra]).isPicture
     assert models.resolveModel(None, [extra]).id == "uml-test-small"  # no default id installed: the first usable
-    assert models.resolveModel(str(extra / "rgb")).id == "uml-test-rgb"
-    with pytest.raises(InputError, match=r"no model with id 'nope' \(known: uml-test-small, uml-test-rgb\)"):
+    assert models.resolveModel(str(extra / "pictures")).id == "uml-test-picture"
+    with pytest.raises(InputError, match=r"no model with id 'nope' \(known: uml-test-small, uml-test-picture\)"):
         models.resolveModel("nope", [extra])
 
 

@@ -127,6 +127,19 @@ def test_every_parameter_is_bound_to_a_fitting_widget(module_namespace):
     assert "modelPath" not in bindings  # the model list is dynamic: bound in code
 
 
+def test_the_input_selector_lists_pictures():
+    """A picture loads as a vtkMRMLVectorVolumeNode (colour) or a single-slice scalar volume (grey): the input selector
+    lists scalar volumes with their subclasses (qMRMLNodeComboBox's default), hiding only labelmaps, so both show."""
+    import slicer
+
+    selector = ui_widgets()["inputVolumeSelector"]
+    assert ui_string_list(selector, "nodeTypes") == ["vtkMRMLScalarVolumeNode"]
+    assert ui_string_list(selector, "hideChildNodeTypes") == ["vtkMRMLLabelMapVolumeNode"]
+    show = [p.findtext("bool") for p in selector.findall("property") if p.get("name") == "showChildNodeTypes"]
+    assert show in ([], ["true"])
+    assert slicer.vtkMRMLVectorVolumeNode().IsA("vtkMRMLScalarVolumeNode")
+
+
 def test_node_selectors_get_the_scene():
     root = ET.parse(UI_FILE).getroot()
     receivers = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}

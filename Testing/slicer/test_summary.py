@@ -91,6 +91,20 @@ def test_confidence_panel():
         confidencePanel({"case_id": "x"})
 
 
+def test_confidence_panel_of_a_picture():
+    """A picture (one slice): the lesion's size in pixels, a grey picture marked as such; a volume in ml."""
+    volume = confidencePanel(SUMMARY)
+    assert not volume.picture and volume.lesionSizeText == "0.18 ml (Lesion)" and volume.singleInputText == ""
+    grey = [{"channel": c, "volume": 0} for c in ("red", "green", "blue")]
+    picture = {**SUMMARY, "geometry": {**SUMMARY["geometry"], "size": [48, 40, 1]}, "slicing": {"axis": "axial", "count": 1},
+               "inputs": grey}
+    panel = confidencePanel(picture)
+    assert panel.picture and panel.lesionVoxels == 120 and panel.lesionSizeText == "120 pixels (Lesion)"
+    assert panel.singleVolume and panel.singleInputText == "from a grey picture"
+    assert confidencePanel({**SUMMARY, "inputs": grey}).singleInputText == "from one volume"
+    assert confidencePanel({**picture, "segments": []}).lesionSizeText == "-"
+
+
 def test_csv_rows_and_columns(tmp_path):
     ok = caseCsvRow(SUMMARY, "case01", "/in/case01.nii.gz", {"segmentation": "/out/case01.seg.nrrd"})
     failed = caseCsvRow(None, "case02", "/in/case02.nii.gz", {}, "input is 2D: give a 3D volume")

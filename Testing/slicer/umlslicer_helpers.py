@@ -40,6 +40,17 @@ IJK_TO_RAS = np.array([
 ])
 SHAPE_KJI = (6, 32, 40)
 
+# A picture's grid as Slicer loads a PNG (LPS -> RAS: i and j flipped), with a pixel size and an in-plane rotation
+# (a picture whose outputs came back flipped, transposed or shifted would not match it); one slice along S.
+_TURN = np.deg2rad(20.0)
+PICTURE_IJK_TO_RAS = np.array([
+    [-0.5 * np.cos(_TURN), 0.6 * np.sin(_TURN), 0.0, 10.0],
+    [-0.5 * np.sin(_TURN), -0.6 * np.cos(_TURN), 0.0, -20.0],
+    [0.0, 0.0, 1.0, 3.0],
+    [0.0, 0.0, 0.0, 1.0],
+])
+PICTURE_SHAPE = (40, 48)  # rows, columns
+
 
 class MRML:
     """A scene with the module logics registered; ``count(cls)`` counts the nodes of a class."""
@@ -65,20 +76,23 @@ class MRML:
         self.scene.Clear(1)
 
 
-def make_card(model_id: str = "uml-test-small", channels=("pre", "early", "late")):
-    """``(ModelCard, UMLConfig)`` of a small test model with one coded "Lesion" segment."""
+def make_card(model_id: str = "uml-test-small", channels=("pre", "early", "late"), name: str = "UML test model", **input_options):
+    """``(ModelCard, UMLConfig)`` of a small test model with one coded "Lesion" segment; ``input_options`` go to
+    the card's ``InputSpec`` (e.g. ``kind="picture", target_size=(32, 32)``)."""
     from umlcore.card import InputSpec, ModelCard, Segment
     from umlcore.config import UMLConfig
 
     config = UMLConfig.preset("small", in_channels=len(channels))
+    picture = input_options.get("kind") == "picture"
     card = ModelCard(
         id=model_id,
         version="0.0.1",
-        name="UML test model",
-        task="breast DCE-MRI: pCR classification + lesion segmentation (untrained, for tests)",
+        name=name,
+        task=("skin lesion picture: melanoma classification + lesion segmentation (untrained, for tests)" if picture
+              else "breast DCE-MRI: pCR classification + lesion segmentation (untrained, for tests)"),
         classes=("no pCR", "pCR"),
         segments=(Segment(label=1, name="Lesion", color=LESION_COLOR, terminology=LESION_TERMINOLOGY),),
-        input=InputSpec(channels=tuple(channels)),
+        input=InputSpec(channels=tuple(channels), **input_options),
         architecture=config,
         review_uncertainty=0.3,
     )
@@ -99,6 +113,17 @@ def phantom(seed: int = 0, shape=SHAPE_KJI, enhancement: float = 1.0) -> np.ndar
     blob = ((j - shape[1] / 2) ** 2 + (i - shape[2] / 2) ** 2 < 40).astype(np.float32)
     body = 200 + 20 * rng.standard_normal(shape)
     return (body + enhancement * 600 * blob).astype(np.int16)
+
+
+def picture(seed: int = 0, shape=PICTURE_SHAPE, colour: bool = True) -> np.ndarray:
+    """A small uint8 'skin' picture with a dark disc, as Slicer holds it: ``(1, rows, columns, 3)`` for RGB,
+    ``(1, rows, columns)`` for grey (every colour varies: the engine refuses a constant one)."""
+    rng = np.random.default_rng(seed)
+    j, i = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    disc = ((j - shape[0] / 2) ** 2 + (i - shape[1] / 2) ** 2 < (min(shape) / 4) ** 2).astype(np.float32)
+    skin = np.array([200.0, 160.0, 140.0]) - np.array([120.0, 110.0, 100.0]) * disc[..., None]
+    rgb = np.clip(skin + 10 * rng.standard_normal(skin.shape), 0, 255).astype(np.uint8)[None]
+    return rgb if colour else rgb.mean(axis=-1).astype(np.uint8)
 
 
 def add_volume(name: str = "MRBreast", array=None, ijk_to_ras=IJK_TO_RAS, node_class: str = "vtkMRMLScalarVolumeNode"):

@@ -79,8 +79,11 @@ def test_a_single_slice_vector_image_and_a_2d_volume_keep_their_grid(tmp_path):
 
 
 def test_pictures_are_refused_as_volumes_are(tmp_path):
-    with pytest.raises(UMLInputError, match=r"flat.png \(red\) is a constant image"):
+    with pytest.raises(UMLInputError, match=r"every colour of the picture is flat: .*flat.png \(red\) is a constant"):
         read_case([save(tmp_path, "flat.png", np.full((30, 40, 3), 9, np.uint8))])
+    no_blue = rgb()
+    no_blue[..., 2] = 0  # one flat colour is read as it is: the picture holds an image
+    assert len(read_case([save(tmp_path, "no-blue.png", no_blue)])) == 3
     with pytest.raises(UMLInputError, match=r"flat.png \(grey\) is a constant image"):
         read_case([save(tmp_path, "flat.png", np.zeros((30, 40), np.uint8))])
     nan = rgb()[..., 0].astype(np.float32)

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Literal, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -39,6 +39,7 @@ __all__ = [
     "quiet_stderr",
     "split_4d",
     "check_volume",
+    "check_colours",
     "check_same_grid",
     "same_grid",
     "geometry",
@@ -385,12 +386,14 @@ def _unreadable(path: Path, exc: RuntimeError) -> UMLInputError:
     return UMLInputError(f"{path} cannot be read ({_first_line(exc)}): check the file is complete, or {_READ_HINT}")
 
 
-def check_volume(image: sitk.Image, source: str = "image") -> sitk.Image:
+def check_volume(image: sitk.Image, source: str = "image", flat: Literal["refuse", "allow"] = "refuse") -> sitk.Image:
     """Validate one 3D volume: scalar pixels, finite voxels, not constant, large enough.
 
     Args:
         image: A 3D ``sitk.Image``.
         source: How to name the image in messages (usually its path).
+        flat: ``allow`` lets a constant or blank image pass (one colour of a picture: :func:`check_colours` asks
+            for one colour that is not).
 
     Returns:
         ``image`` unchanged.
@@ -421,6 +424,8 @@ def check_volume(image: sitk.Image, source: str = "image") -> sitk.Image:
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise UMLInputError(f"{source} has {bad} NaN/Inf voxels: replace them (e.g. with 0) before running UML")
+    if flat == "allow":
+        return image
     lo, hi = array.min(), array.max()
     if lo == hi:
         raise UMLInputError(f"{source} is a constant image (every voxel is {lo}): check that the right file was exported")
@@ -430,6 +435,21 @@ def check_volume(image: sitk.Image, source: str = "image") -> sitk.Image:
         raise UMLInputError(f"{source} is blank: all but {rest} of its {array.size} voxels are {p_lo:g}, so it holds no "
                             "image to read; check that the right file was exported")
     return image
+
+
+def check_colours(volumes: Sequence[sitk.Image], names: Sequence[str]) -> None:
+    """Validate a picture's colours: each with :func:`check_volume`, one of them at least not constant or blank (a
+    colour that is flat, e.g. no blue at all, is read as zeros)."""
+    for volume, name in zip(volumes, names):
+        check_volume(volume, name, flat="allow")
+    problems = []
+    for volume, name in zip(volumes, names):
+        try:
+            check_volume(volume, name)
+            return
+        except UMLInputError as exc:
+            problems.append(str(exc))
+    raise UMLInputError(problems[0] if len(problems) == 1 else f"every colour of the picture is flat: {problems[0]}")
 
 
 def read_geometry(path: PathLike) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
@@ -513,6 +533,8 @@ def _volumes(image: sitk.Image, source: str) -> tuple[list[sitk.Image], list[str
         names = [f"{source} (volume {t} of its 4D image)" for t in range(len(volumes))]
     elif is_picture_image(image):
         volumes, names = split_picture(image, source)
+        check_colours(volumes, names)
+        return volumes, names
     else:
         volumes, names = [image], [source]
     for volume, name in zip(volumes, names):

@@ -40,7 +40,7 @@ from .bundle import ModelBundle
 from .components import remove_uncertain_components
 from .errors import CancelledError, UMLError, UMLInputError
 from .fusion import case_opinion
-from .io import MIN_INPLANE_SIZE, check_same_grid, check_volume, split_4d
+from .io import MIN_INPLANE_SIZE, check_colours, check_same_grid, check_volume, split_4d
 from .pictures import is_picture_image, split_picture
 from .preprocess import (crop_to, from_slices, inplane_axes, normalize, pad_to_multiple, resize_slices,
                          resized_shape, slice_axis_index, to_slices, with_context)
@@ -210,8 +210,11 @@ class Predictor:
         volumes = list(volumes)
         if not volumes or not all(isinstance(v, sitk.Image) for v in volumes):
             raise UMLInputError("volumes must be a SimpleITK image or a non-empty list of them (read them with umlcore.io.read_case)")
-        for i, v in enumerate(volumes):
-            check_volume(v, f"volume {i}")
+        if self.card.input.kind == "picture":  # a flat colour (no blue at all) is read as zeros
+            check_colours(volumes, [f"colour {i}" for i in range(len(volumes))])
+        else:
+            for i, v in enumerate(volumes):
+                check_volume(v, f"volume {i}")
         self._check_kind(volumes[0].GetSize(), volumes[0].GetDirection())
         self._check_count(len(volumes))
         check_same_grid(volumes)

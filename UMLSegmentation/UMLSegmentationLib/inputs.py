@@ -27,6 +27,7 @@ __all__ = [
     "ijkToRasArray",
     "volumeDimensions",
     "sameGrid",
+    "slicesAlong",
     "caseNameFromNode",
     "planInputs",
     "writeInputs",
@@ -43,7 +44,8 @@ class PhaseSource:
     Attributes:
         node: The source node.
         component: Component index to extract, or ``None`` to write the node as it is.
-        channel: The model channel it feeds (``"pre"``, ``"early"``...), or ``"rgb"`` for a colour image.
+        channel: The model channel it feeds (``"pre"``, ``"early"``...), or ``"rgb"`` / ``"grey"`` for a picture
+            (the engine splits a colour picture into its channels).
     """
 
     node: "slicer.vtkMRMLScalarVolumeNode"
@@ -117,12 +119,33 @@ def _isColour(node, components: int) -> bool:
     return components in (3, 4) and node.GetImageData().GetScalarType() == vtk.VTK_UNSIGNED_CHAR
 
 
+#: Patient axis (RAS row of the IJK-to-RAS matrix) of each slicing axis.
+_PATIENT_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+def slicesAlong(node, slicingAxis: str = "axial") -> int:
+    """How many slices the engine cuts a volume node into along a model's slicing axis: the voxel count along the
+    index axis closest to that patient axis (umlcore's ``slice_axis_index``; the first on ties)."""
+    m = ijkToRasArray(node)[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    direction = m / np.where(norms > 0, norms, 1.0)
+    axis = int(np.argmax(np.abs(direction[_PATIENT_AXIS[slicingAxis]])))
+    return volumeDimensions(node)[axis]
+
+
+def _keptColours(components: int) -> int:
+    """The colours the engine keeps of a picture's components: an alpha channel is dropped (2 -> 1, 4 -> 3)."""
+    return {2: 1, 4: 3}.get(components, components)
+
+
 def planInputs(inputNode, phaseNodes: Sequence = (), model: Optional[ModelInfo] = None) -> InputPlan:
     """Check the input node(s) against the model and decide which files the engine gets.
 
-    Accepted: one grayscale volume (the engine replicates it into every channel), one grayscale volume per
-    model channel on the same grid (``inputNode`` is the first channel, ``phaseNodes`` the others), a
-    multi-frame volume with exactly one frame per channel, or an RGB(A) image for a colour model.
+    Accepted for a volume model: one grayscale volume (the engine replicates it into every channel), one grayscale
+    volume per model channel on the same grid (``inputNode`` is the first channel, ``phaseNodes`` the others), or
+    a multi-frame volume with exactly one frame per channel. For a picture model (card ``input.kind`` picture):
+    one picture, i.e. a single-slice volume, a vector volume for colour (RGB; RGBA with the alpha dropped) or a
+    scalar volume for grey (replicated into every channel when the card allows one channel).
 
     Args:
         inputNode: The input volume node (its grid receives the outputs).
@@ -133,47 +156,60 @@ def planInputs(inputNode, phaseNodes: Sequence = (), model: Optional[ModelInfo] 
         The :class:`InputPlan`.
 
     Raises:
-        InputError: no or wrong node type, labelmap, empty image, RGB vs grayscale mismatch, wrong number of
-            frames or phases, phases not on the input grid.
+        InputError: no or wrong node type, labelmap, empty image, a picture for a volume model or a volume for a
+            picture model, RGB vs grayscale mismatch, wrong number of frames, colours or phases, phases not on
+            the input grid.
     """
     if model is None:
         raise InputError("no model given: pass model=<bundle folder or id>")
     components = _checkImageNode(inputNode, "input volume")
     phases = [n for n in phaseNodes if n is not None]
+    if model.isPicture:
+        return _planPicture(inputNode, components, phases, model)
+    return _planVolume(inputNode, components, phases, model)
+
+
+def _planPicture(inputNode, components: int, phases: list, model: ModelInfo) -> InputPlan:
+    """One picture for a picture model, written as it is (the engine splits a vector volume into its colours)."""
+    names = ", ".join(model.channels)
+    if phases:
+        raise InputError(f"model '{model.name}' reads one picture ({names}): clear the extra phase volumes")
+    slices = slicesAlong(inputNode, model.slicingAxis)
+    if slices > 1:
+        size = "x".join(str(v) for v in volumeDimensions(inputNode))
+        raise InputError(
+            f"the input {_describe(inputNode)} is a 3D volume of {size} voxels ({slices} slices), but model "
+            f"'{model.name}' reads 2D pictures ({names}): load a picture (PNG, JPEG, BMP, TIFF), or pick a model "
+            "made for volumes"
+        )
+    colours, accepted = _keptColours(components), model.acceptedChannelCounts
+    if colours not in accepted:
+        ways = " or ".join("1 (grey)" if n == 1 else f"{n} ({names})" for n in accepted)
+        fixes = ["a grey picture" if n == 1 else "an RGB picture" if n == 3 else f"a picture of {n} colours" for n in accepted]
+        raise InputError(
+            f"the input {_describe(inputNode)} is a picture of {components} component(s), but model '{model.name}' "
+            f"reads pictures of {ways} colour(s): load {' or '.join(reversed(fixes))}"
+        )
+    channel = "grey" if colours == 1 else "rgb"
+    return InputPlan(caseNameFromNode(inputNode), inputNode, (PhaseSource(inputNode, None, channel),))
+
+
+def _planVolume(inputNode, components: int, phases: list, model: ModelInfo) -> InputPlan:
+    """The volume(s) for a volume model: one, one per channel, or one multi-frame volume."""
     channels = model.channels
     names = ", ".join(channels)
-    case = caseNameFromNode(inputNode)
-    colour = _isColour(inputNode, components)
-
-    if model.isColour:
-        if not colour:
-            raise InputError(
-                f"model '{model.name}' expects an RGB colour image, but the input {_describe(inputNode)} has "
-                f"{components} grayscale component(s): load the colour image (e.g. fundus or dermoscopy photo)"
-            )
-        if phases:
-            raise InputError(f"model '{model.name}' takes one colour image: clear the extra phase volumes")
-        return InputPlan(case, inputNode, (PhaseSource(inputNode, None, "rgb"),))
-
-    if colour:
+    if _isColour(inputNode, components):
         raise InputError(
             f"the input {_describe(inputNode)} is an RGB colour image, but model '{model.name}' expects grayscale "
-            f"volumes ({names}): select a grayscale volume, or convert it with the 'Vector to Scalar Volume' module"
+            f"volumes ({names}): pick a model made for pictures, or convert it with the 'Vector to Scalar Volume' module"
+        )
+    if slicesAlong(inputNode, model.slicingAxis) == 1:
+        raise InputError(
+            f"the input {_describe(inputNode)} is a single slice (a 2D picture), but model '{model.name}' reads 3D "
+            f"volumes ({names}): load the whole volume, or pick a model made for pictures"
         )
     if components > 1:
-        if phases:
-            raise InputError(
-                f"the input {_describe(inputNode)} already has {components} frames: give either one multi-frame "
-                "volume or separate phase volumes, not both"
-            )
-        if components != len(channels):
-            raise InputError(
-                f"the input {_describe(inputNode)} is 4D with {components} frames, but model '{model.name}' expects "
-                f"{len(channels)} phases ({names}): extract the {names} frames (Sequences module) and select them "
-                "as separate phase volumes"
-            )
-        return InputPlan(case, inputNode, tuple(PhaseSource(inputNode, i, ch) for i, ch in enumerate(channels)))
-
+        return _planFrames(inputNode, components, phases, model)
     if phases and len(phases) + 1 != len(channels):
         raise InputError(
             f"{len(phases) + 1} volumes given, but model '{model.name}' expects 1 (replicated into every channel) "
@@ -183,18 +219,41 @@ def planInputs(inputNode, phaseNodes: Sequence = (), model: Optional[ModelInfo] 
         raise InputError(f"model '{model.name}' needs at least {model.minChannels} phase volumes ({names}): select the other phases")
     sources = [PhaseSource(inputNode, None, channels[0])]
     for channel, node in zip(channels[1:], phases):
-        role = f"'{channel}' phase volume"
-        if _checkImageNode(node, role) != 1:
-            raise InputError(f"the {role} {_describe(node)} has several components: select a single-frame grayscale volume")
-        if node is inputNode or any(s.node is node for s in sources):
-            raise InputError(f"the {role} {_describe(node)} is selected twice: select a different volume per phase")
-        if not sameGrid(node, inputNode):
-            raise InputError(
-                f"the {role} {_describe(node)} is not on the input volume's grid (dimensions or position differ): "
-                "resample it onto the input with the 'Resample Image (BRAINS)' or 'Crop Volume' module"
-            )
+        _checkPhase(node, f"'{channel}' phase volume", inputNode, sources)
         sources.append(PhaseSource(node, None, channel))
-    return InputPlan(case, inputNode, tuple(sources))
+    return InputPlan(caseNameFromNode(inputNode), inputNode, tuple(sources))
+
+
+def _planFrames(inputNode, components: int, phases: list, model: ModelInfo) -> InputPlan:
+    """A multi-frame volume with one frame per channel (each frame becomes one engine input file)."""
+    channels = model.channels
+    names = ", ".join(channels)
+    if phases:
+        raise InputError(
+            f"the input {_describe(inputNode)} already has {components} frames: give either one multi-frame "
+            "volume or separate phase volumes, not both"
+        )
+    if components != len(channels):
+        raise InputError(
+            f"the input {_describe(inputNode)} is 4D with {components} frames, but model '{model.name}' expects "
+            f"{len(channels)} phases ({names}): extract the {names} frames (Sequences module) and select them "
+            "as separate phase volumes"
+        )
+    sources = tuple(PhaseSource(inputNode, i, ch) for i, ch in enumerate(channels))
+    return InputPlan(caseNameFromNode(inputNode), inputNode, sources)
+
+
+def _checkPhase(node, role: str, inputNode, sources: Sequence[PhaseSource]) -> None:
+    """A further phase volume: single-frame, not selected twice, on the input's grid."""
+    if _checkImageNode(node, role) != 1:
+        raise InputError(f"the {role} {_describe(node)} has several components: select a single-frame grayscale volume")
+    if node is inputNode or any(s.node is node for s in sources):
+        raise InputError(f"the {role} {_describe(node)} is selected twice: select a different volume per phase")
+    if not sameGrid(node, inputNode):
+        raise InputError(
+            f"the {role} {_describe(node)} is not on the input volume's grid (dimensions or position differ): "
+            "resample it onto the input with the 'Resample Image (BRAINS)' or 'Crop Volume' module"
+        )
 
 
 def _writeNode(node, path: Path) -> None:

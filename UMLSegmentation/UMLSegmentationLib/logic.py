@@ -96,7 +96,7 @@ Display = Literal["overlay", "none"]
 OnError = Literal["record", "raise"]
 ProgressCallback = Callable[[ProgressEvent], None]
 
-_IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+_IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _log = logging.getLogger(__name__)
 
 
@@ -187,12 +187,20 @@ def _checkFolderOutputs(inputs: Sequence[Path], outputDir: Path, caseIds: Sequen
 
 
 def stripImageExtension(name: str) -> str:
-    """``"case01.nii.gz" -> "case01"`` (the engine's rule for case ids)."""
+    """``"case01.nii.gz" -> "case01"``, ``"fundus.png" -> "fundus"`` (the engine's rule for case ids)."""
     lower = name.lower()
     for ext in _IMAGE_EXTENSIONS:
         if lower.endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+def _namingNodes(error: UMLSegmentationError, run: "PendingRun") -> UMLSegmentationError:
+    """The engine's message names the temporary files the input nodes were written to: name the nodes instead."""
+    message = str(error)
+    for path, source in zip(run.inputFiles, run.plan.sources):
+        message = message.replace(str(path), f"the input '{source.node.GetName()}'")
+    return error if message == str(error) else type(error)(message, getattr(error, "details", ""))
 
 
 @dataclass
@@ -234,6 +242,7 @@ class PendingRun:
     startTime: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     closed: bool = False
+    inputFiles: tuple[Path, ...] = ()
 
     @property
     def caseName(self) -> str:
@@ -409,7 +418,8 @@ class UMLSegmentationLogic:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return PendingRun(plan, info, requested, None if reviewThreshold is None else float(reviewThreshold), display, tmp, engine)
+        return PendingRun(plan, info, requested, None if reviewThreshold is None else float(reviewThreshold), display, tmp, engine,
+                          inputFiles=tuple(files))
 
     def finishRun(self, run: PendingRun) -> UMLResult:
         """Wait for the engine, check its outputs, then create or update the output nodes.
@@ -426,7 +436,7 @@ class UMLSegmentationLogic:
             failure = run.engine.failure()
             if failure is not None:
                 _log.error("UML engine failed:\n%s", getattr(failure, "details", ""))
-                raise failure
+                raise _namingNodes(failure, run)
             reference = run.plan.referenceNode
             scene = self.scene
             if reference.GetScene() is not scene or not scene.IsNodePresent(reference):
@@ -465,14 +475,20 @@ class UMLSegmentationLogic:
 
     @staticmethod
     def _describeInputs(entries: Any, plan: InputPlan) -> Any:
-        """Replace the engine's temporary input paths by the nodes they came from."""
+        """Replace the engine's temporary input paths by the nodes they came from.
+
+        With one source (one volume, or a picture whose colours the engine numbers 0, 1, 2) every entry names it
+        and keeps its ``volume`` index.
+        """
         if not isinstance(entries, list):
             return entries
         described = []
         for entry in entries:
             entry = dict(entry) if isinstance(entry, dict) else entry
-            if isinstance(entry, dict) and isinstance(entry.get("volume"), int) and 0 <= entry["volume"] < len(plan.sources):
-                source = plan.sources[entry["volume"]]
+            index = entry.get("volume") if isinstance(entry, dict) else None
+            valid = isinstance(index, int) and not isinstance(index, bool) and index >= 0
+            if valid and (len(plan.sources) == 1 or index < len(plan.sources)):
+                source = plan.sources[min(index, len(plan.sources) - 1)]
                 entry.pop("path", None)
                 entry["node_name"] = source.node.GetName()
                 entry["node_id"] = source.node.GetID()
@@ -497,8 +513,9 @@ class UMLSegmentationLogic:
         """Run UML on a volume node and put the results into the scene (blocking).
 
         Args:
-            inputVolumeNode: Scalar volume (grayscale; or RGB for a colour model; or multi-frame with one frame
-                per model channel). Outputs land on its grid, beside it in the subject hierarchy.
+            inputVolumeNode: Scalar volume (grayscale; or multi-frame with one frame per model channel); for a
+                picture model a picture, i.e. a single-slice vector (RGB) or scalar (grey) volume, as Slicer
+                loads a PNG / JPEG. Outputs land on its grid, beside it in the subject hierarchy.
             model: Bundle folder / ``.zip`` / ``model.json`` path, model id, :class:`ModelInfo`, or ``None`` for
                 the default shipped model.
             device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
@@ -566,7 +583,8 @@ class UMLSegmentationLogic:
         Other files in ``outputDir`` are left alone.
 
         Args:
-            inputDir: Folder with one image per case (a 4D file holds the phases of its case).
+            inputDir: Folder with one image per case (a 4D file holds the phases of its case; for a picture
+                model one picture per case, e.g. ``pattern="*.png"``).
             outputDir: Created if needed.
             model: As in :meth:`process`.
             pattern: Glob pattern of the inputs inside ``inputDir``.

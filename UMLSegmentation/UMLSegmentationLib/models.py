@@ -26,7 +26,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "SCHEMA_VERSIONS",
     "DEFAULT_MODEL_ID",
-    "COLOUR_CHANNEL_SETS",
+    "INPUT_KINDS",
+    "SLICING_AXES",
     "SegmentInfo",
     "ModelInfo",
     "ModelEntry",
@@ -44,8 +45,10 @@ SCHEMA_VERSION = 2
 SCHEMA_VERSIONS = (1, 2)
 DEFAULT_MODEL_ID = "uml-breast-dce-small"
 
-#: Channel lists (lower case) that mean "one RGB(A) colour image", not grayscale phases.
-COLOUR_CHANNEL_SETS = (("r", "g", "b"), ("red", "green", "blue"), ("r", "g", "b", "a"), ("red", "green", "blue", "alpha"))
+#: What a model reads (card ``input.kind``): 3D volumes sliced along ``input.slicing_axis``, or 2D pictures.
+INPUT_KINDS = ("volume", "picture")
+#: Card ``input.slicing_axis`` values.
+SLICING_AXES = ("axial", "coronal", "sagittal")
 
 _REQUIRED = ("id", "version", "name", "task", "classes", "segments", "input", "architecture", "weights")
 _FIX = "re-export the bundle with python -m training.export (docs/training.md) or pick another model"
@@ -77,8 +80,12 @@ class ModelInfo:
         id, version, name, task, description, citation: From the card.
         classes: Image-level class names (index = class index).
         segments: :class:`SegmentInfo` per non-background label.
-        channels: Meaning of each input channel, e.g. ``("pre", "early", "late")``.
+        channels: Meaning of each input channel, e.g. ``("pre", "early", "late")`` or ``("red", "green", "blue")``.
         minChannels: Fewest input volumes the engine accepts (missing ones are replicated).
+        kind: ``"volume"`` (3D volumes, read slice by slice) or ``"picture"`` (one 2D picture: PNG, JPEG... which
+            Slicer loads as a single-slice volume, a vector volume when in colour).
+        targetSize: ``(rows, columns)`` the engine resizes every slice (picture) to, or ``None`` (native size).
+        slicingAxis: Patient axis the engine slices along (``"axial"``, ``"coronal"``, ``"sagittal"``).
         contextSlices: Neighbouring slices on each side the network sees with each slice (2.5D; 0 = 2D). The
             engine takes them from the same volumes, so it changes nothing about the inputs to give.
         positiveClass: Index of the class whose probability is "the" probability.
@@ -95,6 +102,9 @@ class ModelInfo:
     segments: tuple[SegmentInfo, ...]
     channels: tuple[str, ...]
     minChannels: int = 1
+    kind: str = "volume"
+    targetSize: Optional[tuple[int, int]] = None
+    slicingAxis: str = "axial"
     contextSlices: int = 0
     positiveClass: int = 1
     reviewUncertainty: float = 0.3
@@ -103,9 +113,15 @@ class ModelInfo:
     citation: str = ""
 
     @property
-    def isColour(self) -> bool:
-        """True when the model takes one RGB(A) image rather than grayscale phase volumes."""
-        return tuple(c.lower() for c in self.channels) in COLOUR_CHANNEL_SETS
+    def isPicture(self) -> bool:
+        """True when the model reads one 2D picture (``input.kind`` picture) rather than 3D volumes."""
+        return self.kind == "picture"
+
+    @property
+    def acceptedChannelCounts(self) -> tuple[int, ...]:
+        """How many volumes (or a picture's colours) the engine takes: one per channel, or one replicated."""
+        n = len(self.channels)
+        return (1, n) if self.minChannels <= 1 and n > 1 else (n,)
 
     @property
     def label(self) -> str:
@@ -239,6 +255,9 @@ def readModelInfo(path: Union[str, Path]) -> ModelInfo:
             segments=segments,
             channels=channels,
             minChannels=int(inp.get("min_channels", 1)),
+            kind=str(inp.get("kind", "volume")),
+            targetSize=None if inp.get("target_size") is None else tuple(int(v) for v in inp["target_size"]),
+            slicingAxis=str(inp.get("slicing_axis", "axial")),
             contextSlices=int(inp.get("context_slices", 0)),
             positiveClass=int(data.get("positive_class", 1)),
             reviewUncertainty=float(data.get("review_uncertainty", 0.3)),
@@ -255,6 +274,12 @@ def readModelInfo(path: Union[str, Path]) -> ModelInfo:
         raise InputError(f"{source}: segment labels {labels} must be distinct integers in 1..255: {_FIX}")
     if not info.channels:
         raise InputError(f"{source}: input.channels is empty: {_FIX}")
+    if info.kind not in INPUT_KINDS:
+        raise InputError(f"{source}: input.kind {info.kind!r} is not one of {list(INPUT_KINDS)}: {_FIX}, or update the UML extension")
+    if info.slicingAxis not in SLICING_AXES:
+        raise InputError(f"{source}: input.slicing_axis {info.slicingAxis!r} is not one of {list(SLICING_AXES)}: {_FIX}")
+    if info.targetSize is not None and len(info.targetSize) != 2:
+        raise InputError(f"{source}: input.target_size {list(info.targetSize)} is not [rows, columns]: {_FIX}")
     if not 1 <= info.minChannels <= len(info.channels):
         raise InputError(f"{source}: input.min_channels {info.minChannels} is outside 1..{len(info.channels)}: {_FIX}")
     if len(info.classes) < 2 or not 0 <= info.positiveClass < len(info.classes):

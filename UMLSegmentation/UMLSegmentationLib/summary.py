@@ -208,13 +208,16 @@ class ConfidencePanel:
         verdictColor: ``#rrggbb`` for the verdict (green / orange).
         lesionName: Name of the first segment (the lesion), or ``""``.
         lesionVolumeMl: Its volume in ml (``None`` without segments).
+        lesionVoxels: Its voxel (for a picture: pixel) count (``None`` without segments).
         lesionMeanUncertainty: Mean voxel uncertainty inside it (``None`` when it is empty).
         componentsRemoved: Segmented regions the model's filter removed (``None`` when the model has no filter;
             the regions stay visible in the uncertainty map).
         removedBy: Which filter made the labelmap: ``"uncertainty"`` (regions whose mean uncertainty was above the
             model's threshold) or ``"reader"`` (the lesion reader did not read them as lesions).
         singleVolume: The case was given as one volume replicated into the model's several channels (a single
-            DCE phase or a subtraction image): a weaker opinion than from all channels.
+            DCE phase or a subtraction image; for a picture model a grey picture): a weaker opinion than from all
+            channels.
+        picture: The case is a 2D picture (one slice: ``slicing.count`` 1), so its size is an area in pixels.
         readerText: What the model's lesion reader found (``""`` when the model has none): the most suspicious
             lesion's score and its margin and kinetics probabilities, or why the reader was not used.
         readerToolTip: How the reader's score entered the case opinion, with the network's own probability.
@@ -234,8 +237,28 @@ class ConfidencePanel:
     componentsRemoved: Optional[int] = None
     removedBy: str = "uncertainty"
     singleVolume: bool = False
+    picture: bool = False
+    lesionVoxels: Optional[int] = None
     readerText: str = ""
     readerToolTip: str = ""
+
+    @property
+    def lesionSizeText(self) -> str:
+        """The lesion's size and name for the panel: ``"0.18 ml (Lesion)"``, for a picture ``"812 pixels (Lesion)"``,
+        or ``"-"`` without segments."""
+        if self.lesionVolumeMl is None:
+            return "-"
+        if self.picture and self.lesionVoxels is not None:
+            return f"{self.lesionVoxels} pixel{'s' if self.lesionVoxels != 1 else ''} ({self.lesionName})"
+        return f"{self.lesionVolumeMl:.2f} ml ({self.lesionName})"
+
+    @property
+    def singleInputText(self) -> str:
+        """How the panel marks a case given as one volume (``"from one volume"``, for a picture ``"from a grey
+        picture"``), ``""`` otherwise."""
+        if not self.singleVolume:
+            return ""
+        return "from a grey picture" if self.picture else "from one volume"
 
 
 VERDICT_COLORS = {"reliable": "#2e7d32", "review": "#e65100"}
@@ -302,11 +325,13 @@ def confidencePanel(summary: Mapping[str, Any]) -> ConfidencePanel:
         verdictColor=VERDICT_COLORS.get(verdict, "#000000"),
         lesionName=str(lesion.get("name", "")),
         lesionVolumeMl=None if not lesion else float(lesion.get("volume_ml", 0.0)),
+        lesionVoxels=None if not lesion or lesion.get("voxel_count") is None else int(lesion["voxel_count"]),
         lesionMeanUncertainty=None if meanU is None else float(meanU),
         componentsRemoved=removed,
         removedBy="reader" if (summary.get("postprocessing") or {}).get("segmentation_min_lesion") is not None
         else "uncertainty",
         singleVolume=len(sources) > 1 and len(set(sources)) == 1,
+        picture=(summary.get("slicing") or {}).get("count") == 1,
         readerText=readerText,
         readerToolTip=readerToolTip,
     )
