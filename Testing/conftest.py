@@ -13,6 +13,8 @@ Generic on purpose so every part's tests can reuse them:
 - ``box_segmentation(bundle)``: a copy of a loaded bundle whose network segments a fixed box (see there).
 - ``dicom_writer(image, folder, series_uid=...) -> Path``: write a 3D image as an int16 MR DICOM series
   (SimpleITK + GDCM, one file per slice, IPP/IOP from the image's geometry).
+- ``trained_run(name) -> (kind, dataset root, run folder, bundle)``: a two-epoch training run on a fixture dataset
+  of ``Testing/training/layouts.py:KINDS`` (trained once per session), exported as a bundle.
 """
 
 from __future__ import annotations
@@ -194,3 +196,26 @@ def box_segmentation():
 
     return lambda bundle: dataclasses.replace(bundle, model=_Boxed(bundle.model))
 
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """``trained_run(name)``: a short run of ``python -m training.train`` on the fixture dataset ``name`` (a key of
+    ``layouts.KINDS``) and its exported bundle, made once per session: ``(kind, root, run, bundle)``."""
+    from training import export, train
+
+    from .training.layouts import KINDS, QUICK
+
+    made: dict = {}
+
+    def get(name: str):
+        if name not in made:
+            writer, flags = KINDS[name]
+            tmp = tmp_path_factory.mktemp(name)
+            root, kind, run = writer(tmp / "data"), name.split("-")[0], tmp / "run"
+            train.main(["--data", f"{kind}:{root}", "--out", str(run), *QUICK, *flags])
+            assert export.main(["--run", str(run), "--weights", "last.safetensors", "--out", str(tmp / "bundle")]) == 0
+            made[name] = (kind, root, run, tmp / "bundle")
+        return made[name]
+
+    return get

@@ -15,7 +15,8 @@ from PIL import Image
 
 from umlcore.synthetic import generate_case
 
-__all__ = ["write_ispy1", "write_refuge", "write_isic2017", "write_folder_pictures", "write_folder_volumes"]
+__all__ = ["write_ispy1", "write_refuge", "write_isic2017", "write_folder_pictures", "write_folder_volumes", "KINDS",
+           "QUICK", "first_test_input"]
 
 
 def _picture(path: Path, array: np.ndarray) -> Path:
@@ -141,3 +142,28 @@ def write_folder_volumes(root: Path, n: int = 8, shape: tuple[int, int, int] = (
         rows.append([f"case{i:02d}", int(case.label)])
     _csv(root / "labels.csv", rows)
     return root
+
+
+#: Each --data kind's fixture (name -> writer, the kind's own training flags).
+KINDS = {
+    "ispy1": (write_ispy1, ["--slices", "largest-lesion", "--slice-label", "case"]),
+    "refuge": (write_refuge, ["--target-size", "32", "32", "--slice-label", "case"]),
+    "isic2017": (write_isic2017, ["--target-size", "32", "32"]),
+    "folder-pictures": (write_folder_pictures, []),
+    "folder-volumes": (write_folder_volumes, ["--cache-cases", "2", "--new-cases-per-epoch", "1"]),
+}
+#: A run of a few steps that fits CI: two epochs of two steps, one thread (CI's cores are shared).
+QUICK = ["--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "2", "--crop", "32", "--workers", "1",
+         "--split-fractions", "0.5", "0.25", "0.25", "--device", "cpu", "--single-volume-prob", "0", "--threads", "1"]
+
+
+def first_test_input(kind: str, root: Path, run: Path) -> list[Path]:
+    """The files of the run split's first test case, as a user would give them to uml predict."""
+    import json
+
+    case = json.loads((run / "split.json").read_text())["test"][0]
+    found = {"ispy1": lambda: [root / "Dataset ISPY" / case / "DCEMRI_1.nii.gz"],
+             "refuge": lambda: sorted(root.glob(f"Training400/*/{case}.jpg")),
+             "isic2017": lambda: [root / "ISIC-2017_Training_Data" / f"{case}.jpg"],
+             "folder": lambda: sorted((root / "images").glob(f"{case}.png")) or sorted((root / "images" / case).glob("*"))}
+    return found[kind]()

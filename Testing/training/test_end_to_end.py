@@ -14,41 +14,11 @@ from training.config import run_tool
 from umlcore.bundle import load_bundle
 from umlcore.cli import main as uml
 
-from .layouts import write_folder_pictures, write_folder_volumes, write_isic2017, write_ispy1, write_refuge
+from .layouts import KINDS, QUICK, first_test_input, write_folder_pictures
 
-KINDS = {
-    "ispy1": (write_ispy1, ["--slices", "largest-lesion", "--slice-label", "case"]),
-    "refuge": (write_refuge, ["--target-size", "32", "32", "--slice-label", "case"]),
-    "isic2017": (write_isic2017, ["--target-size", "32", "32"]),
-    "folder-pictures": (write_folder_pictures, []),
-    "folder-volumes": (write_folder_volumes, ["--cache-cases", "2", "--new-cases-per-epoch", "1"]),
-}
-QUICK = ["--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "2", "--crop", "32", "--workers", "1",
-         "--split-fractions", "0.5", "0.25", "0.25", "--device", "cpu", "--single-volume-prob", "0", "--threads", "1"]
-
-
-@pytest.fixture(scope="module", params=list(KINDS))
-def trained(request, tmp_path_factory):
-    """``(kind, dataset root, run folder, bundle)`` of a two-epoch run on the kind's fixture dataset."""
-    name = request.param
-    writer, flags = KINDS[name]
-    tmp = tmp_path_factory.mktemp(name)
-    root = writer(tmp / "data")
-    kind = name.split("-")[0]
-    run = tmp / "run"
-    train.main(["--data", f"{kind}:{root}", "--out", str(run), *QUICK, *flags])
-    assert export.main(["--run", str(run), "--weights", "last.safetensors", "--out", str(tmp / "bundle")]) == 0
-    return kind, root, run, tmp / "bundle"
-
-
-def _first_test_input(kind: str, root: Path, run: Path) -> list[Path]:
-    """The files of the split's first test case, as a user would give them to uml predict."""
-    case = json.loads((run / "split.json").read_text())["test"][0]
-    found = {"ispy1": lambda: [root / "Dataset ISPY" / case / "DCEMRI_1.nii.gz"],
-             "refuge": lambda: list(root.glob(f"Training400/*/{case}.jpg")),
-             "isic2017": lambda: [root / "ISIC-2017_Training_Data" / f"{case}.jpg"],
-             "folder": lambda: sorted((root / "images").glob(f"{case}.png")) or sorted((root / "images" / case).glob("*"))}
-    return found[kind]()
+@pytest.fixture(params=list(KINDS))
+def trained(request, trained_run):
+    return trained_run(request.param)
 
 
 def test_a_run_exports_a_card_of_its_data_and_uml_predicts_on_its_inputs(trained, tmp_path, capsys):
@@ -59,7 +29,7 @@ def test_a_run_exports_a_card_of_its_data_and_uml_predicts_on_its_inputs(trained
     assert list(card.classes) == info["classes"] and [s.name for s in card.segments] == [s["name"] for s in info["segments"]]
     assert card.training["split_sha256"] == info["split_sha256"] and kind in card.training["data"]
     assert card.architecture.num_seg_labels == 1 + len(card.segments)
-    inputs = _first_test_input(kind, root, run)
+    inputs = first_test_input(kind, root, run)
     out = tmp_path / "out"
     assert uml(["predict", ",".join(map(str, inputs)), "-o", str(out), "--model", str(bundle_dir), "--device", "cpu",
                 "--progress", "none"]) == 0, capsys.readouterr().err
