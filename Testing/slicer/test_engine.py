@@ -3,6 +3,7 @@ non-blocking reads, killing the process tree) and the engine's refusals as ``log
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import textwrap
@@ -14,8 +15,9 @@ import pytest
 from UMLSegmentationLib.engine import (
     EngineProcess,
     ProgressEvent,
-    buildPredictCommand,
+    buildServeCommand,
     engineEnvironment,
+    engineRequest,
     engineFailure,
     parseProgressLine,
 )
@@ -35,18 +37,21 @@ def test_parse_progress_lines():
         assert parseProgressLine(line) is None
 
 
-def test_predict_command_line(tmp_path):
-    cmd = buildPredictCommand("/py", [[Path("/a/pre.nrrd"), Path("/a/early.nrrd")], [Path("/b/c.nrrd")]], Path("/out"), Path("/m"), "cuda", 4)
-    assert cmd == [
-        "/py", "-m", "umlcore", "predict", "/a/pre.nrrd,/a/early.nrrd", "/b/c.nrrd", "-o", "/out", "--model", "/m",
-        "--device", "cuda", "--batch-size", "4", "--format", "nrrd", "--progress", "json",
-    ]
+def test_serve_command_and_request_lines(tmp_path):
+    assert buildServeCommand("/py", Path("/m"), "cuda", 4) == [
+        "/py", "-m", "umlcore", "serve", "--model", "/m", "--device", "cuda", "--batch-size", "4"]
+    assert buildServeCommand("/py", Path("/m"), "mps")[-3:] == ["mps", "--batch-size", "8"]
+    request = engineRequest([[Path("/a/pre.nrrd"), Path("/a/early.nrrd")], [Path("/b/c.nrrd")]], Path("/out"))
+    assert json.loads(request) == {"inputs": ["/a/pre.nrrd,/a/early.nrrd", "/b/c.nrrd"], "output": "/out", "format": "nrrd"}
+    assert "\n" not in request
     with pytest.raises(InputError, match="contains a comma"):
-        buildPredictCommand("/py", [[Path("/a,b/x.nrrd")]], Path("/out"), Path("/m"))
+        engineRequest([[Path("/a,b/x.nrrd")]], Path("/out"))
     with pytest.raises(InputError, match="no input files"):
-        buildPredictCommand("/py", [], Path("/out"), Path("/m"))
+        engineRequest([], Path("/out"))
     with pytest.raises(InputError, match="batch size True"):
-        buildPredictCommand("/py", [[Path("x")]], Path("/out"), Path("/m"), batchSize=True)
+        buildServeCommand("/py", Path("/m"), batchSize=True)
+    with pytest.raises(InputError, match="device 'tpu' is unknown"):
+        buildServeCommand("/py", Path("/m"), "tpu")
 
 
 def test_environment_puts_the_engine_first_on_pythonpath(tmp_path):

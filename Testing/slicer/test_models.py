@@ -205,19 +205,20 @@ def test_a_resealed_or_schema_1_card_is_not_refused_as_edited(bundle_dir, tmp_pa
 
 def test_process_refuses_a_card_edited_after_export(check_refused, bundle_dir, tmp_path, monkeypatch):
     """Refused by the module's card reader, before any engine process starts (not only by the engine)."""
-    from UMLSegmentationLib import logic as logic_module
-
-    def no_engine(*args, **kwargs):
-        raise AssertionError("an engine process was started for an edited card")
-
-    monkeypatch.setattr(logic_module, "EngineProcess", no_engine)
     edited = tmp_path / "edited"
     shutil.copytree(bundle_dir, edited)
     card = json.loads((edited / "model.json").read_text())
     card["review_uncertainty"] = 0.9
     (edited / "model.json").write_text(json.dumps(card))
     node = add_volume()
-    check_refused(lambda logic: logic.process(node, model=edited, device="cpu"), EDITED)
+
+    def run(logic):
+        try:
+            logic.process(node, model=edited, device="cpu")
+        finally:
+            assert logic.engines.starts == 0, "an engine process was started for an edited card"
+
+    check_refused(run, EDITED)
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -6,6 +6,9 @@ Commands:
   [--precision fp32|mixed] [--format auto|nii.gz|nrrd|png] [--progress bar|json|none] [--overwrite]``
 - ``uml info MODEL [--json]``
 - ``uml models [--json]``
+- ``uml serve [--model ID|PATH] [--device ...] [--batch-size N] [--idle-exit S]``: a warm engine for programs (the
+  Slicer module): the model is loaded once, then each JSON request line on stdin is predicted as ``predict`` would,
+  answered by JSON progress lines and one ``{"stage": "exit", "code": N, ...}`` line on stdout (``docs/cli.md``)
 
 Exit codes: 0 success; 2 bad input or usage (one line on stderr starting with ``uml: error: ``); 1 internal
 error (one line plus a hint; the traceback only with ``--debug``); 130 when interrupted (Ctrl-C, SIGTERM).
@@ -23,6 +26,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import queue
 import signal
 import sys
 import threading
@@ -30,7 +34,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence, TextIO
+from typing import Callable, Literal, Optional, Sequence, TextIO
 
 import SimpleITK as sitk
 
@@ -101,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the traceback of internal errors")
     parser = _Parser(prog="uml", description="UML: uncertainty-aware joint classification + segmentation (evidential deep learning).")
     parser.add_argument("--debug", action="store_true", default=False, help="print the traceback of internal errors")
-    sub = parser.add_subparsers(dest="command", metavar="{predict,info,models}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{predict,info,models,serve}", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("predict", parents=[common], help="segment cases and write labelmap, uncertainty and summary",
@@ -111,10 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(pre.nii.gz,early.nii.gz,late.nii.gz)")
     p.add_argument("-o", "--output", dest="outdir", required=True, metavar="OUTDIR", help="output folder (created if needed)")
     p.add_argument("--model", default=None, metavar="ID|PATH", help="model id (see `uml models`) or bundle folder/.zip; default: the shipped model")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if available, else CPU (default)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per forward pass (default 8)")
-    p.add_argument("--precision", choices=("fp32", "mixed"), default="fp32",
-                   help="fp32: exact, a GPU gives the CPU's results (default); mixed: bf16 autocast on CUDA")
+    _engine_options(p)
     p.add_argument("--format", choices=("auto", "nii.gz", "nrrd", "png"), default="auto",
                    help="image format of the outputs; auto (default): png for a picture input, else nii.gz; png only "
                         "for pictures (one slice)")
@@ -122,8 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bar: text bar on stderr (default on a terminal); json: one JSON object per line on stdout; none (default otherwise)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing OUTDIR/<case> folders that uml wrote (never anything else)")
-    p.add_argument("--max-memory-gb", type=_positive_float, default=None, metavar="GB",
-                   help="the memory a case may take (default: 70%% of what is available); a larger volume is refused")
     p.add_argument("--preview", action="store_true",
                    help="also write OUTDIR/<case>/preview.png: key slice with the lesion outline, uncertainty, confidence")
     p.set_defaults(func=_cmd_predict)
@@ -137,7 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List the model bundles found: shipped ones first, then ~/.uml/models.")
     m.add_argument("--json", action="store_true", help="print the list as JSON")
     m.set_defaults(func=_cmd_models)
+
+    w = sub.add_parser("serve", parents=[common], help="a warm engine: load the model once, answer JSON requests on stdin",
+                       description="Load the model once, then predict each JSON request line read from stdin "
+                                   '({"inputs": [...], "output": OUTDIR, "format": ..., "overwrite": false, "preview": false}), '
+                                   'answering with JSON progress lines and one {"stage": "exit", "code": N} line on stdout. '
+                                   "Ends at the end of stdin, or after --idle-exit seconds without a request.")
+    w.add_argument("--model", default=None, metavar="ID|PATH", help="model id or bundle folder/.zip; default: the shipped model")
+    _engine_options(w)
+    w.add_argument("--idle-exit", type=_positive_float, default=1800.0, metavar="S",
+                   help="end after S seconds without a request, freeing the model's memory (default 1800)")
+    w.set_defaults(func=_cmd_serve)
     return parser
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    """The options that fix a loaded predictor (``predict`` and ``serve``)."""
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="auto: CUDA if available, else CPU (default); mps: Apple-silicon GPU")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per forward pass (default 8)")
+    p.add_argument("--precision", choices=("fp32", "mixed"), default="fp32",
+                   help="fp32: exact, a GPU gives the CPU's results (default); mixed: bf16 autocast on CUDA")
+    p.add_argument("--max-memory-gb", type=_positive_float, default=None, metavar="GB",
+                   help="the memory a case may take (default: 70%% of what is available); a larger volume is refused")
 
 
 # --------------------------------------------------------------------------------------------- progress
@@ -287,7 +308,13 @@ def _write_case(case: _Case, predictor: Predictor, folder: Path, args: argparse.
         raise UMLInputError(os_error_message(exc, f"the outputs of case {case.id!r}")) from None
 
 
-def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict) -> int:
+def _new_predictor(args: argparse.Namespace) -> Predictor:
+    return Predictor(_load_model(args.model), device=args.device, batch_size=args.batch_size,
+                     precision=args.precision, max_memory_gb=args.max_memory_gb)
+
+
+def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict, predictor: Optional[Predictor] = None) -> int:
+    """Predict ``args.inputs`` into ``args.outdir`` (with ``predictor`` when one is loaded: ``serve``)."""
     cases = _parse_cases(args.inputs)
     outdir = check_output_folder(args.outdir)
     targets = {case.id: outdir / case.id for case in cases}
@@ -295,8 +322,7 @@ def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict) -> 
     check_targets(targets, args.overwrite)
     if args.preview and importlib.util.find_spec("matplotlib") is None:
         raise UMLInputError("--preview needs matplotlib: pip install matplotlib, or leave out --preview")
-    predictor = Predictor(_load_model(args.model), device=args.device, batch_size=args.batch_size,
-                          precision=args.precision, max_memory_gb=args.max_memory_gb)
+    predictor = predictor or _new_predictor(args)
     _read_cases(cases, predictor, progress, state, args.format)
     share = (1.0 - _READ_SHARE) / len(cases)
     try:
@@ -424,11 +450,106 @@ def _cmd_models(args: argparse.Namespace, progress: _Progress, state: dict) -> i
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------------- serve
+
+_REQUEST_FIELDS = ("inputs", "output", "format", "overwrite", "preview")
+
+
+def _request_args(line: str) -> argparse.Namespace:
+    """The ``predict`` arguments of one ``serve`` request line (one JSON object, see ``docs/cli.md``)."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UMLInputError(f"the request is not JSON ({exc.msg}): send one JSON object per line") from None
+    if not isinstance(data, dict):
+        raise UMLInputError("the request is not a JSON object: send {\"inputs\": [...], \"output\": OUTDIR}")
+    unknown = sorted(set(data) - set(_REQUEST_FIELDS))
+    if unknown:
+        raise UMLInputError(f"the request has unknown field(s) {unknown}: use {list(_REQUEST_FIELDS)}")
+    inputs, output = data.get("inputs"), data.get("output")
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) and i for i in inputs):
+        raise UMLInputError("the request's inputs must be a non-empty list of INPUT strings, as uml predict takes them")
+    if not isinstance(output, str) or not output:
+        raise UMLInputError("the request's output must be the output folder (a string)")
+    fmt = data.get("format", "auto")
+    if fmt not in ("auto", "nii.gz", "nrrd", "png"):
+        raise UMLInputError(f"the request's format {fmt!r} is unknown: use auto, nii.gz, nrrd or png")
+    flags = {k: data.get(k, False) for k in ("overwrite", "preview")}
+    if not all(isinstance(v, bool) for v in flags.values()):
+        raise UMLInputError("the request's overwrite and preview must be true or false")
+    return argparse.Namespace(inputs=inputs, outdir=output, format=fmt, **flags)
+
+
+def _write_line(out: TextIO, data: dict) -> None:
+    out.write(json.dumps(data) + "\n")
+    out.flush()
+
+
+def _cmd_serve(args: argparse.Namespace, progress: _Progress, state: dict) -> int:
+    """Load the model once, then answer request lines until stdin ends or ``--idle-exit`` seconds pass idle."""
+    import torch
+
+    predictor = _new_predictor(args)
+    card = predictor.card
+    _write_line(progress.out, {"stage": "ready", "case": None, "fraction": 0.0, "device": predictor.device,
+                               "torch": torch.__version__, "message": f"model {card.id} {card.version} loaded on "
+                                                                      f"{predictor.device} (PyTorch {torch.__version__})"})
+    lines: "queue.Queue[Optional[str]]" = queue.Queue()
+
+    def read_stdin() -> None:
+        for line in sys.stdin:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read_stdin, name="uml-serve-stdin", daemon=True).start()
+    while True:
+        try:
+            line = lines.get(timeout=args.idle_exit)
+        except queue.Empty:
+            return EXIT_OK  # idle: free the model's memory; the client starts a new engine when it needs one
+        if line is None:
+            return EXIT_OK
+        if not line.strip():
+            continue
+        answer = _Progress("json", progress.out, progress.err)
+        state["case"] = None
+        code, message = _guarded(lambda: _cmd_predict(_request_args(line), answer, state, predictor),
+                                 answer, state, state.get("debug", False))
+        _write_line(progress.out, {"stage": "exit", "case": None, "fraction": 1.0, "code": code, "message": message})
+        if code in (EXIT_INTERRUPTED, EXIT_BROKEN_PIPE):
+            return code
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _guarded(command: Callable[[], int], progress: _Progress, state: dict, debug: bool) -> tuple[int, str]:
+    """Run one command; a failure becomes its exit code and one line on stderr. Returns ``(code, that line)``."""
+    try:
+        return command(), ""
+    except UMLInputError as exc:
+        code, message, prefix = EXIT_USAGE, _one_line(exc), "error"
+    except (CancelledError, KeyboardInterrupt):
+        code, message, prefix = EXIT_INTERRUPTED, "cancelled: nothing was written", "cancelled"
+    except BrokenPipeError:  # the reader of stdout went away (`uml info ... | head`): stop quietly, as cat does
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return EXIT_BROKEN_PIPE, ""
+    except UMLError as exc:
+        code, message, prefix = EXIT_INTERNAL, _one_line(exc), "error"
+    except Exception as exc:  # noqa: BLE001 - the command line turns every failure into an exit code
+        code, prefix = EXIT_INTERNAL, "internal error"
+        message = _one_line(f"{type(exc).__name__}: {exc}")
+        if debug:
+            traceback.print_exc()
+        message += " (rerun with --debug for the traceback and report it)"
+    progress.error(state["case"], "cancelled" if code == EXIT_INTERRUPTED else message.split(" (rerun with")[0])
+    sys.stderr.write(f"uml: {prefix}: {message.removeprefix('cancelled: ') if code == EXIT_INTERRUPTED else message}\n")
+    return code, message
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -441,39 +562,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = bool(getattr(args, "debug", False))
     mode: ProgressMode = getattr(args, "progress", None) or ("bar" if sys.stderr.isatty() else "none")
     progress = _Progress(mode, sys.stdout, sys.stderr)
-    state: dict = {"case": None}
+    state: dict = {"case": None, "debug": debug}
     warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warnings would break the one-line error contract
     previous_sigterm = None
     if threading.current_thread() is threading.main_thread():
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return args.func(args, progress, state)
-    except UMLInputError as exc:
-        message = _one_line(exc)
-        progress.error(state["case"], message)
-        sys.stderr.write(f"uml: error: {message}\n")
-        return EXIT_USAGE
-    except (CancelledError, KeyboardInterrupt):
-        progress.error(state["case"], "cancelled")
-        sys.stderr.write("uml: cancelled: nothing was written\n")
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:  # the reader of stdout went away (`uml info ... | head`): stop quietly, as cat does
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
-        return EXIT_BROKEN_PIPE
-    except UMLError as exc:
-        message = _one_line(exc)
-        progress.error(state["case"], message)
-        sys.stderr.write(f"uml: error: {message}\n")
-        return EXIT_INTERNAL
-    except Exception as exc:  # noqa: BLE001 - the command line turns every failure into an exit code
-        message = _one_line(f"{type(exc).__name__}: {exc}")
-        progress.error(state["case"], message)
-        if debug:
-            traceback.print_exc()
-        sys.stderr.write(f"uml: internal error: {message} (rerun with --debug for the traceback and report it)\n")
-        return EXIT_INTERNAL
+        return _guarded(lambda: args.func(args, progress, state), progress, state, debug)[0]
     finally:
         sys.stderr.flush()
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)

@@ -52,7 +52,7 @@ from .summary import CaseRecord, build_summary
 __all__ = ["DeviceName", "Precision", "ProgressCallback", "CancelCheck", "TraceCallback", "TRACE_STEPS",
            "NetworkSlices", "Prediction", "Predictor", "resolve_device", "strict_fp32"]
 
-DeviceName = Literal["auto", "cpu", "cuda"]
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["fp32", "mixed"]
 #: ``progress(stage, fraction, message)``: stage is ``preprocess`` | ``inference`` | ``postprocess``; the
 #: fraction (0..1) runs over the whole prediction and never decreases.
@@ -107,13 +107,16 @@ class Prediction:
 
 
 def resolve_device(device: DeviceName) -> torch.device:
-    """``auto`` -> CUDA if available else CPU; ``cuda`` without a GPU is refused with a fix."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise UMLInputError(f"unknown device {device!r}: choose auto, cpu or cuda")
+    """``auto`` -> CUDA if available else CPU; ``cuda`` without a GPU, or ``mps`` (Apple silicon's GPU, only when
+    asked for: its float32 kernels differ from the CPU's) without Metal, is refused with a fix."""
+    if device not in ("auto", "cpu", "cuda", "mps"):
+        raise UMLInputError(f"unknown device {device!r}: choose auto, cpu, cuda or mps")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UMLInputError("device cuda was asked for but no CUDA GPU is available to PyTorch: use --device cpu or auto")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise UMLInputError("device mps was asked for but PyTorch has no Apple-silicon GPU (Metal) here: use --device cpu or auto")
     return torch.device(device)
 
 
@@ -171,7 +174,7 @@ class Predictor:
 
     @property
     def device(self) -> str:
-        """The device now in use: ``"cpu"`` or ``"cuda"``."""
+        """The device now in use: ``"cpu"``, ``"cuda"`` or ``"mps"``."""
         return self._device.type
 
     def _move_to(self, device: torch.device) -> None:

@@ -1,14 +1,16 @@
-"""Running the UML engine (``python -m umlcore predict``) out of process, with JSON progress and clean cancel.
+"""The UML engine's process: ``python -m umlcore serve`` out of process, with JSON progress and clean kill.
 
-The engine prints one JSON object per stdout line (``--progress json``)::
+The engine loads the model once, then answers request lines on its stdin (:func:`engineRequest`) with one JSON
+object per stdout line::
 
     {"stage": "inference", "case": "case01", "fraction": 0.42, "message": "slice batch 3/7"}
 
-and exits 0 (success), 2 (bad input or usage: one line ``uml: error: ...`` on stderr) or 1 (internal error).
-:class:`EngineProcess` starts the process in its own process group (session on POSIX), reads stdout and
-stderr on two daemon threads so that neither pipe can fill up, hands parsed events to the caller through
-:meth:`EngineProcess.poll` (never blocks: safe from a Qt timer), and :meth:`EngineProcess.kill` ends the
-whole process tree.
+and one ``{"stage": "exit", "code": N, "message": ...}`` line per request: 0 success, 2 bad input (the message
+is the engine's one line), 1 internal error, 130 cancelled. :class:`EngineProcess` starts the process in its own
+process group (session on POSIX), reads stdout and stderr on two daemon threads so that neither pipe can fill
+up, hands parsed events to the caller through :meth:`EngineProcess.poll` (never blocks: safe from a Qt timer),
+and :meth:`EngineProcess.kill` ends the whole process tree. Keeping the process between runs is
+:mod:`.server`'s job.
 """
 
 from __future__ import annotations
@@ -33,17 +35,20 @@ __all__ = [
     "OutputFormat",
     "ProgressEvent",
     "parseProgressLine",
-    "buildPredictCommand",
+    "buildServeCommand",
+    "engineRequest",
     "engineEnvironment",
     "EngineProcess",
     "killProcessTree",
     "engineFailure",
 ]
 
-#: Stages reported by the engine, in order (``error`` may come at any point).
-STAGES = ("read", "preprocess", "inference", "postprocess", "write", "done", "error")
+#: Stages reported by the engine: ``ready`` once the model is loaded, then per request in order (``error`` may
+#: come at any point), and ``exit`` (with the request's exit code) last.
+STAGES = ("ready", "read", "preprocess", "inference", "postprocess", "write", "done", "error", "exit")
 
-Device = Literal["auto", "cpu", "cuda"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DEVICES = ("auto", "cpu", "cuda", "mps")
 OutputFormat = Literal["nrrd", "nii.gz"]
 
 _STDERR_KEEP = 200  # lines of stderr kept for the error message and the log
@@ -59,12 +64,14 @@ class ProgressEvent:
         case: Case id.
         fraction: Progress of the whole engine run in 0..1 (all cases of the call together).
         message: Human-readable status.
+        code: The request's exit code (``exit`` events only).
     """
 
     stage: str
     case: str
     fraction: float
     message: str
+    code: Optional[int] = None
 
 
 def parseProgressLine(line: str) -> Optional[ProgressEvent]:
@@ -88,58 +95,53 @@ def parseProgressLine(line: str) -> Optional[ProgressEvent]:
     if fraction != fraction:  # NaN
         fraction = 0.0
     case = data.get("case")
+    code = data.get("code")
     return ProgressEvent(
         stage=data["stage"],
         case="" if case is None else str(case),
         fraction=min(1.0, max(0.0, fraction)),
         message=str(data.get("message", "")),
+        code=code if isinstance(code, int) and not isinstance(code, bool) else None,
     )
 
 
-def buildPredictCommand(
-    pythonExecutable: str,
-    cases: Sequence[Sequence[Path]],
-    outputDirectory: Path,
-    modelPath: Path,
-    device: Device = "auto",
-    batchSize: int = 8,
-    outputFormat: OutputFormat = "nrrd",
-) -> list[str]:
-    """The engine command line; each case is one INPUT (the phase files of a case comma-joined).
+def checkEngineOptions(device: str, batchSize: int) -> None:
+    """Refuse a device or batch size the engine would refuse (:class:`InputError`, the fix named)."""
+    if device not in DEVICES:
+        raise InputError(f"device {device!r} is unknown: use 'auto' (GPU when available), 'cpu', 'cuda' (NVIDIA GPU) "
+                         "or 'mps' (Apple-silicon GPU)")
+    if not isinstance(batchSize, int) or isinstance(batchSize, bool) or batchSize < 1:
+        raise InputError(f"batch size {batchSize!r} is not allowed: give a positive integer, e.g. 8 (lower it if the "
+                         "GPU runs out of memory)")
 
-    Args:
-        pythonExecutable: Interpreter that has umlcore's dependencies (Slicer's own Python inside Slicer).
-        cases: Per case, its input files in channel order.
-        outputDirectory: ``-o`` folder; the engine writes ``<outdir>/<case_id>/``.
-        modelPath: Bundle folder or ``.zip``.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        batchSize: Slices per forward pass.
-        outputFormat: ``"nrrd"`` or ``"nii.gz"``.
+
+def buildServeCommand(pythonExecutable: str, modelPath: Path, device: Device = "auto", batchSize: int = 8) -> list[str]:
+    """The engine's command line: ``python -m umlcore serve`` with the model, device and batch size it keeps.
 
     Raises:
-        InputError: no case, a bad device, batch size or format, or a path containing a comma.
+        InputError: a bad device or batch size.
+    """
+    checkEngineOptions(device, batchSize)
+    return [str(pythonExecutable), "-m", "umlcore", "serve", "--model", str(modelPath), "--device", device,
+            "--batch-size", str(batchSize)]
+
+
+def engineRequest(cases: Sequence[Sequence[Path]], outputDirectory: Path, outputFormat: OutputFormat = "nrrd") -> str:
+    """One request line for the engine: each case is one INPUT (its phase files comma-joined).
+
+    Raises:
+        InputError: no case, a bad format, or a path containing a comma.
     """
     if not cases or any(len(c) == 0 for c in cases):
         raise InputError("no input files given: give at least one case with at least one file")
-    if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"device {device!r} is unknown: use 'auto' (GPU when available), 'cpu' or 'cuda' (the GPU)")
-    if not isinstance(batchSize, int) or isinstance(batchSize, bool) or batchSize < 1:
-        raise InputError(f"batch size {batchSize!r} is not allowed: give a positive integer, e.g. 8")
     if outputFormat not in ("nrrd", "nii.gz"):
         raise InputError(f"output format {outputFormat!r} is unknown: use 'nrrd' or 'nii.gz'")
     for case in cases:
         for p in case:
             if "," in str(p):
                 raise InputError(f"input path {p} contains a comma, which separates phase files: rename or move it")
-    return [
-        str(pythonExecutable), "-m", "umlcore", "predict", *(",".join(str(p) for p in case) for case in cases),
-        "-o", str(outputDirectory),
-        "--model", str(modelPath),
-        "--device", device,
-        "--batch-size", str(batchSize),
-        "--format", outputFormat,
-        "--progress", "json",
-    ]
+    return json.dumps({"inputs": [",".join(str(p) for p in case) for case in cases], "output": str(outputDirectory),
+                       "format": outputFormat})
 
 
 def engineEnvironment(umlcorePath: Path, base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
@@ -224,15 +226,17 @@ class EngineProcess:
     """A running engine process with non-blocking progress.
 
     Args:
-        command: The command line (see :func:`buildPredictCommand`).
+        command: The command line (see :func:`buildServeCommand`).
         environment: The child's environment (see :func:`engineEnvironment`).
         workingDirectory: The child's working directory.
+        interactive: Give the child a stdin pipe for :meth:`send` (else it reads nothing).
 
     Raises:
         EngineError: the process could not be started (for example a wrong Python path).
     """
 
-    def __init__(self, command: Sequence[str], environment: Mapping[str, str], workingDirectory: Path) -> None:
+    def __init__(self, command: Sequence[str], environment: Mapping[str, str], workingDirectory: Path,
+                 interactive: bool = False) -> None:
         self.command = list(command)
         self._events: "queue.Queue[ProgressEvent]" = queue.Queue()
         self._stdoutOther: list[str] = []
@@ -242,7 +246,7 @@ class EngineProcess:
         try:
             self._process = subprocess.Popen(
                 self.command,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=str(workingDirectory),
@@ -265,6 +269,23 @@ class EngineProcess:
     @property
     def pid(self) -> int:
         return self._process.pid
+
+    def send(self, line: str) -> bool:
+        """Write one line to the child's stdin; False when it can no longer read (it has exited)."""
+        try:
+            self._process.stdin.write(line.rstrip("\n") + "\n")
+            self._process.stdin.flush()
+            return True
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def closeInput(self) -> None:
+        """Close the child's stdin (the engine ends at the end of its input)."""
+        if self._process.stdin is not None:
+            try:
+                self._process.stdin.close()
+            except OSError:
+                pass
 
     def _readStdout(self) -> None:
         assert self._process.stdout is not None
@@ -339,7 +360,7 @@ class EngineProcess:
         killProcessTree(self._process)
         for t in self._threads:
             t.join(timeout=5)
-        for stream in (self._process.stdout, self._process.stderr):
+        for stream in (self._process.stdin, self._process.stdout, self._process.stderr):
             if stream is not None:
                 try:
                     stream.close()

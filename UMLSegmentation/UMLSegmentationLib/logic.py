@@ -24,20 +24,15 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import slicer
 
-from .engine import (
-    Device,
-    EngineProcess,
-    ProgressEvent,
-    buildPredictCommand,
-    engineEnvironment,
-)
-from .errors import InputError, RunCancelled, UMLSegmentationError
+from .engine import Device, ProgressEvent, checkEngineOptions
+from .errors import EngineError, InputError, RunCancelled, UMLSegmentationError
 from .inputs import InputPlan, ijkToRasArray, planInputs, volumeDimensions, writeInputs
 from .models import ModelEntry, ModelInfo, listModels, resolveModel
 from .outputs import (
@@ -48,13 +43,14 @@ from .outputs import (
     readCaseOutputs,
     readEngineOutputs,
     showOverlay,
+    stageOutputs,
     updateSegmentation,
-    updateSummaryTable,
     updateUncertaintyVolume,
     writeSegmentationFile,
     writeVolumeFile,
 )
 from .paths import defaultPythonExecutable, umlcorePythonPath
+from .server import EngineHost, EngineKey, EngineRun
 from .summary import caseCsvRow, writeCasesCsv
 
 __all__ = [
@@ -238,7 +234,7 @@ class PendingRun:
     reviewThreshold: Optional[float]
     display: Display
     temporaryDirectory: Path
-    engine: EngineProcess
+    engine: EngineRun
     startTime: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     closed: bool = False
@@ -258,10 +254,12 @@ class PendingRun:
         return self.engine.finished
 
     def cancel(self) -> None:
-        """End the engine's process tree and remove the temporary folder; the scene is not touched."""
+        """End the engine's process tree (the next run starts a new engine) and remove the temporary folder; the
+        scene is not touched."""
         self.cancelled = True
         try:
-            self.engine.kill()
+            if not self.engine.finished:
+                self.engine.kill()
         finally:
             self.cleanup()
 
@@ -280,6 +278,10 @@ class UMLSegmentationLogic:
         pythonExecutable: Interpreter that runs the engine (default: Slicer's own Python, or this one).
         temporaryDirectory: Parent folder of the per-run temporary folders (default: the system's).
         modelDirectories: Extra folders to look for model bundles in (besides the shipped ones and ``~/.uml/models``).
+
+    The logic keeps one warm engine (:mod:`.server`): the first run starts it (PyTorch import, model load), later
+    runs with the same model, device and batch size reuse it. :meth:`shutdownEngine` ends it; so does the end of
+    the logic object or of the process.
     """
 
     def __init__(
@@ -293,6 +295,21 @@ class UMLSegmentationLogic:
         self.pythonExecutable = pythonExecutable or defaultPythonExecutable()
         self.temporaryDirectory = Path(temporaryDirectory) if temporaryDirectory is not None else None
         self.modelDirectories = [Path(d) for d in modelDirectories]
+        self.engines = EngineHost()
+        weakref.finalize(self, self.engines.shutdown)
+
+    def shutdownEngine(self) -> None:
+        """End the warm engine (frees its memory; the next run starts a new one)."""
+        self.engines.shutdown()
+
+    def _startEngineRun(self, model: ModelInfo, device: str, batchSize: int, cases: Sequence[Sequence[Path]],
+                        outputDirectory: Path) -> EngineRun:
+        """The request on the warm engine for this model and settings."""
+        key = EngineKey(str(self.pythonExecutable), str(umlcorePythonPath()), str(model.path), model.sha256, device,
+                        int(batchSize))
+        workingDirectory = self.temporaryDirectory or Path(tempfile.gettempdir())
+        workingDirectory.mkdir(parents=True, exist_ok=True)
+        return self.engines.run(key, cases, outputDirectory, workingDirectory)
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -342,10 +359,7 @@ class UMLSegmentationLogic:
 
     @staticmethod
     def _checkOptions(device: str, batchSize: int, reviewThreshold: Optional[float], display: str) -> None:
-        if device not in ("auto", "cpu", "cuda"):
-            raise InputError(f"device {device!r} is unknown: use 'auto' (GPU when available), 'cpu' or 'cuda' (the GPU)")
-        if not isinstance(batchSize, int) or isinstance(batchSize, bool) or batchSize < 1:
-            raise InputError(f"batchSize {batchSize!r} is not allowed: give a positive integer, e.g. 8 (lower it if the GPU runs out of memory)")
+        checkEngineOptions(device, batchSize)
         if reviewThreshold is not None and not (isinstance(reviewThreshold, (int, float)) and 0.0 < float(reviewThreshold) < 1.0):
             raise InputError(f"reviewThreshold {reviewThreshold!r} is not allowed: give a number between 0 and 1 (e.g. 0.5), or None for no Review segment")
         if display not in ("overlay", "none"):
@@ -406,15 +420,13 @@ class UMLSegmentationLogic:
         requested = outputs if outputs is not None else OutputNodes()
         self._checkOutputs(plan, requested)
         self._checkPackages()
-        enginePath = umlcorePythonPath()
+        umlcorePythonPath()  # refuses a missing engine before anything is written
         tmp = self._makeTemporaryDirectory()
         try:
             inputDir = tmp / "inputs"
             inputDir.mkdir()
             files = writeInputs(plan, inputDir)
-            command = buildPredictCommand(self.pythonExecutable, [files], tmp / "outputs", info.path, device, batchSize, "nrrd")
-            _log.info("UML: running %s", " ".join(command))
-            engine = EngineProcess(command, engineEnvironment(enginePath), tmp)
+            engine = self._startEngineRun(info, device, batchSize, [files], tmp / "outputs")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -445,19 +457,28 @@ class UMLSegmentationLogic:
             for node in run.requestedOutputs.nodes():
                 if not scene.IsNodePresent(node):
                     raise InputError(f"the output node '{node.GetName()}' was removed during the run: select another and run again")
-            return self._importResults(run, outputs)
+            try:
+                return self._importResults(run, outputs)
+            except UMLSegmentationError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an unforeseen Slicer API failure is one error, not a traceback
+                _log.exception("UML: importing the results failed")
+                raise EngineError(f"could not load the results into the scene ({type(exc).__name__}: {exc}); the "
+                                  "scene was left as it was: see the log, and report this with your Slicer version") from None
         finally:
             run.cleanup()
 
     def _importResults(self, run: PendingRun, outputs: EngineOutputs) -> UMLResult:
+        """Build the results in a private scene, then create (or reuse) the output nodes and copy them in; on any
+        failure the nodes this run created are removed, so the scene is as before the run."""
         scene = self.scene
         reference = run.plan.referenceNode
         reviewMask = None if run.reviewThreshold is None else outputs.uncertainty > run.reviewThreshold
+        staged = stageOutputs(outputs, reference, run.model, reviewMask)
+        created: list = []
         scene.StartState(scene.BatchProcessState)
         try:
-            nodes = createMissingOutputs(scene, reference, run.requestedOutputs)
-            updateSegmentation(nodes.segmentation, reference, outputs.labels, run.model, reviewMask)
-            updateUncertaintyVolume(nodes.uncertainty, reference, outputs.uncertainty)
+            nodes = createMissingOutputs(scene, reference, run.requestedOutputs, created)
             summary = dict(outputs.summary)
             summary["inputs"] = self._describeInputs(summary.get("inputs"), run.plan)
             summary["outputs"] = {
@@ -465,12 +486,17 @@ class UMLSegmentationLogic:
                 "uncertainty_node": nodes.uncertainty.GetID(),
                 "table_node": nodes.table.GetID(),
             }
-            updateSummaryTable(nodes.table, summary)
+            staged.commit(nodes, reference, summary)
             placeInStudy(scene, reference, nodes.nodes())
             if run.display == "overlay":
                 showOverlay(scene, reference, nodes.uncertainty)
+        except BaseException:
+            for node in created:
+                scene.RemoveNode(node)
+            raise
         finally:
             scene.EndState(scene.BatchProcessState)
+            staged.close()
         return UMLResult(reference, nodes.segmentation, nodes.uncertainty, nodes.table, summary, run.model)
 
     @staticmethod
@@ -627,7 +653,7 @@ class UMLSegmentationLogic:
         info = self.resolveModel(model)
         self._checkOptions(device, batchSize, reviewThreshold, "none")
         self._checkPackages()
-        enginePath = umlcorePythonPath()
+        umlcorePythonPath()  # refuses a missing engine before anything is written
         outputDir.mkdir(parents=True, exist_ok=True)
         emit = progressCallback or (lambda event: None)
 
@@ -646,15 +672,14 @@ class UMLSegmentationLogic:
             A failure is raised with ``caseId`` set to the failing case when the engine or the checks name it.
             """
             tmp = self._makeTemporaryDirectory()
-            engine: Optional[EngineProcess] = None
+            engine: Optional[EngineRun] = None
 
             def forward(events: Sequence[ProgressEvent]) -> None:
                 for event in events:
                     emit(ProgressEvent(event.stage, event.case, min(1.0, (done + event.fraction * len(batch)) / total), event.message))
 
             try:
-                command = buildPredictCommand(self.pythonExecutable, [[p] for p in batch], tmp / "outputs", info.path, device, batchSize, "nrrd")
-                engine = EngineProcess(command, engineEnvironment(enginePath), tmp)
+                engine = self._startEngineRun(info, device, batchSize, [[p] for p in batch], tmp / "outputs")
                 while not engine.finished:
                     forward(engine.poll())
                     time.sleep(0.05)
@@ -674,8 +699,8 @@ class UMLSegmentationLogic:
                         raise
                     rows[caseId] = caseCsvRow(outputs.summary, caseId, str(path), written)
             except BaseException:
-                if engine is not None:
-                    engine.kill()
+                if engine is not None and not engine.finished:
+                    engine.kill()  # cancelled or interrupted mid-request: the engine cannot be stopped otherwise
                 raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

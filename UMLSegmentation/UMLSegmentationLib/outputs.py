@@ -41,7 +41,12 @@ __all__ = [
     "readCaseOutputs",
     "readEngineOutputs",
     "segmentIdFor",
+    "labelmapImage",
     "terminologyEntry",
+    "setSegmentTerminology",
+    "nodesByClass",
+    "StagedOutputs",
+    "stageOutputs",
     "findPreviousOutputs",
     "createMissingOutputs",
     "updateSegmentation",
@@ -219,43 +224,62 @@ def terminologyEntry(segment: SegmentInfo) -> str:
     )
 
 
-def _nodes(scene, className: str) -> list:
+def setSegmentTerminology(segment, entry: str) -> None:
+    """Set a segment's serialised terminology entry on every Slicer: ``SetTerminology`` exists from 5.10, before
+    that (5.8) the entry is the segment tag named by ``GetTerminologyEntryTagName``."""
+    if hasattr(segment, "SetTerminology"):
+        segment.SetTerminology(entry)
+    else:
+        segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
+
+
+def nodesByClass(scene, className: str) -> list:
+    """The scene's nodes of a class. ``GetNodesByClass`` hands its caller a new collection (the caller owns it):
+    it is released here, as ``slicer.util.getNodesByClass`` does, so no collection leaks per call."""
     collection = scene.GetNodesByClass(className)
-    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+    try:
+        return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+    finally:
+        collection.UnRegister(None)
 
 
 def findPreviousOutputs(scene, inputNode) -> OutputNodes:
     """The output nodes an earlier run made for ``inputNode`` (by role attribute and input reference)."""
     found: dict[str, Any] = {}
     for role, className in _ROLES.items():
-        for node in _nodes(scene, className):
+        for node in nodesByClass(scene, className):
             if node.GetAttribute(ROLE_ATTRIBUTE) == role and node.GetNodeReferenceID(INPUT_REFERENCE_ROLE) == inputNode.GetID():
                 found[role] = node
                 break
     return OutputNodes(found.get("segmentation"), found.get("uncertainty"), found.get("summary"))
 
 
-def createMissingOutputs(scene, inputNode, requested: OutputNodes) -> OutputNodes:
-    """Fill the gaps of ``requested``: the previous run's node for this input, else a new node."""
+def createMissingOutputs(scene, inputNode, requested: OutputNodes, created: Optional[list] = None) -> OutputNodes:
+    """Fill the gaps of ``requested``: the previous run's node for this input, else a new node (appended to
+    ``created``, so that a failed import can remove it)."""
     previous = findPreviousOutputs(scene, inputNode)
     base = inputNode.GetName()
-    seg = requested.segmentation or previous.segmentation
-    if seg is None:
-        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{base} UML segmentation"))
-    unc = requested.uncertainty or previous.uncertainty
-    if unc is None:
-        unc = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(f"{base} UML uncertainty"))
-    table = requested.table or previous.table
-    if table is None:
-        table = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(f"{base} UML summary"))
+    created = [] if created is None else created
+
+    def node(given, className: str, suffix: str):
+        if given is not None:
+            return given
+        new = scene.AddNewNodeByClass(className, scene.GenerateUniqueName(f"{base} UML {suffix}"))
+        created.append(new)
+        return new
+
+    seg = node(requested.segmentation or previous.segmentation, "vtkMRMLSegmentationNode", "segmentation")
+    unc = node(requested.uncertainty or previous.uncertainty, "vtkMRMLScalarVolumeNode", "uncertainty")
+    table = node(requested.table or previous.table, "vtkMRMLTableNode", "summary")
     for node, role in ((seg, "segmentation"), (unc, "uncertainty"), (table, "summary")):
         node.SetAttribute(ROLE_ATTRIBUTE, role)
         node.SetNodeReferenceID(INPUT_REFERENCE_ROLE, inputNode.GetID())
     return OutputNodes(seg, unc, table)
 
 
-def _labelmapImage(mask: np.ndarray, referenceNode):
-    """A vtkOrientedImageData of a binary mask on the reference grid."""
+def labelmapImage(mask: np.ndarray, referenceNode):
+    """A vtkOrientedImageData of a binary mask on the reference grid. The caller owns it (as the header of
+    ``CreateOrientedImageDataFromVolumeNode`` says): release it with ``UnRegister(None)`` once used."""
     holder = slicer.vtkMRMLLabelMapVolumeNode()
     m = vtk.vtkMatrix4x4()
     referenceNode.GetIJKToRASMatrix(m)
@@ -268,11 +292,14 @@ def _setSegment(segmentationNode, segmentId: str, name: str, color: Sequence[flo
     segmentation = segmentationNode.GetSegmentation()
     segmentation.AddEmptySegment(segmentId, name, list(color))
     if terminology:
-        segmentation.GetSegment(segmentId).SetTerminology(terminology)
-    image = _labelmapImage(mask, referenceNode)
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
-    if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, logic.MODE_REPLACE):
-        raise EngineError(f"could not store segment '{name}' in {segmentationNode.GetName()}")
+        setSegmentTerminology(segmentation.GetSegment(segmentId), terminology)
+    image = labelmapImage(mask, referenceNode)
+    try:
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, logic.MODE_REPLACE):
+            raise EngineError(f"could not store segment '{name}' in {segmentationNode.GetName()}")
+    finally:
+        image.UnRegister(None)
 
 
 def updateSegmentation(segmentationNode, referenceNode, labels: np.ndarray, model: ModelInfo, reviewMask: Optional[np.ndarray] = None) -> None:
@@ -297,6 +324,45 @@ def updateSegmentation(segmentationNode, referenceNode, labels: np.ndarray, mode
             segmentationNode.CreateDefaultDisplayNodes()
     finally:
         segmentationNode.EndModify(wasModifying)
+
+
+@dataclass
+class StagedOutputs:
+    """One run's segments built in a private scene (every conversion that can fail done), ready to be copied into
+    the user's nodes by :meth:`commit`, so a failure while building leaves the user's scene untouched."""
+
+    privateScene: Any
+    segmentationNode: Any
+    uncertainty: np.ndarray
+
+    def commit(self, nodes: "OutputNodes", referenceNode, summary: dict) -> None:
+        """Copy the staged segments, the uncertainty map and the summary into ``nodes`` (nodes of the user's scene)."""
+        target = nodes.segmentation
+        wasModifying = target.StartModify()
+        try:
+            target.GetSegmentation().DeepCopy(self.segmentationNode.GetSegmentation())
+            if target.GetScene() is not None and target.GetDisplayNode() is None:
+                target.CreateDefaultDisplayNodes()
+        finally:
+            target.EndModify(wasModifying)
+        updateUncertaintyVolume(nodes.uncertainty, referenceNode, self.uncertainty)
+        updateSummaryTable(nodes.table, summary)
+
+    def close(self) -> None:
+        self.privateScene.Clear(1)
+
+
+def stageOutputs(outputs: "EngineOutputs", referenceNode, model: ModelInfo, reviewMask: Optional[np.ndarray]) -> StagedOutputs:
+    """Build the segments of ``outputs`` (names, colours, terminology, Review segment) on ``referenceNode``'s grid
+    in a private scene."""
+    private = slicer.vtkMRMLScene()
+    try:
+        segmentation = private.AddNewNodeByClass("vtkMRMLSegmentationNode", outputs.caseId)
+        updateSegmentation(segmentation, referenceNode, outputs.labels, model, reviewMask)
+    except BaseException:
+        private.Clear(1)
+        raise
+    return StagedOutputs(private, segmentation, outputs.uncertainty)
 
 
 def updateUncertaintyVolume(volumeNode, referenceNode, uncertainty: np.ndarray) -> None:
@@ -373,7 +439,7 @@ def placeInStudy(scene, referenceNode, nodes: Iterable) -> None:
 
 def showOverlay(scene, backgroundNode, foregroundNode, opacity: float = 0.4) -> None:
     """Show ``foregroundNode`` over ``backgroundNode`` in every slice view of the scene."""
-    for composite in _nodes(scene, "vtkMRMLSliceCompositeNode"):
+    for composite in nodesByClass(scene, "vtkMRMLSliceCompositeNode"):
         composite.SetBackgroundVolumeID(backgroundNode.GetID())
         composite.SetForegroundVolumeID(foregroundNode.GetID())
         composite.SetForegroundOpacity(float(opacity))
