@@ -27,7 +27,8 @@ from UMLSegmentationLib.errors import RunCancelled, UMLSegmentationError
 from UMLSegmentationLib.logic import UMLSegmentationLogic  # noqa: F401  (the module's logic, re-exported)
 from UMLSegmentationLib.models import ModelInfo, readModelInfo, validateModel
 from UMLSegmentationLib.outputs import SUMMARY_ATTRIBUTE, OutputNodes
-from UMLSegmentationLib.sampledata import SAMPLE_CASES, sampleDataSources
+from UMLSegmentationLib.dependencies import planDependencies
+from UMLSegmentationLib.sampledata import SAMPLE_CASES, sampleDataSources, samplePhases
 from UMLSegmentationLib.summary import confidencePanel
 
 try:  # Slicer >= 5.4: translatable strings
@@ -60,8 +61,10 @@ class UMLSegmentation(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["UML for 3D Slicer contributors"]
         self.parent.helpText = _("""
-<p>Runs <b>UML</b> (Uncertainty-informed Mutual Learning), an evidential network that classifies a case
-(e.g. pCR / no pCR on breast DCE-MRI) and segments the lesion, and says how far both can be trusted.</p>
+<p>Runs <b>UML</b> (Uncertainty-informed Mutual Learning), an evidential network that classifies a case into
+the classes of the selected model and segments its structures, and says how far both can be trusted. What a
+model predicts and what it was trained on are shown under <b>Model</b> (the shipped model was trained on
+synthetic breast DCE-MRI only).</p>
 <ol>
 <li><b>Inputs</b>: select the volume (for DCE-MRI the pre-contrast phase; select the early and late phases
 below it when the model asks for them, or leave them empty to use one volume for all phases). A picture model
@@ -107,10 +110,12 @@ class ComputeDevice(enum.Enum):
     AUTO = "auto"
     CPU = "cpu"
     CUDA = "cuda"
+    MPS = "mps"
 
     @staticmethod
     def label(value):
-        return {"auto": _("Automatic (GPU if available)"), "cpu": _("CPU"), "cuda": _("GPU (CUDA)")}[value.value]
+        return {"auto": _("Automatic (GPU if available)"), "cpu": _("CPU"), "cuda": _("GPU (CUDA)"),
+                "mps": _("GPU (Apple MPS)")}[value.value]
 
 
 @parameterNodeWrapper
@@ -181,6 +186,7 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.outputTableSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateConfidencePanelFromTable)
         for name in ("inputVolumeSelector",) + self.PHASE_SELECTORS:
             getattr(self.ui, name).connect("currentNodeChanged(vtkMRMLNode*)", self.updateRunButtonState)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.selectSamplePhases)
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
@@ -197,7 +203,9 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         import sys
 
         self.cancelRun(_("the module was reloaded"))
-        for name in ("errors", "paths", "models", "summary", "engine", "inputs", "outputs", "sampledata", "logic"):
+        self.logic.shutdownEngine()
+        for name in ("errors", "dependencies", "paths", "models", "summary", "engine", "server", "inputs", "outputs",
+                     "sampledata", "logic"):
             module = sys.modules.get(f"UMLSegmentationLib.{name}")
             if module is not None:
                 importlib.reload(module)
@@ -206,6 +214,7 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
         self.cancelRun(_("Slicer is closing"))
+        self.logic.shutdownEngine()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -316,6 +325,7 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 + (" (" + _("2.5D: {count} neighbouring slice(s) on each side").format(count=m.contextSlices) + ")"
                    if m.contextSlices else "")
                 + (" (" + _("one 2D picture") + ")" if m.isPicture else "")
+                + ("\n" + _("Trained on") + f": {m.trainingData}" if m.trainingData else "")
             )
         if self._parameterNode is not None and path and self._parameterNode.modelPath != path:
             self._parameterNode.modelPath = path
@@ -364,6 +374,16 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.inputHintLabel.text = ""
 
+    def selectSamplePhases(self, node=None) -> None:
+        """The sample case's first phase selected as input: select its other phases too (when none is set)."""
+        p = self._parameterNode
+        if p is None or self._model is None or self._model.isPicture:
+            return
+        phases = samplePhases(node, slicer.mrmlScene)
+        if phases and not any((p.phase1Volume, p.phase2Volume, p.phase3Volume)):
+            for name, phase in zip(("phase1Volume", "phase2Volume", "phase3Volume"), phases[: len(self._model.channels) - 1]):
+                setattr(p, name, phase)
+
     # ------------------------------------------------------------------------------------------ run / cancel
 
     def updateRunButtonState(self, *args) -> None:
@@ -384,34 +404,35 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startRun()
 
     def ensureEngineDependencies(self) -> bool:
-        """PyTorch through the PyTorch extension and the engine's pip packages, each after the user agrees."""
-        missing = self.logic.missingPythonPackages()
-        if "torch" in missing:
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                slicer.util.errorDisplay(_(
-                    "UML needs PyTorch, provided by the 'PyTorch' extension. Install it from the Extensions Manager, "
-                    "restart Slicer, and run UML again."))
-                return False
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                if not slicer.util.confirmOkCancelDisplay(_(
-                        "UML needs PyTorch, which is not installed yet. Install it now with the PyTorch extension? "
-                        "The download can be large (up to a few GB) and take several minutes.")):
-                    return False
-                with slicer.util.WaitCursor():
-                    torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=">=2.1")
-                if torch is None:
-                    slicer.util.errorDisplay(_("PyTorch was not installed; UML cannot run. Use the PyTorch Utils module to install it."))
-                    return False
-        others = [p for p in self.logic.missingPythonPackages() if p != "torch"]
-        if others:
-            if not slicer.util.confirmOkCancelDisplay(
-                    _("UML needs these Python packages: ") + ", ".join(others) + ". " + _("Install them now with pip?")):
-                return False
+        """What the engine lacks (PyTorch >= 2.1 from the PyTorch extension, pip packages), installed in one go
+        after one confirmation; any failure is shown in one dialog."""
+        plan = planDependencies("nodes")
+        if plan.ready:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(_(plan.question())):
+            return False
+        try:
             with slicer.util.WaitCursor():
-                slicer.util.pip_install(" ".join(others))
+                if plan.torch != "ok":
+                    try:
+                        import PyTorchUtils
+                    except ModuleNotFoundError:
+                        slicer.util.errorDisplay(_(
+                            "UML needs PyTorch, provided by the 'PyTorch' extension. Install it from the Extensions "
+                            "Manager, restart Slicer, and run UML again."))
+                        return False
+                    PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                                   torchVersionRequirement=plan.torchRequirement)
+                if plan.pip:
+                    slicer.util.pip_install(" ".join(plan.pip))
+        except Exception as exc:  # noqa: BLE001 - pip or the download failed: say so, never a console traceback
+            logging.error(f"UML: installing the engine's packages failed: {exc}")
+            slicer.util.errorDisplay(_("Installing the packages UML needs failed: ") + str(exc))
+            return False
+        plan = planDependencies("nodes")
+        if not plan.ready:
+            slicer.util.errorDisplay(plan.problem())
+            return False
         return True
 
     def startRun(self) -> None:
@@ -429,8 +450,11 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
         except UMLSegmentationError as exc:
             logging.info(getattr(exc, "details", ""))
+            self.log(_("UML could not start: ") + str(exc))
             slicer.util.errorDisplay(_("UML could not start: ") + str(exc))
             return
+        self.log(_("Run on") + f" '{p.inputVolume.GetName()}' " + _("with model") + f" {self._model.label} ({p.device.value})")
+        slicer.util.showStatusMessage(_("UML is running..."), 3000)
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         self.ui.statusLabel.text = _("Starting the UML engine...")
@@ -445,6 +469,10 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for event in run.poll():
             self.ui.progressBar.value = int(round(100 * event.fraction))
             self.ui.statusLabel.text = f"{event.stage}: {event.message}" if event.message else event.stage
+            if event.stage == "ready":
+                self.ui.engineInfoLabel.text = _("Engine") + f": {event.message}"
+            if event.message and event.stage != "inference":
+                self.log(f"{event.stage}: {event.message}")
         if not run.finished:
             return
         self._pollTimer.stop()
@@ -454,10 +482,13 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 result = self.logic.finishRun(run)
         except RunCancelled:
             self.ui.statusLabel.text = _("Cancelled.")
-        except UMLSegmentationError as exc:
-            logging.error(f"UML failed: {exc}\n{getattr(exc, 'details', '')}")
-            self.ui.statusLabel.text = _("Failed: ") + str(exc)
-            slicer.util.errorDisplay(str(exc), windowTitle=_("UML failed"))
+        except Exception as exc:  # noqa: BLE001 - every failure ends in one dialog (finishRun removed what it made)
+            message = str(exc) if isinstance(exc, UMLSegmentationError) else f"{type(exc).__name__}: {exc}"
+            logging.exception(f"UML failed: {message}")
+            self.log(_("Failed: ") + message + ("\n" + exc.details if getattr(exc, "details", "") else ""))
+            self.ui.statusLabel.text = _("Failed: ") + message
+            slicer.util.showStatusMessage(_("UML failed"), 3000)
+            slicer.util.errorDisplay(message, windowTitle=_("UML failed"))
         else:
             self.showResult(result)
         finally:
@@ -482,8 +513,15 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.outputTable = result.tableNode
         seconds = result.summary.get("timings_s", {}).get("total")
         self.ui.statusLabel.text = _("Done") + (f" ({seconds:.1f} s)." if isinstance(seconds, (int, float)) else ".")
+        self.log(self.ui.statusLabel.text)
+        slicer.util.showStatusMessage(_("UML finished: ") + str(result.summary.get("classification", {}).get("verdict", "")), 5000)
         self.ui.show3DButton.setSegmentationNode(result.segmentationNode)
         self.showConfidencePanel(result.summary)
+
+    def log(self, text: str) -> None:
+        """Append to the module's log pane (the engine's progress and errors) and to Slicer's log."""
+        self.ui.logTextEdit.appendPlainText(text)
+        logging.info(f"UML: {text}")
 
     # ------------------------------------------------------------------------------------------ confidence panel
 
@@ -579,30 +617,7 @@ class UMLSegmentationTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_UMLSegmentation_process()
 
-    def _model(self, tmp: Path) -> Path:
-        """The shipped default model, else a freshly initialised bundle (needs torch)."""
-        logic = UMLSegmentationLogic()
-        try:
-            return logic.resolveModel(None).path
-        except UMLSegmentationError:
-            pass
-        from umlcore.bundle import save_bundle
-        from umlcore.card import InputSpec, ModelCard, Segment
-        from umlcore.config import UMLConfig
-        from umlcore.network import UMLNet
-
-        config = UMLConfig.preset("small")
-        card = ModelCard(
-            id="uml-selftest", version="0", name="UML self-test (untrained)", task="self-test", classes=("no pCR", "pCR"),
-            segments=(Segment(1, "Lesion", (0.85, 0.2, 0.25), {
-                "category": {"scheme": "SCT", "code": "49755003", "meaning": "Morphologically Altered Structure"},
-                "type": {"scheme": "SCT", "code": "108369006", "meaning": "Neoplasm"}}),),
-            input=InputSpec(channels=("pre", "early", "late")), architecture=config)
-        return save_bundle(UMLNet(config), card, tmp / "model")
-
     def test_UMLSegmentation_process(self):
-        import tempfile
-
         import numpy as np
 
         from UMLSegmentationLib.inputs import ijkToRasArray, volumeDimensions
@@ -615,11 +630,15 @@ class UMLSegmentationTest(ScriptedLoadableModuleTest):
         if missing:
             self.delayDisplay(f"Skipped: Python packages {missing} are not installed (install PyTorch with the PyTorch extension)")
             return
+        try:  # the shipped model (Slicer's Python never imports umlcore: the engine runs out of process)
+            model = logic.resolveModel(None).path
+        except UMLSegmentationError as exc:
+            self.delayDisplay(f"Skipped: no UML model is installed ({exc})")
+            return
         moduleDir = Path(__file__).resolve().parent
         case = SAMPLE_CASES[0]
         nodes = [slicer.util.loadVolume(str(moduleDir / "Resources" / "SampleData" / f.fileName)) for f in case.files]
-        with tempfile.TemporaryDirectory() as tmp:
-            model = self._model(Path(tmp))
+        try:
             info = readModelInfo(model)
             result = logic.process(nodes[0], model, "cpu", phaseNodes=nodes[1:], reviewThreshold=0.5)
             segmentation = result.segmentationNode.GetSegmentation()
@@ -632,4 +651,7 @@ class UMLSegmentationTest(ScriptedLoadableModuleTest):
             again = logic.process(nodes[0], model, "cpu", phaseNodes=nodes[1:], reviewThreshold=0.5)
             self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
             self.assertEqual(again.segmentationNode.GetID(), result.segmentationNode.GetID())
+            self.assertEqual(logic.engines.starts, 1)  # the second run reused the warm engine
+        finally:
+            logic.shutdownEngine()
         self.delayDisplay("UML test passed")

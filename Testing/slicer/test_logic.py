@@ -444,11 +444,38 @@ def test_bad_options_and_output_nodes(check_refused, mrml, bundle_dir):
 
 
 def test_missing_engine_packages_are_named_with_the_fix(monkeypatch, mrml, bundle_dir):
-    monkeypatch.setitem(logic_module.ENGINE_PACKAGES, "uml_no_such_module", "uml-no-such-package")
+    from UMLSegmentationLib import dependencies
+
+    monkeypatch.setitem(dependencies.ENGINE_PACKAGES, "uml_no_such_module", "uml-no-such-package")
     logic = UMLSegmentationLogic()
     assert logic.missingPythonPackages() == ["uml-no-such-package"]
     with pytest.raises(InputError, match=r"uml-no-such-package missing for the UML engine: run slicer.util.pip_install\('uml-no-such-package'\)"):
         logic.process(add_volume(), model=bundle_dir)
+
+
+def test_one_plan_names_an_old_or_missing_torch_and_nibabel_only_for_files():
+    from UMLSegmentationLib.dependencies import planDependencies
+
+    def world(modules, torch_version):
+        find = lambda name: object() if name in modules else None  # noqa: E731
+        def version(dist):
+            if dist != "torch" or torch_version is None:
+                raise __import__("importlib.metadata").metadata.PackageNotFoundError(dist)
+            return torch_version
+        return find, version
+
+    everything = {"torch", "numpy", "SimpleITK", "safetensors", "nibabel"}
+    assert planDependencies("files", *world(everything, "2.13.0+cpu")).ready
+    assert planDependencies("nodes", *world(everything - {"nibabel"}, "2.1.0a0+git")).ready  # a node run writes NRRD
+    files = planDependencies("files", *world(everything - {"nibabel"}, "2.1.0"))
+    assert files.pip == ("nibabel",) and files.torch == "ok"
+    old = planDependencies("nodes", *world(everything - {"safetensors"}, "2.0.1+cu118"))
+    assert old.torch == "too-old" and old.torchVersion == "2.0.1+cu118" and old.pip == ("safetensors",)
+    assert old.question().count("PyTorch") == 2 and "2.0.1+cu118 is installed, UML needs >=2.1" in old.question()
+    assert "torch >=2.1 (found 2.0.1+cu118), safetensors missing" in old.problem()
+    assert "\n" not in old.problem() and "PyTorch Utils" in old.problem()
+    missing = planDependencies("nodes", *world(everything - {"torch"}, None))
+    assert missing.torch == "missing" and missing.question().startswith("UML needs PyTorch (with the PyTorch extension")
 
 
 def test_engine_packages_cover_what_umlcore_needs():

@@ -153,19 +153,19 @@ def test_module_metadata(module_namespace):
     assert 'self.parent.categories = ["Segmentation"]' in text
     assert "Uncertainty-informed Mutual Learning" in module_namespace["UML_CITATION"]
     assert "MICCAI 2023" in module_namespace["UML_CITATION"]
-    assert {e.value for e in module_namespace["ComputeDevice"]} == {"auto", "cpu", "cuda"}
+    assert {e.value for e in module_namespace["ComputeDevice"]} == {"auto", "cpu", "cuda", "mps"}
     assert "PyTorchUtils" in text and "installTorch" in text and "confirmOkCancelDisplay" in text
 
 
 def test_every_import_of_the_module_script_resolves():
-    """Every name the script imports from umlcore and UMLSegmentationLib, at module level or inside a function (the
-    self-test builds a model with umlcore only when no model is installed), exists where it is imported from."""
+    """Every name the script imports from UMLSegmentationLib, at module level or inside a function, exists where it
+    is imported from; nothing comes from umlcore (Slicer's Python cannot import it in an installed extension)."""
     import importlib
 
     imports = [n for n in ast.walk(ast.parse(MODULE_SCRIPT.read_text())) if isinstance(n, ast.ImportFrom)
                and n.level == 0 and n.module and n.module.split(".")[0] in ("umlcore", "UMLSegmentationLib")]
     modules = {n.module for n in imports}
-    assert {"umlcore.bundle", "umlcore.card", "UMLSegmentationLib.logic"} <= modules
+    assert "UMLSegmentationLib.logic" in modules and not any(m.split(".")[0] == "umlcore" for m in modules)
     for node in imports:
         module = importlib.import_module(node.module)
         missing = [a.name for a in node.names if not hasattr(module, a.name)]

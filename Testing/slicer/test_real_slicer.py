@@ -113,3 +113,49 @@ def test_a_failed_import_removes_the_new_nodes_and_keeps_the_previous_results(mr
     assert scene_node_ids(mrml.scene) == after
     assert summaryFromTable(result.tableNode) == rows
     assert result.segmentationNode.GetSegmentation().GetNumberOfSegments() == segments == 2
+
+
+def test_add_model_validates_in_an_installed_extension_where_slicer_cannot_import_umlcore(bundle_dir, tmp_path):
+    """An installed extension puts umlcore on the engine's PYTHONPATH only: Slicer's own Python cannot import it.
+    ``validateModel`` (Add model from file...) must check the bundle anyway, through the engine."""
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    from .umlslicer_helpers import REPO
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle_dir, tampered)
+    data = bytearray((tampered / "model.safetensors").read_bytes())
+    data[100] ^= 0x01
+    (tampered / "model.safetensors").write_bytes(bytes(data))
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+        class NoUmlcore(importlib.abc.MetaPathFinder):  # as in Slicer: umlcore is not on sys.path
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "umlcore":
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+        sys.meta_path.insert(0, NoUmlcore())
+        from UMLSegmentationLib.errors import InputError
+        from UMLSegmentationLib.models import validateModel
+        print(validateModel(sys.argv[1]).id)
+        try:
+            validateModel(sys.argv[2])
+        except InputError as exc:
+            print("refused:", exc)
+        assert not any(m.split(".")[0] == "umlcore" for m in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(bundle_dir), str(tampered)], capture_output=True, text=True,
+                          cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(REPO / "UMLSegmentation")},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "uml-test-small" and lines[1].startswith("refused:") and "does not match the sha256" in lines[1]
+
+
+def test_the_module_file_never_imports_umlcore():
+    """Slicer's "Reload and Test" runs the module file's self-test in Slicer's Python, which has no umlcore."""
+    from .umlslicer_helpers import REPO, third_party_imports
+
+    assert "umlcore" not in third_party_imports(REPO / "UMLSegmentation")

@@ -70,3 +70,25 @@ def test_the_shipped_model_finds_the_sample_lesion_and_calls_it_suspicious(shipp
     assert c["predicted_class"] == c["positive_class"] and c["verdict"] == "reliable"
     true_ml = truth.mask.sum() * np.prod(truth.spacing) / 1000
     assert pred.summary["segments"][0]["volume_ml"] == pytest.approx(true_ml, rel=0.25)
+
+
+def test_the_sample_runs_with_its_three_phases(mrml, bundle_dir, tmp_path):
+    """Sample Data loads three phase nodes; with the first as input the module selects the other two, so the run
+    uses the model's three channels instead of replicating one volume."""
+    from UMLSegmentationLib.logic import UMLSegmentationLogic
+    from UMLSegmentationLib.sampledata import samplePhases
+
+    from .umlslicer_helpers import add_volume, phantom
+
+    names = [f.nodeName for f in SAMPLE_CASES[0].files]
+    first = [add_volume(n, phantom(seed=i, enhancement=0.5 * i + 0.2)) for i, n in enumerate(names)]
+    again = [add_volume(f"{n}_1") for n in names]  # the case loaded a second time
+    other = add_volume("MRBreast")
+    assert samplePhases(first[0], mrml.scene) == first[1:]
+    assert samplePhases(again[0], mrml.scene) == again[1:]
+    assert samplePhases(first[1], mrml.scene) == [] and samplePhases(other, mrml.scene) == []
+    mrml.scene.RemoveNode(again[2])
+    assert samplePhases(again[0], mrml.scene) == []  # a phase is missing: nothing half-selected
+    result = UMLSegmentationLogic(temporaryDirectory=tmp_path).process(
+        first[0], model=bundle_dir, device="cpu", phaseNodes=samplePhases(first[0], mrml.scene))
+    assert [e["node_name"] for e in result.summary["inputs"]] == names

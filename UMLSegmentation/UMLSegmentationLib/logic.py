@@ -17,7 +17,6 @@ succeeded and its outputs passed the checks, so an error or a cancel leaves the 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import slicer
 
+from .dependencies import ENGINE_PACKAGES, Purpose, planDependencies
 from .engine import Device, ProgressEvent, checkEngineOptions
 from .errors import EngineError, InputError, RunCancelled, UMLSegmentationError
 from .inputs import InputPlan, ijkToRasArray, planInputs, volumeDimensions, writeInputs
@@ -69,16 +69,6 @@ __all__ = [
 ]
 
 MODULE_NAME = "UMLSegmentation"
-
-#: Python modules umlcore imports at module level (module name -> pip package); torch comes from the
-#: PyTorch extension. (scipy and matplotlib are imported only by umlcore's evaluation metrics.)
-ENGINE_PACKAGES = {
-    "torch": "torch",
-    "numpy": "numpy",
-    "SimpleITK": "SimpleITK",
-    "safetensors": "safetensors",
-    "nibabel": "nibabel",
-}
 
 #: The CSV written by :meth:`UMLSegmentationLogic.processFolder`.
 RESULTS_CSV = "uml_results.csv"
@@ -338,24 +328,16 @@ class UMLSegmentationLogic:
         return resolveModel(model, self.modelDirectories)
 
     @staticmethod
-    def missingPythonPackages() -> list[str]:
-        """pip names of the engine's packages that this Python cannot import (``torch`` included)."""
-        return [pip for module, pip in ENGINE_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    def missingPythonPackages(purpose: Purpose = "nodes") -> list[str]:
+        """pip names of the engine's packages that this Python lacks (``torch`` also when older than 2.1)."""
+        plan = planDependencies(purpose)
+        return (["torch"] if plan.torch != "ok" else []) + list(plan.pip)
 
-    def _checkPackages(self) -> None:
-        missing = self.missingPythonPackages()
-        if not missing:
-            return
-        fixes = []
-        if "torch" in missing:
-            fixes.append("install PyTorch with the PyTorch extension (module 'PyTorch Utils')")
-        others = [m for m in missing if m != "torch"]
-        if others:
-            fixes.append(f"run slicer.util.pip_install('{' '.join(others)}')")
-        raise InputError(
-            f"Python package(s) {', '.join(missing)} missing for the UML engine: {' and '.join(fixes)} "
-            "(the UML module offers to do this when you click Run UML)"
-        )
+    @staticmethod
+    def _checkPackages(purpose: Purpose = "nodes") -> None:
+        plan = planDependencies(purpose)
+        if not plan.ready:
+            raise InputError(plan.problem())
 
     @staticmethod
     def _checkOptions(device: str, batchSize: int, reviewThreshold: Optional[float], display: str) -> None:
@@ -652,7 +634,7 @@ class UMLSegmentationLogic:
         ours = _checkFolderOutputs(files, outputDir, caseIds)
         info = self.resolveModel(model)
         self._checkOptions(device, batchSize, reviewThreshold, "none")
-        self._checkPackages()
+        self._checkPackages("files")
         umlcorePythonPath()  # refuses a missing engine before anything is written
         outputDir.mkdir(parents=True, exist_ok=True)
         emit = progressCallback or (lambda event: None)

@@ -4,8 +4,9 @@
 models before PyTorch is installed (importing ``umlcore`` imports torch). It checks what the module relies
 on (schema version, required fields, segment labels, channel names, and the seal of a schema-2 card: its own
 SHA-256 in ``weights.card_sha256``, so a card edited after export is listed as unusable) and leaves the
-authoritative check of the weights to umlcore: ``validateModel`` runs ``umlcore.bundle.load_bundle`` (hash,
-schema, weights fit the architecture), and the engine repeats it before every run.
+authoritative check of the weights to umlcore: ``validateModel`` runs ``python -m umlcore info`` in the engine's
+Python (hash, schema, weights fit the architecture; Slicer's own Python never imports umlcore, which an installed
+extension does not put on its ``sys.path``), and the engine repeats it before every run.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class ModelInfo:
         positiveClass: Index of the class whose probability is "the" probability.
         reviewUncertainty: Case uncertainty above which the verdict is "review".
         sha256: Declared SHA-256 of the weights.
+        trainingData: What the model was trained on (card ``training.data``; ``""`` when the card does not say).
     """
 
     path: Path
@@ -111,6 +113,7 @@ class ModelInfo:
     sha256: str = ""
     description: str = ""
     citation: str = ""
+    trainingData: str = ""
 
     @property
     def isPicture(self) -> bool:
@@ -264,6 +267,7 @@ def readModelInfo(path: Union[str, Path]) -> ModelInfo:
             sha256=sha,
             description=str(data.get("description", "")),
             citation=str(data.get("citation", "")),
+            trainingData=str((data.get("training") or {}).get("data", "")) if isinstance(data.get("training") or {}, dict) else "",
         )
     except InputError:
         raise
@@ -290,25 +294,26 @@ def readModelInfo(path: Union[str, Path]) -> ModelInfo:
     return info
 
 
-def validateModel(path: Union[str, Path]) -> ModelInfo:
+def validateModel(path: Union[str, Path], pythonExecutable: Optional[str] = None, timeoutSeconds: float = 300.0) -> ModelInfo:
     """Fully check a bundle the way the engine will: card, weights hash, weights fit the architecture.
 
-    Imports ``umlcore`` (and so torch): call it after PyTorch is available. Without torch only the card
-    and the SHA-256 of a folder bundle's weights are checked.
+    The check runs out of process (``python -m umlcore info BUNDLE --json`` with the engine's ``PYTHONPATH``), as
+    every run does, so it works in an installed extension. Without torch only the card and the SHA-256 of a
+    folder bundle's weights are checked.
+
+    Args:
+        path: Bundle folder, ``.zip`` or ``model.json``.
+        pythonExecutable: The engine's interpreter (default: :func:`~.paths.defaultPythonExecutable`).
+        timeoutSeconds: How long the check may take.
 
     Raises:
         InputError: with umlcore's message when the bundle is unusable.
+        EngineError: the check itself could not run.
     """
     info = readModelInfo(path)
     bundle = Path(path)
     if _moduleAvailable("torch"):
-        from umlcore.bundle import load_bundle  # heavy import on purpose: the authoritative check
-        from umlcore.errors import UMLInputError
-
-        try:
-            load_bundle(bundle)
-        except UMLInputError as exc:
-            raise InputError(str(exc)) from None
+        _checkWithEngine(bundle.parent if bundle.name == CARD_FILE else bundle, pythonExecutable, timeoutSeconds)
         return info
     folder = bundle.parent if bundle.name == CARD_FILE else bundle
     weights = folder / WEIGHTS_FILE
@@ -322,6 +327,26 @@ def validateModel(path: Union[str, Path]) -> ModelInfo:
         if digest.hexdigest() != info.sha256:
             raise InputError(f"{weights} does not match the sha256 in {CARD_FILE} (changed or corrupted): restore or re-export the bundle")
     return info
+
+
+def _checkWithEngine(bundle: Path, pythonExecutable: Optional[str], timeoutSeconds: float) -> None:
+    """``python -m umlcore info BUNDLE --json`` in the engine's environment; its refusal as an error."""
+    import subprocess
+
+    from .engine import engineEnvironment, engineFailure
+    from .errors import EngineError
+    from .paths import defaultPythonExecutable, umlcorePythonPath
+
+    command = [pythonExecutable or defaultPythonExecutable(), "-m", "umlcore", "info", str(bundle), "--json"]
+    try:
+        done = subprocess.run(command, env=engineEnvironment(umlcorePythonPath()), capture_output=True, text=True,
+                              encoding="utf-8", errors="replace", timeout=timeoutSeconds, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise EngineError(f"checking the model {bundle} took more than {timeoutSeconds:g} s: try again") from None
+    except OSError as exc:
+        raise EngineError(f"could not start the UML engine ({command[0]}): {exc.strerror or exc}: check the Python executable") from None
+    if done.returncode != 0:
+        raise engineFailure(done.returncode, done.stderr.splitlines(), None)
 
 
 def _moduleAvailable(name: str) -> bool:

@@ -25,6 +25,7 @@ __all__ = [
     "SAMPLE_CASES",
     "fileSha256",
     "sampleDataSources",
+    "samplePhases",
     "syntheticSampleCase",
     "writeSyntheticSample",
 ]
@@ -92,6 +93,35 @@ def sampleDataSources(moduleDirectory: Union[str, Path]) -> list[dict]:
             "loadFileType": "VolumeFile",
         })
     return sources
+
+
+def samplePhases(inputNode, scene) -> list:
+    """The other phases of a sample case whose first phase is ``inputNode`` (in channel order), or ``[]``.
+
+    Sample Data loads the three phases as nodes named after :class:`SampleFile` (with the same ``_N`` suffix when
+    the case was loaded again); the module selects them as the further phases, so the sample runs with all three.
+    """
+    if inputNode is None or scene is None:
+        return []
+    name = inputNode.GetName() or ""
+    for case in SAMPLE_CASES:
+        first, others = case.files[0].nodeName, case.files[1:]
+        if name != first and not (name.startswith(first + "_") and name[len(first) + 1:].isdigit()):
+            continue
+        suffix = name[len(first):]
+        found = []
+        for sample in others:
+            nodes = scene.GetNodesByName(sample.nodeName + suffix)
+            try:
+                candidates = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+            finally:
+                nodes.UnRegister(None)
+            volumes = [n for n in candidates if n.IsA("vtkMRMLScalarVolumeNode") and not n.IsA("vtkMRMLLabelMapVolumeNode")]
+            if not volumes:
+                return []
+            found.append(volumes[-1])
+        return found
+    return []
 
 
 def syntheticSampleCase(seed: int = SAMPLE_SEED, shape: tuple[int, int, int] = SAMPLE_SHAPE):
