@@ -14,7 +14,6 @@ import pytest
 import SimpleITK as sitk
 
 import slicer
-from UMLSegmentationLib import logic as logic_module
 from UMLSegmentationLib.errors import InputError, RunCancelled
 from UMLSegmentationLib.inputs import ijkToRasArray, volumeDimensions
 from UMLSegmentationLib.logic import ENGINE_PACKAGES, OUTPUT_MARKER, RESULTS_CSV, UMLSegmentationLogic

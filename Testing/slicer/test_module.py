@@ -303,6 +303,11 @@ def test_extension_descriptions_carry_the_required_fields_and_agree():
     assert js["scm_revision"] == s4["scmrevision"] and js["build_subdirectory"] == s4["build_subdirectory"]
     assert js["build_dependencies"] == s4["depends"].split()
     assert 1 <= js["tier"] <= 5
+    # the index wants a repository named Slicer*; the homepage, icon and screenshots are served from it
+    owner, name = s4["scmurl"].removesuffix(".git").split("/")[-2:]
+    assert name.startswith("Slicer"), name
+    for url in [s4["homepage"], s4["iconurl"], *s4["screenshoturls"].split()]:
+        assert f"/{owner}/{name}" in url, url
 
 
 def test_icon_screenshot_and_license_exist():

@@ -290,7 +290,9 @@ def labelmapImage(mask: np.ndarray, referenceNode):
 
 def _setSegment(segmentationNode, segmentId: str, name: str, color: Sequence[float], mask: np.ndarray, referenceNode, terminology: str) -> None:
     segmentation = segmentationNode.GetSegmentation()
-    segmentation.AddEmptySegment(segmentId, name, list(color))
+    if segmentation.AddEmptySegment(segmentId, name, list(color)) != segmentId:
+        raise EngineError(f"could not add the segment '{name}' to {segmentationNode.GetName()}: Slicer's Segmentations "
+                          "module is not loaded; enable it (Application settings > Modules) and restart Slicer")
     if terminology:
         setSegmentTerminology(segmentation.GetSegment(segmentId), terminology)
     image = labelmapImage(mask, referenceNode)
