@@ -139,7 +139,7 @@ class UMLSegmentationParameterNode:
     device: ComputeDevice = ComputeDevice.AUTO
     addReviewSegment: bool = True
     reviewThreshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
-    batchSize: Annotated[int, WithinRange(1, 256)] = 8
+    batchSize: Annotated[int, WithinRange(0, 256)] = 0  # 0: auto (the engine's choice for its device)
     showOverlay: bool = True
 
 
@@ -444,7 +444,7 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         outputs = OutputNodes(p.outputSegmentation, p.outputUncertainty, p.outputTable)
         try:
             self._run = self.logic.startRun(
-                p.inputVolume, self._model, p.device.value, phaseNodes=phases, outputs=outputs, batchSize=int(p.batchSize),
+                p.inputVolume, self._model, p.device.value, phaseNodes=phases, outputs=outputs, batchSize=int(p.batchSize) or "auto",
                 reviewThreshold=float(p.reviewThreshold) if p.addReviewSegment else None,
                 display="overlay" if p.showOverlay else "none",
             )

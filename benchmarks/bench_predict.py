@@ -1,24 +1,26 @@
-"""Benchmarks (not tests): FLOPs / parameters per preset, slice throughput, and peak memory of `uml predict`.
+"""Benchmarks (not tests): what inference costs and how much of the hardware it uses (docs/performance.md).
 
-    python benchmarks/bench_predict.py                       # CPU (and CUDA when available)
-    python benchmarks/bench_predict.py --model Resources/Models/uml-breast-dce-small --runs 5
+    python benchmarks/bench_predict.py                    # CPU (and CUDA when available), 3 runs each
+    python benchmarks/bench_predict.py --runs 5 --equivalence 5
 
-Prints one line per figure. Architectures: the ``small`` preset (shipped), ``small`` with 2.5D input
-(``--context-slices 1``: 9 channels), ``medium`` and ``paper`` (FLOPs and parameters only).
-Throughput: median over ``--runs`` timed runs of ``--slices`` 256x256 slices after one warm-up run, for small,
-small 2.5D and medium, under ``torch.inference_mode`` (fp32 on CPU; on CUDA both of the predictor's precisions:
-fp32 with TF32 convolutions off, its default, and ``mixed`` = bf16 autocast).
-Stages: median seconds per stage (``summary.json`` ``timings_s``) of the bundle's predictor on a three-phase synthetic
-case of 24x256x256 with the card's motion correction and without it (one process, the machine's threads).
-Peak memory: maximum resident set size of a separate ``uml predict`` process on a 256x256x96 volume
-(``resource.getrusage(RUSAGE_CHILDREN)``), and peak CUDA memory when run on a GPU.
+Prints one line per figure:
+
+- FLOPs and parameters per preset (``small`` is shipped; ``paper`` is the official network's size);
+- the **matmul ceiling**: fp32 GFLOP/s of a 2048 x 2048 matmul with this process's threads (median of ``--runs``);
+- **network throughput**: slices/s of the shipped ``small`` preset on 256 x 256 slices per batch size, its GFLOP/s
+  and the ratio to the ceiling (``torch.inference_mode``, after a warm-up; the allocator tuned as ``uml`` tunes it);
+- **end to end**: median wall seconds of separate ``uml predict`` processes (process start included) on a synthetic
+  256 x 256 x 96 case given as one volume and as three phases (motion correction on), with the median seconds per
+  stage (``summary.json`` ``timings_s``) and the peak resident memory;
+- ``--equivalence N``: the outputs of ``batch_size="auto"`` against batch 8 on the shipped sample and ``N`` held-out
+  synthetic cases (test seeds): labelmap Dice and identical voxels, the largest uncertainty difference.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import resource
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,102 +33,141 @@ import SimpleITK as sitk
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from umlcore.allocator import tune_allocator
 from umlcore.bundle import load_bundle
-from umlcore.card import MotionCorrection
 from umlcore.config import UMLConfig
+from umlcore.io import read_case
 from umlcore.network import UMLNet
 from umlcore.predictor import Predictor
 from umlcore.synthetic import generate_case
 
-
+REPO = Path(__file__).resolve().parents[1]
+HELD_OUT_SEED = 2_000_000  # the first test seed of training/splits.py: never trained or validated on
+MODEL = REPO / "Resources" / "Models" / "uml-breast-dce-small"
+SAMPLE = REPO / "UMLSegmentation" / "Resources" / "SampleData"
 #: (label, preset, input channels): 3 DCE phases, or 3 phases x 3 slices for 2.5D input (context 1)
 ARCHITECTURES = (("small", "small", 3), ("small 2.5D", "small", 9), ("medium", "medium", 3), ("paper", "paper", 3))
 
 
-def flops_and_params() -> None:
-    for label, name, channels in ARCHITECTURES:
-        net = UMLNet(UMLConfig.preset(name, in_channels=channels)).eval()
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            net(torch.zeros(1, channels, 256, 256))
-        params = sum(p.numel() for p in net.parameters())
-        print(f"preset {label}: {counter.get_total_flops() / 1e9:.2f} GFLOP per 256x256 slice, {params / 1e6:.2f} M "
-              f"parameters ({params * 4 / 1e6:.1f} MB of fp32 weights)")
+def slice_flops(preset: str = "small", channels: int = 3) -> tuple[float, int]:
+    """(FLOPs of one 256 x 256 slice, parameters)."""
+    net = UMLNet(UMLConfig.preset(preset, in_channels=channels)).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.zeros(1, channels, 256, 256))
+    return counter.get_total_flops(), sum(p.numel() for p in net.parameters())
 
 
-def throughput(device: str, slices: int, runs: int, batch: int, precision: str = "fp32",
-               label: str = "small", preset: str = "small", channels: int = 3) -> None:
-    net = UMLNet(UMLConfig.preset(preset, in_channels=channels)).eval().to(device)
-    x = torch.randn(batch, channels, 256, 256, device=device)
+def matmul_ceiling(runs: int, n: int = 2048) -> float:
+    """fp32 GFLOP/s of an n x n matmul (median)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    rates = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        rates.append(5 * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(rates)
+
+
+def throughput(device: str, batch: int, runs: int, slices: int = 32, precision: str = "fp32") -> float:
+    """Slices/s of the small preset on 256 x 256 slices (median of ``runs``)."""
+    net = UMLNet(UMLConfig.preset("small", in_channels=3)).eval().to(device)
+    x = torch.randn(batch, 3, 256, 256, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and precision == "mixed")
     torch.backends.cudnn.allow_tf32 = False  # as the predictor: fp32 convolutions in IEEE fp32, not TF32
-    times = []
+    rates = []
     with torch.inference_mode(), autocast:
         for r in range(runs + 1):
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            for _ in range(slices // batch):
+            for _ in range(max(1, slices // batch)):
                 net(x)
             if device == "cuda":
                 torch.cuda.synchronize()
             if r:
-                times.append(time.perf_counter() - t0)
-    rates = [slices // batch * batch / t for t in times]
-    print(f"{device} {precision}: {label} preset {statistics.median(rates):.1f} slices/s at 256x256 (batch {batch}, median of {runs}; "
-          f"min {min(rates):.1f}, max {max(rates):.1f}; torch threads {torch.get_num_threads()})")
+                rates.append(max(1, slices // batch) * batch / (time.perf_counter() - t0))
+    return statistics.median(rates)
 
 
-def stage_times(model: str, device: str, runs: int) -> None:
-    bundle = load_bundle(model)
-    images = generate_case(1_000_003, shape=(24, 256, 256)).to_sitk()  # a validation case whose phases moved
-    rules = {f"motion correction {bundle.card.input.motion_correction.mode}": bundle.card.input.motion_correction}
-    if bundle.card.input.motion_correction.mode != "none":
-        rules["motion correction none"] = MotionCorrection()
-    for label, rule in rules.items():
-        card = dataclasses.replace(bundle.card, input=dataclasses.replace(bundle.card.input, motion_correction=rule))
-        predictor = Predictor(dataclasses.replace(bundle, card=card), device=device)
-        timings = [predictor.predict(images).summary["timings_s"] for _ in range(runs + 1)][1:]  # after a warm-up
-        stages = {k: statistics.median(t[k] for t in timings) for k in timings[0]}
-        print(f"{bundle.card.id} {bundle.card.version} on {device}, 3 phases of 24x256x256, {label}: "
-              + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()) + f" (median of {runs})")
+def write_case(folder: Path) -> list[Path]:
+    """A held-out synthetic 96 x 256 x 256 case as three NIfTI files."""
+    case = generate_case(HELD_OUT_SEED + 7, shape=(96, 256, 256))
+    paths = []
+    for i, image in enumerate(case.to_sitk()):
+        paths.append(folder / f"phase{i}.nii.gz")
+        sitk.WriteImage(image, str(paths[-1]))
+    return paths
 
 
-def peak_memory(model: str, device: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        img = sitk.GetImageFromArray((rng.random((96, 256, 256)) * 1000).astype(np.float32))
-        img.SetSpacing((0.7, 0.7, 2.0))
-        src = Path(tmp) / "vol.nii.gz"
-        sitk.WriteImage(img, str(src))
+def end_to_end(label: str, inputs: list[Path], device: str, runs: int, tmp: Path) -> None:
+    """Median wall time, stages and peak RSS of separate ``uml predict`` processes."""
+    walls, stages, peaks = [], [], []
+    for r in range(runs):
+        out = tmp / f"out-{label}-{r}"
         t0 = time.perf_counter()
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        proc = subprocess.run([sys.executable, "-m", "umlcore", "predict", str(src), "-o", str(Path(tmp) / "out"),
-                               "--model", model, "--device", device, "--progress", "none"],
-                              capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        if proc.returncode:
-            print(f"uml predict failed: {proc.stderr.strip()}")
+        proc = subprocess.Popen([sys.executable, "-m", "umlcore", "predict", ",".join(map(str, inputs)), "-o", str(out),
+                                 "--model", str(MODEL), "--device", device, "--progress", "none"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
+        walls.append(time.perf_counter() - t0)
+        peaks.append(usage.ru_maxrss / 1024)
+        if os.waitstatus_to_exitcode(status):
+            print(f"uml predict failed: {proc.stderr.read().decode().strip()}")
             return
-        print(f"uml predict 256x256x96 on {device}: {wall:.1f} s wall, peak RSS {max(peak, before) / 1024:.0f} MiB")
+        proc.stderr.close()
+        stages.append(json.loads(next(out.glob("*/summary.json")).read_text())["timings_s"])
+    per_stage = ", ".join(f"{k} {statistics.median(s[k] for s in stages):.2f}" for k in stages[0])
+    print(f"end to end, {label}, {device}: median {statistics.median(walls):.2f} s wall (min {min(walls):.2f}, "
+          f"max {max(walls):.2f}, {runs} runs); stages s: {per_stage}; peak RSS {statistics.median(peaks):.0f} MiB")
+
+
+def equivalence(cases: int) -> None:
+    """``batch_size="auto"`` against batch 8: the same labelmap and uncertainty, up to float rounding."""
+    bundle = load_bundle(MODEL)
+    inputs = [("sample", read_case(sorted(SAMPLE.glob("*.nrrd"), key=lambda p: ("pre", "early", "late").index(
+        p.stem.split("-")[-1]))))]
+    inputs += [(f"seed {HELD_OUT_SEED + i}", generate_case(HELD_OUT_SEED + i, shape=(32, 192, 192)).to_sitk())
+               for i in range(cases)]
+    auto, eight = Predictor(bundle, device="cpu"), Predictor(bundle, device="cpu", batch_size=8)
+    for name, volumes in inputs:
+        a, b = auto.predict(volumes), eight.predict(volumes)
+        la, lb = sitk.GetArrayFromImage(a.labelmap) > 0, sitk.GetArrayFromImage(b.labelmap) > 0
+        dice = 1.0 if not (la.any() or lb.any()) else 2 * (la & lb).sum() / (la.sum() + lb.sum())
+        same = (sitk.GetArrayFromImage(a.labelmap) == sitk.GetArrayFromImage(b.labelmap)).mean()
+        du = np.abs(sitk.GetArrayFromImage(a.uncertainty) - sitk.GetArrayFromImage(b.uncertainty)).max()
+        dp = abs(a.summary["classification"]["positive_probability"] - b.summary["classification"]["positive_probability"])
+        print(f"equivalence {name}: batch {auto.batch_size} vs 8: lesion Dice {dice:.4f}, identical labels "
+              f"{100 * same:.3f} %, max |uncertainty difference| {du:.2e}, |case probability difference| {dp:.2e}")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="bundle for the `uml predict` memory run (default: shipped model)")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--slices", type=int, default=32)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--equivalence", type=int, default=0, metavar="N", help="also compare outputs on N synthetic cases")
     args = p.parse_args()
-    flops_and_params()
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for label, preset, channels in ARCHITECTURES[:3]:  # the paper preset is too slow for a CPU run
-        for d, precision in [("cpu", "fp32")] + [("cuda", "fp32"), ("cuda", "mixed")] * ("cuda" in devices):
-            throughput(d, args.slices, args.runs, args.batch, precision, label, preset, channels)
-    model = args.model or str(Path(__file__).resolve().parents[1] / "Resources" / "Models" / "uml-breast-dce-small")
-    for d in devices:
-        stage_times(model, d, args.runs)
-        peak_memory(model, d)
+    tune_allocator()
+    for label, preset, channels in ARCHITECTURES:
+        flops, params = slice_flops(preset, channels)
+        print(f"preset {label}: {flops / 1e9:.2f} GFLOP per 256x256 slice, {params / 1e6:.2f} M parameters")
+    flops = slice_flops()[0]
+    ceiling = matmul_ceiling(args.runs)
+    print(f"matmul ceiling (fp32 2048x2048, {torch.get_num_threads()} threads): {ceiling:.1f} GFLOP/s")
+    for batch in (1, 8):
+        rate = throughput("cpu", batch, args.runs)
+        print(f"network cpu batch {batch}: {rate:.1f} slices/s, {rate * flops / 1e9:.1f} GFLOP/s, "
+              f"{100 * rate * flops / 1e9 / ceiling:.0f} % of the matmul ceiling")
+    if torch.cuda.is_available():
+        for precision in ("fp32", "mixed"):
+            print(f"network cuda {precision} batch 8: {throughput('cuda', 8, args.runs, 256, precision):.1f} slices/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        phases = write_case(Path(tmp))
+        for device in ["cpu"] + ["cuda"] * torch.cuda.is_available():
+            end_to_end("256x256x96 one volume", phases[1:2], device, args.runs, Path(tmp))
+            end_to_end("256x256x96 three phases", phases, device, args.runs, Path(tmp))
+    if args.equivalence:
+        equivalence(args.equivalence)
     return 0
 
 

@@ -40,7 +40,7 @@ def test_parse_progress_lines():
 def test_serve_command_and_request_lines(tmp_path):
     assert buildServeCommand("/py", Path("/m"), "cuda", 4) == [
         "/py", "-m", "umlcore", "serve", "--model", "/m", "--device", "cuda", "--batch-size", "4"]
-    assert buildServeCommand("/py", Path("/m"), "mps")[-3:] == ["mps", "--batch-size", "8"]
+    assert buildServeCommand("/py", Path("/m"), "mps")[-3:] == ["mps", "--batch-size", "auto"]
     request = engineRequest([[Path("/a/pre.nrrd"), Path("/a/early.nrrd")], [Path("/b/c.nrrd")]], Path("/out"))
     assert json.loads(request) == {"inputs": ["/a/pre.nrrd,/a/early.nrrd", "/b/c.nrrd"], "output": "/out", "format": "nrrd"}
     assert "\n" not in request

@@ -388,7 +388,7 @@ def test_target_size_resizes_every_slice_and_the_outputs_return_to_the_input_gri
     bundle, seen = load_bundle(bundle_factory(input=spec)), []
     v = make_volume(size=(40, 28, 5))
     pred = Predictor(dataclasses.replace(bundle, model=_Seen(bundle.model, seen)), device="cpu").predict(v)
-    assert seen == [(32, 48)]  # rows x columns, whatever the slices' own 28 x 40
+    assert seen == [(32, 48)] * 5  # rows x columns, whatever the slices' own 28 x 40 (one slice a pass on the CPU)
     for image in (pred.labelmap, pred.uncertainty, pred.probability):
         assert_on_grid(image, v)
     u = sitk.GetArrayFromImage(pred.uncertainty)
@@ -439,7 +439,8 @@ def test_the_memory_plan_of_a_resized_picture(picture_predictor):
     from umlcore.resources import estimate_bytes
 
     card = picture_predictor.card
-    assert picture_predictor.plan_batch((4000, 3000, 1), IDENTITY, (1.0, 1.0, 1.0)) == 8
+    assert Predictor(picture_predictor.bundle, device="cpu", batch_size=8).plan_batch((4000, 3000, 1), IDENTITY,
+                                                                                      (1.0, 1.0, 1.0)) == 8
     resized = estimate_bytes(card, 1, (3000, 4000), 1, network_hw=(64, 64))
     assert estimate_bytes(card, 1, (64, 64), 1) < resized < estimate_bytes(card, 1, (3000, 4000), 1)
     with pytest.raises(UMLInputError, match="a 4000x3000x1 volume needs about"):
@@ -448,3 +449,18 @@ def test_the_memory_plan_of_a_resized_picture(picture_predictor):
 
 
 IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+
+
+def test_batch_size_auto_is_one_slice_on_the_cpu_and_a_fixed_batch_stays(picture_predictor):
+    assert picture_predictor.batch_size == 1 and picture_predictor.device == "cpu"
+    assert Predictor(picture_predictor.bundle, device="cpu", batch_size=3).batch_size == 3
+    with pytest.raises(UMLInputError, match="positive integer or 'auto'"):
+        Predictor(picture_predictor.bundle, device="cpu", batch_size="big")
+
+
+def test_the_allocator_is_tuned_where_glibc_runs():
+    import sys
+
+    from umlcore.allocator import tune_allocator
+
+    assert tune_allocator() is sys.platform.startswith("linux")

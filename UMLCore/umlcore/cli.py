@@ -2,11 +2,11 @@
 
 Commands:
 
-- ``uml predict INPUT [INPUT ...] -o OUTDIR [--model ID|PATH] [--device auto|cpu|cuda] [--batch-size N]
+- ``uml predict INPUT [INPUT ...] -o OUTDIR [--model ID|PATH] [--device auto|cpu|cuda] [--batch-size N|auto]
   [--precision fp32|mixed] [--format auto|nii.gz|nrrd|png] [--progress bar|json|none] [--overwrite]``
 - ``uml info MODEL [--json]``
 - ``uml models [--json]``
-- ``uml serve [--model ID|PATH] [--device ...] [--batch-size N] [--idle-exit S]``: a warm engine for programs (the
+- ``uml serve [--model ID|PATH] [--device ...] [--batch-size N|auto] [--idle-exit S]``: a warm engine for programs (the
   Slicer module): the model is loaded once, then each JSON request line on stdin is predicted as ``predict`` would,
   answered by JSON progress lines and one ``{"stage": "exit", "code": N, ...}`` line on stdout (``docs/cli.md``)
 
@@ -38,6 +38,7 @@ from typing import Callable, Literal, Optional, Sequence, TextIO
 
 import SimpleITK as sitk
 
+from .allocator import tune_allocator
 from .bundle import ModelBundle, load_bundle
 from .catalogue import list_models, resolve_model, shipped_models_dir, user_models_dir
 from .errors import BundleError, CancelledError, UMLError, UMLInputError
@@ -78,11 +79,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE)
 
 
+def _batch_size(text: str):
+    """``auto`` or a positive integer."""
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"batch size must be a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"batch size must be a positive integer or auto, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"batch size must be a positive integer (1 or more), got {value}")
     return value
@@ -154,7 +160,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     """The options that fix a loaded predictor (``predict`` and ``serve``)."""
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="auto: CUDA if available, else CPU (default); mps: Apple-silicon GPU")
-    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per forward pass (default 8)")
+    p.add_argument("--batch-size", type=_batch_size, default="auto", metavar="N|auto",
+                   help="slices per forward pass (default auto: 1 on the CPU, 8 on a GPU)")
     p.add_argument("--precision", choices=("fp32", "mixed"), default="fp32",
                    help="fp32: exact, a GPU gives the CPU's results (default); mixed: bf16 autocast on CUDA")
     p.add_argument("--max-memory-gb", type=_positive_float, default=None, metavar="GB",
@@ -560,6 +567,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # usage errors (2) and --help (0)
         return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
     debug = bool(getattr(args, "debug", False))
+    tune_allocator()  # large tensors reused instead of mapped and zeroed by the kernel each time (umlcore.allocator)
     mode: ProgressMode = getattr(args, "progress", None) or ("bar" if sys.stderr.isatty() else "none")
     progress = _Progress(mode, sys.stdout, sys.stderr)
     state: dict = {"case": None, "debug": debug}

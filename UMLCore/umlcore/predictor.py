@@ -53,6 +53,9 @@ __all__ = ["DeviceName", "Precision", "ProgressCallback", "CancelCheck", "TraceC
            "NetworkSlices", "Prediction", "Predictor", "resolve_device", "strict_fp32"]
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+BatchSize = Union[int, Literal["auto"]]
+#: The batch ``batch_size="auto"`` takes per device type (docs/performance.md has the measurements).
+AUTO_BATCH = {"cpu": 1, "cuda": 8, "mps": 8}
 Precision = Literal["fp32", "mixed"]
 #: ``progress(stage, fraction, message)``: stage is ``preprocess`` | ``inference`` | ``postprocess``; the
 #: fraction (0..1) runs over the whole prediction and never decreases.
@@ -143,7 +146,9 @@ class Predictor:
         bundle: A verified :class:`~umlcore.bundle.ModelBundle` (``load_bundle``). Its networks are moved to the
             chosen device (and to the CPU if CUDA runs out of memory).
         device: ``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda``.
-        batch_size: Slices per forward pass (>= 1).
+        batch_size: Slices per forward pass (>= 1), or ``"auto"`` (default): :data:`AUTO_BATCH` for the device --
+            on the CPU one slice at a time, which is as fast as larger batches once the allocator keeps its blocks
+            (:mod:`umlcore.allocator`) and takes the least memory; 8 on a GPU.
         precision: ``fp32`` (default): full float32 on every device, TF32 off on CUDA, so a GPU reproduces the
             CPU's outputs. ``mixed``: bf16 (fp16 where bf16 is missing) autocast on CUDA; the CPU stays fp32.
         max_memory_gb: The memory a prediction may take (default: 70 % of what is available when it starts): the
@@ -154,12 +159,14 @@ class Predictor:
         UMLInputError: a bad device, batch size, precision or memory limit.
     """
 
-    def __init__(self, bundle: ModelBundle, device: DeviceName = "auto", batch_size: int = 8,
+    def __init__(self, bundle: ModelBundle, device: DeviceName = "auto", batch_size: BatchSize = "auto",
                  precision: Precision = "fp32", max_memory_gb: Optional[float] = None) -> None:
         if not isinstance(bundle, ModelBundle):
             raise UMLInputError(f"Predictor needs a ModelBundle from umlcore.load_bundle, got {type(bundle).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise UMLInputError(f"batch size must be a positive integer, got {batch_size!r}: use e.g. 8 (1 for the least memory)")
+        if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                     or batch_size < 1):
+            raise UMLInputError(f"batch size must be a positive integer or 'auto', got {batch_size!r}: use e.g. 8 "
+                                "(1 for the least memory)")
         if bundle.card.architecture.num_seg_labels > 256:
             raise UMLInputError("the bundle has more than 256 segmentation labels, which a uint8 labelmap cannot hold")
         if precision not in ("fp32", "mixed"):
@@ -167,10 +174,15 @@ class Predictor:
         memory_limit_bytes(max_memory_gb)  # refuses a bad limit now
         self.bundle = bundle
         self.card = bundle.card
-        self.batch_size = int(batch_size)
+        self._batch_size = batch_size if batch_size == "auto" else int(batch_size)
         self.precision = precision
         self.max_memory_gb = max_memory_gb
         self._move_to(resolve_device(device))
+
+    @property
+    def batch_size(self) -> int:
+        """Slices per forward pass on the device now in use (``auto`` resolved by :data:`AUTO_BATCH`)."""
+        return AUTO_BATCH.get(self._device.type, 8) if self._batch_size == "auto" else self._batch_size
 
     @property
     def device(self) -> str:

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping, Optional, Sequence
+from typing import Literal, Mapping, Optional, Sequence, Union
 
 from .errors import EngineError, InputError
 
@@ -49,6 +49,8 @@ STAGES = ("ready", "read", "preprocess", "inference", "postprocess", "write", "d
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DEVICES = ("auto", "cpu", "cuda", "mps")
+#: Slices per forward pass: ``"auto"`` lets the engine choose for its device (1 on the CPU, 8 on a GPU).
+BatchSize = Union[int, Literal["auto"]]
 OutputFormat = Literal["nrrd", "nii.gz"]
 
 _STDERR_KEEP = 200  # lines of stderr kept for the error message and the log
@@ -105,17 +107,17 @@ def parseProgressLine(line: str) -> Optional[ProgressEvent]:
     )
 
 
-def checkEngineOptions(device: str, batchSize: int) -> None:
+def checkEngineOptions(device: str, batchSize: BatchSize) -> None:
     """Refuse a device or batch size the engine would refuse (:class:`InputError`, the fix named)."""
     if device not in DEVICES:
         raise InputError(f"device {device!r} is unknown: use 'auto' (GPU when available), 'cpu', 'cuda' (NVIDIA GPU) "
                          "or 'mps' (Apple-silicon GPU)")
-    if not isinstance(batchSize, int) or isinstance(batchSize, bool) or batchSize < 1:
-        raise InputError(f"batch size {batchSize!r} is not allowed: give a positive integer, e.g. 8 (lower it if the "
-                         "GPU runs out of memory)")
+    if batchSize != "auto" and (not isinstance(batchSize, int) or isinstance(batchSize, bool) or batchSize < 1):
+        raise InputError(f"batch size {batchSize!r} is not allowed: give 'auto' (1 slice at a time on the CPU, 8 on a "
+                         "GPU) or a positive integer (lower it if the GPU runs out of memory)")
 
 
-def buildServeCommand(pythonExecutable: str, modelPath: Path, device: Device = "auto", batchSize: int = 8) -> list[str]:
+def buildServeCommand(pythonExecutable: str, modelPath: Path, device: Device = "auto", batchSize: BatchSize = "auto") -> list[str]:
     """The engine's command line: ``python -m umlcore serve`` with the model, device and batch size it keeps.
 
     Raises:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 import slicer
 
 from .dependencies import ENGINE_PACKAGES, Purpose, planDependencies
-from .engine import Device, ProgressEvent, checkEngineOptions
+from .engine import BatchSize, Device, ProgressEvent, checkEngineOptions
 from .errors import EngineError, InputError, RunCancelled, UMLSegmentationError
 from .inputs import InputPlan, ijkToRasArray, planInputs, volumeDimensions, writeInputs
 from .models import ModelEntry, ModelInfo, listModels, resolveModel
@@ -292,11 +292,11 @@ class UMLSegmentationLogic:
         """End the warm engine (frees its memory; the next run starts a new one)."""
         self.engines.shutdown()
 
-    def _startEngineRun(self, model: ModelInfo, device: str, batchSize: int, cases: Sequence[Sequence[Path]],
+    def _startEngineRun(self, model: ModelInfo, device: str, batchSize: BatchSize, cases: Sequence[Sequence[Path]],
                         outputDirectory: Path) -> EngineRun:
         """The request on the warm engine for this model and settings."""
         key = EngineKey(str(self.pythonExecutable), str(umlcorePythonPath()), str(model.path), model.sha256, device,
-                        int(batchSize))
+                        batchSize)
         workingDirectory = self.temporaryDirectory or Path(tempfile.gettempdir())
         workingDirectory.mkdir(parents=True, exist_ok=True)
         return self.engines.run(key, cases, outputDirectory, workingDirectory)
@@ -340,7 +340,7 @@ class UMLSegmentationLogic:
             raise InputError(plan.problem())
 
     @staticmethod
-    def _checkOptions(device: str, batchSize: int, reviewThreshold: Optional[float], display: str) -> None:
+    def _checkOptions(device: str, batchSize: BatchSize, reviewThreshold: Optional[float], display: str) -> None:
         checkEngineOptions(device, batchSize)
         if reviewThreshold is not None and not (isinstance(reviewThreshold, (int, float)) and 0.0 < float(reviewThreshold) < 1.0):
             raise InputError(f"reviewThreshold {reviewThreshold!r} is not allowed: give a number between 0 and 1 (e.g. 0.5), or None for no Review segment")
@@ -384,7 +384,7 @@ class UMLSegmentationLogic:
         *,
         phaseNodes: Sequence = (),
         outputs: Optional[OutputNodes] = None,
-        batchSize: int = 8,
+        batchSize: BatchSize = "auto",
         reviewThreshold: Optional[float] = None,
         display: Display = "overlay",
     ) -> PendingRun:
@@ -514,7 +514,7 @@ class UMLSegmentationLogic:
         *,
         phaseNodes: Sequence = (),
         outputs: Optional[OutputNodes] = None,
-        batchSize: int = 8,
+        batchSize: BatchSize = "auto",
         reviewThreshold: Optional[float] = None,
         display: Display = "overlay",
     ) -> UMLResult:
@@ -531,7 +531,8 @@ class UMLSegmentationLogic:
                 exception) from it to cancel: the engine is killed, temporary files removed, the scene untouched.
             phaseNodes: Further phase volumes in the model's channel order (e.g. early, late).
             outputs: Output nodes to reuse; unset ones are the previous run's for this input, or new.
-            batchSize: Slices per forward pass.
+            batchSize: Slices per forward pass, or ``"auto"`` (the engine's choice for its device: 1 on the CPU,
+                8 on a GPU).
             reviewThreshold: Add a "Review (uncertain)" segment of voxels with uncertainty above it; ``None``: no.
             display: ``"overlay"`` shows the uncertainty over the input in the slice views; ``"none"`` leaves views.
 
@@ -574,7 +575,7 @@ class UMLSegmentationLogic:
         pattern: str = "*.nii.gz",
         *,
         device: Device = "auto",
-        batchSize: int = 8,
+        batchSize: BatchSize = "auto",
         reviewThreshold: Optional[float] = None,
         progressCallback: Optional[ProgressCallback] = None,
         onError: OnError = "record",

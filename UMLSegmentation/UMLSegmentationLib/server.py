@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence, Union
 
 from .engine import (
     EngineProcess,
@@ -57,7 +57,7 @@ class EngineKey:
     model: str
     modelSha256: str
     device: str
-    batchSize: int
+    batchSize: Union[int, str]
 
 
 class ServedRun:
