@@ -173,8 +173,8 @@ def card_factory():
 
 
 class _Boxed(torch.nn.Module):
-    """A network whose segmentation is fixed: label 1 in rows 10-19, columns 20-31 of every slice but the first of
-    a batch (the predictor's batch of 8 holds all 6 slices of the test volumes, in order); the rest is its own."""
+    """A network whose segmentation is fixed: label 1 in rows 10-19, columns 20-31 of every slice, whatever the batch;
+    the rest is its own."""
 
     def __init__(self, inner):
         super().__init__()
@@ -184,7 +184,7 @@ class _Boxed(torch.nn.Module):
         out = self.inner(x)
         seg = torch.ones_like(out.seg_alpha)
         seg[:, 0] = 50.0
-        seg[1:, 1, 10:20, 20:32] = 100.0
+        seg[:, 1, 10:20, 20:32] = 100.0
         return out._replace(seg_alpha=seg)
 
 

@@ -177,7 +177,7 @@ def _phases(make_volume):
 
 @pytest.fixture(scope="module")
 def forced(reader_bundle_dir, box_segmentation):
-    """The reader bundle whose segmentation is fixed: label 1 in a 10 x 12 box of every slice but the first."""
+    """The reader bundle whose segmentation is fixed: label 1 in a 10 x 12 box of every slice."""
     return box_segmentation(load_bundle(reader_bundle_dir))
 
 
@@ -207,14 +207,14 @@ def test_predictor_checks_and_reads_the_segmented_lesions(forced, make_volume):
     assert r["score"] == pytest.approx(float(suspicion(P_CONSTANT)), rel=1e-6)
     assert c["probabilities"] == pytest.approx(c0["probabilities"], rel=1e-12) == r["network_probabilities"]
     (lesion,) = with_reader.summary["lesions"]
-    assert lesion["rank"] == 0 and lesion["voxel_count"] == 5 * 10 * 12
-    assert lesion["volume_ml"] == pytest.approx(600 * 0.8 * 0.6 * 2.0 / 1000)
+    assert lesion["rank"] == 0 and lesion["voxel_count"] == 6 * 10 * 12
+    assert lesion["volume_ml"] == pytest.approx(720 * 0.8 * 0.6 * 2.0 / 1000)
     assert lesion["probabilities"] == pytest.approx(dict(zip(READER_TARGETS, P_CONSTANT)), rel=1e-6)
     # the centre lies on the input grid: index (x, y, z) = (25.5, 14.5, first widest slice 1), in LPS through the image
-    assert lesion["centre_index"] == pytest.approx([25.5, 14.5, 1.0])
-    assert lesion["centre_lps"] == pytest.approx(volume.TransformContinuousIndexToPhysicalPoint((25.5, 14.5, 1.0)))
+    assert lesion["centre_index"] == pytest.approx([25.5, 14.5, 0.0])
+    assert lesion["centre_lps"] == pytest.approx(volume.TransformContinuousIndexToPhysicalPoint((25.5, 14.5, 0.0)))
     labels = sitk.GetArrayFromImage(with_reader.labelmap)
-    assert labels[1, 14, 25] == 1 and labels[0].max() == 0
+    assert labels[1, 14, 25] == 1 and labels[0, 14, 25] == 1
     assert with_reader.summary["postprocessing"] == {"component_max_uncertainty": None, "segmentation_min_lesion": 0.75,
                                                      "components_removed": 0}
 
@@ -224,7 +224,7 @@ def test_the_check_removes_what_the_reader_does_not_read_as_a_lesion(forced, mak
     kept = _predict(forced, _phases(make_volume), segmentation_min_lesion=0.5)
     dropped = _predict(forced, _phases(make_volume), segmentation_min_lesion=0.9999)
     assert P_CONSTANT[0] >= 0.5 and P_CONSTANT[0] < 0.9999
-    assert sitk.GetArrayFromImage(kept.labelmap).sum() == 600 and sitk.GetArrayFromImage(dropped.labelmap).max() == 0
+    assert sitk.GetArrayFromImage(kept.labelmap).sum() == 720 and sitk.GetArrayFromImage(dropped.labelmap).max() == 0
     assert dropped.summary["postprocessing"]["components_removed"] == 1
     assert dropped.summary["segments"][0]["voxel_count"] == 0 and dropped.summary["lesions"] == []
     # the network's opinion weighs its slices by the uncertainty-filtered labelmap, whatever the check kept

@@ -11,7 +11,7 @@ from umlcore.fusion import fuse_slice_opinions
 from umlcore.predictor import Predictor
 
 SUMMARY_KEYS = {
-    "schema_version", "case_id", "inputs", "input_check", "model", "geometry", "slicing", "device", "precision", "timings_s",
+    "schema_version", "case_id", "inputs", "input_check", "model", "geometry", "slicing", "device", "precision", "threads", "timings_s",
     "motion_correction", "classification", "segments", "slices", "outputs", "postprocessing", "lesions",
 }
 CLASSIFICATION_KEYS = {

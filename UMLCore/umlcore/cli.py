@@ -2,11 +2,11 @@
 
 Commands:
 
-- ``uml predict INPUT [INPUT ...] -o OUTDIR [--model ID|PATH] [--device auto|cpu|cuda] [--batch-size N|auto]
+- ``uml predict INPUT [INPUT ...] -o OUTDIR [--model ID|PATH] [--device auto|cpu|cuda] [--batch-size N|auto] [--threads N|auto]
   [--precision fp32|mixed] [--format auto|nii.gz|nrrd|png] [--progress bar|json|none] [--overwrite]``
 - ``uml info MODEL [--json]``
 - ``uml models [--json]``
-- ``uml serve [--model ID|PATH] [--device ...] [--batch-size N|auto] [--idle-exit S]``: a warm engine for programs (the
+- ``uml serve [--model ID|PATH] [--device ...] [--batch-size N|auto] [--threads N|auto] [--idle-exit S]``: a warm engine for programs (the
   Slicer module): the model is loaded once, then each JSON request line on stdin is predicted as ``predict`` would,
   answered by JSON progress lines and one ``{"stage": "exit", "code": N, ...}`` line on stdout (``docs/cli.md``)
 
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence, TextIO
 
 import SimpleITK as sitk
+import torch
 
 from .allocator import tune_allocator
 from .bundle import ModelBundle, load_bundle
@@ -46,6 +47,7 @@ from .io import read_case, read_geometry, strip_image_extension, write_image_ato
 from .outputs import OutputClaim, check_output_folder, check_targets, os_error_message, refuse_inputs
 from .pictures import UNCERTAINTY_PNG_SCALE, as_png, check_single_slice, is_picture_file
 from .predictor import Predictor, ProgressCallback
+from .threads import choose_threads
 from .preview import write_preview
 
 __all__ = ["main", "build_parser", "OUTPUT_FILES", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_INTERRUPTED"]
@@ -82,6 +84,19 @@ class _Parser(argparse.ArgumentParser):
 def _batch_size(text: str):
     """``auto`` or a positive integer."""
     return "auto" if text == "auto" else _positive_int(text)
+
+
+def _threads(text: str):
+    """``auto`` or a positive integer."""
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"threads must be a positive integer or auto, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -162,6 +177,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                    help="auto: CUDA if available, else CPU (default); mps: Apple-silicon GPU")
     p.add_argument("--batch-size", type=_batch_size, default="auto", metavar="N|auto",
                    help="slices per forward pass (default auto: 1 on the CPU, 8 on a GPU)")
+    p.add_argument("--threads", type=_threads, default="auto", metavar="N|auto",
+                   help="CPU threads (default auto: the cores that are free when a case starts)")
     p.add_argument("--precision", choices=("fp32", "mixed"), default="fp32",
                    help="fp32: exact, a GPU gives the CPU's results (default); mixed: bf16 autocast on CUDA")
     p.add_argument("--max-memory-gb", type=_positive_float, default=None, metavar="GB",
@@ -330,6 +347,7 @@ def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict, pre
     if args.preview and importlib.util.find_spec("matplotlib") is None:
         raise UMLInputError("--preview needs matplotlib: pip install matplotlib, or leave out --preview")
     predictor = predictor or _new_predictor(args)
+    torch.set_num_threads(choose_threads(args.threads, state["threads"]))  # per run: what is free now
     _read_cases(cases, predictor, progress, state, args.format)
     share = (1.0 - _READ_SHARE) / len(cases)
     try:
@@ -462,7 +480,7 @@ def _cmd_models(args: argparse.Namespace, progress: _Progress, state: dict) -> i
 _REQUEST_FIELDS = ("inputs", "output", "format", "overwrite", "preview")
 
 
-def _request_args(line: str) -> argparse.Namespace:
+def _request_args(line: str, threads) -> argparse.Namespace:
     """The ``predict`` arguments of one ``serve`` request line (one JSON object, see ``docs/cli.md``)."""
     try:
         data = json.loads(line)
@@ -484,7 +502,7 @@ def _request_args(line: str) -> argparse.Namespace:
     flags = {k: data.get(k, False) for k in ("overwrite", "preview")}
     if not all(isinstance(v, bool) for v in flags.values()):
         raise UMLInputError("the request's overwrite and preview must be true or false")
-    return argparse.Namespace(inputs=inputs, outdir=output, format=fmt, **flags)
+    return argparse.Namespace(inputs=inputs, outdir=output, format=fmt, threads=threads, **flags)
 
 
 def _write_line(out: TextIO, data: dict) -> None:
@@ -494,8 +512,6 @@ def _write_line(out: TextIO, data: dict) -> None:
 
 def _cmd_serve(args: argparse.Namespace, progress: _Progress, state: dict) -> int:
     """Load the model once, then answer request lines until stdin ends or ``--idle-exit`` seconds pass idle."""
-    import torch
-
     predictor = _new_predictor(args)
     card = predictor.card
     _write_line(progress.out, {"stage": "ready", "case": None, "fraction": 0.0, "device": predictor.device,
@@ -520,7 +536,7 @@ def _cmd_serve(args: argparse.Namespace, progress: _Progress, state: dict) -> in
             continue
         answer = _Progress("json", progress.out, progress.err)
         state["case"] = None
-        code, message = _guarded(lambda: _cmd_predict(_request_args(line), answer, state, predictor),
+        code, message = _guarded(lambda: _cmd_predict(_request_args(line, args.threads), answer, state, predictor),
                                  answer, state, state.get("debug", False))
         _write_line(progress.out, {"stage": "exit", "case": None, "fraction": 1.0, "code": code, "message": message})
         if code in (EXIT_INTERRUPTED, EXIT_BROKEN_PIPE):
@@ -570,7 +586,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tune_allocator()  # large tensors reused instead of mapped and zeroed by the kernel each time (umlcore.allocator)
     mode: ProgressMode = getattr(args, "progress", None) or ("bar" if sys.stderr.isatty() else "none")
     progress = _Progress(mode, sys.stdout, sys.stderr)
-    state: dict = {"case": None, "debug": debug}
+    state: dict = {"case": None, "debug": debug, "threads": torch.get_num_threads()}  # PyTorch's default threads
     warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warnings would break the one-line error contract
     previous_sigterm = None
@@ -581,6 +597,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         sys.stderr.flush()
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
+        torch.set_num_threads(state["threads"])  # a caller in the same process (tests, a notebook) keeps its threads
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
 

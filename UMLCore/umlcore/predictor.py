@@ -415,6 +415,7 @@ class Predictor:
         images = [self._on_grid(a, reference, axis) for a in (written, network.uncertainty, network.foreground)]
         record = CaseRecord(case_id=case_id, reference=reference, axis=axis, source=source, input_check=notes,
                             single_volume=single_volume, device=self.device, precision=self.precision,
+                            threads=torch.get_num_threads(),
                             network=network, lesion_voxels=lesion_voxels, written=written, removed=removed if reading is None else reading.removed,
                             reading=reading, opinion=opinion, alignment=alignment,
                             timings={"read": 0.0, "preprocess": t1 - t0, "inference": t2 - t1,

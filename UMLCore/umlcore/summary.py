@@ -51,6 +51,7 @@ class CaseRecord:
     single_volume: bool
     device: str
     precision: str
+    threads: int
     network: "NetworkSlices"
     lesion_voxels: np.ndarray
     written: np.ndarray
@@ -76,6 +77,7 @@ def build_summary(bundle: "ModelBundle", case: CaseRecord) -> dict[str, Any]:
                     "context_slices": card.input.context_slices},
         "device": case.device,
         "precision": case.precision,
+        "threads": case.threads,
         "timings_s": {**case.timings, "total": sum(case.timings.values())},
         "classification": _classification(bundle, case),
         "lesions": _lesions(case),
