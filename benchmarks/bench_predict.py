@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -49,9 +49,9 @@ SAMPLE = REPO / "UMLSegmentation" / "Resources" / "SampleData"
 ARCHITECTURES = (("small", "small", 3), ("small 2.5D", "small", 9), ("medium", "medium", 3), ("paper", "paper", 3))
 
 
-def slice_flops(preset: str = "small", channels: int = 3) -> tuple[float, int]:
-    """(FLOPs of one 256 x 256 slice, parameters)."""
-    net = UMLNet(UMLConfig.preset(preset, in_channels=channels)).eval()
+def slice_flops(preset: str = "small", channels: int = 3, net: Optional[torch.nn.Module] = None) -> tuple[float, int]:
+    """(FLOPs of one 256 x 256 slice, parameters) of a preset, or of ``net``."""
+    net = (net or UMLNet(UMLConfig.preset(preset, in_channels=channels))).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         net(torch.zeros(1, channels, 256, 256))
     return counter.get_total_flops(), sum(p.numel() for p in net.parameters())
@@ -70,9 +70,9 @@ def matmul_ceiling(runs: int, n: int = 2048) -> float:
     return statistics.median(rates)
 
 
-def throughput(device: str, batch: int, runs: int, slices: int = 32, precision: str = "fp32") -> float:
-    """Slices/s of the small preset on 256 x 256 slices (median of ``runs``)."""
-    net = UMLNet(UMLConfig.preset("small", in_channels=3)).eval().to(device)
+def throughput(net: torch.nn.Module, device: str, batch: int, runs: int, slices: int = 32, precision: str = "fp32") -> float:
+    """Slices/s of the network on 256 x 256 slices (median of ``runs``)."""
+    net = net.eval().to(device)
     x = torch.randn(batch, 3, 256, 256, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and precision == "mixed")
     torch.backends.cudnn.allow_tf32 = False  # as the predictor: fp32 convolutions in IEEE fp32, not TF32
@@ -101,26 +101,42 @@ def write_case(folder: Path) -> list[Path]:
     return paths
 
 
-def end_to_end(label: str, inputs: list[Path], device: str, runs: int, tmp: Path) -> None:
-    """Median wall time, stages and peak RSS of separate ``uml predict`` processes."""
+def high_water_mib(pid: int) -> float:
+    """``VmHWM`` of a running process (Linux), 0 where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return 0.0
+
+
+def end_to_end(label: str, inputs: list[Path], device: str, runs: int, tmp: Path, flops: float, ceiling: float) -> None:
+    """Median wall time, stages and peak RSS of separate ``uml predict`` processes, and the inference stage's
+    GFLOP/s (the network's FLOPs per slice times the slices over the stage's seconds) against the ceiling."""
     walls, stages, peaks = [], [], []
     for r in range(runs):
         out = tmp / f"out-{label}-{r}"
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "umlcore", "predict", ",".join(map(str, inputs)), "-o", str(out),
                                  "--model", str(MODEL), "--device", device, "--progress", "none"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        peak = 0.0
+        while proc.poll() is None:  # the child's own high-water mark (its rusage would count this process's pages)
+            peak = max(peak, high_water_mib(proc.pid))
+            time.sleep(0.05)
         walls.append(time.perf_counter() - t0)
-        peaks.append(usage.ru_maxrss / 1024)
-        if os.waitstatus_to_exitcode(status):
-            print(f"uml predict failed: {proc.stderr.read().decode().strip()}")
-            return
+        peaks.append(peak)
+        error = proc.stderr.read()
         proc.stderr.close()
+        if proc.returncode:
+            print(f"uml predict failed: {error.strip()}")
+            return
         stages.append(json.loads(next(out.glob("*/summary.json")).read_text())["timings_s"])
     per_stage = ", ".join(f"{k} {statistics.median(s[k] for s in stages):.2f}" for k in stages[0])
+    rate = 96 * flops / statistics.median(s["inference"] for s in stages) / 1e9
     print(f"end to end, {label}, {device}: median {statistics.median(walls):.2f} s wall (min {min(walls):.2f}, "
-          f"max {max(walls):.2f}, {runs} runs); stages s: {per_stage}; peak RSS {statistics.median(peaks):.0f} MiB")
+          f"max {max(walls):.2f}, {runs} runs); stages s: {per_stage}; peak RSS {statistics.median(peaks):.0f} MiB; "
+          f"inference stage {rate:.1f} GFLOP/s = {100 * rate / ceiling:.0f} % of the matmul ceiling")
 
 
 def equivalence(cases: int) -> None:
@@ -151,21 +167,24 @@ def main() -> int:
     for label, preset, channels in ARCHITECTURES:
         flops, params = slice_flops(preset, channels)
         print(f"preset {label}: {flops / 1e9:.2f} GFLOP per 256x256 slice, {params / 1e6:.2f} M parameters")
-    flops = slice_flops()[0]
+    net = load_bundle(MODEL).model
+    flops = slice_flops(net=net)[0]
+    print(f"shipped network ({MODEL.name}): {flops / 1e9:.2f} GFLOP per 256x256 slice")
     ceiling = matmul_ceiling(args.runs)
     print(f"matmul ceiling (fp32 2048x2048, {torch.get_num_threads()} threads): {ceiling:.1f} GFLOP/s")
-    for batch in (1, 8):
-        rate = throughput("cpu", batch, args.runs)
+    for batch in (1, 2, 4, 8):
+        rate = throughput(net, "cpu", batch, args.runs)
         print(f"network cpu batch {batch}: {rate:.1f} slices/s, {rate * flops / 1e9:.1f} GFLOP/s, "
               f"{100 * rate * flops / 1e9 / ceiling:.0f} % of the matmul ceiling")
     if torch.cuda.is_available():
         for precision in ("fp32", "mixed"):
-            print(f"network cuda {precision} batch 8: {throughput('cuda', 8, args.runs, 256, precision):.1f} slices/s")
+            print(f"network cuda {precision} batch 8: {throughput(net, 'cuda', 8, args.runs, 256, precision):.1f} slices/s")
+            net.to("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         phases = write_case(Path(tmp))
         for device in ["cpu"] + ["cuda"] * torch.cuda.is_available():
-            end_to_end("256x256x96 one volume", phases[1:2], device, args.runs, Path(tmp))
-            end_to_end("256x256x96 three phases", phases, device, args.runs, Path(tmp))
+            end_to_end("256x256x96 one volume", phases[1:2], device, args.runs, Path(tmp), flops, ceiling)
+            end_to_end("256x256x96 three phases", phases, device, args.runs, Path(tmp), flops, ceiling)
     if args.equivalence:
         equivalence(args.equivalence)
     return 0
