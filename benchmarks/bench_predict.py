@@ -12,6 +12,8 @@ Prints one line per figure:
 - **end to end**: median wall seconds of separate ``uml predict`` processes (process start included) on a synthetic
   256 x 256 x 96 case given as one volume and as three phases (motion correction on), with the median seconds per
   stage (``summary.json`` ``timings_s``) and the peak resident memory;
+- ``--peers`` (needs ``pip install monai``): network-only seconds for one 256 x 256 x 96 volume on one thread, the
+  shipped network against MONAI's 2D UNet slice by slice and MONAI's 3D UNet with a 96^3 sliding window;
 - ``--equivalence N``: the outputs of ``batch_size="auto"`` against batch 8 on the shipped sample and ``N`` held-out
   synthetic cases (test seeds): labelmap Dice and identical voxels, the largest uncertainty difference.
 """
@@ -158,10 +160,40 @@ def equivalence(cases: int) -> None:
               f"{100 * same:.3f} %, max |uncertainty difference| {du:.2e}, |case probability difference| {dp:.2e}")
 
 
+def peers(runs: int) -> None:
+    """One thread, network only, one 256 x 256 x 96 volume: ours against MONAI's 2D and 3D UNets (median of runs)."""
+    try:
+        from monai.inferers import sliding_window_inference
+        from monai.networks.nets import UNet
+    except ImportError:
+        print("peers: pip install monai to measure MONAI's networks")
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    volume = torch.randn(96, 3, 256, 256)
+    unet = dict(in_channels=3, out_channels=2, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
+    nets = {"ours (shipped, 2D slices)": (load_bundle(MODEL).model.eval(), lambda n: [n(s[None]) for s in volume]),
+            "MONAI UNet 2D (slices)": (UNet(spatial_dims=2, **unet).eval(), lambda n: [n(s[None]) for s in volume]),
+            "MONAI UNet 3D (96^3 window)": (UNet(spatial_dims=3, **unet).eval(), lambda n: sliding_window_inference(
+                volume.permute(1, 0, 2, 3)[None], (96, 96, 96), 1, n, overlap=0.25))}
+    with torch.inference_mode():
+        for name, (net, run) in nets.items():
+            params = sum(p.numel() for p in net.parameters()) / 1e6
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                run(net)
+                times.append(time.perf_counter() - t0)
+            print(f"peer {name}: {params:.2f} M parameters, median {statistics.median(times):.1f} s for 256x256x96 "
+                  f"on 1 thread ({runs} runs)")
+    torch.set_num_threads(threads)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--equivalence", type=int, default=0, metavar="N", help="also compare outputs on N synthetic cases")
+    p.add_argument("--peers", action="store_true", help="also time MONAI's 2D and 3D UNets (needs monai)")
     args = p.parse_args()
     tune_allocator()
     for label, preset, channels in ARCHITECTURES:
@@ -185,6 +217,8 @@ def main() -> int:
         for device in ["cpu"] + ["cuda"] * torch.cuda.is_available():
             end_to_end("256x256x96 one volume", phases[1:2], device, args.runs, Path(tmp), flops, ceiling)
             end_to_end("256x256x96 three phases", phases, device, args.runs, Path(tmp), flops, ceiling)
+    if args.peers:
+        peers(args.runs)
     if args.equivalence:
         equivalence(args.equivalence)
     return 0

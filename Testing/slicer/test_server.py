@@ -129,3 +129,38 @@ def test_the_engine_ends_with_its_logic(mrml, volume, bundle_dir, tmp_path):
     del logic
     gc.collect()
     assert gone(pid)
+
+
+def test_a_kept_engine_that_ends_without_reading_the_request_hands_it_to_a_new_one(tmp_path):
+    """The engine kept from the last run was already ending (crashed or killed between runs, not yet seen): the
+    request it never answered goes, once, to a new engine."""
+    script = tmp_path / "once-python"
+    script.write_text(f"#!{sys.executable}\n" + textwrap.dedent("""
+        import json, os, sys
+        print(json.dumps({"stage": "ready", "message": "stand-in"}), flush=True)
+        for n, line in enumerate(sys.stdin):
+            if n == 1:
+                os._exit(0)  # ends silently at its second request
+            print(json.dumps({"stage": "exit", "code": 0, "message": ""}), flush=True)
+    """))
+    script.chmod(0o755)
+    host = EngineHost()
+    key = EngineKey(str(script), str(umlcorePythonPath()), str(tmp_path), "x", "cpu", 8)
+    try:
+        first = host.run(key, [[tmp_path / "a.nrrd"]], tmp_path / "out", tmp_path)
+        first.wait(60)
+        assert first.failure() is None and host.starts == 1
+        second = host.run(key, [[tmp_path / "a.nrrd"]], tmp_path / "out", tmp_path)
+        second.wait(60)
+        assert second.failure() is None and host.starts == 2  # answered by the new engine
+    finally:
+        host.shutdown()
+    script.write_text(script.read_text().replace("n == 1", "n == 0"))  # a new engine that ends at once: no retry
+    host = EngineHost()
+    try:
+        fresh = host.run(key, [[tmp_path / "a.nrrd"]], tmp_path / "out", tmp_path)
+        fresh.wait(60)
+        assert isinstance(fresh.failure(), EngineError) and "ended before it answered" in str(fresh.failure())
+        assert host.starts == 1
+    finally:
+        host.shutdown()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 from .engine import (
     EngineProcess,
@@ -61,14 +61,22 @@ class EngineKey:
 
 
 class ServedRun:
-    """One request on an :class:`EngineServer`: its progress events, then its exit code."""
+    """One request on an :class:`EngineServer`: its progress events, then its exit code.
 
-    def __init__(self, server: "EngineServer", sent: bool) -> None:
+    ``retry`` (given when the request went to an engine kept from an earlier run) starts a new engine: an engine
+    that was already ending (crashed, or killed, between runs) and said nothing to the request gets it again,
+    once, on a new engine.
+    """
+
+    def __init__(self, server: "EngineServer", line: str, retry: Optional[Callable[[], "EngineServer"]] = None) -> None:
         self._server = server
+        self._line = line
+        self._retry = retry
+        self._seen = False
         self._buffer: list[ProgressEvent] = []
         self._exit: Optional[ProgressEvent] = None
         self._lastError: Optional[ProgressEvent] = None
-        self._sent = sent
+        server.attach(self)
 
     @property
     def pid(self) -> int:
@@ -79,7 +87,12 @@ class ServedRun:
         """Move the engine's events into this run's buffer, up to its ``exit`` line."""
         if self._exit is not None:
             return
+        if not self._seen and self._retry is not None and self._server.process.finished:
+            retry, self._retry = self._retry, None
+            self._server = retry()  # the kept engine was gone before it read the request: a new one gets it
+            self._server.attach(self)
         for event in self._server.process.poll():
+            self._seen = True
             if event.stage == "exit":
                 self._exit = event
                 return
@@ -165,13 +178,12 @@ class EngineServer:
         """No request in flight."""
         return self._current is None or self._current.finished
 
-    def submit(self, cases: Sequence[Sequence[Path]], outputDirectory: Path, outputFormat: OutputFormat = "nrrd") -> ServedRun:
-        """Send one request; the engine must be idle."""
+    def attach(self, run: ServedRun) -> None:
+        """Send ``run``'s request; the engine must be idle."""
         if not self.idle:
             raise InputError("a UML run is already in progress: wait for it to finish or cancel it")
-        line = engineRequest(cases, outputDirectory, outputFormat)
-        self._current = ServedRun(self, self.process.send(line))
-        return self._current
+        self._current = run
+        self.process.send(run._line)  # an engine that has exited cannot read it: the run then reports how it ended
 
     def stop(self, graceSeconds: float = 5.0) -> None:
         """End the engine: close its input (it exits when idle), kill it if it has not after ``graceSeconds``."""
@@ -206,17 +218,23 @@ class EngineHost:
             outputFormat: OutputFormat = "nrrd") -> ServedRun:
         """Start the request on the warm engine for ``key`` (started first when there is none, it died, or it was
         started with another key)."""
+        line = engineRequest(cases, outputDirectory, outputFormat)
         server = self._server
         if server is not None and not server.idle and server.alive:
             raise InputError("a UML run is already in progress: wait for it to finish or cancel it")
         if server is not None and (server.key != key or not server.alive):
             self.shutdown()
             server = None
-        if server is None:
-            server = EngineServer(key, workingDirectory)
-            self._server = server
+
+        def start() -> EngineServer:
+            self.shutdown()
+            self._server = EngineServer(key, workingDirectory)
             self.starts += 1
-        return server.submit(cases, outputDirectory, outputFormat)
+            return self._server
+
+        if server is None:
+            return ServedRun(start(), line)
+        return ServedRun(server, line, retry=start)
 
     def shutdown(self) -> None:
         """Stop the warm engine, if any (the next run starts a new one)."""
