@@ -392,11 +392,12 @@ def test_process_folder_reruns_replace_its_own_files_and_leave_others(mrml, bund
 
 
 @linux_only
-def test_cancel_from_the_progress_callback_kills_the_engine_and_leaves_nothing(mrml, volume, bundle_dir, tmp_path):
+def test_cancel_from_the_progress_callback_leaves_nothing_and_no_busy_engine(mrml, volume, bundle_dir, tmp_path):
+    """Cancelled at the engine's first progress line: no node, no temporary file, and no engine left working (it was
+    ended, or had already answered and waits warm; test_server.py ends a busy one deterministically)."""
     before = scene_node_ids(mrml.scene)
     logic = UMLSegmentationLogic(temporaryDirectory=tmp_path / "tmp")
     seen = []
-    pids = []
 
     def callback(event):
         seen.append(event.stage)
@@ -405,11 +406,11 @@ def test_cancel_from_the_progress_callback_kills_the_engine_and_leaves_nothing(m
 
     with pytest.raises(RunCancelled):
         logic.process(volume, model=bundle_dir, device="cpu", progressCallback=callback)
-    pids.append(logic.engines.server.pid)
     assert "read" in seen and "import" not in seen
     assert scene_node_ids(mrml.scene) == before
     assert list((tmp_path / "tmp").iterdir()) == []
-    assert len(pids) == 1 and not alive(pids[0])
+    server = logic.engines.server
+    assert not alive(server.pid) or server.idle
 
 
 @linux_only

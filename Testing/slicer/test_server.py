@@ -84,7 +84,19 @@ def test_an_engine_that_crashed_is_started_again_and_a_crash_mid_run_changes_not
 
 @linux_only
 def test_cancel_ends_the_engine_and_the_next_run_starts_one(mrml, volume, bundle_dir, tmp_path):
+    """An engine busy with a request (a stand-in that never answers) is ended by cancel; the scene is untouched."""
+    hanging = tmp_path / "hanging-python"
+    hanging.write_text(f"#!{sys.executable}\n" + textwrap.dedent("""
+        import json, sys, time
+        print(json.dumps({"stage": "ready", "message": "stand-in"}), flush=True)
+        sys.stdin.readline()
+        print(json.dumps({"stage": "read", "case": "MRBreast", "fraction": 0.1, "message": "reading"}), flush=True)
+        time.sleep(120)
+    """))
+    hanging.chmod(0o755)
     logic = UMLSegmentationLogic(temporaryDirectory=tmp_path / "tmp")
+    python, logic.pythonExecutable = logic.pythonExecutable, str(hanging)
+    before = scene_node_ids(mrml.scene)
 
     def cancel(event):
         if event.stage == "read":
@@ -92,7 +104,9 @@ def test_cancel_ends_the_engine_and_the_next_run_starts_one(mrml, volume, bundle
 
     with pytest.raises(RunCancelled):
         logic.process(volume, model=bundle_dir, device="cpu", progressCallback=cancel)
-    assert gone(logic.engines.server.pid)
+    assert gone(logic.engines.server.pid) and scene_node_ids(mrml.scene) == before
+    assert list((tmp_path / "tmp").glob("UML-*")) == []
+    logic.pythonExecutable = python
     assert "done" in stages(logic, volume, bundle_dir) and logic.engines.starts == 2
 
 
