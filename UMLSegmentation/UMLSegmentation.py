@@ -530,6 +530,7 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                      "readerLabel"):
             getattr(self.ui, name).text = "-"
         self.ui.verdictLabel.styleSheet = ""
+        self.ui.verdictLabel.toolTip = ""
         self.ui.lesionVolumeLabel.toolTip = self.ui.probabilityLabel.toolTip = self.ui.readerLabel.toolTip = ""
         self.ui.uncertaintyProgressBar.value = 0
         self.setBeliefBars(())
@@ -567,8 +568,11 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "phases (or the colour picture) for the full opinion." if panel.singleVolume else "")
         self.setBeliefBars(panel.beliefs)
         self.ui.uncertaintyProgressBar.value = int(round(100 * panel.uncertainty))
-        self.ui.verdictLabel.text = panel.verdict.upper()
+        self.ui.verdictLabel.text = panel.verdict.upper() + (" - " + _("input not like the model's") if panel.inputWarning else "")
         self.ui.verdictLabel.styleSheet = f"font-weight: bold; color: {panel.verdictColor}"
+        self.ui.verdictLabel.toolTip = (_("Input check: ") + panel.inputWarning) if panel.inputWarning else ""
+        if panel.inputWarning:
+            self.log(_("Warning: ") + panel.inputWarning)
         self.ui.lesionVolumeLabel.text = panel.lesionSizeText
         byReader = panel.removedBy == "reader"
         if panel.componentsRemoved:  # the model's filter dropped regions: say so, they may matter

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from umlcore.bundle import ModelBundle, load_bundle, save_bundle
-from umlcore.card import InputSpec, ModelCard, MotionCorrection, ReaderConfig
+from umlcore.card import MODALITIES, InputSpec, ModelCard, MotionCorrection, ReaderConfig
 from umlcore.config import UMLConfig
 from umlcore.errors import UMLInputError
 from umlcore.network import UMLNet
@@ -85,12 +85,21 @@ def training_record(run: Path, weights: str) -> dict:
             "config": cfg})  # a tiny validation set can leave a figure undefined (NaN): null in the card
 
 
+#: What made each dataset kind's images (card ``input.modality``, ``input.body_region``): the engine checks inputs
+#: against it. A ``folder`` dataset's is unknown (declare nothing).
+_MADE_BY = {"synthetic": ("MR", "breast"), "ispy1": ("MR", "breast"), "refuge": ("photo", "eye fundus"),
+            "isic2017": ("photo", "skin")}
+
+
 def new_card(architecture: UMLConfig, model_id: str, version: str, cfg: dict, info: DatasetInfo) -> ModelCard:
     """A card for a network trained on ``info``'s data with the run settings ``cfg``."""
     context, preset = int(cfg.get("context_slices", 0)), cfg.get("preset", "small")
     replicate = float(cfg.get("single_volume_prob", 0)) > 0 or len(info.channels) == 1
+    kind = info.data.split(":")[0]
+    modality, region = _MADE_BY.get(kind, (None, None))
     spec = InputSpec(kind=info.input_kind, channels=info.channels, min_channels=1 if replicate else len(info.channels),
-                     context_slices=context, target_size=tuple(cfg.get("target_size") or ()) or None)
+                     context_slices=context, target_size=tuple(cfg.get("target_size") or ()) or None,
+                     modality=modality, body_region=region)
     if info.data == "synthetic":
         return ModelCard(
             id=model_id, version=version, task="breast-dce-mri-lesion",
@@ -207,6 +216,12 @@ def _motion(card: ModelCard, text: Optional[str]) -> ModelCard:
     return dataclasses.replace(card, input=dataclasses.replace(card.input, motion_correction=mc))
 
 
+def _made_by(card: ModelCard, modality: Optional[str], region: Optional[str]) -> ModelCard:
+    """The card with ``--modality`` / ``--body-region``: what made the training images (the engine's input check)."""
+    changes = {k: v for k, v in (("modality", modality), ("body_region", region)) if v is not None}
+    return dataclasses.replace(card, input=dataclasses.replace(card.input, **changes)) if changes else card
+
+
 def _spacing(card: ModelCard, limits: Optional[list[float]]) -> ModelCard:
     """The card with ``--spacing-mm``: the voxel sizes (mm) the model accepts; others are refused."""
     if limits is None:
@@ -237,6 +252,10 @@ def build_parser() -> Parser:
                                                 "its figures as the card's metrics")
     p.add_argument("--motion-correction", metavar="none|CHANNEL",
                    help="how multi-phase cases are aligned: none, or the channel the others are moved onto (e.g. early)")
+    p.add_argument("--modality", choices=MODALITIES, default=None,
+                   help="what made the training images (default: the base's, else from the dataset kind): the engine "
+                        "marks an input of another kind for review, e.g. a CT for an MR model")
+    p.add_argument("--body-region", default=None, metavar="TEXT", help="the body region trained on, e.g. breast")
     p.add_argument("--spacing-mm", nargs=2, type=float, metavar=("SMALLEST", "LARGEST"),
                    help="the voxel sizes in mm the model accepts along every axis; a scan outside is refused "
                         "(default: the base's, else any)")
@@ -262,7 +281,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     base = None if args.base is None else load_bundle(args.base)
     model, record = _network(args, base)
     reader, card = _reader(args, base, _card(args, base, model, record))
-    card = _report(_spacing(_motion(card, args.motion_correction), args.spacing_mm), args.report, None if base is None else base.sha256)
+    card = _made_by(_spacing(_motion(card, args.motion_correction), args.spacing_mm), args.modality, args.body_region)
+    card = _report(card, args.report, None if base is None else base.sha256)
     path = save_bundle(model, with_version(card, args.version, args.changelog), args.out, overwrite=args.overwrite,
                        reader=reader)
     bundle = load_bundle(path)

@@ -175,3 +175,15 @@ def test_the_panel_and_the_table_read_the_shipped_models_summary(shipped_sample_
     assert panel.removedBy == "reader"  # the reader's check made the labelmap
     row = caseCsvRow(summary, "sample", "/in/sample", {})
     assert row["verdict"] == cls["verdict"] and row["lesion_volume_ml"] == repr(summary["segments"][0]["volume_ml"])
+
+
+def test_the_panel_and_the_csv_carry_the_input_check():
+    from UMLSegmentationLib.summary import caseCsvRow, confidencePanel
+
+    reason = "the input looks like a CT scan in Hounsfield units (69 % ...), but this model was trained on MR scans"
+    summary = {"classification": {"classes": ["a", "b"], "probabilities": [0.4, 0.6], "verdict": "review"},
+               "input_check": {"status": "mismatch", "reasons": [reason], "notes": []}}
+    assert confidencePanel(summary).inputWarning == reason
+    assert caseCsvRow(summary, "c", "c.nii.gz", {})["input_check"] == reason
+    older = {"classification": {"classes": ["a", "b"], "probabilities": [0.4, 0.6]}, "input_check": []}
+    assert confidencePanel(older).inputWarning == ""

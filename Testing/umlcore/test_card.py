@@ -204,9 +204,18 @@ def test_a_bad_target_size_in_model_json_is_refused_with_the_field():
         card_from_dict(d)
 
 
-def test_the_shipped_card_loads_unchanged_as_a_volume_card():
+def test_a_card_written_before_the_input_fields_existed_loads_as_a_volume_card(tmp_path):
+    """The shipped card without ``input.kind``, ``target_size``, ``modality`` and ``body_region`` (as 1.12.0 was
+    written), resealed: a volume card with no declared modality."""
+    import shutil
+
     raw = json.loads(SHIPPED.read_text())
-    assert "kind" not in raw["input"] and "target_size" not in raw["input"]  # written before the fields existed
-    assert card_digest(raw) == raw["weights"]["card_sha256"]
-    card = load_bundle(SHIPPED.parent).card
-    assert card.input.kind == "volume" and card.input.target_size is None
+    assert card_digest(raw) == raw["weights"]["card_sha256"] and raw["input"]["modality"] == "MR"
+    for key in ("kind", "target_size", "modality", "body_region"):
+        raw["input"].pop(key)
+    raw["weights"]["card_sha256"] = card_digest(raw)
+    old = tmp_path / "old"
+    shutil.copytree(SHIPPED.parent, old)
+    (old / "model.json").write_text(json.dumps(raw))
+    card = load_bundle(old).card
+    assert card.input.kind == "volume" and card.input.target_size is None and card.input.modality is None

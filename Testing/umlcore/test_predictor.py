@@ -337,10 +337,11 @@ def test_identical_volumes_are_read_as_one_and_say_so(predictor, make_volume):
     three = predictor.predict([volume, volume, volume]).summary
     one = predictor.predict(volume).summary
     assert three["inputs"] == one["inputs"] == [{"channel": c, "volume": 0} for c in ("pre", "early", "late")]
-    assert three["input_check"] == ["the 3 volumes given are identical: read as one volume"] and one["input_check"] == []
+    assert three["input_check"]["notes"] == ["the 3 volumes given are identical: read as one volume"]
+    assert one["input_check"] == {"status": "ok", "reasons": [], "notes": []}
     assert three["classification"] == one["classification"]
     copy = sitk.Image(volume)
-    assert predictor.predict([volume, copy, volume]).summary["input_check"]  # equal voxels, not the same object
+    assert predictor.predict([volume, copy, volume]).summary["input_check"]["notes"]  # equal voxels, not the same object
 
 
 def test_a_spacing_outside_the_cards_range_is_refused(tiny_bundle, make_volume):
@@ -425,9 +426,9 @@ def test_a_picture_model_reads_pictures_and_refuses_volumes(picture_predictor, p
 def test_a_grey_picture_is_replicated_and_a_grey_rgb_picture_read_as_one(picture_predictor):
     rgb = picture()
     grey = picture_predictor.predict(rgb[:1]).summary
-    assert [i["volume"] for i in grey["inputs"]] == [0, 0, 0] and grey["input_check"] == []
+    assert [i["volume"] for i in grey["inputs"]] == [0, 0, 0] and grey["input_check"]["notes"] == []
     same = picture_predictor.predict([rgb[0]] * 3).summary
-    assert same["input_check"] == ["the picture's 3 colours are identical (a grey picture): read as one grey picture"]
+    assert same["input_check"]["notes"] == ["the picture's 3 colours are identical (a grey picture): read as one grey picture"]
     assert same["classification"] == grey["classification"]
     with pytest.raises(UMLInputError, match=r"got a picture of 4 channel\(s\) but model 'test-picture-model' takes 1 "
                                             r"\(a grey picture, replicated into all 3 channels\) or 3 \(red, green, blue\)"):

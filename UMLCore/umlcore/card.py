@@ -31,6 +31,8 @@ STACKING_TERMS = ("intercept", "network", "suspicion", "lesion", "spiculated", "
 MotionMode = Literal["none", "translation"]
 #: What a model reads: ``"volume"`` (3D scans, sliced) or ``"picture"`` (2D pictures: fundus photos, dermoscopy).
 InputKind = Literal["volume", "picture"]
+#: What scanner or camera made the images a model was trained on (card ``input.modality``; ``None``: not declared).
+MODALITIES = ("MR", "CT", "photo")
 #: Smallest side of ``input.target_size`` (the network downsamples three times).
 MIN_TARGET_SIZE = 8
 
@@ -96,6 +98,9 @@ class InputSpec:
         target_size: ``(rows, columns)`` every slice is resized to (bilinearly, after normalisation) before the
             network, the outputs resized back to the input grid; both at least :data:`MIN_TARGET_SIZE`. ``None``:
             the slices' own size (or ``target_spacing``'s). Not with ``target_spacing``.
+        modality: What made the training images (:data:`MODALITIES`: ``"MR"``, ``"CT"``, ``"photo"``), which the
+            engine's input check compares the input with (:mod:`umlcore.inputcheck`); ``None``: not declared.
+        body_region: The body region the model was trained on, e.g. ``"breast"`` (shown to users; ``None``: any).
     """
 
     channels: tuple[str, ...] = ("pre", "early", "late")
@@ -109,9 +114,14 @@ class InputSpec:
     spacing_mm: Optional[tuple[float, float]] = None
     kind: InputKind = "volume"
     target_size: Optional[tuple[int, int]] = None
+    modality: Optional[str] = None
+    body_region: Optional[str] = None
 
     def __post_init__(self) -> None:
         self._check_kind_and_size()
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise BundleError(f"input.modality must be null or one of {list(MODALITIES)}, got {self.modality!r}: "
+                              "fix model.json")
         r = self.spacing_mm
         if r is not None and (len(r) != 2 or not all(_is_number(v) for v in r) or not 0 < r[0] < r[1]):
             raise BundleError(f"input.spacing_mm must be null or [smallest, largest] mm with 0 < smallest < largest, "

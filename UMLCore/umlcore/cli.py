@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bar: text bar on stderr (default on a terminal); json: one JSON object per line on stdout; none (default otherwise)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing OUTDIR/<case> folders that uml wrote (never anything else)")
+    p.add_argument("--strict-input", action="store_true",
+                   help="refuse an input that does not look like the model's training images (e.g. a CT for an MR "
+                        "model) instead of answering it with the verdict review")
     p.add_argument("--preview", action="store_true",
                    help="also write OUTDIR/<case>/preview.png: key slice with the lesion outline, uncertainty, confidence")
     p.set_defaults(func=_cmd_predict)
@@ -277,7 +280,8 @@ def _case_format(case: _Case, size: Sequence[int], fmt: OutputFormat) -> str:
     return fmt
 
 
-def _read_cases(cases: list[_Case], predictor: Predictor, progress: _Progress, state: dict, fmt: OutputFormat) -> None:
+def _read_cases(cases: list[_Case], predictor: Predictor, progress: _Progress, state: dict, fmt: OutputFormat,
+                strict: bool = False) -> None:
     """Check every case before anything is written: the memory it needs (from its header), then its volumes
     (one case is kept in memory rather than read twice)."""
     for n, case in enumerate(cases):
@@ -293,15 +297,19 @@ def _read_cases(cases: list[_Case], predictor: Predictor, progress: _Progress, s
         t0 = time.perf_counter()
         volumes = read_case(case.paths)
         case.read_s = time.perf_counter() - t0
-        predictor.channel_volumes(volumes)
+        channels, source = predictor.channel_volumes(volumes)
+        reasons = predictor.input_reasons(channels, source)
+        if reasons and strict:
+            raise UMLInputError(f"case {case.id!r}: {reasons[0]}: give a scan of the kind the model was trained on "
+                                "(uml info shows its card), or leave out --strict-input to get an answer marked review")
         case.format = _case_format(case, volumes[0].GetSize(), fmt)
         case.volumes = volumes if len(cases) == 1 else None
     progress.emit("read", None, _READ_SHARE, f"{len(cases)} case(s) checked")
 
 
 def _write_case(case: _Case, predictor: Predictor, folder: Path, args: argparse.Namespace,
-                on_progress: ProgressCallback) -> None:
-    """Predict one case and write its files into its (staging) ``folder``."""
+                on_progress: ProgressCallback) -> dict:
+    """Predict one case and write its files into its (staging) ``folder``; returns its summary."""
     volumes, read_s = case.volumes, case.read_s
     if volumes is None:
         t0 = time.perf_counter()
@@ -330,11 +338,20 @@ def _write_case(case: _Case, predictor: Predictor, folder: Path, args: argparse.
         (folder / names["summary"]).write_text(json.dumps(summary, indent=2) + "\n")
     except OSError as exc:
         raise UMLInputError(os_error_message(exc, f"the outputs of case {case.id!r}")) from None
+    return summary
 
 
 def _new_predictor(args: argparse.Namespace) -> Predictor:
     return Predictor(_load_model(args.model), device=args.device, batch_size=args.batch_size,
                      precision=args.precision, max_memory_gb=args.max_memory_gb)
+
+
+def _warn_input(case_id: str, reasons: Sequence[str], progress: _Progress) -> None:
+    """One warning line on stderr for a case whose input does not look like the model's training images."""
+    for reason in reasons:
+        progress.err.write(f"uml: warning: case {case_id!r}: {reason}; its verdict is review (--strict-input refuses such "
+                           "an input)\n")
+        progress.err.flush()
 
 
 def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict, predictor: Optional[Predictor] = None) -> int:
@@ -348,7 +365,7 @@ def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict, pre
         raise UMLInputError("--preview needs matplotlib: pip install matplotlib, or leave out --preview")
     predictor = predictor or _new_predictor(args)
     torch.set_num_threads(choose_threads(args.threads, state["threads"]))  # per run: what is free now
-    _read_cases(cases, predictor, progress, state, args.format)
+    _read_cases(cases, predictor, progress, state, args.format, args.strict_input)
     share = (1.0 - _READ_SHARE) / len(cases)
     try:
         with OutputClaim(outdir, targets, args.overwrite) as claim:
@@ -358,7 +375,8 @@ def _cmd_predict(args: argparse.Namespace, progress: _Progress, state: dict, pre
                 def on_progress(stage: str, fraction: float, message: str, _base: float = base, _id: str = case.id) -> None:
                     progress.emit(stage, _id, _base + share * _PREDICT_SHARE * fraction, message)
 
-                _write_case(case, predictor, claim.folder(case.id), args, on_progress)
+                summary = _write_case(case, predictor, claim.folder(case.id), args, on_progress)
+                _warn_input(case.id, summary["input_check"]["reasons"], progress)
                 progress.emit("write", case.id, base + share, "written")
             claim.commit()
     except OSError as exc:  # creating, staging or moving the folders
@@ -477,7 +495,7 @@ def _cmd_models(args: argparse.Namespace, progress: _Progress, state: dict) -> i
 
 # --------------------------------------------------------------------------------------------- serve
 
-_REQUEST_FIELDS = ("inputs", "output", "format", "overwrite", "preview")
+_REQUEST_FIELDS = ("inputs", "output", "format", "overwrite", "preview", "strict_input")
 
 
 def _request_args(line: str, threads) -> argparse.Namespace:
@@ -499,9 +517,9 @@ def _request_args(line: str, threads) -> argparse.Namespace:
     fmt = data.get("format", "auto")
     if fmt not in ("auto", "nii.gz", "nrrd", "png"):
         raise UMLInputError(f"the request's format {fmt!r} is unknown: use auto, nii.gz, nrrd or png")
-    flags = {k: data.get(k, False) for k in ("overwrite", "preview")}
+    flags = {k: data.get(k, False) for k in ("overwrite", "preview", "strict_input")}
     if not all(isinstance(v, bool) for v in flags.values()):
-        raise UMLInputError("the request's overwrite and preview must be true or false")
+        raise UMLInputError("the request's overwrite, preview and strict_input must be true or false")
     return argparse.Namespace(inputs=inputs, outdir=output, format=fmt, threads=threads, **flags)
 
 

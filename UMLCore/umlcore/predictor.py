@@ -46,6 +46,7 @@ from .preprocess import (crop_to, from_slices, inplane_axes, normalize, pad_to_m
                          resized_shape, slice_axis_index, to_slices, with_context)
 from .reader import Reading, check_and_read
 from .registration import align_phases
+from .inputcheck import input_reasons
 from .resources import memory_limit_bytes, plan_batch
 from .summary import CaseRecord, build_summary
 
@@ -260,6 +261,11 @@ class Predictor:
             return [1, n_channels]
         return [n_channels]
 
+    def input_reasons(self, channels: Sequence[sitk.Image], source: Sequence[int]) -> list[str]:
+        """Why the input volumes (``channels`` and ``source`` of :meth:`channel_volumes`) do not look like the
+        model's training images (:mod:`umlcore.inputcheck`); empty when nothing was found."""
+        return input_reasons(self.card, [channels[source.index(v)] for v in sorted(set(source))])
+
     def _check_count(self, count: int) -> None:
         """Refuse a number of volumes (phases, or a picture's colours) the card does not take."""
         spec, accepted = self.card.input, self._accepted_counts()
@@ -389,6 +395,7 @@ class Predictor:
             raise CancelledError("cancelled before preprocessing")
         report("preprocess", 0.0, "checking and normalising the input volumes")
         channels, source, notes = self._channels(volumes)
+        reasons = self.input_reasons(channels, source)
         single_volume = len(set(source)) < len(source)  # one volume replicated into every channel
         reference = channels[0]  # the input grid: every output lies on it
         batch_size = self.plan_batch(reference.GetSize(), reference.GetDirection(), reference.GetSpacing())
@@ -414,6 +421,7 @@ class Predictor:
         written = filtered if reading is None else reading.checked
         images = [self._on_grid(a, reference, axis) for a in (written, network.uncertainty, network.foreground)]
         record = CaseRecord(case_id=case_id, reference=reference, axis=axis, source=source, input_check=notes,
+                            input_reasons=reasons,
                             single_volume=single_volume, device=self.device, precision=self.precision,
                             threads=torch.get_num_threads(),
                             network=network, lesion_voxels=lesion_voxels, written=written, removed=removed if reading is None else reading.removed,

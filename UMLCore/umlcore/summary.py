@@ -31,6 +31,8 @@ class CaseRecord:
         axis: The ITK index axis that became the slice axis.
         source: Per network channel, the index of the input volume it came from.
         input_check: What the predictor noticed about the input and did about it (e.g. identical phases read as one).
+        input_reasons: Why the input does not look like the model's training images (:mod:`umlcore.inputcheck`);
+            any reason makes the verdict "review".
         single_volume: One volume was replicated into every channel.
         network: The network's outputs (:class:`umlcore.predictor.NetworkSlices`).
         lesion_voxels: ``(S,)`` the lesion voxels per slice that weighed the slices' opinions (those of the
@@ -48,6 +50,7 @@ class CaseRecord:
     axis: int
     source: list[int]
     input_check: list[str]
+    input_reasons: list[str]
     single_volume: bool
     device: str
     precision: str
@@ -69,7 +72,8 @@ def build_summary(bundle: "ModelBundle", case: CaseRecord) -> dict[str, Any]:
         "schema_version": SUMMARY_SCHEMA_VERSION,
         "case_id": case.case_id,
         "inputs": [{"channel": name, "volume": s} for name, s in zip(card.input.channels, case.source)],
-        "input_check": list(case.input_check),
+        "input_check": {"status": "mismatch" if case.input_reasons else "ok", "reasons": list(case.input_reasons),
+                        "notes": list(case.input_check)},
         "model": {"id": card.id, "version": card.version, "sha256": bundle.sha256, "card_sha256": bundle.card_sha256,
                   "path": str(bundle.path)},
         "geometry": geometry(case.reference),
@@ -105,7 +109,7 @@ def _classification(bundle: "ModelBundle", case: CaseRecord) -> dict[str, Any]:
         "predicted_class": card.classes[predicted],
         "positive_class": card.classes[card.positive_class],
         "positive_probability": float(probs[card.positive_class]),
-        "verdict": "review" if uncertainty > card.review_uncertainty else "reliable",
+        "verdict": "review" if uncertainty > card.review_uncertainty or case.input_reasons else "reliable",
         "fusion": FUSION_RULE,
         "calibration": case.opinion.calibration,
         "reader": None if card.reader is None else _reader(bundle, case),

@@ -144,6 +144,7 @@ def caseCsvRow(summary: Optional[Mapping[str, Any]], caseId: str, inputPath: str
         row["positive_probability"] = _cell(cls.get("positive_probability"))
         row["uncertainty"] = _cell(cls.get("uncertainty"))
         row["verdict"] = str(cls.get("verdict", ""))
+        row["input_check"] = _inputWarning(summary)
         for name, p in zip(cls.get("classes", []), cls.get("probabilities", [])):
             row[f"probability_{_segmentKey(str(name))}"] = _cell(p)
         for name, b in zip(cls.get("classes", []), cls.get("belief", [])):
@@ -165,7 +166,8 @@ def caseCsvRow(summary: Optional[Mapping[str, Any]], caseId: str, inputPath: str
     return row
 
 
-_FIRST = ["case_id", "input", "status", "error", "predicted_class", "positive_probability", "uncertainty", "verdict"]
+_FIRST = ["case_id", "input", "status", "error", "predicted_class", "positive_probability", "uncertainty", "verdict",
+          "input_check"]
 _LAST = ["model_id", "model_version", "model_sha256", "device", "segmentation_file", "uncertainty_file", "summary_file"]
 
 
@@ -221,6 +223,8 @@ class ConfidencePanel:
         readerText: What the model's lesion reader found (``""`` when the model has none): the most suspicious
             lesion's score and its margin and kinetics probabilities, or why the reader was not used.
         readerToolTip: How the reader's score entered the case opinion, with the network's own probability.
+        inputWarning: Why the input does not look like the model's training images (the engine's input check,
+            ``summary.input_check.reasons``; it made the verdict "review"), ``""`` when it passed.
     """
 
     predictedClass: str
@@ -241,6 +245,7 @@ class ConfidencePanel:
     lesionVoxels: Optional[int] = None
     readerText: str = ""
     readerToolTip: str = ""
+    inputWarning: str = ""
 
     @property
     def lesionSizeText(self) -> str:
@@ -334,4 +339,13 @@ def confidencePanel(summary: Mapping[str, Any]) -> ConfidencePanel:
         picture=(summary.get("slicing") or {}).get("count") == 1,
         readerText=readerText,
         readerToolTip=readerToolTip,
+        inputWarning=_inputWarning(summary),
     )
+
+
+def _inputWarning(summary: Mapping) -> str:
+    """The input check's reasons as one text (summary schema 2: ``input_check`` is a dict; older summaries hold a
+    list of notes and no check)."""
+    check = summary.get("input_check")
+    reasons = check.get("reasons", []) if isinstance(check, Mapping) else []
+    return "; ".join(str(r) for r in reasons)
