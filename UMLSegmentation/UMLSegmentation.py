@@ -514,6 +514,9 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         seconds = result.summary.get("timings_s", {}).get("total")
         self.ui.statusLabel.text = _("Done") + (f" ({seconds:.1f} s)." if isinstance(seconds, (int, float)) else ".")
         self.log(self.ui.statusLabel.text)
+        check = result.summary.get("input_check")
+        for reason in check.get("reasons", []) if isinstance(check, dict) else []:
+            self.log(_("Warning: ") + str(reason))
         slicer.util.showStatusMessage(_("UML finished: ") + str(result.summary.get("classification", {}).get("verdict", "")), 5000)
         self.ui.show3DButton.setSegmentationNode(result.segmentationNode)
         self.showConfidencePanel(result.summary)
@@ -571,8 +574,6 @@ class UMLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.verdictLabel.text = panel.verdict.upper() + (" - " + _("input not like the model's") if panel.inputWarning else "")
         self.ui.verdictLabel.styleSheet = f"font-weight: bold; color: {panel.verdictColor}"
         self.ui.verdictLabel.toolTip = (_("Input check: ") + panel.inputWarning) if panel.inputWarning else ""
-        if panel.inputWarning:
-            self.log(_("Warning: ") + panel.inputWarning)
         self.ui.lesionVolumeLabel.text = panel.lesionSizeText
         byReader = panel.removedBy == "reader"
         if panel.componentsRemoved:  # the model's filter dropped regions: say so, they may matter
