@@ -16,7 +16,8 @@ import SimpleITK as sitk
 import slicer
 from UMLSegmentationLib.errors import InputError, RunCancelled
 from UMLSegmentationLib.inputs import ijkToRasArray, volumeDimensions
-from UMLSegmentationLib.logic import ENGINE_PACKAGES, OUTPUT_MARKER, RESULTS_CSV, UMLSegmentationLogic
+from UMLSegmentationLib.dependencies import ENGINE_PACKAGES
+from UMLSegmentationLib.logic import OUTPUT_MARKER, RESULTS_CSV, UMLSegmentationLogic
 from UMLSegmentationLib.outputs import (
     REVIEW_SEGMENT_ID,
     REVIEW_SEGMENT_NAME,
@@ -35,6 +36,7 @@ from .umlslicer_helpers import (
     add_volume,
     alive,
     phantom,
+    read_segmentation_file,
     scene_node_ids,
     segment_array,
     third_party_imports,
@@ -204,12 +206,7 @@ def test_process_folder_writes_per_case_files_and_one_csv(mrml, bundle_dir, tmp_
         assert u.dtype == np.float32 and 0.0 <= u.min() and u.max() <= 1.0
 
         # the .seg.nrrd carries the card's segment, its terminology, and the Review segment
-        seg = slicer.vtkMRMLSegmentationNode()
-        storage = slicer.vtkMRMLSegmentationStorageNode()
-        storage.SetFileName(str(out / f"{case}.seg.nrrd"))
-        assert storage.ReadData(seg)
-        segmentation = seg.GetSegmentation()
-        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        segmentation, names = read_segmentation_file(out / f"{case}.seg.nrrd")
         assert names == ["Lesion", "Review (uncertain)"]
         assert LESION_TERMINOLOGY["type"]["code"] in segmentation.GetSegment("UML_label_1").GetTerminology()
 

@@ -30,6 +30,7 @@ from .umlslicer_helpers import (
     PICTURE_SHAPE,
     add_volume,
     picture,
+    read_segmentation_file,
     sealed,
     segment_array,
 )
@@ -221,12 +222,6 @@ def test_process_folder_with_picture_files(mrml, picture_model_dir, tmp_path):
         summary = json.loads((out / f"{case}_summary.json").read_text())
         assert summary["case_id"] == case and summary["geometry"]["size"] == [PICTURE_SHAPE[1], PICTURE_SHAPE[0], 1]
         assert [e["volume"] for e in summary["inputs"]] == ([0, 0, 0] if case == "grey" else [0, 1, 2])
-        seg = slicer.vtkMRMLSegmentationNode()
-        storage = slicer.vtkMRMLSegmentationStorageNode()
-        storage.SetFileName(str(out / f"{case}.seg.nrrd"))
-        assert storage.ReadData(seg)
-        segmentation = seg.GetSegmentation()
-        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
-        assert names == ["Lesion", "Review (uncertain)"]
+        assert read_segmentation_file(out / f"{case}.seg.nrrd")[1] == ["Lesion", "Review (uncertain)"]
     assert sorted(p.name for p in inputs.iterdir()) == ["colour.png", "grey.png", "with-alpha.png"]
     assert list((tmp_path / "tmp").iterdir()) == []

@@ -13,7 +13,8 @@ import slicer
 from UMLSegmentationLib import outputs
 from UMLSegmentationLib.errors import EngineError
 from UMLSegmentationLib.logic import UMLSegmentationLogic
-from UMLSegmentationLib.outputs import findPreviousOutputs, nodesByClass, setSegmentTerminology, summaryFromTable
+from UMLSegmentationLib.outputs import (findPreviousOutputs, nodesByClass, nodesByName, setSegmentTerminology,
+                                        summaryFromTable)
 
 from .umlslicer_helpers import scene_node_ids
 
@@ -59,13 +60,19 @@ class CountingScene:
         self.collections.append(collection)
         return collection
 
+    def GetNodesByName(self, name):
+        collection = self.scene.GetNodesByName(name)
+        self.collections.append(collection)
+        return collection
+
 
 def test_node_collections_and_labelmap_images_are_released(mrml, volume, monkeypatch):
     counting = CountingScene(mrml.scene)
     assert nodesByClass(counting, "vtkMRMLScalarVolumeNode") == [volume]
     findPreviousOutputs(counting, volume)
-    assert len(counting.collections) == 4
-    assert [c.GetReferenceCount() for c in counting.collections] == [1] * 4  # only this test's Python references
+    assert nodesByName(counting, volume.GetName()) == [volume]
+    assert len(counting.collections) == 5
+    assert [c.GetReferenceCount() for c in counting.collections] == [1] * 5  # only this test's Python references
 
     deleted, made = [], []
     create = outputs.labelmapImage

@@ -149,6 +149,16 @@ def segment_array(mrml: MRML, segmentation_node, segment_id: str, reference) -> 
     return array
 
 
+def read_segmentation_file(path: Path):
+    """``(vtkSegmentation, segment names in order)`` of a ``.seg.nrrd`` file (it must read)."""
+    node = slicer.vtkMRMLSegmentationNode()
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), path
+    segmentation = node.GetSegmentation()
+    return segmentation, [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+
 def write_case(path: Path, seed: int, spacing=(0.8, 0.75, 2.5), origin=(10.0, -20.0, 5.0)):
     """The phantom of ``seed`` written as an image file (for folder mode); returns the SimpleITK image."""
     import SimpleITK as sitk

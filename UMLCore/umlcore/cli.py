@@ -298,8 +298,8 @@ def _read_cases(cases: list[_Case], predictor: Predictor, progress: _Progress, s
         volumes = read_case(case.paths)
         case.read_s = time.perf_counter() - t0
         channels, source = predictor.channel_volumes(volumes)
-        reasons = predictor.input_reasons(channels, source)
-        if reasons and strict:
+        reasons = predictor.input_reasons(channels, source) if strict else []  # else predict() checks, and warns
+        if reasons:
             raise UMLInputError(f"case {case.id!r}: {reasons[0]}: give a scan of the kind the model was trained on "
                                 "(uml info shows its card), or leave out --strict-input to get an answer marked review")
         case.format = _case_format(case, volumes[0].GetSize(), fmt)
@@ -570,27 +570,27 @@ def _raise_interrupt(signum, frame) -> None:
 
 def _guarded(command: Callable[[], int], progress: _Progress, state: dict, debug: bool) -> tuple[int, str]:
     """Run one command; a failure becomes its exit code and one line on stderr. Returns ``(code, that line)``."""
+    hint = ""
     try:
         return command(), ""
     except UMLInputError as exc:
-        code, message, prefix = EXIT_USAGE, _one_line(exc), "error"
+        code, prefix, message = EXIT_USAGE, "error", _one_line(exc)
     except (CancelledError, KeyboardInterrupt):
-        code, message, prefix = EXIT_INTERRUPTED, "cancelled: nothing was written", "cancelled"
+        code, prefix, message = EXIT_INTERRUPTED, "cancelled", "nothing was written"
     except BrokenPipeError:  # the reader of stdout went away (`uml info ... | head`): stop quietly, as cat does
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return EXIT_BROKEN_PIPE, ""
     except UMLError as exc:
-        code, message, prefix = EXIT_INTERNAL, _one_line(exc), "error"
+        code, prefix, message = EXIT_INTERNAL, "error", _one_line(exc)
     except Exception as exc:  # noqa: BLE001 - the command line turns every failure into an exit code
-        code, prefix = EXIT_INTERNAL, "internal error"
-        message = _one_line(f"{type(exc).__name__}: {exc}")
+        code, prefix, message = EXIT_INTERNAL, "internal error", _one_line(f"{type(exc).__name__}: {exc}")
+        hint = " (rerun with --debug for the traceback and report it)"
         if debug:
             traceback.print_exc()
-        message += " (rerun with --debug for the traceback and report it)"
-    progress.error(state["case"], "cancelled" if code == EXIT_INTERRUPTED else message.split(" (rerun with")[0])
-    sys.stderr.write(f"uml: {prefix}: {message.removeprefix('cancelled: ') if code == EXIT_INTERRUPTED else message}\n")
-    return code, message
+    progress.error(state["case"], "cancelled" if code == EXIT_INTERRUPTED else message)
+    sys.stderr.write(f"uml: {prefix}: {message}{hint}\n")
+    return code, message + hint
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

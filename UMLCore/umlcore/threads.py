@@ -65,6 +65,8 @@ def choose_threads(requested: Threads = "auto", default: Optional[int] = None) -
     if requested != "auto":
         return max(1, int(requested))
     default = torch.get_num_threads() if default is None else default
+    if default <= 1:
+        return 1  # nothing to choose: no need to watch the cores
     cpus = _own_cpus()
     busy = busy_cores(cpus)
     if busy is None:

@@ -231,14 +231,12 @@ class EngineProcess:
         command: The command line (see :func:`buildServeCommand`).
         environment: The child's environment (see :func:`engineEnvironment`).
         workingDirectory: The child's working directory.
-        interactive: Give the child a stdin pipe for :meth:`send` (else it reads nothing).
 
     Raises:
         EngineError: the process could not be started (for example a wrong Python path).
     """
 
-    def __init__(self, command: Sequence[str], environment: Mapping[str, str], workingDirectory: Path,
-                 interactive: bool = False) -> None:
+    def __init__(self, command: Sequence[str], environment: Mapping[str, str], workingDirectory: Path) -> None:
         self.command = list(command)
         self._events: "queue.Queue[ProgressEvent]" = queue.Queue()
         self._stdoutOther: list[str] = []
@@ -248,7 +246,7 @@ class EngineProcess:
         try:
             self._process = subprocess.Popen(
                 self.command,
-                stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
+                stdin=subprocess.PIPE,  # the requests (:meth:`send`); closing it ends the engine
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=str(workingDirectory),

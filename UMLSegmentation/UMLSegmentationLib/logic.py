@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import slicer
 
-from .dependencies import ENGINE_PACKAGES, Purpose, planDependencies
+from .dependencies import Purpose, planDependencies
 from .engine import BatchSize, Device, ProgressEvent, checkEngineOptions
 from .errors import EngineError, InputError, RunCancelled, UMLSegmentationError
 from .inputs import InputPlan, ijkToRasArray, planInputs, volumeDimensions, writeInputs
@@ -55,7 +55,6 @@ from .summary import caseCsvRow, writeCasesCsv
 
 __all__ = [
     "MODULE_NAME",
-    "ENGINE_PACKAGES",
     "RESULTS_CSV",
     "OUTPUT_MARKER",
     "Display",

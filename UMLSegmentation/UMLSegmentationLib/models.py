@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
-from .errors import InputError
-from .paths import shippedModelDirectories, userModelDirectory
+from .engine import engineEnvironment, engineFailure
+from .errors import EngineError, InputError
+from .paths import defaultPythonExecutable, shippedModelDirectories, umlcorePythonPath, userModelDirectory
 
 __all__ = [
     "CARD_FILE",
@@ -331,12 +333,6 @@ def validateModel(path: Union[str, Path], pythonExecutable: Optional[str] = None
 
 def _checkWithEngine(bundle: Path, pythonExecutable: Optional[str], timeoutSeconds: float) -> None:
     """``python -m umlcore info BUNDLE --json`` in the engine's environment; its refusal as an error."""
-    import subprocess
-
-    from .engine import engineEnvironment, engineFailure
-    from .errors import EngineError
-    from .paths import defaultPythonExecutable, umlcorePythonPath
-
     command = [pythonExecutable or defaultPythonExecutable(), "-m", "umlcore", "info", str(bundle), "--json"]
     try:
         done = subprocess.run(command, env=engineEnvironment(umlcorePythonPath()), capture_output=True, text=True,

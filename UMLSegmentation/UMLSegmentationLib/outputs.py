@@ -45,6 +45,7 @@ __all__ = [
     "terminologyEntry",
     "setSegmentTerminology",
     "nodesByClass",
+    "nodesByName",
     "StagedOutputs",
     "stageOutputs",
     "findPreviousOutputs",
@@ -233,14 +234,23 @@ def setSegmentTerminology(segment, entry: str) -> None:
         segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
 
 
-def nodesByClass(scene, className: str) -> list:
-    """The scene's nodes of a class. ``GetNodesByClass`` hands its caller a new collection (the caller owns it):
-    it is released here, as ``slicer.util.getNodesByClass`` does, so no collection leaks per call."""
-    collection = scene.GetNodesByClass(className)
+def _released(collection) -> list:
+    """The items of a collection the caller owns (``GetNodesByClass``, ``GetNodesByName`` hand out a new one), which
+    is then released, as ``slicer.util.getNodesByClass`` does, so no collection leaks per call."""
     try:
         return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
     finally:
         collection.UnRegister(None)
+
+
+def nodesByClass(scene, className: str) -> list:
+    """The scene's nodes of a class."""
+    return _released(scene.GetNodesByClass(className))
+
+
+def nodesByName(scene, name: str) -> list:
+    """The scene's nodes of a name."""
+    return _released(scene.GetNodesByName(name))
 
 
 def findPreviousOutputs(scene, inputNode) -> OutputNodes:

@@ -103,6 +103,7 @@ def samplePhases(inputNode, scene) -> list:
     """
     if inputNode is None or scene is None:
         return []
+    from .outputs import nodesByName  # MRML (vtk, slicer) only when the sample case is looked for
     name = inputNode.GetName() or ""
     for case in SAMPLE_CASES:
         first, others = case.files[0].nodeName, case.files[1:]
@@ -111,12 +112,8 @@ def samplePhases(inputNode, scene) -> list:
         suffix = name[len(first):]
         found = []
         for sample in others:
-            nodes = scene.GetNodesByName(sample.nodeName + suffix)
-            try:
-                candidates = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
-            finally:
-                nodes.UnRegister(None)
-            volumes = [n for n in candidates if n.IsA("vtkMRMLScalarVolumeNode") and not n.IsA("vtkMRMLLabelMapVolumeNode")]
+            volumes = [n for n in nodesByName(scene, sample.nodeName + suffix)
+                       if n.IsA("vtkMRMLScalarVolumeNode") and not n.IsA("vtkMRMLLabelMapVolumeNode")]
             if not volumes:
                 return []
             found.append(volumes[-1])

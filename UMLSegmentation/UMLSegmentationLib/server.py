@@ -70,7 +70,7 @@ class ServedRun:
 
     def __init__(self, server: "EngineServer", line: str, retry: Optional[Callable[[], "EngineServer"]] = None) -> None:
         self._server = server
-        self._line = line
+        self.line = line
         self._retry = retry
         self._seen = False
         self._buffer: list[ProgressEvent] = []
@@ -161,7 +161,7 @@ class EngineServer:
     def __init__(self, key: EngineKey, workingDirectory: Path) -> None:
         self.key = key
         command = buildServeCommand(key.python, Path(key.model), key.device, key.batchSize)  # type: ignore[arg-type]
-        self.process = EngineProcess(command, engineEnvironment(Path(key.umlcorePath)), workingDirectory, interactive=True)
+        self.process = EngineProcess(command, engineEnvironment(Path(key.umlcorePath)), workingDirectory)
         self.ready: Optional[ProgressEvent] = None
         self._current: Optional[ServedRun] = None
 
@@ -183,7 +183,7 @@ class EngineServer:
         if not self.idle:
             raise InputError("a UML run is already in progress: wait for it to finish or cancel it")
         self._current = run
-        self.process.send(run._line)  # an engine that has exited cannot read it: the run then reports how it ended
+        self.process.send(run.line)  # an engine that has exited cannot read it: the run then reports how it ended
 
     def stop(self, graceSeconds: float = 5.0) -> None:
         """End the engine: close its input (it exits when idle), kill it if it has not after ``graceSeconds``."""
